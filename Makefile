@@ -1,0 +1,28 @@
+# `make run` sets everything up and starts the server; `make test` sets up and runs the tests.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+
+.PHONY: run test bench packages test-packages venv
+
+run: packages venv
+	$(PY) server.py
+
+test: packages test-packages venv
+	$(PY) -m pytest -q tests
+
+bench: packages test-packages venv
+	$(PY) bench/thumbnails.py
+
+packages:
+	sh deploy/install-packages.sh deploy/packages.txt
+
+test-packages:
+	sh deploy/install-packages.sh deploy/packages.txt tests/packages.txt
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt tests/requirements.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt -r tests/requirements.txt
+	touch $@

@@ -1,0 +1,1086 @@
+"""Web Asset Server for Specify: stores attachments and makes their thumbnails.
+
+Specify 6 and 7 reach this server through views/web_asset_store.xml and sign
+each request with an HMAC-MD5 token over a shared key (see README.md). One
+Bottle application; run it with `python server.py` (Paste serves it).
+
+Sections: configuration, tokens, names, file kinds, storage, thumbnails,
+uploads, metadata, the web application, start-up.
+"""
+
+import errno
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import mimetypes
+import os
+import queue
+import re
+import resource
+import secrets
+import shutil
+import stat
+import struct
+import sys
+import threading
+import time
+import types
+from urllib.parse import quote
+
+import bottle
+import exifread
+import multipart
+import sh
+
+import settings
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+VIEWS_DIR = os.path.join(HERE, 'views')
+TEMP_PREFIX = '.~wast-'          # Our temporary files and folders; clients may not use such names.
+CHUNK = 256 * 1024               # Bytes read or written at a time when streaming.
+MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
+
+log = logging.getLogger('web_asset_server')
+logging.getLogger('exifread').setLevel(logging.CRITICAL)
+mimetypes.add_type('image/heic', '.heic')
+mimetypes.add_type('image/heif', '.heif')
+
+
+def refuse(status, reason):
+    """Stop the request with a short plain-text answer."""
+    raise bottle.HTTPError(status, reason)
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
+OPTIONAL_TYPES = {'SERVER_PORT': int, 'THUMBNAIL_WORKERS': int, 'TIME_TOLERANCE': int,
+                  'PREGENERATE_SCALE': int, 'COLLECTION_DIRS': json.loads}
+TRUE_WORDS, FALSE_WORDS = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
+
+
+class ConfigError(Exception):
+    """A setting that the server cannot start with."""
+
+
+def parse_setting(name, raw, default):
+    """Turn an environment variable's text into the type of the setting's default."""
+    text = raw.strip()
+    try:
+        if isinstance(default, bool):
+            if text.lower() in TRUE_WORDS | FALSE_WORDS:
+                return text.lower() in TRUE_WORDS
+            raise ValueError('expected true or false')
+        kind = type(default) if default is not None else OPTIONAL_TYPES.get(name, str)
+        if text.lower() in ('', 'none', 'null'):
+            return None
+        if kind in (list, dict, set):
+            return json.loads(text)
+        return kind(text)
+    except ValueError as error:
+        raise ConfigError(f'setting {name}: cannot read {raw!r} ({error})') from None
+
+
+def load_config(overrides=None, environ=None):
+    """Settings from settings.py, then environment variables, then overrides (tests)."""
+    environ = os.environ if environ is None else environ
+    values = {name: getattr(settings, name) for name in dir(settings) if name.isupper()}
+    for env_name, name in list(ENV_ALIASES.items()) + [(n, n) for n in values]:
+        if env_name in environ:
+            values[name] = parse_setting(name, environ[env_name], getattr(settings, name))
+    values.update(overrides or {})
+    config = types.SimpleNamespace(**values)
+    config.BASE_DIR = os.path.abspath(os.path.join(HERE, os.path.expanduser(config.BASE_DIR)))
+    config.SERVER_PORT = config.SERVER_PORT or config.PORT
+    config.CAN_THUMBNAIL = set(config.CAN_THUMBNAIL or ())
+    config.THUMBNAIL_WORKERS = config.THUMBNAIL_WORKERS or os.cpu_count() or 1
+    check_config(config)
+    return config
+
+
+def check_config(config):
+    """Refuse settings that would let names escape BASE_DIR or make no sense."""
+    for name in ('ORIG_DIR', 'THUMB_DIR'):
+        if name_problem(getattr(config, name)):
+            raise ConfigError(f'setting {name} must be a single folder name')
+    if config.COLLECTION_DIRS is not None:
+        if not isinstance(config.COLLECTION_DIRS, dict):
+            raise ConfigError('setting COLLECTION_DIRS must map collection names to folder names')
+        for coll, folder in config.COLLECTION_DIRS.items():
+            if not isinstance(folder, str) or name_problem(folder):
+                raise ConfigError(f'COLLECTION_DIRS[{coll!r}] must be a single folder name')
+    for name in ('PORT', 'SERVER_PORT', 'MAX_UPLOAD_SIZE', 'MAX_THUMBNAIL_SCALE',
+                 'THUMBNAIL_WORKERS', 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS'):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
+            raise ConfigError(f'setting {name} must be a whole number above 0')
+    if config.PUBLIC_SCHEME not in ('http', 'https'):
+        raise ConfigError('setting PUBLIC_SCHEME must be http or https')
+
+
+def resolve_key(config):
+    """The key tokens are checked with: configured, kept in KEY_FILE, or made there now."""
+    if config.AUTH_DISABLED:
+        log.warning('AUTH_DISABLED is set: anyone who can reach this server may read, '
+                    'write and delete attachments.')
+        return None
+    if config.KEY:
+        return config.KEY
+    path = config.KEY_FILE or os.path.join(config.BASE_DIR, '.web-asset-server.key')
+    try:
+        with open(path, encoding='utf-8') as kept:
+            key = kept.read().strip()
+        if key:
+            log.info('Using the attachment key kept in %s.', path)
+            return key
+    except FileNotFoundError:
+        pass
+    key = secrets.token_urlsafe(32)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:          # another instance made it first: use theirs
+        return resolve_key(config)
+    with os.fdopen(descriptor, 'w', encoding='utf-8') as kept:
+        kept.write(key + '\n')
+        kept.flush()
+        os.fsync(kept.fileno())
+    log.warning('No KEY was configured, so a new random key was made and kept in %s. '
+                'Put it into Specify as attachment.key (Specify 6) or ASSET_SERVER_KEY '
+                '(Specify 7), or set KEY / ATTACHMENT_KEY to choose your own.', path)
+    return key
+
+
+###############################################################################
+# Tokens ######################################################################
+###############################################################################
+
+TIMESTAMP = re.compile(r'-?\d{1,20}')
+
+
+def make_token(key, name, timestamp=None):
+    """A token as clients make it: hex HMAC-MD5 of str(ts) + name, then ':ts'."""
+    timestamp = int(time.time()) if timestamp is None else timestamp
+    digest = hmac.new(key.encode('utf-8'), f'{timestamp}{name}'.encode('utf-8'), hashlib.md5)
+    return f'{digest.hexdigest()}:{timestamp}'
+
+
+def token_problem(key, token, name, started, tolerance):
+    """Why `token` does not sign `name` at time `started`, or None when it does."""
+    if key is None:
+        return None
+    if not token:
+        return 'Missing token.'
+    digest, _, timestamp = token.rpartition(':')
+    if not digest or not TIMESTAMP.fullmatch(timestamp):
+        return 'Malformed token.'
+    if tolerance is not None and abs(started - int(timestamp)) >= tolerance:
+        return 'Token expired: check the clocks of client and server.'
+    expected = make_token(key, name or '', timestamp).partition(':')[0]
+    if not hmac.compare_digest(expected.encode(), digest.encode('utf-8', 'replace')):
+        return 'Bad token.'
+    return None
+
+
+###############################################################################
+# Names #######################################################################
+###############################################################################
+
+def name_problem(name):
+    """Why `name` cannot be a stored file's name, or None when it can."""
+    if name is None or name == '':
+        return 'is missing'
+    if name in ('.', '..'):
+        return 'may not be . or ..'
+    if any(c in name for c in '/\\\0'):
+        return 'may not contain /, \\ or NUL'
+    if len(name.encode('utf-8', 'surrogatepass')) > 255:
+        return 'is longer than 255 bytes'
+    if name.startswith(TEMP_PREFIX):
+        return f'may not begin with {TEMP_PREFIX}'
+    return None
+
+
+def valid_name(name, field):
+    """`name` when it is one safe path component; else a 400 naming the field."""
+    problem = name_problem(name)
+    if problem:
+        refuse(400, f'Bad {field}: it {problem}.')
+    return name
+
+
+def valid_scale(text, bound):
+    """The thumbnail scale as an int from 1 to `bound`; else a 400."""
+    if text is None or not re.fullmatch(r'[0-9]{1,9}', text) or not 1 <= int(text) <= bound:
+        refuse(400, f'Bad scale: it must be a whole number from 1 to {bound}.')
+    return int(text)
+
+
+def thumbnail_name(name, scale):
+    """The upstream cache name of a thumbnail: <root>_<scale><ext>."""
+    root, ext = os.path.splitext(name)
+    return f'{root}_{scale}{ext}'
+
+
+def is_thumbnail_of(candidate, name):
+    """True when `candidate` is the cache name of one of `name`'s thumbnails."""
+    root, ext = os.path.splitext(name)
+    return re.fullmatch(re.escape(root) + r'_[0-9]+' + re.escape(ext), candidate) is not None
+
+
+###############################################################################
+# File kinds ##################################################################
+###############################################################################
+
+HEIF_BRANDS = {b'heic', b'heix', b'hevc', b'hevx', b'heim', b'heis', b'mif1', b'msf1'}
+
+
+def sniff_kind(path):
+    """The MIME type of a file told from its first bytes, or None when unknown."""
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(1024)
+    except OSError:
+        return None
+    if head.startswith(b'\xff\xd8\xff'):
+        return 'image/jpeg'
+    if head.startswith(b'\x89PNG\r\n\x1a\n'):
+        return 'image/png'
+    if head[:6] in (b'GIF87a', b'GIF89a'):
+        return 'image/gif'
+    if head[:4] in (b'II*\0', b'MM\0*'):
+        return 'image/tiff'
+    if b'%PDF-' in head:
+        return 'application/pdf'
+    if head[4:8] == b'ftyp' and head[8:12] in HEIF_BRANDS:
+        return 'image/heic' if head[8:12].startswith(b'he') else 'image/heif'
+    return None
+
+
+def content_type(path, name):
+    """What a file is served as: its extension's type, else its bytes', else binary."""
+    return mimetypes.guess_type(name)[0] or sniff_kind(path) or 'application/octet-stream'
+
+
+def image_size(path, kind):
+    """(width, height) read from an image's header, or None when it cannot be told cheaply."""
+    try:
+        with open(path, 'rb') as f:
+            if kind == 'image/png':
+                return struct.unpack('>II', f.read(24)[16:24])
+            if kind == 'image/gif':
+                return struct.unpack('<HH', f.read(10)[6:10])
+            if kind == 'image/jpeg':
+                return jpeg_size(f)
+            if kind == 'image/tiff':
+                return tiff_size(f)
+            if kind in ('image/heic', 'image/heif'):
+                return heif_size(f.read(1 << 20))
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def jpeg_size(f):
+    """Walk a JPEG's marker segments to its frame header."""
+    f.seek(2)
+    while True:
+        marker = f.read(2)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        if marker[1] in (0xD8, 0x01) or 0xD0 <= marker[1] <= 0xD7:
+            continue
+        length = struct.unpack('>H', f.read(2))[0]
+        if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
+            height, width = struct.unpack('>xHH', f.read(5))
+            return width, height
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def tiff_size(f):
+    """Read ImageWidth and ImageLength from a TIFF's first directory."""
+    order = '<' if f.read(2) == b'II' else '>'
+    f.seek(4)
+    f.seek(struct.unpack(order + 'I', f.read(4))[0])
+    found = {}
+    for _ in range(struct.unpack(order + 'H', f.read(2))[0]):
+        tag, kind, _count, value = struct.unpack(order + 'HHI4s', f.read(12))
+        if tag in (256, 257):
+            found[tag] = struct.unpack(order + ('H' if kind == 3 else 'I'), value[:2 if kind == 3 else 4])[0]
+    return (found[256], found[257]) if len(found) == 2 else None
+
+
+def heif_size(head):
+    """The largest image spatial extent ('ispe') a HEIF file declares."""
+    sizes = [struct.unpack('>II', head[at + 8:at + 16]) for at in
+             (m.start() for m in re.finditer(b'ispe', head)) if len(head) >= at + 16]
+    return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+def fsync_folder(folder):
+    """Make a rename in `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def make_temp_file(folder):
+    """A new temporary file in `folder` (made as needed) that no client name can reach."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f'{TEMP_PREFIX}{secrets.token_hex(8)}.part')
+    return path, open(path, 'xb')
+
+
+def remove_quietly(path):
+    """Remove a file that may already be gone."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class KeyedLocks:
+    """One lock per key, made on first use and dropped when nobody holds or waits for it."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks = {}
+
+    def __call__(self, key):
+        return _KeyedLock(self, key)
+
+
+class _KeyedLock:
+    def __init__(self, owner, key):
+        self.owner, self.key = owner, key
+
+    def __enter__(self):
+        with self.owner._guard:
+            entry = self.owner._locks.setdefault(self.key, [threading.Lock(), 0])
+            entry[1] += 1
+        entry[0].acquire()
+
+    def __exit__(self, *exc):
+        with self.owner._guard:
+            entry = self.owner._locks[self.key]
+            entry[0].release()
+            entry[1] -= 1
+            if not entry[1]:
+                del self.owner._locks[self.key]
+
+
+FILE_LOCKS = KeyedLocks()        # Held while an original is replaced or deleted, or a thumbnail of it put in place.
+
+
+class DiskStorage:
+    """Attachments in the upstream layout: <base>[/<collection folder>]/{originals,thumbnails}/."""
+
+    def __init__(self, config):
+        self.base = config.BASE_DIR
+        self.collections = config.COLLECTION_DIRS
+        self.orig_dir, self.thumb_dir = config.ORIG_DIR, config.THUMB_DIR
+
+    def folder(self, coll):
+        """The folder of a collection; 404 for a collection COLLECTION_DIRS does not name."""
+        if self.collections is None:
+            return self.base
+        if coll not in self.collections:
+            refuse(404, 'Unknown collection.')
+        return os.path.join(self.base, self.collections[coll])
+
+    def original_path(self, coll, name):
+        return os.path.join(self.folder(coll), self.orig_dir, name)
+
+    def thumbnail_path(self, coll, name, scale):
+        return os.path.join(self.folder(coll), self.thumb_dir, thumbnail_name(name, scale))
+
+    def exists(self, coll, name):
+        return os.path.isfile(self.original_path(coll, name))
+
+    def staging_folder(self):
+        """Where an upload streams to before its collection is known."""
+        return self.base
+
+    def save(self, coll, name, staged):
+        """Move a complete staged file into place durably, then drop the old bytes' thumbnails."""
+        target = self.original_path(coll, name)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        with FILE_LOCKS(target):
+            try:
+                os.replace(staged, target)
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                self._copy_into(staged, target)
+            fsync_folder(folder)
+            self._delete_thumbnails(coll, name)
+
+    def _copy_into(self, source, target):
+        """Copy across file systems: to a temporary beside the target, then rename."""
+        temp, out = make_temp_file(os.path.dirname(target))
+        with out, open(source, 'rb') as src:
+            shutil.copyfileobj(src, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+        os.remove(source)
+
+    def delete(self, coll, name):
+        """Remove an original and exactly its own thumbnails; False when it is not there."""
+        target = self.original_path(coll, name)
+        with FILE_LOCKS(target):
+            try:
+                os.remove(target)
+            except FileNotFoundError:
+                return False
+            self._delete_thumbnails(coll, name)
+        return True
+
+    def _delete_thumbnails(self, coll, name):
+        folder = os.path.join(self.folder(coll), self.thumb_dir)
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if is_thumbnail_of(entry, name):
+                remove_quietly(os.path.join(folder, entry))
+
+    def static_path(self, parts):
+        """The file a /static/ path names, if it lies in an originals or thumbnails folder."""
+        if any(name_problem(part) for part in parts):
+            return None
+        folder = self.base
+        if self.collections is not None:
+            if not parts or parts[0] not in self.collections.values():
+                return None
+            folder, parts = os.path.join(self.base, parts[0]), parts[1:]
+        if len(parts) != 2 or parts[0] not in (self.orig_dir, self.thumb_dir):
+            return None
+        return os.path.join(folder, *parts)
+
+    def sweep_temporaries(self, older_than=3600):
+        """Remove temporaries left by a crash (not touched for an hour)."""
+        folders = [self.base] + [os.path.join(self.base, f) for f in (self.collections or {}).values()]
+        cutoff = time.time() - older_than
+        for folder in folders:
+            for sub in (folder, os.path.join(folder, self.orig_dir), os.path.join(folder, self.thumb_dir)):
+                try:
+                    entries = list(os.scandir(sub))
+                except FileNotFoundError:
+                    continue
+                for entry in entries:
+                    if entry.name.startswith(TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            remove_quietly(entry.path)
+
+
+###############################################################################
+# Thumbnails ##################################################################
+###############################################################################
+
+class ThumbnailError(Exception):
+    """A thumbnail that cannot be made; the message is safe to show a client."""
+
+
+INPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif',
+                'image/tiff': 'tiff', 'image/heic': 'heic', 'image/heif': 'heic',
+                'application/pdf': 'png'}          # PDFs reach ImageMagick as Ghostscript's PNG
+OUTPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif'}  # the rest become PNG
+
+
+def executables_named(name):
+    """Every executable file `name` stands for: the path itself, or each match on PATH."""
+    if os.sep in name:
+        candidates = [name]
+    else:
+        candidates = [os.path.join(folder, name)
+                      for folder in os.environ.get('PATH', '').split(os.pathsep) if folder]
+    return [path for path in candidates if os.path.isfile(path) and os.access(path, os.X_OK)]
+
+
+def version_text(path, flag):
+    """What a program prints for its version flag ('' when it fails)."""
+    try:
+        return str(sh.Command(path)(flag, _tty_out=False, _timeout=20))
+    except (sh.ErrorReturnCode, sh.TimeoutException, sh.SignalException, OSError):
+        return ''
+
+
+def is_script(path):
+    """True for an interpreted wrapper (#!), which adds an interpreter start to every call."""
+    with open(path, 'rb') as f:
+        return f.read(2) == b'#!'
+
+
+@functools.lru_cache(maxsize=None)
+def find_imagemagick(setting):
+    """The ImageMagick program to run: checked by its -version, a native binary preferred."""
+    names = [setting] if setting else ['magick', 'convert']
+    found = []
+    for name in names:
+        for path in executables_named(name):
+            if path not in found and 'ImageMagick' in version_text(path, '-version'):
+                found.append(path)
+    if not found:
+        raise ConfigError(
+            'ImageMagick was not found (looked for %s). Install it (apt-get install imagemagick), '
+            'set IMAGEMAGICK to its path, or set CAN_THUMBNAIL to [] to run without thumbnails.'
+            % ' and '.join(names))
+    native = [path for path in found if not is_script(path)]
+    return (native or found)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def find_ghostscript(setting):
+    """Ghostscript for PDF thumbnails, or None (then PDFs get no thumbnail)."""
+    for path in executables_named(setting):
+        if re.match(r'\d+\.\d+', version_text(path, '--version')):
+            return path
+    log.warning('Ghostscript (%s) was not found: PDFs will get no thumbnails.', setting)
+    return None
+
+
+def is_fresh(thumbnail, original):
+    """True when a cached thumbnail exists and is not older than its original."""
+    try:
+        return os.stat(thumbnail).st_mtime_ns >= os.stat(original).st_mtime_ns
+    except FileNotFoundError:
+        return False
+
+
+def file_identity(path):
+    """What changes when a file is replaced or rewritten."""
+    info = os.stat(path)
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+class Thumbnailer:
+    """Makes cached thumbnails with ImageMagick (and Ghostscript for PDFs), bounded in time and count."""
+
+    def __init__(self, config):
+        self.kinds = config.CAN_THUMBNAIL
+        self.convert = sh.Command(find_imagemagick(config.IMAGEMAGICK)) if self.kinds else None
+        self.gs = find_ghostscript(config.GHOSTSCRIPT) if 'application/pdf' in self.kinds else None
+        self.timeout = config.THUMBNAIL_TIMEOUT
+        self.max_pixels = config.THUMBNAIL_MAX_PIXELS
+        self.disk_limit = config.THUMBNAIL_DISK_LIMIT
+        self.limits = ['-limit', 'memory', str(config.THUMBNAIL_MEMORY_LIMIT),
+                       '-limit', 'map', str(2 * config.THUMBNAIL_MEMORY_LIMIT),
+                       '-limit', 'disk', str(config.THUMBNAIL_DISK_LIMIT),
+                       '-limit', 'area', str(config.THUMBNAIL_MAX_PIXELS),
+                       '-limit', 'width', '64KP', '-limit', 'height', '64KP',
+                       '-limit', 'thread', '1', '-limit', 'time', str(config.THUMBNAIL_TIMEOUT)]
+        self.slots = threading.BoundedSemaphore(config.THUMBNAIL_WORKERS)
+        self.locks = KeyedLocks()
+        self.backlog = queue.Queue(maxsize=1000)
+        self.background = None
+
+    def ensure(self, original, target, scale):
+        """Make `target`, the thumbnail of `original` at `scale`, unless a fresh one is cached."""
+        if is_fresh(target, original):
+            return
+        kind = sniff_kind(original)
+        if kind not in self.kinds or (kind == 'application/pdf' and not self.gs):
+            raise ThumbnailError('No thumbnail can be made from this kind of file.')
+        with self.locks(target):            # one conversion per (file, scale); others wait for it
+            for _attempt in range(3):
+                if is_fresh(target, original):
+                    return
+                with self.slots:            # at most THUMBNAIL_WORKERS conversions at once
+                    if self._make(original, target, scale, kind):
+                        return
+            raise ThumbnailError('The file kept changing while its thumbnail was made.')
+
+    def _make(self, original, target, scale, kind):
+        """Convert in a scratch folder and rename into place; False if the original changed meanwhile."""
+        identity = file_identity(original)
+        size = image_size(original, kind)
+        if size and size[0] * size[1] > self.max_pixels:
+            raise ThumbnailError('The image has too many pixels to thumbnail.')
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        scratch = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
+        os.mkdir(scratch)
+        try:
+            os.symlink(original, os.path.join(scratch, 'in'))
+            self._convert(kind, scale, size, scratch)
+            with open(os.path.join(scratch, 'out'), 'rb') as made:
+                os.fsync(made.fileno())
+            with FILE_LOCKS(original):
+                if file_identity(original) != identity:
+                    return False
+                os.replace(os.path.join(scratch, 'out'), target)
+            return True
+        except FileNotFoundError:
+            raise ThumbnailError('The file is gone.') from None
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def _convert(self, kind, scale, size, scratch):
+        """Run the tools with file names of our own (scratch/in -> scratch/out), never a client's."""
+        source = 'in'
+        if kind == 'application/pdf':
+            self._run(self.gs, '-dSAFER', '-dBATCH', '-dNOPAUSE', '-dQUIET', '-dNOPROMPT',
+                      '-sDEVICE=png16m', '-r72', '-dFirstPage=1', '-dLastPage=1', '-dUseCropBox',
+                      '-dTextAlphaBits=4', '-dGraphicsAlphaBits=4', '-sOutputFile=page.png',
+                      'in', scratch=scratch)
+            source = 'page.png'
+        hint = []
+        if kind == 'image/jpeg' and size and min(size) >= 2 * scale:   # libjpeg would upscale a smaller one
+            hint = ['-define', f'jpeg:size={2 * scale}x{2 * scale}']
+        flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
+        self._run(self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
+                  '-auto-orient', '-thumbnail', f'{scale}x{scale}>', '+repage', *flatten,
+                  '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch)
+
+    def _run(self, program, *args, scratch):
+        """Run one tool with a time limit, a file-size limit and its temporary files in `scratch`."""
+        def limit_child():
+            resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
+        try:
+            program(*args, _cwd=scratch, _tty_out=False, _timeout=self.timeout,
+                    _env=dict(os.environ, MAGICK_TEMPORARY_PATH=scratch, TMPDIR=scratch),
+                    _preexec_fn=limit_child)
+        except (sh.TimeoutException, sh.SignalException):
+            raise ThumbnailError('Making the thumbnail took too long.') from None
+        except sh.ErrorReturnCode as error:
+            log.info('thumbnail failed: %s', error.stderr.decode('utf-8', 'replace').strip()[:500])
+            raise ThumbnailError('This file could not be thumbnailed.') from None
+
+    def pregenerate(self, original, target, scale):
+        """Queue a thumbnail to be made in the background; never waits."""
+        if self.background is None:
+            self.background = threading.Thread(target=self._work_backlog, daemon=True,
+                                               name='thumbnail-pregeneration')
+            self.background.start()
+        try:
+            self.backlog.put_nowait((original, target, scale))
+        except queue.Full:
+            pass
+
+    def _work_backlog(self):
+        while True:
+            job = self.backlog.get()
+            try:
+                self.ensure(*job)
+            except (ThumbnailError, OSError):
+                pass
+
+
+###############################################################################
+# Uploads #####################################################################
+###############################################################################
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class ClientGone(Exception):
+    """The client stopped sending before the upload was complete."""
+
+
+class Upload:
+    """A multipart upload as received: its text fields and its one file part, staged on disk."""
+
+    def __init__(self):
+        self.fields = {}
+        self.staged = None
+
+    def discard(self):
+        """Remove the staged file unless it was moved into place."""
+        if self.staged:
+            remove_quietly(self.staged)
+            self.staged = None
+
+
+def receive_upload(environ, staging_folder, max_size):
+    """Parse a multipart body as it streams in; the file part goes to a temporary file."""
+    ctype, options = multipart.parse_options_header(environ.get('CONTENT_TYPE', ''))
+    if ctype != 'multipart/form-data' or not options.get('boundary'):
+        refuse(400, 'An upload must be multipart/form-data.')
+    length = environ.get('CONTENT_LENGTH') or ''
+    if not length.isdigit():
+        refuse(411, 'An upload needs a Content-Length.')
+    if int(length) > max_size:
+        refuse(413, f'The upload is larger than this server accepts ({max_size} bytes).')
+    stream = environ['wsgi.input']
+
+    def read(size):
+        try:
+            return stream.read(size)
+        except OSError as error:
+            raise ClientGone() from error
+
+    upload, sink, field = Upload(), None, None
+    parser = multipart.PushMultipartParser(options['boundary'], int(length), max_header_count=16,
+                                           max_segment_count=100)
+    try:
+        with parser:
+            for event in parser.parse_blocking(read, CHUNK):
+                if isinstance(event, multipart.MultipartSegment):
+                    if event.filename is not None:
+                        if upload.staged:
+                            refuse(400, 'An upload carries one file only.')
+                        upload.staged, sink = make_temp_file(staging_folder)
+                    else:
+                        field, sink = event.name, bytearray()
+                elif event and isinstance(sink, bytearray):
+                    if len(sink) + len(event) > MAX_FIELD_SIZE:
+                        refuse(400, f'The field {field!r} is too long.')
+                    sink.extend(event)
+                elif event:
+                    sink.write(event)
+                elif isinstance(sink, bytearray):
+                    upload.fields.setdefault(field, sink.decode('utf-8', 'replace'))
+                else:
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                    sink.close()
+        return upload
+    except (multipart.MultipartError, ClientGone):
+        upload.discard()
+        refuse(400, 'The upload is malformed or incomplete.')
+    except OSError as error:
+        upload.discard()
+        if error.errno in NO_SPACE:
+            refuse(507, 'The server has no room to store this file.')
+        raise
+    except BaseException:
+        upload.discard()
+        raise
+    finally:
+        if sink is not None and not isinstance(sink, bytearray):
+            sink.close()
+
+
+###############################################################################
+# Metadata ####################################################################
+###############################################################################
+
+def read_exif(path):
+    """EXIF tags of a file as exifread reads them; {} for a file without (or with broken) EXIF."""
+    try:
+        with open(path, 'rb') as f:
+            return exifread.process_file(f, details=False)
+    except Exception:               # exifread raises many kinds of errors on odd files
+        return {}
+
+
+def exif_groups(tags):
+    """Specify 6's shape: [{"Name": group, "Fields": {tag: text}}], one entry per EXIF group."""
+    groups = {}
+    for key, value in tags.items():
+        if hasattr(value, 'printable') and ' ' in key:
+            group, tag = key.split(' ', 1)
+            groups.setdefault(group, {})[tag] = str(value.printable)
+    return [{'Name': group, 'Fields': fields} for group, fields in groups.items()]
+
+
+###############################################################################
+# The web application #########################################################
+###############################################################################
+
+ACTIVE_TYPES = {'text/html', 'application/xhtml+xml', 'image/svg+xml', 'text/xml',
+                'application/xml', 'application/javascript', 'text/javascript'}
+HOST_PORT = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?')
+DEFAULT_PORTS = {'http': '80', 'https': '443'}
+
+
+def unescape_query(query):
+    """Read `&amp;` between parameters as `&` (some Specify pages escape their URLs)."""
+    return '&'.join(re.sub(r'^(amp;)+', '', part) for part in query.split('&'))
+
+
+def current_upload():
+    """The request's multipart upload, received once and kept for the request."""
+    environ = bottle.request.environ
+    if 'wast.upload' not in environ:
+        app = bottle.request.app
+        environ['wast.upload'] = receive_upload(environ, app.storage.staging_folder(),
+                                                app.settings.MAX_UPLOAD_SIZE)
+    return environ['wast.upload']
+
+
+def param(name):
+    """A request parameter as text, from the upload's fields, a form body or the query string."""
+    request = bottle.request
+    if request.route.config.get('upload'):
+        value = current_upload().fields.get(name)
+        return value if value is not None else request.query.getunicode(name)
+    if request.content_type.startswith('application/x-www-form-urlencoded'):
+        return request.params.getunicode(name)
+    return request.query.getunicode(name)
+
+
+def require_token(name):
+    """403 unless the request's token signs `name` (or auth is disabled)."""
+    app = bottle.request.app
+    problem = token_problem(app.key, param('token'), name, bottle.request.environ['wast.started'],
+                            app.settings.TIME_TOLERANCE)
+    if problem:
+        refuse(403, problem)
+
+
+class TokenCheck:
+    """Bottle plugin: a route with signed=<param> needs a token over that parameter.
+
+    Routes also marked read=True are checked only when REQUIRE_KEY_FOR_GET is on.
+    """
+    name, api = 'token_check', 2
+
+    def apply(self, callback, route):
+        signed = route.config.get('signed')
+        if not signed:
+            return callback
+
+        def checked(*args, **kwargs):
+            if not route.config.get('read') or route.app.settings.REQUIRE_KEY_FOR_GET:
+                require_token(param(signed) or '')
+            return callback(*args, **kwargs)
+        return checked
+
+
+class AssetServer(bottle.Bottle):
+    """The Bottle app, stamping every answer (errors too) with X-Timestamp and CORS."""
+
+    def __init__(self, config, storage, thumbnailer, key):
+        super().__init__()
+        self.settings, self.storage, self.thumbnailer, self.key = config, storage, thumbnailer, key
+        self.discovery = bottle.SimpleTemplate(name='web_asset_store.xml', lookup=[VIEWS_DIR])
+
+    def wsgi(self, environ, start_response):
+        started = environ['wast.started'] = time.time()
+        environ['QUERY_STRING'] = unescape_query(environ.get('QUERY_STRING', ''))
+
+        def start_stamped(status, headers, exc_info=None):
+            headers.append(('X-Timestamp', str(int(time.time()))))
+            headers.append(('Access-Control-Allow-Origin', '*'))
+            if self.settings.ACCESS_LOG:
+                log.info('%s %s %s %s %.0fms', environ.get('REMOTE_ADDR', '-'),
+                         environ.get('REQUEST_METHOD'), environ.get('PATH_INFO'),
+                         status.split(' ', 1)[0], 1000 * (time.time() - started))
+            return start_response(status, headers, exc_info)
+        return super().wsgi(environ, start_stamped)
+
+    def default_error_handler(self, error):
+        """Errors are short plain text; a fault's traceback goes to the log only."""
+        bottle.response.content_type = 'text/plain; charset=UTF-8'
+        if error.status_code == 500:
+            return 'Internal server error.'
+        return str(error.body)
+
+
+def public_base_url():
+    """scheme://host[:port] as clients reach the server (proxy headers only when trusted)."""
+    config = bottle.request.app.settings
+    scheme, host, port = config.PUBLIC_SCHEME, config.SERVER_NAME, str(config.SERVER_PORT)
+    if config.TRUST_PROXY_HEADERS:
+        headers = bottle.request.headers
+        proto = headers.get('X-Forwarded-Proto', '').split(',')[0].strip().lower()
+        scheme = proto if proto in DEFAULT_PORTS else scheme
+        forwarded = HOST_PORT.fullmatch(headers.get('X-Forwarded-Host', '').split(',')[0].strip())
+        if forwarded:
+            host = forwarded.group(1)
+            port = forwarded.group(2) or headers.get('X-Forwarded-Port') or DEFAULT_PORTS[scheme]
+        elif proto in DEFAULT_PORTS:
+            port = headers.get('X-Forwarded-Port') or port
+    port = '' if port == DEFAULT_PORTS[scheme] else f':{int(port)}'
+    return f'{scheme}://{host}{port}'
+
+
+def send_file(path, mimetype, headers=None):
+    """Serve a file with Range, HEAD and 304 support; active content cannot run scripts."""
+    answer = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                                mimetype=mimetype, headers=headers)
+    answer.set_header('X-Content-Type-Options', 'nosniff')
+    if mimetype in ACTIVE_TYPES:
+        answer.set_header('Content-Security-Policy', 'sandbox')
+    return answer
+
+
+def valid_type(text):
+    if text not in ('O', 'T'):
+        refuse(400, 'Bad type: it must be O (original) or T (thumbnail).')
+    return text
+
+
+def existing_original(coll, name):
+    """The path of a stored original; 404 when there is none."""
+    path = bottle.request.app.storage.original_path(coll, name)
+    if not os.path.isfile(path):
+        refuse(404, 'No such file.')
+    return path
+
+
+# --- Routes -------------------------------------------------------------------
+
+def index():
+    return 'Web Asset Server for Specify: running.'
+
+
+def discovery():
+    bottle.response.content_type = 'text/xml; charset=UTF-8'
+    return bottle.request.app.discovery.render(base=public_base_url())
+
+
+def preflight(**_path):
+    """CORS preflight of a browser's cross-origin upload."""
+    wanted = bottle.request.headers.get('Access-Control-Request-Headers', '')
+    bottle.response.set_header('Access-Control-Allow-Methods', 'GET, HEAD, POST, OPTIONS')
+    bottle.response.set_header('Access-Control-Allow-Headers', re.sub(r'[^A-Za-z0-9, -]', '', wanted) or '*')
+    bottle.response.set_header('Access-Control-Max-Age', '86400')
+    return ''
+
+
+def fileupload():
+    app = bottle.request.app
+    upload = current_upload()
+    kind = param('type')
+    if kind == 'T':
+        return 'Ignoring thumbnail upload!'
+    valid_type(kind)
+    name = valid_name(param('store'), 'store')
+    if not upload.staged:
+        refuse(400, 'The upload has no file part.')
+    coll = param('coll')
+    try:
+        app.storage.save(coll, name, upload.staged)
+    except OSError as error:
+        if error.errno in NO_SPACE:
+            refuse(507, 'The server has no room to store this file.')
+        raise
+    upload.staged = None
+    scale = app.settings.PREGENERATE_SCALE
+    if scale and app.thumbnailer.kinds:
+        app.thumbnailer.pregenerate(app.storage.original_path(coll, name),
+                                    app.storage.thumbnail_path(coll, name, scale), scale)
+    return 'Ok.'
+
+
+def fileget():
+    app = bottle.request.app
+    name = valid_name(param('filename'), 'filename')
+    kind = valid_type(param('type'))
+    scale = valid_scale(param('scale'), app.settings.MAX_THUMBNAIL_SCALE) if kind == 'T' else None
+    coll = param('coll')
+    original = existing_original(coll, name)
+    downloadname = param('downloadname')
+    headers = {'Content-Disposition': "inline; filename*=utf-8''" + quote(downloadname, safe='')} \
+        if downloadname else None
+    if kind == 'O':
+        return send_file(original, content_type(original, name), headers)
+    thumbnail = app.storage.thumbnail_path(coll, name, scale)
+    try:
+        app.thumbnailer.ensure(original, thumbnail, scale)
+    except ThumbnailError as error:
+        refuse(404, str(error))
+    return send_file(thumbnail, sniff_kind(thumbnail) or 'application/octet-stream', headers)
+
+
+def filedelete():
+    name = valid_name(param('filename'), 'filename')
+    if not bottle.request.app.storage.delete(param('coll'), name):
+        refuse(404, 'No such file.')
+    return 'Ok.'
+
+
+def getmetadata():
+    tags = read_exif(existing_original(param('coll'), valid_name(param('filename'), 'filename')))
+    if param('dt') == 'date':
+        if 'EXIF DateTimeOriginal' not in tags:
+            refuse(404, 'The file has no EXIF DateTimeOriginal.')
+        return str(tags['EXIF DateTimeOriginal'])
+    bottle.response.content_type = 'application/json'
+    return json.dumps(exif_groups(tags))
+
+
+def testkey():
+    return 'Ok.'
+
+
+def getfileref():
+    app = bottle.request.app
+    name = valid_name(param('filename'), 'filename')
+    coll = param('coll')
+    existing_original(coll, name)
+    parts = [app.storage.collections[coll]] if app.storage.collections is not None else []
+    url = public_base_url() + '/static/' + '/'.join(quote(p, safe='') for p in [*parts, app.storage.orig_dir, name])
+    if app.settings.REQUIRE_KEY_FOR_GET:
+        url += '?token=' + quote(param('token') or '', safe='')
+    return url
+
+
+def static(path):
+    app = bottle.request.app
+    parts = path.split('/')
+    if app.settings.REQUIRE_KEY_FOR_GET:
+        require_token(parts[-1])
+    file = app.storage.static_path(parts)
+    if file is None or not os.path.isfile(file):
+        refuse(404, 'No such file.')
+    return send_file(file, content_type(file, parts[-1]))
+
+
+def create_app(config):
+    """The WSGI application for one configuration."""
+    storage = DiskStorage(config)
+    os.makedirs(config.BASE_DIR, exist_ok=True)
+    storage.sweep_temporaries()
+    app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
+    app.install(TokenCheck())
+    app.add_hook('before_request', lambda: bottle.response.set_header(
+        'Content-Type', 'text/plain; charset=UTF-8'))
+    app.add_hook('after_request', lambda: bottle.request.environ.get('wast.upload', Upload()).discard())
+    app.route('/', 'GET', index)
+    app.route('/web_asset_store.xml', 'GET', discovery)
+    app.route('/fileupload', 'POST', fileupload, signed='store', upload=True)
+    app.route('/fileget', 'GET', fileget, signed='filename', read=True)
+    app.route('/filedelete', 'POST', filedelete, signed='filename')
+    app.route('/getmetadata', 'GET', getmetadata, signed='filename', read=True)
+    app.route('/testkey', 'GET', testkey, signed='random')
+    if config.ALLOW_STATIC_FILE_ACCESS:
+        app.route('/getfileref', 'GET', getfileref, signed='filename', read=True)
+        app.route('/static/<path:path>', 'GET', static)
+    for path in {route.rule for route in app.routes}:
+        app.route(path, 'OPTIONS', preflight)
+    return app
+
+
+###############################################################################
+# Start-up ####################################################################
+###############################################################################
+
+def main():
+    """Run the server as configured by settings.py and the environment."""
+    try:
+        config = load_config()
+        logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO,
+                            format='%(asctime)s %(levelname)s %(message)s')
+        app = create_app(config)
+    except ConfigError as error:
+        sys.exit(f'web asset server cannot start: {error}')
+    log.info('Listening on %s:%s; Specify finds this server at %s/web_asset_store.xml',
+             config.HOST, config.PORT, f'{config.PUBLIC_SCHEME}://{config.SERVER_NAME}:{config.SERVER_PORT}')
+    if config.SERVER == 'paste':
+        from paste import httpserver
+        httpserver.serve(app, host=config.HOST, port=str(config.PORT), use_threadpool=True,
+                         threadpool_workers=config.THREADS, request_queue_size=64,
+                         threadpool_options={'kill_thread_limit': 0, 'hung_thread_limit': 3600})
+    else:
+        bottle.run(app, server=config.SERVER, host=config.HOST, port=config.PORT, quiet=True)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,51 @@
+"""Settings of the Web Asset Server.
+
+Every name below can also be set by an environment variable of the same name
+(ints as digits, booleans as true/false, COLLECTION_DIRS and CAN_THUMBNAIL as
+JSON, `none` for an empty optional value). Existing Docker deployments' names are
+read too: ATTACHMENT_KEY sets KEY and DEBUG_MODE sets DEBUG.
+"""
+
+# --- Keys and tokens --------------------------------------------------------
+
+KEY = None                       # Shared attachment key (Specify's attachment.key / ASSET_SERVER_KEY). None: use KEY_FILE, made with a random key on first start.
+KEY_FILE = None                  # Where a generated key is kept; None means BASE_DIR/.web-asset-server.key.
+AUTH_DISABLED = False            # True turns every token check off (anyone may write and delete); the server warns at every start.
+TIME_TOLERANCE = 150             # Seconds a token stays valid either side of the server's clock; None turns the window off.
+REQUIRE_KEY_FOR_GET = False      # True: fileget, getmetadata and /static also need a token (Specify 7: WEB_ATTACHMENT_REQUIRES_KEY_FOR_GET).
+
+# --- Listening and the discovery document ----------------------------------
+
+HOST = '127.0.0.1'               # Address to listen on; 0.0.0.0 to accept other machines (the Docker image does).
+PORT = 8080                      # Port to listen on.
+SERVER_NAME = 'localhost'        # Public host name written into web_asset_store.xml.
+SERVER_PORT = None               # Public port written into web_asset_store.xml; None means PORT. Left out of URLs when it is the scheme's default.
+PUBLIC_SCHEME = 'http'           # Public scheme written into web_asset_store.xml: 'https' behind a TLS proxy.
+TRUST_PROXY_HEADERS = False      # True: take scheme, host and port from X-Forwarded-Proto/-Host/-Port (only behind a proxy that sets them).
+SERVER = 'paste'                 # Bottle server adapter that runs the app; Paste is the one tested and recommended.
+DEBUG = False                    # More logging; never shows tracebacks to clients.
+ACCESS_LOG = True                # One line per request on standard error.
+THREADS = 20                     # Requests Paste serves at once (long downloads each hold one).
+
+# --- Storage ------------------------------------------------------------------
+
+BASE_DIR = 'attachments'         # The attachments folder; relative paths are taken from this file's folder.
+ORIG_DIR = 'originals'           # Folder of originals inside BASE_DIR (or inside each collection's folder).
+THUMB_DIR = 'thumbnails'         # Folder of cached thumbnails, named <root>_<scale><ext>.
+COLLECTION_DIRS = None           # None: one folder for all collections. A dict {collection name: folder} puts each collection in BASE_DIR/<folder>; unknown collections are refused.
+ALLOW_STATIC_FILE_ACCESS = True  # Serve /static/<path> and /getfileref for the web portal.
+MAX_UPLOAD_SIZE = 2 * 1024 ** 3  # Largest upload accepted, in bytes (2 GiB).
+
+# --- Thumbnails -----------------------------------------------------------------
+
+CAN_THUMBNAIL = ['image/jpeg', 'image/png', 'image/gif', 'image/tiff',
+                 'application/pdf', 'image/heic', 'image/heif']  # Kinds (told from the file's bytes) that get thumbnails.
+MAX_THUMBNAIL_SCALE = 2000       # Largest `scale` a client may ask for, in pixels.
+IMAGEMAGICK = None               # Path or name of ImageMagick's program; None finds `magick` (7) or `convert` (6) and checks it really is ImageMagick.
+GHOSTSCRIPT = 'gs'               # Ghostscript, which renders PDF thumbnails (ImageMagick's policy usually forbids PDF).
+THUMBNAIL_WORKERS = None         # Conversions run at once; None means the number of CPUs. The rest wait their turn.
+THUMBNAIL_TIMEOUT = 60           # Seconds one conversion may take before it is killed.
+THUMBNAIL_MAX_PIXELS = 250_000_000  # Images with more pixels than this are refused (decompression bombs).
+THUMBNAIL_MEMORY_LIMIT = 256 * 1024 ** 2  # ImageMagick's memory limit for one conversion, in bytes (beyond it, it uses a disk cache).
+THUMBNAIL_DISK_LIMIT = 2 * 1024 ** 3    # Largest file one conversion may write (ImageMagick's disk cache included), in bytes.
+PREGENERATE_SCALE = 123          # Scale made in the background right after an upload so the first view is instant; None turns it off.

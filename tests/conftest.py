@@ -1,0 +1,184 @@
+"""Shared helpers: an app per test on a fresh attachments folder, Specify-style requests, images."""
+
+import os
+import secrets
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+import webtest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import server  # noqa: E402
+
+KEY = 'test-attachment-key'
+IMAGEMAGICK = server.find_imagemagick(None)
+
+
+class Client:
+    """A WebTest client that speaks the protocol as Specify does."""
+
+    def __init__(self, config):
+        self.config = config
+        self.app = server.create_app(config)
+        self.web = webtest.TestApp(self.app)
+        self.base = config.BASE_DIR
+
+    def token(self, name, timestamp=None):
+        return server.make_token(KEY, name, timestamp)
+
+    def upload(self, store, data, coll='Fish', style=7, token=None, kind='O', status=None, **extra):
+        """POST /fileupload like Specify 7 (file part first, named `file`) or 6 (fields first)."""
+        token = self.token(store) if token is None else token
+        fields = [('store', store), ('type', kind), ('coll', coll), ('token', token)]
+        if style == 7:
+            parts = [('file', 'blob', data)] + fields
+        else:
+            fields += [('disp', 'Fishes'), ('div', 'Zoology'), ('inst', 'Museum')]
+            parts = fields + [('photo.jpg', 'photo.jpg', data)]
+        content_type, body = multipart_body(parts)
+        return self.post_raw('/fileupload', content_type, body, status=status, **extra)
+
+    def post_raw(self, path, content_type, body=b'', status=None, **extra):
+        """POST exactly these bytes (WebTest would otherwise re-encode a multipart body)."""
+        if 'extra_environ' in extra:          # the test supplies its own wsgi.input
+            extra['environ'] = extra.pop('extra_environ')
+        else:
+            extra['body'] = body
+        return self.web.request(path, method='POST', content_type=content_type,
+                                status=status, expect_errors=status is not None, **extra)
+
+    def get(self, path, params, status=None, headers=None):
+        return self.web.get(path, params, status=status, expect_errors=status is not None,
+                            headers=headers or {})
+
+    def fileget(self, filename, kind='O', status=None, headers=None, **params):
+        params = {'filename': filename, 'type': kind, 'coll': 'Fish', **params}
+        return self.get('/fileget', params, status, headers)
+
+    def delete(self, filename, coll='Fish', token=None, status=None):
+        token = self.token(filename) if token is None else token
+        return self.web.post('/filedelete', {'filename': filename, 'coll': coll, 'token': token,
+                                             'disp': 'Fishes', 'div': 'Zoology', 'inst': 'Museum'},
+                             status=status, expect_errors=status is not None)
+
+    def path(self, *parts):
+        return os.path.join(self.base, *parts)
+
+    def all_files(self):
+        """Every file under BASE_DIR, relative to it (the key file left out)."""
+        found = set()
+        for folder, _dirs, files in os.walk(self.base):
+            for name in files:
+                found.add(os.path.relpath(os.path.join(folder, name), self.base))
+        found.discard('.web-asset-server.key')
+        return found
+
+
+def multipart_body(parts, boundary=None):
+    """multipart/form-data in the given order: (name, value) fields, (name, filename, bytes) files."""
+    boundary = boundary or 'specify' + secrets.token_hex(8)
+    chunks = []
+    for part in parts:
+        if len(part) == 2:
+            head = f'Content-Disposition: form-data; name="{part[0]}"'
+            data = part[1].encode('utf-8')
+        else:
+            head = (f'Content-Disposition: form-data; name="{part[0]}"; filename="{part[1]}"\r\n'
+                    'Content-Type: application/octet-stream')
+            data = part[2]
+        chunks.append(f'--{boundary}\r\n{head}\r\n\r\n'.encode('utf-8') + data + b'\r\n')
+    chunks.append(f'--{boundary}--\r\n'.encode())
+    return f'multipart/form-data; boundary={boundary}', b''.join(chunks)
+
+
+def magick(*args, output=None):
+    """Run the real ImageMagick; with `output`, return the bytes it wrote there."""
+    subprocess.run([IMAGEMAGICK, *args], check=True, capture_output=True, timeout=120)
+    if output:
+        with open(output, 'rb') as f:
+            return f.read()
+
+
+def image_info(data, tmp_path):
+    """(format, width, height) of image bytes, decoded by ImageMagick."""
+    path = tmp_path / f'probe-{secrets.token_hex(4)}'
+    path.write_bytes(data)
+    identify = subprocess.run([IMAGEMAGICK, str(path) + '[0]', '-format', '%m %w %h', 'info:'],
+                              check=True, capture_output=True, text=True, timeout=60)
+    kind, width, height = identify.stdout.split()
+    return kind, int(width), int(height)
+
+
+def make_image(tmp_path, spec, size, fmt, *extra):
+    """Image bytes made by ImageMagick: e.g. make_image(tmp, 'plasma:', '300x200', 'jpg')."""
+    out = tmp_path / f'made-{secrets.token_hex(4)}.{fmt}'
+    return magick('-size', size, spec, *extra, f'{fmt}:{out}', output=out)
+
+
+@pytest.fixture
+def make_client(tmp_path):
+    """Build a client for settings overriding the defaults; the attachments live in tmp_path."""
+    def build(**overrides):
+        settings = {'BASE_DIR': str(tmp_path / 'attachments'), 'KEY': KEY, 'ACCESS_LOG': False,
+                    'PREGENERATE_SCALE': None, 'SERVER_NAME': 'assets.example.org', 'SERVER_PORT': 8080}
+        settings.update(overrides)
+        return Client(server.load_config(settings, environ={}))
+    return build
+
+
+@pytest.fixture
+def client(make_client):
+    return make_client()
+
+
+@pytest.fixture(scope='session')
+def jpeg(tmp_path_factory):
+    """A 300x200 JPEG photo."""
+    return make_image(tmp_path_factory.mktemp('img'), 'plasma:', '300x200', 'jpg')
+
+
+@pytest.fixture(scope='session')
+def png(tmp_path_factory):
+    return make_image(tmp_path_factory.mktemp('img'), 'gradient:red-blue', '80x60', 'png')
+
+
+def wait_for(predicate, seconds=10):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _ifd(entries, start):
+    """One little-endian TIFF directory placed at `start`: (tag, type, value) with ASCII, SHORT, LONG."""
+    data_at = start + 2 + 12 * len(entries) + 4
+    head, data = struct.pack('<H', len(entries)), b''
+    for tag, kind, value in sorted(entries):
+        raw = value.encode() + b'\0' if kind == 2 else struct.pack('<H' if kind == 3 else '<I', value)
+        field = raw.ljust(4, b'\0') if len(raw) <= 4 else struct.pack('<I', data_at + len(data))
+        if len(raw) > 4:
+            data += raw
+        head += struct.pack('<HHI', tag, kind, len(raw) if kind == 2 else 1) + field
+    return head + struct.pack('<I', 0) + data
+
+
+def with_exif(jpeg_bytes, date=None, orientation=None, make='Canon', latitude_ref='N'):
+    """The JPEG with an Exif APP1 segment: Make and Orientation (Image), DateTimeOriginal, GPS."""
+    image = [(0x010F, 2, make)] + ([(0x0112, 3, orientation)] if orientation else [])
+    exif = [(0x9003, 2, date)] if date else [(0x9000, 2, '0230')]
+    gps = [(0x0001, 2, latitude_ref)]
+    ifd0_size = len(_ifd(image + [(0x8769, 4, 0), (0x8825, 4, 0)], 8))
+    exif_at = 8 + ifd0_size
+    gps_at = exif_at + len(_ifd(exif, exif_at))
+    tiff = (b'II*\0' + struct.pack('<I', 8) + _ifd(image + [(0x8769, 4, exif_at), (0x8825, 4, gps_at)], 8)
+            + _ifd(exif, exif_at) + _ifd(gps, gps_at))
+    payload = b'Exif\0\0' + tiff
+    segment = b'\xff\xe1' + struct.pack('>H', len(payload) + 2) + payload
+    app0_end = 4 + struct.unpack('>H', jpeg_bytes[4:6])[0] if jpeg_bytes[2:4] == b'\xff\xe0' else 2
+    return jpeg_bytes[:app0_end] + segment + jpeg_bytes[app0_end:]

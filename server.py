@@ -590,6 +590,8 @@ class Thumbnailer:
 
     def ensure(self, original, target, scale):
         """Make `target`, the thumbnail of `original` at `scale`, unless a fresh one is cached."""
+        if len(os.path.basename(target).encode('utf-8', 'surrogatepass')) > 255:
+            raise ThumbnailError('The file name is too long to name its thumbnail.')
         if is_fresh(target, original):
             return
         kind = sniff_kind(original)

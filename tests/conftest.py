@@ -1,7 +1,9 @@
 """Shared helpers: an app per test on a fresh attachments folder, Specify-style requests, images."""
 
 import os
+import http.client
 import secrets
+import socket
 import struct
 import subprocess
 import sys
@@ -182,3 +184,62 @@ def with_exif(jpeg_bytes, date=None, orientation=None, make='Canon', latitude_re
     segment = b'\xff\xe1' + struct.pack('>H', len(payload) + 2) + payload
     app0_end = 4 + struct.unpack('>H', jpeg_bytes[4:6])[0] if jpeg_bytes[2:4] == b'\xff\xe0' else 2
     return jpeg_bytes[:app0_end] + segment + jpeg_bytes[app0_end:]
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+class RunningServer:
+    """`python server.py` under Paste on a free loopback port, settings from the environment."""
+
+    def __init__(self, base_dir, log_path, **env):
+        self.port = free_port()
+        self.base_dir = base_dir
+        environment = dict(os.environ, HOST='127.0.0.1', PORT=str(self.port), BASE_DIR=str(base_dir),
+                           SERVER_NAME='127.0.0.1', SERVER_PORT=str(self.port), KEY=KEY)
+        environment.update(env)
+        environment = {name: value for name, value in environment.items() if value is not None}
+        self.log = open(log_path, 'w+b')
+        self.process = subprocess.Popen([sys.executable, 'server.py'], cwd=PROJECT, env=environment,
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        if not wait_for(self._answers, 30):
+            self.stop()
+            raise RuntimeError('server did not start: ' + self.output())
+
+    def _answers(self):
+        if self.process.poll() is not None:
+            return False
+        try:
+            return self.request('GET', '/')[0] == 200
+        except OSError:
+            return False
+
+    def request(self, method, path, body=None, headers=None, timeout=60):
+        """(status, headers, body) of one HTTP request."""
+        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            answer = connection.getresponse()
+            return answer.status, answer.headers, answer.read()
+        finally:
+            connection.close()
+
+    def output(self):
+        self.log.seek(0)
+        return self.log.read().decode('utf-8', 'replace')
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.log.close()
+
+
+PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,0 +1,92 @@
+"""`python server.py` under Paste, configured by environment variables, spoken to over real HTTP."""
+
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from urllib.parse import urlencode
+
+import pytest
+
+import server
+from conftest import KEY, PROJECT, RunningServer, image_info, multipart_body
+
+
+@pytest.fixture
+def running(tmp_path):
+    started = []
+
+    def start(**env):
+        started.append(RunningServer(tmp_path / 'attachments', tmp_path / f'server{len(started)}.log', **env))
+        return started[-1]
+    yield start
+    for one in started:
+        one.stop()
+
+
+def token(name):
+    return server.make_token(KEY, name)
+
+
+def test_a_specify_session_over_http_uploads_reads_thumbnails_and_deletes(running, jpeg, tmp_path):
+    web = running(COLLECTION_DIRS='{"Fish": "fish"}', REQUIRE_KEY_FOR_GET='true')
+    status, headers, body = web.request('GET', '/web_asset_store.xml')
+    urls = {url.get('type'): url.text for url in ET.fromstring(body).iter('url')}
+    assert urls['read'] == f'http://127.0.0.1:{web.port}/fileget' and 'X-Timestamp' in headers
+    assert web.request('GET', '/testkey?' + urlencode({'random': '9', 'token': token('9')}))[0] == 200
+
+    content_type, upload = multipart_body([('file', 'x.jpg', jpeg), ('store', 'a.jpg'), ('type', 'O'),
+                                           ('coll', 'Fish'), ('token', token('a.jpg'))])
+    assert web.request('POST', '/fileupload', upload, {'Content-Type': content_type})[2] == b'Ok.'
+    read = {'filename': 'a.jpg', 'coll': 'Fish', 'token': token('a.jpg')}
+    assert web.request('GET', '/fileget?' + urlencode(dict(read, type='O')))[2] == jpeg
+    status, headers, thumb = web.request('GET', '/fileget?' + urlencode(dict(read, type='T', scale=123)))
+    assert (status, image_info(thumb, tmp_path)) == (200, ('JPEG', 123, 82))
+    assert web.request('GET', '/fileget?' + urlencode(dict(read, type='O', token='')))[0] == 403
+    status, _, body = web.request('POST', '/filedelete', urlencode(read),
+                                  {'Content-Type': 'application/x-www-form-urlencoded'})
+    assert (status, body) == (200, b'Ok.')
+    assert not (tmp_path / 'attachments' / 'fish' / 'originals' / 'a.jpg').exists()
+    assert 'POST /fileupload 200' in web.output() and KEY not in web.output()
+
+
+def test_a_server_started_without_a_key_makes_one_and_says_where(running, tmp_path):
+    web = running(KEY=None)
+    key_file = tmp_path / 'attachments' / '.web-asset-server.key'
+    key = key_file.read_text().strip()
+    assert str(key_file) in web.output() and key not in web.output()
+    query = urlencode({'random': '1', 'token': server.make_token(key, '1')})
+    assert web.request('GET', '/testkey?' + query)[0] == 200
+
+
+def test_docker_environment_names_configure_the_server(running):
+    web = running(KEY=None, ATTACHMENT_KEY='docker-key', SERVER_NAME='assets.museum.org',
+                  SERVER_PORT='80', DEBUG_MODE='false')
+    body = web.request('GET', '/web_asset_store.xml')[2]
+    assert b'<url type="read">http://assets.museum.org/fileget</url>' in body
+    query = urlencode({'random': '1', 'token': server.make_token('docker-key', '1')})
+    assert web.request('GET', '/testkey?' + query)[0] == 200
+
+
+def test_a_bad_setting_stops_the_start_with_a_clear_message(tmp_path):
+    finished = subprocess.run([sys.executable, 'server.py'], cwd=PROJECT, capture_output=True, text=True,
+                              env={'PATH': '/usr/bin:/bin', 'PORT': 'eighty', 'BASE_DIR': str(tmp_path)},
+                              timeout=60)
+    assert finished.returncode != 0
+    assert 'cannot start' in finished.stderr and 'PORT' in finished.stderr
+    assert 'Traceback' not in finished.stderr
+
+
+def test_a_client_that_disconnects_mid_upload_leaves_nothing(running, jpeg, tmp_path):
+    import socket
+    web = running()
+    content_type, body = multipart_body([('store', 'a.jpg'), ('type', 'O'), ('token', token('a.jpg')),
+                                         ('file', 'a.jpg', jpeg * 50)])
+    with socket.create_connection(('127.0.0.1', web.port)) as raw:
+        raw.sendall(f'POST /fileupload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n'
+                    f'Content-Length: {len(body)}\r\n\r\n'.encode() + body[:len(body) // 2])
+        time.sleep(0.5)
+    time.sleep(1)
+    files = [p for p in (tmp_path / 'attachments').rglob('*') if p.is_file() and p.name != '.web-asset-server.key']
+    assert files == []
+    assert web.request('GET', '/')[0] == 200

@@ -1,0 +1,126 @@
+"""Settings keep the existing server's names, read typed environment variables, and never fall back to a known key."""
+
+import logging
+import os
+import stat
+
+import pytest
+
+import server
+from conftest import KEY
+
+
+def test_environment_variables_are_read_with_the_settings_types(tmp_path):
+    config = server.load_config(environ={
+        'PORT': '9090', 'REQUIRE_KEY_FOR_GET': 'true', 'ALLOW_STATIC_FILE_ACCESS': 'no',
+        'TIME_TOLERANCE': 'none', 'COLLECTION_DIRS': '{"Fish": "fish"}', 'BASE_DIR': str(tmp_path),
+        'SERVER_NAME': 'assets.museum.org', 'SERVER_PORT': '443', 'MAX_UPLOAD_SIZE': '1000',
+        'MAX_THUMBNAIL_SCALE': '600', 'PUBLIC_SCHEME': 'https', 'TRUST_PROXY_HEADERS': '1'})
+    assert (config.PORT, config.REQUIRE_KEY_FOR_GET, config.ALLOW_STATIC_FILE_ACCESS) == (9090, True, False)
+    assert (config.TIME_TOLERANCE, config.COLLECTION_DIRS) == (None, {'Fish': 'fish'})
+    assert (config.SERVER_NAME, config.SERVER_PORT, config.PUBLIC_SCHEME) == ('assets.museum.org', 443, 'https')
+    assert (config.MAX_UPLOAD_SIZE, config.MAX_THUMBNAIL_SCALE, config.TRUST_PROXY_HEADERS) == (1000, 600, True)
+    assert config.BASE_DIR == str(tmp_path)
+
+
+def test_docker_names_attachment_key_and_debug_mode_are_read():
+    config = server.load_config(environ={'ATTACHMENT_KEY': 'from-docker', 'DEBUG_MODE': 'true'})
+    assert (config.KEY, config.DEBUG) == ('from-docker', True)
+
+
+def test_key_wins_over_attachment_key_when_both_are_set():
+    assert server.load_config(environ={'ATTACHMENT_KEY': 'alias', 'KEY': 'own'}).KEY == 'own'
+
+
+def test_server_port_defaults_to_the_listen_port():
+    assert server.load_config(environ={'PORT': '8181'}).SERVER_PORT == 8181
+
+
+def test_relative_base_dir_is_taken_from_the_project_folder():
+    config = server.load_config(environ={'BASE_DIR': 'attachments'})
+    assert config.BASE_DIR == os.path.join(os.path.dirname(os.path.abspath(server.__file__)), 'attachments')
+
+
+@pytest.mark.parametrize('name, value', [('REQUIRE_KEY_FOR_GET', 'maybe'), ('PORT', 'eighty'),
+                                         ('PORT', '0'), ('COLLECTION_DIRS', '{broken'),
+                                         ('COLLECTION_DIRS', '{"Fish": "../elsewhere"}'),
+                                         ('COLLECTION_DIRS', '["fish"]'), ('PUBLIC_SCHEME', 'ftp'),
+                                         ('THUMB_DIR', '../thumbs')])
+def test_a_bad_setting_stops_the_start_with_its_name(name, value):
+    with pytest.raises(server.ConfigError, match=name):
+        server.load_config(environ={name: value})
+
+
+def test_without_a_key_a_random_one_is_made_and_kept_beside_the_attachments(make_client, jpeg, caplog):
+    caplog.set_level(logging.INFO, logger='web_asset_server')
+    client = make_client(KEY=None)
+    key_file = client.path('.web-asset-server.key')
+    key = open(key_file).read().strip()
+    assert len(key) >= 32 and key != KEY
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert key_file in caplog.text and 'ASSET_SERVER_KEY' in caplog.text
+    assert key not in caplog.text
+    client.upload('a.jpg', jpeg, token='', status=403)
+    client.upload('a.jpg', jpeg, token=server.make_token(key, 'a.jpg'))
+
+
+def test_the_kept_key_survives_a_restart(make_client):
+    first = make_client(KEY=None)
+    second = make_client(KEY=None)
+    assert first.app.key == second.app.key
+
+
+def test_auth_disabled_warns_at_every_start(make_client, caplog):
+    for _ in range(2):
+        make_client(KEY=None, AUTH_DISABLED=True)
+    assert caplog.text.count('AUTH_DISABLED') == 2
+
+
+def test_the_configured_key_is_never_logged(make_client, jpeg, caplog):
+    caplog.set_level(logging.DEBUG)
+    client = make_client(ACCESS_LOG=True)
+    client.upload('a.jpg', jpeg)
+    client.get('/testkey', {'random': '1', 'token': client.token('1')})
+    assert caplog.text and KEY not in caplog.text
+
+
+def test_access_log_has_one_line_per_request_without_tokens(make_client, jpeg, caplog):
+    caplog.set_level(logging.INFO, logger='web_asset_server')
+    client = make_client(ACCESS_LOG=True)
+    client.upload('a.jpg', jpeg)
+    client.fileget('a.jpg', token=client.token('a.jpg'))
+    client.fileget('missing.jpg', status=404)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('127.0.0.1')
+             or ' /file' in r.getMessage()]
+    assert len(lines) == 3
+    assert 'POST /fileupload 200' in lines[0] and 'GET /fileget 404' in lines[2]
+    assert not any('token' in line for line in lines)
+
+
+def fake_program(folder, name, says):
+    path = folder / name
+    path.write_text(f'#!/bin/sh\necho "{says}"\n')
+    path.chmod(0o755)
+    return path
+
+
+def test_a_convert_earlier_on_path_that_is_not_imagemagick_is_passed_over(tmp_path, monkeypatch):
+    fake_program(tmp_path, 'convert', 'convert: not the program you are looking for')
+    monkeypatch.setenv('PATH', f'{tmp_path}:/usr/bin:/bin')
+    found = server.find_imagemagick.__wrapped__(None)
+    assert found != str(tmp_path / 'convert') and 'ImageMagick' in server.version_text(found, '-version')
+
+
+def test_a_named_program_that_is_not_imagemagick_stops_the_start_clearly(tmp_path):
+    fake = fake_program(tmp_path, 'magick', 'Version: GraphicsMagick')
+    with pytest.raises(server.ConfigError, match='ImageMagick was not found'):
+        server.find_imagemagick.__wrapped__(str(fake))
+
+
+def test_a_wrapper_script_is_passed_over_for_the_native_binary(tmp_path, monkeypatch):
+    real = server.find_imagemagick(None)
+    wrapper = tmp_path / 'convert'
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv('PATH', f'{tmp_path}:{os.path.dirname(real)}')
+    assert server.find_imagemagick.__wrapped__(None) == real

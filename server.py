@@ -573,7 +573,8 @@ class Thumbnailer:
     def __init__(self, config):
         self.kinds = config.CAN_THUMBNAIL
         self.convert = sh.Command(find_imagemagick(config.IMAGEMAGICK)) if self.kinds else None
-        self.gs = find_ghostscript(config.GHOSTSCRIPT) if 'application/pdf' in self.kinds else None
+        gs = find_ghostscript(config.GHOSTSCRIPT) if 'application/pdf' in self.kinds else None
+        self.gs = sh.Command(gs) if gs else None
         self.timeout = config.THUMBNAIL_TIMEOUT
         self.max_pixels = config.THUMBNAIL_MAX_PIXELS
         self.disk_limit = config.THUMBNAIL_DISK_LIMIT
@@ -594,21 +595,24 @@ class Thumbnailer:
             raise ThumbnailError('The file name is too long to name its thumbnail.')
         if is_fresh(target, original):
             return
-        kind = sniff_kind(original)
-        if kind not in self.kinds or (kind == 'application/pdf' and not self.gs):
-            raise ThumbnailError('No thumbnail can be made from this kind of file.')
         with self.locks(target):            # one conversion per (file, scale); others wait for it
             for _attempt in range(3):
                 if is_fresh(target, original):
                     return
                 with self.slots:            # at most THUMBNAIL_WORKERS conversions at once
-                    if self._make(original, target, scale, kind):
+                    if self._make(original, target, scale):
                         return
             raise ThumbnailError('The file kept changing while its thumbnail was made.')
 
-    def _make(self, original, target, scale, kind):
+    def _make(self, original, target, scale):
         """Convert in a scratch folder and rename into place; False if the original changed meanwhile."""
-        identity = file_identity(original)
+        try:
+            identity = file_identity(original)
+        except FileNotFoundError:
+            raise ThumbnailError('The file is gone.') from None
+        kind = sniff_kind(original)
+        if kind not in self.kinds or (kind == 'application/pdf' and not self.gs):
+            raise ThumbnailError('No thumbnail can be made from this kind of file.')
         size = image_size(original, kind)
         if size and size[0] * size[1] > self.max_pixels:
             raise ThumbnailError('The image has too many pixels to thumbnail.')

@@ -653,18 +653,35 @@ class Thumbnailer:
                   '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch)
 
     def _run(self, program, *args, scratch):
-        """Run one tool with a time limit, a file-size limit and its temporary files in `scratch`."""
+        """Run one tool with a time limit, a file-size limit and its temporary files in `scratch`.
+
+        The time limit is our own timer: sh's `_timeout` polls and adds 0.1 s to every call.
+        """
         def limit_child():
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
+
+        process = program(*args, _cwd=scratch, _tty_out=False, _bg=True, _bg_exc=False,
+                          _env=dict(os.environ, MAGICK_TEMPORARY_PATH=scratch, TMPDIR=scratch),
+                          _preexec_fn=limit_child)
+        expired = threading.Event()
+
+        def expire():
+            expired.set()
+            try:
+                process.kill()
+            except OSError:         # it ended meanwhile
+                pass
+        watchdog = threading.Timer(self.timeout, expire)
+        watchdog.start()
         try:
-            program(*args, _cwd=scratch, _tty_out=False, _timeout=self.timeout,
-                    _env=dict(os.environ, MAGICK_TEMPORARY_PATH=scratch, TMPDIR=scratch),
-                    _preexec_fn=limit_child)
-        except (sh.TimeoutException, sh.SignalException):
-            raise ThumbnailError('Making the thumbnail took too long.') from None
+            process.wait()
         except sh.ErrorReturnCode as error:
+            if expired.is_set():
+                raise ThumbnailError('Making the thumbnail took too long.') from None
             log.info('thumbnail failed: %s', error.stderr.decode('utf-8', 'replace').strip()[:500])
             raise ThumbnailError('This file could not be thumbnailed.') from None
+        finally:
+            watchdog.cancel()
 
     def pregenerate(self, original, target, scale):
         """Queue a thumbnail to be made in the background; never waits."""

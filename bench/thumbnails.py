@@ -1,0 +1,230 @@
+"""Thumbnail benchmark: cold thumbnails through the running server next to a plain `convert -resize`.
+
+Run with `make bench` (or .venv/bin/python bench/thumbnails.py). It makes its own test set in
+bench/out/ (kept between runs), starts `python server.py` on a free loopback port, and prints
+Markdown tables: per format, the median cold latency at scale 123 through the server, the
+median of a plain `convert IN -resize 123x123> OUT` of the same file in the same run, and their
+ratio; then 16 concurrent cold requests for 16 copies of the big JPEG, next to 16 plain converts
+at once, with wall time and peak resident memory (process and children).
+"""
+
+import concurrent.futures
+import hashlib
+import hmac
+import http.client
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlencode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROJECT = os.path.dirname(HERE)
+OUT = os.path.join(HERE, 'out')
+KEY = 'benchmark-key'
+RUNS = 3
+sys.path.insert(0, PROJECT)
+
+import server  # noqa: E402
+
+CONVERT = server.find_imagemagick(None)
+
+PAGE = ('<< /PageSize [612 792] >> setpagedevice\n/Times-Roman findfont 14 scalefont setfont\n'
+        '0 1 40 {{ /i exch def 72 740 i 16 mul sub moveto (Field notebook page {page}, line ) show '
+        'i 10 string cvs show }} for\n0.2 0.5 0.2 setrgbcolor 300 100 200 200 rectfill showpage\n')
+
+
+def make(name, *command):
+    """Make one input file with the given command unless bench/out already has it."""
+    path = os.path.join(OUT, name)
+    if not os.path.exists(path):
+        subprocess.run([arg.replace('{out}', path) for arg in command], check=True, capture_output=True)
+    return path
+
+
+def make_inputs():
+    os.makedirs(OUT, exist_ok=True)
+    ps = os.path.join(OUT, 'notebook.ps')
+    with open(ps, 'w') as f:
+        f.write('%!PS\n' + ''.join(PAGE.format(page=n) for n in range(1, 13)))
+    big = make('herbarium-sheet.jpg', CONVERT, '-size', '5000x7000', 'gradient:wheat-darkgreen',
+               '-attenuate', '0.35', '+noise', 'Gaussian', '-quality', '92', 'jpeg:{out}')
+    phone = make('phone.jpg', CONVERT, big, '-resize', '3024x4032!', '-quality', '90', 'jpeg:{out}')
+    return [
+        ('JPEG 5000x7000', big),
+        ('TIFF 4000x5000 uncompressed', make('scan.tif', CONVERT, big, '-resize', '4000x5000!',
+                                             '-compress', 'none', 'tiff:{out}')),
+        ('TIFF 3 pages', make('pages.tif', CONVERT, '-size', '2000x2500', 'plasma:', 'xc:red', 'xc:blue',
+                              'tiff:{out}')),
+        ('PDF 12 pages', make('notebook.pdf', 'gs', '-q', '-dSAFER', '-dBATCH', '-dNOPAUSE',
+                              '-sDEVICE=pdfwrite', '-o', '{out}', ps)),
+        ('HEIC 3024x4032', make('phone.heic', 'heif-enc', '-q', '50', phone, '-o', '{out}')),
+        ('PNG 2000x1500 alpha', make('label.png', CONVERT, '-size', '2000x1500', 'xc:none', '-fill',
+                                     'rgba(200,30,30,0.7)', '-draw', 'circle 1000,750 1000,100', 'png:{out}')),
+        ('GIF 800x600', make('map.gif', CONVERT, '-size', '800x600', 'plasma:', 'gif:{out}')),
+    ]
+
+
+class Server:
+    """python server.py on a free loopback port, with its process tree's resident memory sampled."""
+
+    def __init__(self, base):
+        with socket.socket() as probe:
+            probe.bind(('127.0.0.1', 0))
+            self.port = probe.getsockname()[1]
+        env = dict(os.environ, HOST='127.0.0.1', PORT=str(self.port), BASE_DIR=base, KEY=KEY,
+                   ACCESS_LOG='false', PREGENERATE_SCALE='none', THREADS='32')
+        self.process = subprocess.Popen([sys.executable, 'server.py'], cwd=PROJECT, env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                if self.get('/')[0] == 200:
+                    return
+            except OSError:
+                time.sleep(0.1)
+        raise RuntimeError('server did not start')
+
+    def get(self, path):
+        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=300)
+        try:
+            connection.request('GET', path)
+            answer = connection.getresponse()
+            return answer.status, answer.read()
+        finally:
+            connection.close()
+
+    def upload(self, name, path):
+        boundary = 'benchboundary'
+        with open(path, 'rb') as f:
+            data = f.read()
+        token = hmac.new(KEY.encode(), f'{int(time.time())}{name}'.encode(), hashlib.md5).hexdigest()
+        fields = {'store': name, 'type': 'O', 'token': f'{token}:{int(time.time())}'}
+        body = b''.join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                        for k, v in fields.items())
+        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'
+                 .encode() + data + f'\r\n--{boundary}--\r\n'.encode())
+        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=300)
+        connection.request('POST', '/fileupload', body, {'Content-Type': f'multipart/form-data; boundary={boundary}'})
+        assert connection.getresponse().read() == b'Ok.'
+        connection.close()
+
+    def thumbnail(self, name, scale=123):
+        status, body = self.get('/fileget?' + urlencode({'filename': name, 'type': 'T', 'scale': scale}))
+        assert status == 200, (status, body[:200])
+        return body
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def tree_rss(pid):
+    """Resident memory in bytes of a process and all its descendants (from /proc)."""
+    children = {}
+    for entry in os.listdir('/proc'):
+        if entry.isdigit():
+            try:
+                with open(f'/proc/{entry}/stat') as f:
+                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
+                children.setdefault(parent, []).append(int(entry))
+            except (OSError, IndexError, ValueError):
+                pass
+    total, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        try:
+            with open(f'/proc/{current}/statm') as f:
+                total += int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+        except OSError:
+            pass
+    return total
+
+
+class PeakMemory:
+    """Samples the resident memory of a process tree every 20 ms while in use."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.running = pid, 0, True
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+
+    def sample(self):
+        while self.running:
+            self.peak = max(self.peak, tree_rss(self.pid))
+            time.sleep(0.02)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def timed(action):
+    started = time.perf_counter()
+    action()
+    return time.perf_counter() - started
+
+
+def plain_convert(path, out):
+    return subprocess.run([CONVERT, path, '-resize', '123x123>', out], capture_output=True)
+
+
+def main():
+    inputs = make_inputs()
+    base = os.path.join(OUT, 'attachments')
+    shutil.rmtree(base, ignore_errors=True)
+    web = Server(base)
+    thumbs = os.path.join(base, 'thumbnails')
+    try:
+        print(f'ImageMagick: {CONVERT}; {os.cpu_count()} CPUs; medians of {RUNS} cold runs at scale 123\n')
+        print('| file | size | server (cold) | plain convert -resize | speed-up |')
+        print('|---|---:|---:|---:|---:|')
+        for label, path in inputs:
+            name = os.path.basename(path)
+            web.upload(name, path)
+            server_times, plain_times, plain_ok = [], [], True
+            for _ in range(RUNS):
+                shutil.rmtree(thumbs, ignore_errors=True)
+                server_times.append(timed(lambda: web.thumbnail(name)))
+                out = os.path.join(OUT, 'plain-' + name + '.out' + os.path.splitext(name)[1])
+                result = []
+                plain_times.append(timed(lambda: result.append(plain_convert(path, out))))
+                plain_ok = plain_ok and result[0].returncode == 0
+            ours, plain = statistics.median(server_times), statistics.median(plain_times)
+            plain_text = f'{plain * 1000:.0f} ms' if plain_ok else 'fails (policy)'
+            ratio = f'{plain / ours:.1f}x' if plain_ok else 'n/a'
+            size = os.path.getsize(path)
+            size_text = f'{size / 1e6:.1f} MB' if size >= 1e5 else f'{size / 1e3:.0f} kB'
+            print(f'| {label} | {size_text} | {ours * 1000:.0f} ms | {plain_text} | {ratio} |')
+
+        big = inputs[0][1]
+        for i in range(16):
+            web.upload(f'sheet{i}.jpg', big)
+        shutil.rmtree(thumbs, ignore_errors=True)
+        with PeakMemory(web.process.pid) as memory:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                wall = timed(lambda: list(pool.map(lambda i: web.thumbnail(f'sheet{i}.jpg'), range(16))))
+        ours_peak = memory.peak
+        with PeakMemory(os.getpid()) as memory:
+            with concurrent.futures.ThreadPoolExecutor(16) as pool:
+                plain_wall = timed(lambda: list(pool.map(
+                    lambda i: plain_convert(big, os.path.join(OUT, f'plain-sheet{i}.jpg')), range(16))))
+        print('\n16 concurrent cold thumbnails of the 5000x7000 JPEG (scale 123):\n')
+        print('| | wall time | peak resident memory |')
+        print('|---|---:|---:|')
+        print(f'| server (process and children) | {wall:.2f} s | {ours_peak / 2**20:.0f} MB |')
+        print(f'| 16 plain convert -resize at once | {plain_wall:.2f} s | {memory.peak / 2**20:.0f} MB |')
+    finally:
+        web.stop()
+
+
+if __name__ == '__main__':
+    main()

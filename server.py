@@ -8,6 +8,7 @@ Sections: configuration, tokens, names, file kinds, storage, thumbnails,
 uploads, metadata, the web application, start-up.
 """
 
+import contextlib
 import errno
 import functools
 import hashlib
@@ -59,7 +60,7 @@ def refuse(status, reason):
 
 ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
 OPTIONAL_TYPES = {'SERVER_PORT': int, 'THUMBNAIL_WORKERS': int, 'TIME_TOLERANCE': int,
-                  'PREGENERATE_SCALE': int, 'COLLECTION_DIRS': json.loads}
+                  'PREGENERATE_SCALE': int, 'COLLECTION_DIRS': json.loads}   # the rest: text
 TRUE_WORDS, FALSE_WORDS = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
 
 
@@ -119,6 +120,10 @@ def check_config(config):
             raise ConfigError(f'setting {name} must be a whole number above 0')
     if config.PUBLIC_SCHEME not in ('http', 'https'):
         raise ConfigError('setting PUBLIC_SCHEME must be http or https')
+    if config.STORAGE not in ('disk', 's3'):
+        raise ConfigError('setting STORAGE must be disk or s3')
+    if config.STORAGE == 's3' and not config.S3_BUCKET:
+        raise ConfigError('setting S3_BUCKET must name a bucket when STORAGE is s3')
 
 
 def resolve_key(config):
@@ -321,173 +326,6 @@ def heif_size(head):
 
 
 ###############################################################################
-# Storage #####################################################################
-###############################################################################
-
-def fsync_folder(folder):
-    """Make a rename in `folder` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def make_temp_file(folder):
-    """A new temporary file in `folder` (made as needed) that no client name can reach."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f'{TEMP_PREFIX}{secrets.token_hex(8)}.part')
-    return path, open(path, 'xb')
-
-
-def remove_quietly(path):
-    """Remove a file that may already be gone."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-class KeyedLocks:
-    """One lock per key, made on first use and dropped when nobody holds or waits for it."""
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._locks = {}
-
-    def __call__(self, key):
-        return _KeyedLock(self, key)
-
-
-class _KeyedLock:
-    def __init__(self, owner, key):
-        self.owner, self.key = owner, key
-
-    def __enter__(self):
-        with self.owner._guard:
-            entry = self.owner._locks.setdefault(self.key, [threading.Lock(), 0])
-            entry[1] += 1
-        entry[0].acquire()
-
-    def __exit__(self, *exc):
-        with self.owner._guard:
-            entry = self.owner._locks[self.key]
-            entry[0].release()
-            entry[1] -= 1
-            if not entry[1]:
-                del self.owner._locks[self.key]
-
-
-FILE_LOCKS = KeyedLocks()        # Held while an original is replaced or deleted, or a thumbnail of it put in place.
-
-
-class DiskStorage:
-    """Attachments in the upstream layout: <base>[/<collection folder>]/{originals,thumbnails}/."""
-
-    def __init__(self, config):
-        self.base = config.BASE_DIR
-        self.collections = config.COLLECTION_DIRS
-        self.orig_dir, self.thumb_dir = config.ORIG_DIR, config.THUMB_DIR
-
-    def folder(self, coll):
-        """The folder of a collection; 404 for a collection COLLECTION_DIRS does not name."""
-        if self.collections is None:
-            return self.base
-        if coll not in self.collections:
-            refuse(404, 'Unknown collection.')
-        return os.path.join(self.base, self.collections[coll])
-
-    def original_path(self, coll, name):
-        return os.path.join(self.folder(coll), self.orig_dir, name)
-
-    def thumbnail_path(self, coll, name, scale):
-        return os.path.join(self.folder(coll), self.thumb_dir, thumbnail_name(name, scale))
-
-    def exists(self, coll, name):
-        return os.path.isfile(self.original_path(coll, name))
-
-    def staging_folder(self):
-        """Where an upload streams to before its collection is known."""
-        return self.base
-
-    def save(self, coll, name, staged):
-        """Move a complete staged file into place durably, then drop the old bytes' thumbnails."""
-        target = self.original_path(coll, name)
-        folder = os.path.dirname(target)
-        os.makedirs(folder, exist_ok=True)
-        with FILE_LOCKS(target):
-            try:
-                os.replace(staged, target)
-            except OSError as error:
-                if error.errno != errno.EXDEV:
-                    raise
-                self._copy_into(staged, target)
-            fsync_folder(folder)
-            self._delete_thumbnails(coll, name)
-
-    def _copy_into(self, source, target):
-        """Copy across file systems: to a temporary beside the target, then rename."""
-        temp, out = make_temp_file(os.path.dirname(target))
-        with out, open(source, 'rb') as src:
-            shutil.copyfileobj(src, out, CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
-        os.remove(source)
-
-    def delete(self, coll, name):
-        """Remove an original and exactly its own thumbnails; False when it is not there."""
-        target = self.original_path(coll, name)
-        with FILE_LOCKS(target):
-            try:
-                os.remove(target)
-            except FileNotFoundError:
-                return False
-            self._delete_thumbnails(coll, name)
-        return True
-
-    def _delete_thumbnails(self, coll, name):
-        folder = os.path.join(self.folder(coll), self.thumb_dir)
-        try:
-            entries = os.listdir(folder)
-        except FileNotFoundError:
-            return
-        for entry in entries:
-            if is_thumbnail_of(entry, name):
-                remove_quietly(os.path.join(folder, entry))
-
-    def static_path(self, parts):
-        """The file a /static/ path names, if it lies in an originals or thumbnails folder."""
-        if any(name_problem(part) for part in parts):
-            return None
-        folder = self.base
-        if self.collections is not None:
-            if not parts or parts[0] not in self.collections.values():
-                return None
-            folder, parts = os.path.join(self.base, parts[0]), parts[1:]
-        if len(parts) != 2 or parts[0] not in (self.orig_dir, self.thumb_dir):
-            return None
-        return os.path.join(folder, *parts)
-
-    def sweep_temporaries(self, older_than=3600):
-        """Remove temporaries left by a crash (not touched for an hour)."""
-        folders = [self.base] + [os.path.join(self.base, f) for f in (self.collections or {}).values()]
-        cutoff = time.time() - older_than
-        for folder in folders:
-            for sub in (folder, os.path.join(folder, self.orig_dir), os.path.join(folder, self.thumb_dir)):
-                try:
-                    entries = list(os.scandir(sub))
-                except FileNotFoundError:
-                    continue
-                for entry in entries:
-                    if entry.name.startswith(TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        if entry.is_dir(follow_symlinks=False):
-                            shutil.rmtree(entry.path, ignore_errors=True)
-                        else:
-                            remove_quietly(entry.path)
-
-
-###############################################################################
 # Thumbnails ##################################################################
 ###############################################################################
 
@@ -553,22 +391,8 @@ def find_ghostscript(setting):
     return None
 
 
-def is_fresh(thumbnail, original):
-    """True when a cached thumbnail exists and is not older than its original."""
-    try:
-        return os.stat(thumbnail).st_mtime_ns >= os.stat(original).st_mtime_ns
-    except FileNotFoundError:
-        return False
-
-
-def file_identity(path):
-    """What changes when a file is replaced or rewritten."""
-    info = os.stat(path)
-    return info.st_ino, info.st_mtime_ns, info.st_size
-
-
 class Thumbnailer:
-    """Makes cached thumbnails with ImageMagick (and Ghostscript for PDFs), bounded in time and count."""
+    """Turns a local file into a thumbnail with ImageMagick (Ghostscript for PDFs), bounded in time and count."""
 
     def __init__(self, config):
         self.kinds = config.CAN_THUMBNAIL
@@ -585,53 +409,29 @@ class Thumbnailer:
                        '-limit', 'width', '64KP', '-limit', 'height', '64KP',
                        '-limit', 'thread', '1', '-limit', 'time', str(config.THUMBNAIL_TIMEOUT)]
         self.slots = threading.BoundedSemaphore(config.THUMBNAIL_WORKERS)
-        self.locks = KeyedLocks()
         self.backlog = queue.Queue(maxsize=1000)
         self.background = None
 
-    def ensure(self, original, target, scale):
-        """Make `target`, the thumbnail of `original` at `scale`, unless a fresh one is cached."""
-        if len(os.path.basename(target).encode('utf-8', 'surrogatepass')) > 255:
-            raise ThumbnailError('The file name is too long to name its thumbnail.')
-        if is_fresh(target, original):
-            return
-        with self.locks(target):            # one conversion per (file, scale); others wait for it
-            for _attempt in range(3):
-                if is_fresh(target, original):
-                    return
-                with self.slots:            # at most THUMBNAIL_WORKERS conversions at once
-                    if self._make(original, target, scale):
-                        return
-            raise ThumbnailError('The file kept changing while its thumbnail was made.')
-
-    def _make(self, original, target, scale):
-        """Convert in a scratch folder and rename into place; False if the original changed meanwhile."""
-        try:
-            identity = file_identity(original)
-        except FileNotFoundError:
-            raise ThumbnailError('The file is gone.') from None
-        kind = sniff_kind(original)
+    @contextlib.contextmanager
+    def converted(self, source, scale, folder):
+        """Yield the path of `source`'s thumbnail, made in a scratch folder inside `folder` and removed after."""
+        kind = sniff_kind(source)
         if kind not in self.kinds or (kind == 'application/pdf' and not self.gs):
             raise ThumbnailError('No thumbnail can be made from this kind of file.')
-        size = image_size(original, kind)
+        size = image_size(source, kind)
         if size and size[0] * size[1] > self.max_pixels:
             raise ThumbnailError('The image has too many pixels to thumbnail.')
-        folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         scratch = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
         os.mkdir(scratch)
         try:
-            os.symlink(original, os.path.join(scratch, 'in'))
-            self._convert(kind, scale, size, scratch)
-            with open(os.path.join(scratch, 'out'), 'rb') as made:
-                os.fsync(made.fileno())
-            with FILE_LOCKS(original):
-                if file_identity(original) != identity:
-                    return False
-                os.replace(os.path.join(scratch, 'out'), target)
-            return True
-        except FileNotFoundError:
-            raise ThumbnailError('The file is gone.') from None
+            os.symlink(source, os.path.join(scratch, 'in'))
+            with self.slots:                 # at most THUMBNAIL_WORKERS conversions at once
+                self._convert(kind, scale, size, scratch)
+            made = os.path.join(scratch, 'out')
+            with open(made, 'rb') as out:
+                os.fsync(out.fileno())
+            yield made
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -683,14 +483,14 @@ class Thumbnailer:
         finally:
             watchdog.cancel()
 
-    def pregenerate(self, original, target, scale):
-        """Queue a thumbnail to be made in the background; never waits."""
+    def in_background(self, job):
+        """Queue `job` (a thumbnail to make) for a background thread; never waits."""
         if self.background is None:
             self.background = threading.Thread(target=self._work_backlog, daemon=True,
                                                name='thumbnail-pregeneration')
             self.background.start()
         try:
-            self.backlog.put_nowait((original, target, scale))
+            self.backlog.put_nowait(job)
         except queue.Full:
             pass
 
@@ -698,9 +498,260 @@ class Thumbnailer:
         while True:
             job = self.backlog.get()
             try:
-                self.ensure(*job)
-            except (ThumbnailError, OSError):
+                job()
+            except (ThumbnailError, StorageUnavailable, OSError, bottle.HTTPError):
                 pass
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+class StorageUnavailable(Exception):
+    """The storage cannot be reached or failed; answered with 503."""
+
+
+def fsync_folder(folder):
+    """Make a rename in `folder` durable."""
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def make_temp_file(folder):
+    """A new temporary file in `folder` (made as needed) that no client name can reach."""
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f'{TEMP_PREFIX}{secrets.token_hex(8)}.part')
+    return path, open(path, 'xb')
+
+
+def remove_quietly(path):
+    """Remove a file that may already be gone."""
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class KeyedLocks:
+    """One lock per key, made on first use and dropped when nobody holds or waits for it."""
+
+    def __init__(self):
+        self._guard = threading.Lock()
+        self._locks = {}
+
+    @contextlib.contextmanager
+    def __call__(self, key):
+        with self._guard:
+            entry = self._locks.setdefault(key, [threading.Lock(), 0])
+            entry[1] += 1
+        try:
+            with entry[0]:
+                yield
+        finally:
+            with self._guard:
+                entry[1] -= 1
+                if not entry[1]:
+                    del self._locks[key]
+
+
+class Layout:
+    """What every storage shares: the upstream layout, and making each thumbnail once.
+
+    Keys and paths are <collection folder>/<originals|thumbnails>/<name>, the collection
+    folder only when COLLECTION_DIRS maps collections to folders. A storage adds save,
+    delete, exists, open, send, send_thumbnail, send_static and two thumbnail steps.
+    """
+
+    def __init__(self, config):
+        self.collections = config.COLLECTION_DIRS
+        self.orig_dir, self.thumb_dir = config.ORIG_DIR, config.THUMB_DIR
+        self.staging = config.BASE_DIR
+        self.thumbnail_locks = KeyedLocks()
+
+    def folder_parts(self, coll):
+        """The collection's folder as path parts; 404 for a collection COLLECTION_DIRS does not name."""
+        if self.collections is None:
+            return []
+        if coll not in self.collections:
+            refuse(404, 'Unknown collection.')
+        return [self.collections[coll]]
+
+    def original_parts(self, coll, name):
+        return [*self.folder_parts(coll), self.orig_dir, name]
+
+    def thumbnail_parts(self, coll, name, scale):
+        return [*self.folder_parts(coll), self.thumb_dir, thumbnail_name(name, scale)]
+
+    def is_static_parts(self, parts):
+        """True when a /static/ path names a file in an originals or thumbnails folder."""
+        if any(name_problem(part) for part in parts):
+            return False
+        if self.collections is not None:
+            if not parts or parts[0] not in self.collections.values():
+                return False
+            parts = parts[1:]
+        return len(parts) == 2 and parts[0] in (self.orig_dir, self.thumb_dir)
+
+    def staging_folder(self):
+        """A local folder for uploads in progress (the collection may not be known yet)."""
+        return self.staging
+
+    def ensure_thumbnail(self, coll, name, scale, thumbnailer):
+        """Make the thumbnail of `name` at `scale` unless a fresh one is stored; one conversion at a time."""
+        if len(thumbnail_name(name, scale).encode('utf-8', 'surrogatepass')) > 255:
+            raise ThumbnailError('The file name is too long to name its thumbnail.')
+        if self.thumbnail_is_fresh(coll, name, scale):
+            return
+        with self.thumbnail_locks((coll, name, scale)):      # others wait for this conversion
+            for _attempt in range(3):
+                if self.thumbnail_is_fresh(coll, name, scale):
+                    return
+                if self.make_thumbnail(coll, name, scale, thumbnailer):
+                    return
+            raise ThumbnailError('The file kept changing while its thumbnail was made.')
+
+
+def file_identity(path):
+    """What changes when a file is replaced or rewritten."""
+    info = os.stat(path)
+    return info.st_ino, info.st_mtime_ns, info.st_size
+
+
+FILE_LOCKS = KeyedLocks()        # Held while an original is replaced or deleted, or a thumbnail of it put in place.
+
+
+class DiskStorage(Layout):
+    """Attachments in folders under BASE_DIR, in the upstream layout."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.base = config.BASE_DIR
+
+    def path(self, parts):
+        return os.path.join(self.base, *parts)
+
+    def original_path(self, coll, name):
+        return self.path(self.original_parts(coll, name))
+
+    def exists(self, coll, name):
+        return os.path.isfile(self.original_path(coll, name))
+
+    def save(self, coll, name, staged):
+        """Move a complete staged file into place durably, then drop the old bytes' thumbnails."""
+        target = self.original_path(coll, name)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        with FILE_LOCKS(target):
+            try:
+                os.replace(staged, target)
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                self._copy_into(staged, target)
+            fsync_folder(folder)
+            self._delete_thumbnails(coll, name)
+
+    def _copy_into(self, source, target):
+        """Copy across file systems: to a temporary beside the target, then rename."""
+        temp, out = make_temp_file(os.path.dirname(target))
+        with out, open(source, 'rb') as src:
+            shutil.copyfileobj(src, out, CHUNK)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+        os.remove(source)
+
+    def delete(self, coll, name):
+        """Remove an original and exactly its own thumbnails; False when it is not there."""
+        target = self.original_path(coll, name)
+        with FILE_LOCKS(target):
+            try:
+                os.remove(target)
+            except FileNotFoundError:
+                return False
+            self._delete_thumbnails(coll, name)
+        return True
+
+    def _delete_thumbnails(self, coll, name):
+        folder = self.path([*self.folder_parts(coll), self.thumb_dir])
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if is_thumbnail_of(entry, name):
+                remove_quietly(os.path.join(folder, entry))
+
+    def open(self, coll, name):
+        """The original opened for reading (FileNotFoundError when there is none)."""
+        return open(self.original_path(coll, name), 'rb')
+
+    def send(self, coll, name, headers=None):
+        path = self.original_path(coll, name)
+        if not os.path.isfile(path):
+            refuse(404, 'No such file.')
+        return send_file(path, content_type(path, name), headers)
+
+    def send_thumbnail(self, coll, name, scale, headers=None):
+        path = self.path(self.thumbnail_parts(coll, name, scale))
+        return send_file(path, sniff_kind(path) or 'application/octet-stream', headers)
+
+    def send_static(self, parts):
+        path = self.path(parts)
+        if not self.is_static_parts(parts) or not os.path.isfile(path):
+            refuse(404, 'No such file.')
+        return send_file(path, content_type(path, parts[-1]))
+
+    def thumbnail_is_fresh(self, coll, name, scale):
+        """A cached thumbnail counts when it is not older than its original."""
+        try:
+            thumbnail = os.stat(self.path(self.thumbnail_parts(coll, name, scale)))
+            return thumbnail.st_mtime_ns >= os.stat(self.original_path(coll, name)).st_mtime_ns
+        except FileNotFoundError:
+            return False
+
+    def make_thumbnail(self, coll, name, scale, thumbnailer):
+        """Convert and rename into place; False if the original changed meanwhile."""
+        original = self.original_path(coll, name)
+        target = self.path(self.thumbnail_parts(coll, name, scale))
+        try:
+            identity = file_identity(original)
+            with thumbnailer.converted(original, scale, os.path.dirname(target)) as made:
+                with FILE_LOCKS(original):
+                    if file_identity(original) != identity:
+                        return False
+                    os.replace(made, target)
+        except FileNotFoundError:
+            raise ThumbnailError('The file is gone.') from None
+        return True
+
+    def sweep_temporaries(self, older_than=3600):
+        """Remove temporaries left by a crash (not touched for an hour)."""
+        folders = [self.base] + [os.path.join(self.base, f) for f in (self.collections or {}).values()]
+        cutoff = time.time() - older_than
+        for folder in folders:
+            for sub in (folder, os.path.join(folder, self.orig_dir), os.path.join(folder, self.thumb_dir)):
+                try:
+                    entries = list(os.scandir(sub))
+                except FileNotFoundError:
+                    continue
+                for entry in entries:
+                    if entry.name.startswith(TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        if entry.is_dir(follow_symlinks=False):
+                            shutil.rmtree(entry.path, ignore_errors=True)
+                        else:
+                            remove_quietly(entry.path)
+
+
+def make_storage(config):
+    """The storage STORAGE names."""
+    if config.STORAGE == 's3':
+        import s3storage
+        return s3storage.S3Storage(config)
+    return DiskStorage(config)
 
 
 ###############################################################################
@@ -792,11 +843,12 @@ def receive_upload(environ, staging_folder, max_size):
 # Metadata ####################################################################
 ###############################################################################
 
-def read_exif(path):
-    """EXIF tags of a file as exifread reads them; {} for a file without (or with broken) EXIF."""
+def read_exif(readable):
+    """EXIF tags of an open file as exifread reads them; {} for a file without (or with broken) EXIF."""
     try:
-        with open(path, 'rb') as f:
-            return exifread.process_file(f, details=False)
+        return exifread.process_file(readable, details=False)
+    except (StorageUnavailable, bottle.HTTPError):
+        raise
     except Exception:               # exifread raises many kinds of errors on odd files
         return {}
 
@@ -939,12 +991,21 @@ def valid_type(text):
     return text
 
 
-def existing_original(coll, name):
-    """The path of a stored original; 404 when there is none."""
-    path = bottle.request.app.storage.original_path(coll, name)
-    if not os.path.isfile(path):
+def require_original(coll, name):
+    """404 unless the original is stored."""
+    if not bottle.request.app.storage.exists(coll, name):
         refuse(404, 'No such file.')
-    return path
+
+
+def answer_storage_faults(callback):
+    """Bottle plugin: a storage that cannot be reached answers 503 with its reason."""
+    @functools.wraps(callback)
+    def guarded(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except StorageUnavailable as error:
+            refuse(503, f'The storage is unavailable: {error}')
+    return guarded
 
 
 # --- Routes -------------------------------------------------------------------
@@ -987,8 +1048,8 @@ def fileupload():
     upload.staged = None
     scale = app.settings.PREGENERATE_SCALE
     if scale and app.thumbnailer.kinds:
-        app.thumbnailer.pregenerate(app.storage.original_path(coll, name),
-                                    app.storage.thumbnail_path(coll, name, scale), scale)
+        app.thumbnailer.in_background(functools.partial(
+            app.storage.ensure_thumbnail, coll, name, scale, app.thumbnailer))
     return 'Ok.'
 
 
@@ -998,18 +1059,17 @@ def fileget():
     kind = valid_type(param('type'))
     scale = valid_scale(param('scale'), app.settings.MAX_THUMBNAIL_SCALE) if kind == 'T' else None
     coll = param('coll')
-    original = existing_original(coll, name)
     downloadname = param('downloadname')
     headers = {'Content-Disposition': "inline; filename*=utf-8''" + quote(downloadname, safe='')} \
         if downloadname else None
     if kind == 'O':
-        return send_file(original, content_type(original, name), headers)
-    thumbnail = app.storage.thumbnail_path(coll, name, scale)
+        return app.storage.send(coll, name, headers)
+    require_original(coll, name)
     try:
-        app.thumbnailer.ensure(original, thumbnail, scale)
+        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)
     except ThumbnailError as error:
         refuse(404, str(error))
-    return send_file(thumbnail, sniff_kind(thumbnail) or 'application/octet-stream', headers)
+    return app.storage.send_thumbnail(coll, name, scale, headers)
 
 
 def filedelete():
@@ -1020,7 +1080,12 @@ def filedelete():
 
 
 def getmetadata():
-    tags = read_exif(existing_original(param('coll'), valid_name(param('filename'), 'filename')))
+    name = valid_name(param('filename'), 'filename')
+    try:
+        with bottle.request.app.storage.open(param('coll'), name) as original:
+            tags = read_exif(original)
+    except FileNotFoundError:
+        refuse(404, 'No such file.')
     if param('dt') == 'date':
         if 'EXIF DateTimeOriginal' not in tags:
             refuse(404, 'The file has no EXIF DateTimeOriginal.')
@@ -1037,9 +1102,8 @@ def getfileref():
     app = bottle.request.app
     name = valid_name(param('filename'), 'filename')
     coll = param('coll')
-    existing_original(coll, name)
-    parts = [app.storage.collections[coll]] if app.storage.collections is not None else []
-    url = public_base_url() + '/static/' + '/'.join(quote(p, safe='') for p in [*parts, app.storage.orig_dir, name])
+    require_original(coll, name)
+    url = public_base_url() + '/static/' + '/'.join(quote(p, safe='') for p in app.storage.original_parts(coll, name))
     if app.settings.REQUIRE_KEY_FOR_GET:
         url += '?token=' + quote(param('token') or '', safe='')
     return url
@@ -1050,18 +1114,17 @@ def static(path):
     parts = path.split('/')
     if app.settings.REQUIRE_KEY_FOR_GET:
         require_token(parts[-1])
-    file = app.storage.static_path(parts)
-    if file is None or not os.path.isfile(file):
-        refuse(404, 'No such file.')
-    return send_file(file, content_type(file, parts[-1]))
+    return app.storage.send_static(parts)
 
 
 def create_app(config):
     """The WSGI application for one configuration."""
-    storage = DiskStorage(config)
     os.makedirs(config.BASE_DIR, exist_ok=True)
-    storage.sweep_temporaries()
+    storage = make_storage(config)
+    if isinstance(storage, DiskStorage):
+        storage.sweep_temporaries()
     app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
+    app.install(answer_storage_faults)
     app.install(TokenCheck())
     app.add_hook('before_request', lambda: bottle.response.set_header(
         'Content-Type', 'text/plain; charset=UTF-8'))

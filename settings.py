@@ -36,6 +36,19 @@ COLLECTION_DIRS = None           # None: one folder for all collections. A dict 
 ALLOW_STATIC_FILE_ACCESS = True  # Serve /static/<path> and /getfileref for the web portal.
 MAX_UPLOAD_SIZE = 2 * 1024 ** 3  # Largest upload accepted, in bytes (2 GiB).
 
+# --- Object storage (S3) ---------------------------------------------------------
+
+STORAGE = 'disk'                 # 'disk': attachments in BASE_DIR. 's3': in an S3-compatible store; BASE_DIR then keeps only uploads in progress and the key file.
+S3_ENDPOINT_URL = None           # The store's URL, e.g. http://127.0.0.1:8333 (SeaweedFS) or http://minio:9000; None means AWS S3.
+S3_BUCKET = None                 # Bucket that holds the attachments; it must exist.
+S3_PREFIX = ''                   # Key prefix in the bucket, e.g. 'specify'; below it keys mirror the folders on disk.
+S3_REGION = None                 # Region name; None takes it from the AWS configuration.
+S3_ADDRESSING_STYLE = 'auto'     # 'path' for MinIO, SeaweedFS and Ceph without wildcard DNS; 'virtual' or 'auto' for AWS.
+S3_ACCESS_KEY_ID = None          # Credentials; None uses the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, profiles, instance roles).
+S3_SECRET_ACCESS_KEY = None      # Secret belonging to S3_ACCESS_KEY_ID.
+S3_CONNECT_TIMEOUT = 3           # Seconds to connect before the store counts as unavailable (503).
+S3_READ_TIMEOUT = 5              # Seconds to wait for the store's answer before it counts as unavailable.
+
 # --- Thumbnails -----------------------------------------------------------------
 
 CAN_THUMBNAIL = ['image/jpeg', 'image/png', 'image/gif', 'image/tiff',

@@ -1169,4 +1169,5 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    import server           # run as the module `server`, the one s3storage imports, not as __main__
+    server.main()

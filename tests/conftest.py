@@ -2,6 +2,7 @@
 
 import os
 import http.client
+import random
 import secrets
 import socket
 import struct
@@ -71,13 +72,30 @@ class Client:
         return os.path.join(self.base, *parts)
 
     def all_files(self):
-        """Every file under BASE_DIR, relative to it (the key file left out)."""
+        """Every stored file (and any left in BASE_DIR), relative to the storage's root; not the key file."""
         found = set()
         for folder, _dirs, files in os.walk(self.base):
             for name in files:
                 found.add(os.path.relpath(os.path.join(folder, name), self.base))
         found.discard('.web-asset-server.key')
+        if self.config.STORAGE == 's3':
+            storage = self.app.storage
+            listing = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=storage.prefix + '/')
+            found.update(item['Key'][len(storage.prefix) + 1:] for item in listing.get('Contents', []))
         return found
+
+    def stored(self, relative):
+        """The bytes stored at a path relative to the storage's root."""
+        if self.config.STORAGE == 's3':
+            storage = self.app.storage
+            return storage.client.get_object(Bucket=storage.bucket, Key=f'{storage.prefix}/{relative}')['Body'].read()
+        with open(self.path(relative), 'rb') as f:
+            return f.read()
+
+    def leftovers(self):
+        """Temporary files or folders of the server's left under BASE_DIR."""
+        return [os.path.join(folder, name) for folder, dirs, files in os.walk(self.base)
+                for name in dirs + files if name.startswith(server.TEMP_PREFIX)]
 
 
 def multipart_body(parts, boundary=None):
@@ -121,12 +139,36 @@ def make_image(tmp_path, spec, size, fmt, *extra):
     return magick('-size', size, spec, *extra, f'{fmt}:{out}', output=out)
 
 
+def pytest_generate_tests(metafunc):
+    """Run every test that uses a client on both storages, unless it is marked disk_only."""
+    if 'storage' in metafunc.fixturenames:
+        disk_only = metafunc.definition.get_closest_marker('disk_only')
+        metafunc.parametrize('storage', ['disk'] if disk_only else ['disk', 's3'], indirect=True)
+
+
+@pytest.fixture(scope='session')
+def seaweed(tmp_path_factory):
+    """One SeaweedFS S3 server for the session; each test gets its own key prefix."""
+    store = SeaweedFS(tmp_path_factory.mktemp('seaweed'))
+    yield store
+    store.stop()
+
+
 @pytest.fixture
-def make_client(tmp_path):
+def storage(request):
+    """Settings for the storage under test: disk, or S3 on SeaweedFS with a fresh prefix."""
+    if request.param == 'disk':
+        return {'STORAGE': 'disk'}
+    return request.getfixturevalue('seaweed').settings(prefix='test-' + secrets.token_hex(6))
+
+
+@pytest.fixture
+def make_client(tmp_path, storage):
     """Build a client for settings overriding the defaults; the attachments live in tmp_path."""
     def build(**overrides):
         settings = {'BASE_DIR': str(tmp_path / 'attachments'), 'KEY': KEY, 'ACCESS_LOG': False,
-                    'PREGENERATE_SCALE': None, 'SERVER_NAME': 'assets.example.org', 'SERVER_PORT': 8080}
+                    'PREGENERATE_SCALE': None, 'SERVER_NAME': 'assets.example.org', 'SERVER_PORT': 8080,
+                    **storage}
         settings.update(overrides)
         return Client(server.load_config(settings, environ={}))
     return build
@@ -243,3 +285,77 @@ class RunningServer:
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEED = os.path.join(os.path.dirname(sys.executable), 'weed')
+
+
+def free_ports(count):
+    """Free loopback ports below 55536 whose +10000 (SeaweedFS's gRPC port) is free too."""
+    ports = []
+    while len(ports) < count:
+        port = random.randint(20000, 45000)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as probe:
+                    probe.bind(('127.0.0.1', candidate))
+        except OSError:
+            continue
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+class SeaweedFS:
+    """`weed server -s3` on free loopback ports with its data in `folder`; stopped by its own pid."""
+
+    bucket = 'attachments'
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.master, self.volume, self.filer, self.s3 = free_ports(4)
+        self.endpoint = f'http://127.0.0.1:{self.s3}'
+        self.start()
+
+    def start(self):
+        self.log = open(self.folder / 'weed.log', 'ab')
+        self.process = subprocess.Popen(
+            [WEED, 'server', '-ip=127.0.0.1', '-ip.bind=127.0.0.1', f'-dir={self.folder}',
+             f'-master.port={self.master}', f'-volume.port={self.volume}', f'-filer.port={self.filer}',
+             '-s3', f'-s3.port={self.s3}', '-master.telemetry=false', '-volume.max=50'],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        client = self.client()
+        if not wait_for(lambda: self._bucket_ready(client), 90):
+            self.stop()
+            raise RuntimeError('SeaweedFS did not start; see ' + str(self.folder / 'weed.log'))
+
+    def client(self):
+        import boto3
+        from botocore.config import Config
+        return boto3.client('s3', endpoint_url=self.endpoint, region_name='us-east-1',
+                            aws_access_key_id='any', aws_secret_access_key='any',
+                            config=Config(s3={'addressing_style': 'path'}, retries={'max_attempts': 1}))
+
+    def _bucket_ready(self, client):
+        try:
+            client.create_bucket(Bucket=self.bucket)
+            return True
+        except client.exceptions.BucketAlreadyOwnedByYou:
+            return True
+        except Exception:
+            time.sleep(0.5)
+            return False
+
+    def settings(self, prefix):
+        return {'STORAGE': 's3', 'S3_ENDPOINT_URL': self.endpoint, 'S3_BUCKET': self.bucket,
+                'S3_PREFIX': prefix, 'S3_ADDRESSING_STYLE': 'path', 'S3_REGION': 'us-east-1',
+                'S3_ACCESS_KEY_ID': 'any', 'S3_SECRET_ACCESS_KEY': 'any'}
+
+    def stop(self):
+        """SIGTERM, then SIGKILL after a short wait (it may ignore SIGTERM)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(3)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+        self.log.close()

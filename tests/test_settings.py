@@ -9,6 +9,8 @@ import pytest
 import server
 from conftest import KEY
 
+pytestmark = pytest.mark.disk_only
+
 
 def test_environment_variables_are_read_with_the_settings_types(tmp_path):
     config = server.load_config(environ={

@@ -1,0 +1,238 @@
+"""S3-compatible object storage for the Web Asset Server (STORAGE = 's3').
+
+Keys mirror the disk layout below S3_PREFIX: [<collection folder>/]originals/<name> and
+[<collection folder>/]thumbnails/<root>_<scale><ext>, so several servers can share one bucket
+and an attachments folder can be copied in as it is (see migrate.py). Nothing is held whole in
+memory: uploads go up from the staged file (multipart when large), downloads stream, and EXIF is
+read through ranged GETs. A store that cannot be reached raises StorageUnavailable (503).
+"""
+
+import contextlib
+import email.utils
+import io
+import logging
+import os
+
+import boto3
+import bottle
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config
+from botocore.exceptions import BotoCoreError, ClientError
+
+from server import (ACTIVE_TYPES, CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type,
+                    is_thumbnail_of, make_temp_file, refuse, remove_quietly, sniff_kind)
+
+log = logging.getLogger('web_asset_server')
+MiB = 1024 ** 2
+TRANSFER = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB,
+                          max_concurrency=4)   # at most 64 MiB in flight per transfer
+
+
+def make_client(config):
+    """A boto3 S3 client with the timeouts and addressing the settings ask for."""
+    session = boto3.session.Session(aws_access_key_id=config.S3_ACCESS_KEY_ID,
+                                    aws_secret_access_key=config.S3_SECRET_ACCESS_KEY,
+                                    region_name=config.S3_REGION)
+    return session.client('s3', endpoint_url=config.S3_ENDPOINT_URL, config=Config(
+        s3={'addressing_style': config.S3_ADDRESSING_STYLE},
+        connect_timeout=config.S3_CONNECT_TIMEOUT, read_timeout=config.S3_READ_TIMEOUT,
+        retries={'max_attempts': 2, 'mode': 'standard'},
+        max_pool_connections=config.THREADS + 8,
+        request_checksum_calculation='when_required',      # S3-compatible stores vary in checksum support
+        response_checksum_validation='when_required'))
+
+
+@contextlib.contextmanager
+def store_errors():
+    """Missing objects become FileNotFoundError; every other failure StorageUnavailable."""
+    try:
+        yield
+    except ClientError as error:
+        code = str(error.response.get('Error', {}).get('Code', ''))
+        status = error.response.get('ResponseMetadata', {}).get('HTTPStatusCode')
+        if status == 404 and code != 'NoSuchBucket' or code in ('NoSuchKey', 'NotFound'):
+            raise FileNotFoundError(code) from None
+        log.warning('object store error: %s', error)
+        raise StorageUnavailable(f'the object store answered {code or status}') from None
+    except BotoCoreError as error:
+        log.warning('object store unreachable: %s', error)
+        raise StorageUnavailable('the object store cannot be reached') from None
+
+
+class S3Storage(Layout):
+    """Attachments as objects in one bucket, in the upstream layout below S3_PREFIX."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.bucket = config.S3_BUCKET
+        self.prefix = config.S3_PREFIX.strip('/')
+        self.client = make_client(config)
+
+    def key(self, parts):
+        return '/'.join([self.prefix, *parts] if self.prefix else parts)
+
+    def head(self, key):
+        """The object's metadata, or None when there is no such object."""
+        try:
+            with store_errors():
+                return self.client.head_object(Bucket=self.bucket, Key=key)
+        except FileNotFoundError:
+            return None
+
+    def exists(self, coll, name):
+        return self.head(self.key(self.original_parts(coll, name))) is not None
+
+    def save(self, coll, name, staged):
+        """Upload a complete staged file (a PUT is all or nothing), then drop the old bytes' thumbnails."""
+        with store_errors():
+            self.client.upload_file(staged, self.bucket, self.key(self.original_parts(coll, name)),
+                                    ExtraArgs={'ContentType': content_type(staged, name)}, Config=TRANSFER)
+        remove_quietly(staged)
+        self._delete_thumbnails(coll, name)
+
+    def delete(self, coll, name):
+        """Remove an original and exactly its own thumbnails; False when it is not there."""
+        key = self.key(self.original_parts(coll, name))
+        if self.head(key) is None:
+            return False
+        with store_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        self._delete_thumbnails(coll, name)
+        return True
+
+    def _delete_thumbnails(self, coll, name):
+        folder = self.key([*self.folder_parts(coll), self.thumb_dir]) + '/'
+        prefix = folder + os.path.splitext(name)[0] + '_'
+        with store_errors():
+            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get('Contents', []):
+                    if is_thumbnail_of(item['Key'][len(folder):], name):
+                        self.client.delete_object(Bucket=self.bucket, Key=item['Key'])
+
+    def open(self, coll, name):
+        """The original as a seekable file that fetches what is read (FileNotFoundError when missing)."""
+        key = self.key(self.original_parts(coll, name))
+        head = self.head(key)
+        if head is None:
+            raise FileNotFoundError(key)
+        return io.BufferedReader(RangeReader(self, key, head['ContentLength']), 64 * 1024)
+
+    def send(self, coll, name, headers=None):
+        return self.send_object(self.key(self.original_parts(coll, name)), headers)
+
+    def send_thumbnail(self, coll, name, scale, headers=None):
+        return self.send_object(self.key(self.thumbnail_parts(coll, name, scale)), headers)
+
+    def send_static(self, parts):
+        if not self.is_static_parts(parts):
+            refuse(404, 'No such file.')
+        return self.send_object(self.key(parts))
+
+    def send_object(self, key, headers=None):
+        """Stream an object with Content-Type, Length, ETag, Last-Modified, 304 and one Range."""
+        head = self.head(key)
+        if head is None:
+            refuse(404, 'No such file.')
+        size, modified = head['ContentLength'], head['LastModified']
+        mimetype = head.get('ContentType') or 'application/octet-stream'
+        answer = dict(headers or {}, **{
+            'Content-Type': mimetype, 'ETag': head['ETag'], 'Accept-Ranges': 'bytes',
+            'Last-Modified': email.utils.formatdate(modified.timestamp(), usegmt=True),
+            'X-Content-Type-Options': 'nosniff'})
+        if mimetype in ACTIVE_TYPES:
+            answer['Content-Security-Policy'] = 'sandbox'
+        environ = bottle.request.environ
+        since = bottle.parse_date(environ.get('HTTP_IF_MODIFIED_SINCE', '').split(';')[0].strip())
+        if environ.get('HTTP_IF_NONE_MATCH') == head['ETag'] or (since and since >= int(modified.timestamp())):
+            return bottle.HTTPResponse(status=304, **answer)
+        status, wanted = 200, {}
+        if 'HTTP_RANGE' in environ:
+            ranges = list(bottle.parse_range_header(environ['HTTP_RANGE'], size))
+            if not ranges:
+                return bottle.HTTPResponse('Requested range not satisfiable.', 416,
+                                           **{'Content-Range': f'bytes */{size}'})
+            start, end = ranges[0]
+            status, wanted = 206, {'Range': f'bytes={start}-{end - 1}'}
+            answer['Content-Range'] = f'bytes {start}-{end - 1}/{size}'
+            size = end - start
+        answer['Content-Length'] = str(size)
+        if bottle.request.method == 'HEAD':
+            return bottle.HTTPResponse('', status, **answer)
+        with store_errors():
+            body = self.client.get_object(Bucket=self.bucket, Key=key, **wanted)['Body']
+        return bottle.HTTPResponse(stream(body), status, **answer)
+
+    def thumbnail_is_fresh(self, coll, name, scale):
+        """A stored thumbnail counts when it was made from the original's current bytes."""
+        thumbnail = self.head(self.key(self.thumbnail_parts(coll, name, scale)))
+        original = thumbnail and self.head(self.key(self.original_parts(coll, name)))
+        if not original:
+            return False
+        source = thumbnail.get('Metadata', {}).get('source-etag')
+        return source == original['ETag'] if source else thumbnail['LastModified'] >= original['LastModified']
+
+    def make_thumbnail(self, coll, name, scale, thumbnailer):
+        """Fetch the original, convert it locally, store the result; False if the original changed meanwhile."""
+        original_key = self.key(self.original_parts(coll, name))
+        thumbnail_key = self.key(self.thumbnail_parts(coll, name, scale))
+        head = self.head(original_key)
+        if head is None:
+            raise ThumbnailError('The file is gone.')
+        local, handle = make_temp_file(self.staging_folder())
+        handle.close()
+        try:
+            with store_errors():
+                self.client.download_file(self.bucket, original_key, local, Config=TRANSFER)
+            with thumbnailer.converted(local, scale, self.staging_folder()) as made, store_errors():
+                self.client.upload_file(made, self.bucket, thumbnail_key, Config=TRANSFER, ExtraArgs={
+                    'ContentType': sniff_kind(made) or 'application/octet-stream',
+                    'Metadata': {'source-etag': head['ETag']}})
+            now = self.head(original_key)
+            if now is None or now['ETag'] != head['ETag']:
+                with store_errors():
+                    self.client.delete_object(Bucket=self.bucket, Key=thumbnail_key)
+                return False
+            return True
+        finally:
+            remove_quietly(local)
+
+
+def stream(body):
+    """Yield an object's body in chunks, closing the connection however the client stops."""
+    try:
+        yield from body.iter_chunks(CHUNK)
+    finally:
+        body.close()
+
+
+class RangeReader(io.RawIOBase):
+    """A read-only, seekable object, fetched with ranged GETs as it is read."""
+
+    def __init__(self, storage, key, size):
+        super().__init__()
+        self.storage, self.key, self.size, self.position = storage, key, size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer):
+        if self.position >= self.size or not len(buffer):
+            return 0
+        last = min(self.size, self.position + len(buffer)) - 1
+        with store_errors():
+            data = self.storage.client.get_object(Bucket=self.storage.bucket, Key=self.key,
+                                                  Range=f'bytes={self.position}-{last}')['Body'].read()
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)

@@ -19,8 +19,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from server import (ACTIVE_TYPES, CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type,
-                    is_thumbnail_of, make_temp_file, refuse, remove_quietly, sniff_kind)
+from server import (CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type,
+                    make_temp_file, may_run_scripts, refuse, remove_quietly, sniff_kind)
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
@@ -103,10 +103,11 @@ class S3Storage(Layout):
     def _delete_thumbnails(self, coll, name):
         folder = self.key([*self.folder_parts(coll), self.thumb_dir]) + '/'
         prefix = folder + os.path.splitext(name)[0] + '_'
+        owned = self.owns_thumbnail(coll, name)
         with store_errors():
             for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get('Contents', []):
-                    if is_thumbnail_of(item['Key'][len(folder):], name):
+                    if owned(item['Key'][len(folder):]):
                         self.client.delete_object(Bucket=self.bucket, Key=item['Key'])
 
     def open(self, coll, name):
@@ -139,7 +140,7 @@ class S3Storage(Layout):
             'Content-Type': mimetype, 'ETag': head['ETag'], 'Accept-Ranges': 'bytes',
             'Last-Modified': email.utils.formatdate(modified.timestamp(), usegmt=True),
             'X-Content-Type-Options': 'nosniff'})
-        if mimetype in ACTIVE_TYPES:
+        if may_run_scripts(mimetype):
             answer['Content-Security-Policy'] = 'sandbox'
         environ = bottle.request.environ
         since = bottle.parse_date(environ.get('HTTP_IF_MODIFIED_SINCE', '').split(';')[0].strip())

@@ -45,6 +45,7 @@ MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
 
 log = logging.getLogger('web_asset_server')
 logging.getLogger('exifread').setLevel(logging.CRITICAL)
+logging.getLogger('sh').setLevel(logging.WARNING)
 mimetypes.add_type('image/heic', '.heic')
 mimetypes.add_type('image/heif', '.heif')
 
@@ -114,10 +115,12 @@ def check_config(config):
         for coll, folder in config.COLLECTION_DIRS.items():
             if not isinstance(folder, str) or name_problem(folder):
                 raise ConfigError(f'COLLECTION_DIRS[{coll!r}] must be a single folder name')
-    for name in ('PORT', 'SERVER_PORT', 'MAX_UPLOAD_SIZE', 'MAX_THUMBNAIL_SCALE',
-                 'THUMBNAIL_WORKERS', 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS'):
+    for name in ('PORT', 'SERVER_PORT', 'MAX_UPLOAD_SIZE', 'MAX_THUMBNAIL_SCALE', 'THUMBNAIL_WORKERS',
+                 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS', 'SOCKET_TIMEOUT'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
+    if config.THREADS < 5:
+        raise ConfigError('setting THREADS must be at least 5 (Paste keeps 5 spare threads)')
     if config.PUBLIC_SCHEME not in ('http', 'https'):
         raise ConfigError('setting PUBLIC_SCHEME must be http or https')
     if config.STORAGE not in ('disk', 's3'):
@@ -258,7 +261,7 @@ def sniff_kind(path):
         return 'image/gif'
     if head[:4] in (b'II*\0', b'MM\0*'):
         return 'image/tiff'
-    if b'%PDF-' in head:
+    if head.startswith(b'%PDF-'):          # not merely inside: Ghostscript would run PostScript
         return 'application/pdf'
     if head[4:8] == b'ftyp' and head[8:12] in HEIF_BRANDS:
         return 'image/heic' if head[8:12].startswith(b'he') else 'image/heif'
@@ -401,7 +404,9 @@ class Thumbnailer:
         self.gs = sh.Command(gs) if gs else None
         self.timeout = config.THUMBNAIL_TIMEOUT
         self.max_pixels = config.THUMBNAIL_MAX_PIXELS
-        self.disk_limit = config.THUMBNAIL_DISK_LIMIT
+        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
+        self.disk_limit = config.THUMBNAIL_DISK_LIMIT if hard == resource.RLIM_INFINITY \
+            else min(hard, config.THUMBNAIL_DISK_LIMIT)
         self.limits = ['-limit', 'memory', str(config.THUMBNAIL_MEMORY_LIMIT),
                        '-limit', 'map', str(2 * config.THUMBNAIL_MEMORY_LIMIT),
                        '-limit', 'disk', str(config.THUMBNAIL_DISK_LIMIT),
@@ -460,9 +465,14 @@ class Thumbnailer:
         def limit_child():
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
 
-        process = program(*args, _cwd=scratch, _tty_out=False, _bg=True, _bg_exc=False,
-                          _env=dict(os.environ, MAGICK_TEMPORARY_PATH=scratch, TMPDIR=scratch),
-                          _preexec_fn=limit_child)
+        environment = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C',
+                       'MAGICK_TEMPORARY_PATH': scratch, 'TMPDIR': scratch, 'HOME': scratch}
+        try:
+            process = program(*args, _cwd=scratch, _tty_out=False, _bg=True, _bg_exc=False,
+                              _env=environment, _preexec_fn=limit_child)
+        except sh.ForkException as error:
+            log.warning('could not start %s: %s', program, error)
+            raise ThumbnailError('This file could not be thumbnailed.') from None
         expired = threading.Event()
 
         def expire():
@@ -585,6 +595,15 @@ class Layout:
     def thumbnail_parts(self, coll, name, scale):
         return [*self.folder_parts(coll), self.thumb_dir, thumbnail_name(name, scale)]
 
+    def owns_thumbnail(self, coll, name):
+        """A test for the cache names of `name`'s thumbnails: <root>_<scale><ext>, and for a PDF also
+        the <root>_<scale>.png that older servers made, unless a PNG original of that name owns them."""
+        root, ext = os.path.splitext(name)
+        owners = [name]
+        if ext.lower() == '.pdf' and not self.exists(coll, root + '.png'):
+            owners.append(root + '.png')
+        return lambda candidate: any(is_thumbnail_of(candidate, owner) for owner in owners)
+
     def is_static_parts(self, parts):
         """True when a /static/ path names a file in an originals or thumbnails folder."""
         if any(name_problem(part) for part in parts):
@@ -681,8 +700,9 @@ class DiskStorage(Layout):
             entries = os.listdir(folder)
         except FileNotFoundError:
             return
+        owned = self.owns_thumbnail(coll, name)
         for entry in entries:
-            if is_thumbnail_of(entry, name):
+            if owned(entry):
                 remove_quietly(os.path.join(folder, entry))
 
     def open(self, coll, name):
@@ -785,7 +805,7 @@ def receive_upload(environ, staging_folder, max_size):
     if ctype != 'multipart/form-data' or not options.get('boundary'):
         refuse(400, 'An upload must be multipart/form-data.')
     length = environ.get('CONTENT_LENGTH') or ''
-    if not length.isdigit():
+    if not re.fullmatch(r'[0-9]+', length):
         refuse(411, 'An upload needs a Content-Length.')
     if int(length) > max_size:
         refuse(413, f'The upload is larger than this server accepts ({max_size} bytes).')
@@ -867,10 +887,23 @@ def exif_groups(tags):
 # The web application #########################################################
 ###############################################################################
 
-ACTIVE_TYPES = {'text/html', 'application/xhtml+xml', 'image/svg+xml', 'text/xml',
-                'application/xml', 'application/javascript', 'text/javascript'}
+PASSIVE_TYPES = {'application/pdf', 'application/octet-stream', 'text/plain', 'text/csv',
+                 'application/zip', 'application/json'}
+
+
+def may_run_scripts(mimetype):
+    """Whether a browser opening a file of this type might run scripts in it (HTML, SVG, any XML, ...)."""
+    major = mimetype.split('/')[0]
+    return mimetype == 'image/svg+xml' or not (major in ('image', 'audio', 'video') or mimetype in PASSIVE_TYPES)
+
+
 HOST_PORT = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?')
 DEFAULT_PORTS = {'http': '80', 'https': '443'}
+
+
+def printable(text):
+    """Text for a log line: control characters escaped, so a request cannot forge lines."""
+    return re.sub(r'[\x00-\x1f\x7f]', lambda m: f'\\x{ord(m.group()):02x}', text)
 
 
 def unescape_query(query):
@@ -944,9 +977,12 @@ class AssetServer(bottle.Bottle):
             headers.append(('Access-Control-Allow-Origin', '*'))
             if self.settings.ACCESS_LOG:
                 log.info('%s %s %s %s %.0fms', environ.get('REMOTE_ADDR', '-'),
-                         environ.get('REQUEST_METHOD'), environ.get('PATH_INFO'),
+                         environ.get('REQUEST_METHOD'), printable(environ.get('PATH_INFO', '')),
                          status.split(' ', 1)[0], 1000 * (time.time() - started))
             return start_response(status, headers, exc_info)
+        if not re.fullmatch(r'[0-9]*', environ.get('CONTENT_LENGTH') or ''):
+            start_stamped('400 Bad Request', [('Content-Type', 'text/plain; charset=UTF-8')])
+            return [b'Bad Content-Length.']
         return super().wsgi(environ, start_stamped)
 
     def default_error_handler(self, error):
@@ -962,17 +998,23 @@ def public_base_url():
     config = bottle.request.app.settings
     scheme, host, port = config.PUBLIC_SCHEME, config.SERVER_NAME, str(config.SERVER_PORT)
     if config.TRUST_PROXY_HEADERS:
-        headers = bottle.request.headers
-        proto = headers.get('X-Forwarded-Proto', '').split(',')[0].strip().lower()
-        scheme = proto if proto in DEFAULT_PORTS else scheme
-        forwarded = HOST_PORT.fullmatch(headers.get('X-Forwarded-Host', '').split(',')[0].strip())
-        if forwarded:
-            host = forwarded.group(1)
-            port = forwarded.group(2) or headers.get('X-Forwarded-Port') or DEFAULT_PORTS[scheme]
-        elif proto in DEFAULT_PORTS:
-            port = headers.get('X-Forwarded-Port') or port
-    port = '' if port == DEFAULT_PORTS[scheme] else f':{int(port)}'
-    return f'{scheme}://{host}{port}'
+        def forwarded(name):
+            return bottle.request.headers.get('X-Forwarded-' + name, '').split(',')[0].strip()
+        if forwarded('Proto').lower() in DEFAULT_PORTS:
+            scheme = forwarded('Proto').lower()
+            port = DEFAULT_PORTS[scheme]
+        host_port = HOST_PORT.fullmatch(forwarded('Host'))
+        if host_port:
+            host, port = host_port.group(1), host_port.group(2) or DEFAULT_PORTS[scheme]
+        if is_port(forwarded('Port')):
+            port = forwarded('Port')
+    if not is_port(port) or port == DEFAULT_PORTS[scheme]:
+        return f'{scheme}://{host}'
+    return f'{scheme}://{host}:{int(port)}'
+
+
+def is_port(text):
+    return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
 def send_file(path, mimetype, headers=None):
@@ -980,7 +1022,7 @@ def send_file(path, mimetype, headers=None):
     answer = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
                                 mimetype=mimetype, headers=headers)
     answer.set_header('X-Content-Type-Options', 'nosniff')
-    if mimetype in ACTIVE_TYPES:
+    if may_run_scripts(mimetype):
         answer.set_header('Content-Security-Policy', 'sandbox')
     return answer
 
@@ -1101,9 +1143,18 @@ def testkey():
 def getfileref():
     app = bottle.request.app
     name = valid_name(param('filename'), 'filename')
+    thumbnail = valid_type(param('type') or 'O') == 'T'
+    scale = valid_scale(param('scale'), app.settings.MAX_THUMBNAIL_SCALE) if thumbnail else None
     coll = param('coll')
     require_original(coll, name)
-    url = public_base_url() + '/static/' + '/'.join(quote(p, safe='') for p in app.storage.original_parts(coll, name))
+    parts = app.storage.original_parts(coll, name)
+    if thumbnail:
+        try:
+            app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)
+        except ThumbnailError as error:
+            refuse(404, str(error))
+        parts = app.storage.thumbnail_parts(coll, name, scale)
+    url = public_base_url() + '/static/' + '/'.join(quote(p, safe='') for p in parts)
     if app.settings.REQUIRE_KEY_FOR_GET:
         url += '?token=' + quote(param('token') or '', safe='')
     return url
@@ -1161,8 +1212,11 @@ def main():
              config.HOST, config.PORT, f'{config.PUBLIC_SCHEME}://{config.SERVER_NAME}:{config.SERVER_PORT}')
     if config.SERVER == 'paste':
         from paste import httpserver
+
+        class TimedHandler(httpserver.WSGIHandler):
+            timeout = config.SOCKET_TIMEOUT    # Paste's own socket_timeout is undone by its thread pool
         httpserver.serve(app, host=config.HOST, port=str(config.PORT), use_threadpool=True,
-                         threadpool_workers=config.THREADS, request_queue_size=64,
+                         threadpool_workers=config.THREADS, request_queue_size=64, handler=TimedHandler,
                          threadpool_options={'kill_thread_limit': 0, 'hung_thread_limit': 3600})
     else:
         bottle.run(app, server=config.SERVER, host=config.HOST, port=config.PORT, quiet=True)

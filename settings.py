@@ -25,7 +25,8 @@ TRUST_PROXY_HEADERS = False      # True: take scheme, host and port from X-Forwa
 SERVER = 'paste'                 # Bottle server adapter that runs the app; Paste is the one tested and recommended.
 DEBUG = False                    # More logging; never shows tracebacks to clients.
 ACCESS_LOG = True                # One line per request on standard error.
-THREADS = 20                     # Requests Paste serves at once (long downloads each hold one).
+THREADS = 20                     # Requests Paste serves at once (long downloads each hold one); at least 5.
+SOCKET_TIMEOUT = 60              # Seconds a connection may stay silent before Paste drops it (frees its thread).
 
 # --- Storage ------------------------------------------------------------------
 

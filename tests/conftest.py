@@ -28,6 +28,7 @@ class Client:
         self.config = config
         self.app = server.create_app(config)
         self.web = webtest.TestApp(self.app)
+        self.unlinted = webtest.TestApp(self.app, lint=False)    # for requests no valid WSGI server would pass on
         self.base = config.BASE_DIR
 
     def token(self, name, timestamp=None):

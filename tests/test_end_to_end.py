@@ -90,3 +90,18 @@ def test_a_client_that_disconnects_mid_upload_leaves_nothing(running, jpeg, tmp_
     files = [p for p in (tmp_path / 'attachments').rglob('*') if p.is_file() and p.name != '.web-asset-server.key']
     assert files == []
     assert web.request('GET', '/')[0] == 200
+
+
+def test_silent_connections_are_dropped_so_they_cannot_hold_every_thread(running):
+    import socket
+    web = running(THREADS='5', SOCKET_TIMEOUT='2')
+    idle = [socket.create_connection(('127.0.0.1', web.port)) for _ in range(8)]
+    try:
+        for connection in idle:
+            connection.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n')      # headers never finished
+        started = time.time()
+        assert web.request('GET', '/', timeout=20)[0] == 200
+        assert time.time() - started < 15
+    finally:
+        for connection in idle:
+            connection.close()

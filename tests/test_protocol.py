@@ -597,3 +597,63 @@ def test_existing_collection_folders_are_served(make_client, tmp_path, jpeg):
     client = make_client(BASE_DIR=str(base), COLLECTION_DIRS={'Fish': 'fish'})
     assert client.fileget('a.jpg', coll='Fish').body == jpeg
     assert json.loads(client.get('/getmetadata', {'filename': 'a.jpg', 'coll': 'Fish'}).text) == []
+
+
+# --- Hardening found in review ------------------------------------------------------------
+
+@pytest.mark.parametrize('name, sandboxed', [('a.xsl', True), ('a.rdf', True), ('a.svg', True), ('a.xhtml', True),
+                                             ('a.html', True), ('a.mml', True), ('a.jpg', False),
+                                             ('a.pdf', False), ('a.txt', False), ('a.mp4', False)])
+def test_every_type_that_might_run_scripts_is_served_sandboxed(client, name, sandboxed):
+    client.upload(name, b'<x:script xmlns:x="http://www.w3.org/1999/xhtml">alert(1)</x:script>')
+    answer = client.fileget(name)
+    assert ('Content-Security-Policy' in answer.headers) == sandboxed
+
+
+@pytest.mark.parametrize('headers', [{'X-Forwarded-Port': 'abc'}, {'X-Forwarded-Port': '443, 8443'},
+                                     {'X-Forwarded-Port': '999999'}, {'X-Forwarded-Host': 'a b'},
+                                     {'X-Forwarded-Host': 'x:99999'}, {'X-Forwarded-Proto': 'gopher'}])
+def test_odd_forwarded_headers_never_break_discovery(make_client, headers):
+    client = make_client(TRUST_PROXY_HEADERS=True)
+    urls = discovered_urls(client.get('/web_asset_store.xml', {}, headers=headers))
+    assert urls['read'].startswith('http') and urls['read'].endswith('/fileget')
+
+
+def test_forwarded_proto_alone_drops_the_internal_port(make_client):
+    client = make_client(TRUST_PROXY_HEADERS=True)
+    answer = client.get('/web_asset_store.xml', {}, headers={'X-Forwarded-Proto': 'https'})
+    assert discovered_urls(answer)['read'] == 'https://assets.example.org/fileget'
+
+
+@pytest.mark.parametrize('length', ['²', 'abc', '-1', '1e3', ' 5'])
+@pytest.mark.parametrize('path', ['/fileupload', '/filedelete'])
+def test_a_malformed_content_length_is_400(client, path, length):
+    answer = client.unlinted.request(path, method='POST', status=400, environ={
+        'CONTENT_TYPE': 'application/x-www-form-urlencoded', 'CONTENT_LENGTH': length, 'wsgi.input': io.BytesIO(b'a=b')})
+    assert 'X-Timestamp' in answer.headers
+
+
+def test_getfileref_of_a_thumbnail_answers_the_thumbnails_static_url(client, jpeg, tmp_path):
+    client.upload('a.jpg', jpeg)
+    url = client.get('/getfileref', {'filename': 'a.jpg', 'type': 'T', 'scale': '123'}).text
+    assert url == 'http://assets.example.org:8080/static/thumbnails/a_123.jpg'
+    assert image_info(client.web.get(url[len('http://assets.example.org:8080'):]).body, tmp_path)[1] == 123
+
+
+@pytest.mark.disk_only
+def test_delete_of_a_pdf_also_removes_png_thumbnails_older_servers_made(client):
+    client.upload('doc.pdf', b'%PDF-1.4 not really')
+    os.makedirs(client.path('thumbnails'))
+    for cached in ('doc_123.png', 'doc_256.png', 'doc_123.pdf', 'doc2_123.png'):
+        open(client.path('thumbnails', cached), 'wb').close()
+    client.delete('doc.pdf')
+    assert client.all_files() == {'thumbnails/doc2_123.png'}
+
+
+@pytest.mark.disk_only
+def test_delete_of_a_pdf_keeps_png_thumbnails_of_a_png_original_of_the_same_root(client, png):
+    client.upload('doc.pdf', b'%PDF-1.4 not really')
+    client.upload('doc.png', png)
+    client.fileget('doc.png', 'T', scale='50')
+    client.delete('doc.pdf')
+    assert client.all_files() == {'originals/doc.png', 'thumbnails/doc_50.png'}

@@ -126,3 +126,16 @@ def test_a_wrapper_script_is_passed_over_for_the_native_binary(tmp_path, monkeyp
     wrapper.chmod(0o755)
     monkeypatch.setenv('PATH', f'{tmp_path}:{os.path.dirname(real)}')
     assert server.find_imagemagick.__wrapped__(None) == real
+
+
+def test_fewer_than_five_threads_is_refused():
+    with pytest.raises(server.ConfigError, match='THREADS'):
+        server.load_config(environ={'THREADS': '4'})
+
+
+def test_control_characters_in_a_path_cannot_forge_log_lines(make_client, caplog):
+    caplog.set_level(logging.INFO, logger='web_asset_server')
+    client = make_client(ACCESS_LOG=True)
+    client.web.get('/static/originals/a%0A127.0.0.1 GET /forged 200', status=404)
+    assert not any(record.getMessage().startswith('127.0.0.1 GET /forged') for record in caplog.records)
+    assert '\\x0a' in caplog.text

@@ -306,3 +306,16 @@ def test_upload_answers_without_waiting_for_the_background_thumbnail(make_client
     started = time.time()
     assert client.upload('a.jpg', jpeg).text == 'Ok.'
     assert time.time() - started < 2
+
+
+def test_postscript_that_mentions_pdf_is_not_given_to_ghostscript(client):
+    started = time.time()
+    thumbnail(client, 'p.pdf', b'%!PS\n% %PDF-1.4\n{ } loop\n', status=404)
+    assert time.time() - started < 2
+
+
+def test_thumbnails_work_under_a_low_hard_file_size_limit(make_client, jpeg, monkeypatch):
+    monkeypatch.setattr('server.resource.getrlimit', lambda which: (10 ** 6, 10 ** 6))
+    client = make_client()
+    assert client.app.thumbnailer.disk_limit == 10 ** 6
+    assert thumbnail(client, 'a.jpg', jpeg).status_int == 200

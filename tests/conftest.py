@@ -321,7 +321,8 @@ class SeaweedFS:
         self.process = subprocess.Popen(
             [WEED, 'server', '-ip=127.0.0.1', '-ip.bind=127.0.0.1', f'-dir={self.folder}',
              f'-master.port={self.master}', f'-volume.port={self.volume}', f'-filer.port={self.filer}',
-             '-s3', f'-s3.port={self.s3}', '-master.telemetry=false', '-volume.max=50'],
+             '-s3', f'-s3.port={self.s3}', '-s3.port.iceberg=0', '-s3.port.lance=0',
+             '-master.telemetry=false', '-volume.max=50'],
             stdout=self.log, stderr=subprocess.STDOUT)
         client = self.client()
         if not wait_for(lambda: self._bucket_ready(client), 90):
@@ -333,14 +334,18 @@ class SeaweedFS:
         from botocore.config import Config
         return boto3.client('s3', endpoint_url=self.endpoint, region_name='us-east-1',
                             aws_access_key_id='any', aws_secret_access_key='any',
-                            config=Config(s3={'addressing_style': 'path'}, retries={'max_attempts': 1}))
+                            config=Config(s3={'addressing_style': 'path'}, retries={'max_attempts': 1},
+                                          request_checksum_calculation='when_required'))
 
     def _bucket_ready(self, client):
+        """True once the bucket exists and an object can be written and read back."""
         try:
-            client.create_bucket(Bucket=self.bucket)
-            return True
-        except client.exceptions.BucketAlreadyOwnedByYou:
-            return True
+            try:
+                client.create_bucket(Bucket=self.bucket)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+            client.put_object(Bucket=self.bucket, Key='probe', Body=b'ready')
+            return client.get_object(Bucket=self.bucket, Key='probe')['Body'].read() == b'ready'
         except Exception:
             time.sleep(0.5)
             return False

@@ -1,0 +1,188 @@
+"""Object storage beyond the shared protocol suite: several servers on one bucket, a store that
+goes away, moving an attachments folder in and out, and memory on a large upload."""
+
+import os
+import secrets
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlencode
+
+import pytest
+
+import server
+from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, image_info, make_image
+
+
+def s3_client(tmp_path, store, prefix, **overrides):
+    settings = {'BASE_DIR': str(tmp_path / f'local-{secrets.token_hex(3)}'), 'KEY': KEY, 'ACCESS_LOG': False,
+                'PREGENERATE_SCALE': None, **store.settings(prefix), **overrides}
+    return Client(server.load_config(settings, environ={}))
+
+
+def test_two_servers_on_one_bucket_act_as_one(tmp_path, seaweed, jpeg):
+    prefix = 'shared-' + secrets.token_hex(4)
+    first, second = s3_client(tmp_path, seaweed, prefix), s3_client(tmp_path, seaweed, prefix)
+    first.upload('a.jpg', jpeg)
+    assert second.fileget('a.jpg').body == jpeg
+    thumbnail = second.fileget('a.jpg', 'T', scale='123').body
+    assert first.fileget('a.jpg', 'T', scale='123').body == thumbnail
+    assert second.delete('a.jpg').text == 'Ok.'
+    first.fileget('a.jpg', status=404)
+    assert first.all_files() == set()
+
+
+def test_a_reupload_on_one_server_refreshes_thumbnails_on_the_other(tmp_path, seaweed, jpeg, png):
+    prefix = 'shared-' + secrets.token_hex(4)
+    first, second = s3_client(tmp_path, seaweed, prefix), s3_client(tmp_path, seaweed, prefix)
+    first.upload('a.jpg', jpeg)
+    assert image_info(second.fileget('a.jpg', 'T', scale='123').body, tmp_path)[1:] == (123, 82)
+    first.upload('a.jpg', png)
+    assert image_info(second.fileget('a.jpg', 'T', scale='123').body, tmp_path)[1:] == (80, 60)
+
+
+@pytest.fixture
+def own_seaweed(tmp_path):
+    """A SeaweedFS of this test's own, which it may stop and start again."""
+    (tmp_path / 'seaweed-own').mkdir()
+    store = SeaweedFS(tmp_path / 'seaweed-own')
+    yield store
+    store.stop()
+
+
+def test_a_store_that_goes_away_answers_503_quickly_never_falls_back_to_disk_and_recovers(tmp_path, own_seaweed, jpeg):
+    client = s3_client(tmp_path, own_seaweed, 'down', S3_CONNECT_TIMEOUT=1, S3_READ_TIMEOUT=2)
+    client.upload('a.jpg', jpeg)
+    own_seaweed.stop()
+    for request in (lambda: client.fileget('a.jpg', status=503),
+                    lambda: client.fileget('a.jpg', 'T', scale='64', status=503),
+                    lambda: client.upload('b.jpg', jpeg, status=503),
+                    lambda: client.delete('a.jpg', status=503),
+                    lambda: client.get('/getmetadata', {'filename': 'a.jpg'}, status=503)):
+        started = time.time()
+        answer = request()
+        assert time.time() - started < 10
+        assert answer.content_type == 'text/plain' and 'unavailable' in answer.text
+        assert 'X-Timestamp' in answer.headers
+    assert client.leftovers() == []
+    assert [name for _, _, files in os.walk(client.base) for name in files     # no silent fall-back to disk
+            if name != '.web-asset-server.key'] == []
+    own_seaweed.start()
+    assert client.fileget('a.jpg').body == jpeg
+    assert client.upload('b.jpg', jpeg).text == 'Ok.'
+
+
+# --- Moving an institution in and out ---------------------------------------------------------
+
+def run_migrate(store, prefix, *args, env=None):
+    environment = dict(os.environ, **{k: str(v) for k, v in store.settings(prefix).items()}, **(env or {}))
+    return subprocess.run([sys.executable, 'migrate.py', *args], cwd=PROJECT, env=environment,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture
+def upstream_folder(tmp_path, jpeg, png):
+    """An existing attachments folder with collection folders and one without."""
+    folder = tmp_path / 'existing'
+    files = {'fish/originals/a.jpg': jpeg, 'fish/thumbnails/a_123.jpg': png,
+             'plants/originals/sheet.png': png, 'originals/loose.jpg': jpeg,
+             'fish/originals/big.bin': os.urandom(17 * 1024 * 1024)}     # multipart-sized
+    for relative, data in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+    (folder / '.web-asset-server.key').write_text('not an attachment')
+    return folder, files
+
+
+def test_migration_copies_a_folder_with_collection_folders_into_the_bucket(seaweed, upstream_folder, tmp_path):
+    folder, files = upstream_folder
+    prefix = 'migrated-' + secrets.token_hex(4)
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert done.returncode == 0, done.stderr
+    assert 'copied 5, already there 0, failed 0' in done.stdout
+    client = s3_client(tmp_path, seaweed, prefix, COLLECTION_DIRS={'Fish': 'fish', 'Plants': 'plants'})
+    assert client.all_files() == set(files)
+    assert client.fileget('a.jpg', coll='Fish').body == files['fish/originals/a.jpg']
+    assert client.fileget('sheet.png', coll='Plants').content_type == 'image/png'
+    assert client.fileget('big.bin', coll='Fish').body == files['fish/originals/big.bin']
+
+
+def test_migration_resumes_and_skips_what_is_already_there(seaweed, upstream_folder):
+    folder, _files = upstream_folder
+    prefix = 'resumed-' + secrets.token_hex(4)
+    store = seaweed.client()
+    store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg', Body=b'cut short')
+    store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/originals/loose.jpg',
+                     Body=(folder / 'originals/loose.jpg').read_bytes())
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert 'copied 4, already there 1, failed 0' in done.stdout
+    again = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert 'copied 0, already there 5, failed 0' in again.stdout
+
+
+def test_migration_dry_run_copies_nothing(seaweed, upstream_folder):
+    folder, _files = upstream_folder
+    prefix = 'dry-' + secrets.token_hex(4)
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder), '--dry-run')
+    assert 'would copy 5' in done.stdout
+    assert 'Contents' not in seaweed.client().list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix)
+
+
+def test_migration_back_from_the_bucket_rebuilds_the_folder(seaweed, upstream_folder, tmp_path):
+    folder, files = upstream_folder
+    prefix = 'roundtrip-' + secrets.token_hex(4)
+    run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    back = tmp_path / 'back'
+    done = run_migrate(seaweed, prefix, 'from-s3', '--folder', str(back))
+    assert 'copied 5, already there 0, failed 0' in done.stdout, done.stderr
+    assert {str(p.relative_to(back)): p.read_bytes() for p in back.rglob('*') if p.is_file()} == files
+
+
+# --- Memory ------------------------------------------------------------------------------
+
+def resident_memory(pid):
+    with open(f'/proc/{pid}/status') as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith('VmRSS:'))
+
+
+def test_a_1_gb_upload_to_s3_keeps_the_server_under_150_mb(tmp_path, seaweed):
+    web = RunningServer(tmp_path / 'local', tmp_path / 'server.log', ACCESS_LOG='false',
+                        **{k: str(v) for k, v in seaweed.settings('big-' + secrets.token_hex(4)).items()})
+    try:
+        size, boundary = 1024 ** 3, 'bigboundary'
+        head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="scan.tif"\r\n\r\n').encode()
+        tail = ''.join(f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}'
+                       for k, v in [('store', 'scan.tif'), ('type', 'O'),
+                                    ('token', server.make_token(KEY, 'scan.tif'))]) + f'\r\n--{boundary}--\r\n'
+        block = os.urandom(1024 * 1024)
+
+        def body():
+            yield head
+            for _ in range(size // len(block)):
+                yield block
+            yield tail.encode()
+        peak = [0]
+        sampling = [True]
+
+        def sample():
+            while sampling[0]:
+                peak[0] = max(peak[0], resident_memory(web.process.pid))
+                time.sleep(0.05)
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            status, _, answer = web.request('POST', '/fileupload', body(), {
+                'Content-Type': f'multipart/form-data; boundary={boundary}',
+                'Content-Length': str(len(head) + size + len(tail.encode()))}, timeout=600)
+        finally:
+            sampling[0] = False
+            sampler.join()
+        print(f'\n1 GiB upload to S3: peak resident memory {peak[0] / 2**20:.0f} MB')
+        assert (status, answer) == (200, b'Ok.')
+        assert peak[0] < 150 * 2**20
+        query = urlencode({'filename': 'scan.tif', 'type': 'O'})
+        status, headers, _ = web.request('HEAD', '/fileget?' + query)
+        assert int(headers['Content-Length']) == size
+    finally:
+        web.stop()

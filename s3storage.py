@@ -79,6 +79,14 @@ class S3Storage(Layout):
         except FileNotFoundError:
             return None
 
+    def health(self):
+        try:
+            with store_errors():
+                self.client.head_bucket(Bucket=self.bucket)
+            return 'ok'
+        except (StorageUnavailable, FileNotFoundError):
+            return 'unreachable'
+
     def exists(self, coll, name):
         return self.head(self.key(self.original_parts(coll, name))) is not None
 

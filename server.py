@@ -127,6 +127,10 @@ def check_config(config):
         raise ConfigError('setting STORAGE must be disk or s3')
     if config.STORAGE == 's3' and not config.S3_BUCKET:
         raise ConfigError('setting S3_BUCKET must name a bucket when STORAGE is s3')
+    if config.FILE_OFFLOAD not in (None, 'nginx', 'apache'):
+        raise ConfigError('setting FILE_OFFLOAD must be none, nginx or apache')
+    if config.FILE_OFFLOAD and config.STORAGE != 'disk':
+        raise ConfigError('setting FILE_OFFLOAD works with disk storage only')
 
 
 def resolve_key(config):
@@ -493,6 +497,13 @@ class Thumbnailer:
         finally:
             watchdog.cancel()
 
+    def health(self):
+        """'ok' while the programs found at start are still there, 'off' without thumbnails."""
+        if not self.kinds:
+            return 'off'
+        programs = [self.convert] + ([self.gs] if self.gs else [])
+        return 'ok' if all(os.access(str(program), os.X_OK) for program in programs) else 'missing programs'
+
     def in_background(self, job):
         """Queue `job` (a thumbnail to make) for a background thread; never waits."""
         if self.background is None:
@@ -747,6 +758,9 @@ class DiskStorage(Layout):
         except FileNotFoundError:
             raise ThumbnailError('The file is gone.') from None
         return True
+
+    def health(self):
+        return 'ok' if os.path.isdir(self.base) and os.access(self.base, os.W_OK | os.X_OK) else 'not writable'
 
     def sweep_temporaries(self, older_than=3600):
         """Remove temporaries left by a crash (not touched for an hour)."""
@@ -1018,9 +1032,22 @@ def is_port(text):
 
 
 def send_file(path, mimetype, headers=None):
-    """Serve a file with Range, HEAD and 304 support; active content cannot run scripts."""
-    answer = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
-                                mimetype=mimetype, headers=headers)
+    """Serve a file with Range, HEAD and 304 support, or hand it to the web server in front (FILE_OFFLOAD).
+
+    Active content is served sandboxed, so it cannot run scripts.
+    """
+    config = bottle.request.app.settings
+    if not config.FILE_OFFLOAD:
+        answer = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
+                                    mimetype=mimetype, headers=headers)
+    elif not os.path.isfile(path):
+        refuse(404, 'No such file.')
+    elif config.FILE_OFFLOAD == 'nginx':
+        relative = os.path.relpath(path, config.BASE_DIR).replace(os.sep, '/')
+        answer = bottle.HTTPResponse('', 200, **(headers or {}), **{
+            'Content-Type': mimetype, 'X-Accel-Redirect': config.OFFLOAD_PREFIX + quote(relative)})
+    else:
+        answer = bottle.HTTPResponse('', 200, **(headers or {}), **{'Content-Type': mimetype, 'X-Sendfile': path})
     answer.set_header('X-Content-Type-Options', 'nosniff')
     if may_run_scripts(mimetype):
         answer.set_header('Content-Security-Policy', 'sandbox')
@@ -1140,6 +1167,15 @@ def testkey():
     return 'Ok.'
 
 
+def health():
+    """For load balancers and Docker: can storage and thumbnails be used? Needs no key, tells nothing private."""
+    app = bottle.request.app
+    checks = {'storage': app.storage.health(), 'thumbnails': app.thumbnailer.health()}
+    bottle.response.status = 200 if all(value in ('ok', 'off') for value in checks.values()) else 503
+    bottle.response.content_type = 'application/json'
+    return json.dumps(checks)
+
+
 def getfileref():
     app = bottle.request.app
     name = valid_name(param('filename'), 'filename')
@@ -1187,6 +1223,7 @@ def create_app(config):
     app.route('/filedelete', 'POST', filedelete, signed='filename')
     app.route('/getmetadata', 'GET', getmetadata, signed='filename', read=True)
     app.route('/testkey', 'GET', testkey, signed='random')
+    app.route('/health', 'GET', health)
     if config.ALLOW_STATIC_FILE_ACCESS:
         app.route('/getfileref', 'GET', getfileref, signed='filename', read=True)
         app.route('/static/<path:path>', 'GET', static)

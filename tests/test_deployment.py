@@ -1,0 +1,283 @@
+"""Deployment as institutions run it: the Docker files checked statically, nginx in front for real
+(HTTPS, large uploads, X-Accel-Redirect offload), and a real browser uploading cross-origin."""
+
+import base64
+import http.client
+import json
+import os
+import re
+import shutil
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import quote, urlencode
+
+import pytest
+import yaml
+
+import server
+from conftest import KEY, PROJECT, RunningServer, free_port, image_info, make_image, multipart_body, wait_for
+
+pytestmark = pytest.mark.disk_only
+
+
+def project_file(name):
+    with open(os.path.join(PROJECT, name)) as f:
+        return f.read()
+
+
+# --- Docker, compose, systemd: static checks -------------------------------------------------
+
+def test_the_dockerfile_passes_hadolint():
+    linter = os.path.join(os.path.dirname(sys.executable), 'hadolint')
+    result = subprocess.run([linter, os.path.join(PROJECT, 'Dockerfile')], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_installs_the_same_system_packages_as_the_readme_setup():
+    dockerfile, readme = project_file('Dockerfile'), project_file('README.md')
+    assert 'COPY deploy/packages.txt deploy/install-packages.sh' in dockerfile
+    assert 'install-packages.sh /tmp/deploy/packages.txt' in dockerfile
+    assert 'sh deploy/install-packages.sh && make run' in readme
+    assert 'sh deploy/install-packages.sh deploy/packages.txt' in project_file('Makefile')
+    packages = [line for line in project_file('deploy/packages.txt').split('\n') if line and not line.startswith('#')]
+    assert {'imagemagick', 'ghostscript', 'libheif1', 'python3-venv'} <= set(packages)
+
+
+def test_the_image_runs_python_server_py_as_the_specify_user_with_attachments_in_a_volume():
+    dockerfile = project_file('Dockerfile')
+    assert re.search(r'useradd --uid 999 --gid 999 .*specify', dockerfile)
+    assert re.search(r'^USER 999:999$', dockerfile, re.M)
+    assert 'VOLUME /home/specify/attachments' in dockerfile
+    assert 'BASE_DIR=/home/specify/attachments' in dockerfile and 'PORT=8080' in dockerfile
+    assert re.search(r'^CMD \["/opt/venv/bin/python", "server.py"\]$', dockerfile, re.M)
+    assert re.search(r'^HEALTHCHECK .*\n?.*/health', dockerfile, re.M)
+    copied = ' '.join(re.findall(r'^COPY (.*)$', dockerfile, re.M))
+    for module in ('server.py', 'settings.py', 's3storage.py', 'migrate.py', 'views', 'requirements.txt'):
+        assert module in copied
+
+
+def test_compose_reads_the_names_existing_deployments_use():
+    compose = yaml.safe_load(project_file('docker-compose.yml'))
+    service = compose['services']['asset-server']
+    assert {'SERVER_NAME', 'SERVER_PORT', 'ATTACHMENT_KEY', 'DEBUG_MODE'} <= set(service['environment'])
+    assert 'attachments:/home/specify/attachments' in service['volumes']
+    assert service['ports'] == ['8080:8080']
+    assert compose['services']['seaweedfs']['profiles'] == ['s3']
+
+
+def test_the_names_compose_sets_are_the_ones_the_server_reads(tmp_path):
+    environment = yaml.safe_load(project_file('docker-compose.yml'))['services']['asset-server']['environment']
+    environment = {name: str(value).replace('${ATTACHMENT_KEY:-}', 'from-compose') for name, value in environment.items()}
+    config = server.load_config(environ=dict(environment, BASE_DIR=str(tmp_path)))
+    assert (config.SERVER_NAME, config.SERVER_PORT, config.KEY, config.DEBUG) == ('localhost', 8080, 'from-compose', False)
+
+
+def test_the_readme_documents_what_the_deployment_files_do():
+    readme = project_file('README.md')
+    for fact in ('/home/specify/attachments', '`specify`', 'docker compose', 'deploy/nginx.conf',
+                 'deploy/web-asset-server.service', 'authbind', 'FILE_OFFLOAD', '/health'):
+        assert fact in readme
+
+
+def test_the_systemd_unit_runs_server_py_from_its_folder():
+    unit = project_file('deploy/web-asset-server.service')
+    working = re.search(r'^WorkingDirectory=(.*)$', unit, re.M).group(1)
+    assert re.search(rf'^ExecStart={re.escape(working)}/\.venv/bin/python server\.py$', unit, re.M)
+    assert re.search(r'^User=specify$', unit, re.M) and 'authbind --deep' in unit
+
+
+# --- nginx in front ---------------------------------------------------------------------------
+
+class Nginx:
+    """nginx on loopback with deploy/nginx.conf, its ports, certificate and folder swapped for the test's."""
+
+    def __init__(self, folder, upstream_port, attachments):
+        self.folder, self.https, self.http = folder, free_port(), free_port()
+        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj',
+                        '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', str(folder / 'key.pem'), '-out', str(folder / 'cert.pem')],
+                       check=True, capture_output=True, timeout=60)
+        site = (project_file('deploy/nginx.conf')
+                .replace('server 127.0.0.1:8080;', f'server 127.0.0.1:{upstream_port};')
+                .replace('listen 443 ssl;', f'listen 127.0.0.1:{self.https} ssl;')
+                .replace('listen 80;', f'listen 127.0.0.1:{self.http};')
+                .replace('/etc/ssl/certs/assets.museum.org.pem', str(folder / 'cert.pem'))
+                .replace('/etc/ssl/private/assets.museum.org.key', str(folder / 'key.pem'))
+                .replace('alias /home/specify/attachments/;', f'alias {attachments}/;'))
+        user = 'user root;' if os.geteuid() == 0 else ''
+        (folder / 'nginx.conf').write_text(
+            f'{user} pid {folder}/nginx.pid; error_log {folder}/error.log; worker_processes 2;\n'
+            f'events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off;\n'
+            f'client_body_temp_path {folder}/body; proxy_temp_path {folder}/proxy;\n'
+            f'fastcgi_temp_path {folder}/fcgi; uwsgi_temp_path {folder}/uwsgi; scgi_temp_path {folder}/scgi;\n'
+            f'{site}\n}}\n')
+        self.process = subprocess.Popen(['nginx', '-p', str(folder), '-c', str(folder / 'nginx.conf'),
+                                         '-g', 'daemon off;'], stderr=subprocess.PIPE)
+        if not wait_for(self._answers, 20):
+            self.stop()
+            raise RuntimeError('nginx did not start: ' + (folder / 'error.log').read_text())
+
+    def _answers(self):
+        try:
+            return self.request('GET', '/')[0] == 200
+        except OSError:
+            return False
+
+    def request(self, method, path, body=None, headers=None):
+        context = ssl.create_default_context(cafile=str(self.folder / 'cert.pem'))
+        connection = http.client.HTTPSConnection('127.0.0.1', self.https, context=context, timeout=120)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            answer = connection.getresponse()
+            return answer.status, answer.headers, answer.read()
+        finally:
+            connection.close()
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
+
+
+@pytest.fixture(scope='module')
+def proxied(tmp_path_factory):
+    """The server (FILE_OFFLOAD=nginx, trusting the proxy's headers) behind nginx with HTTPS."""
+    folder = tmp_path_factory.mktemp('proxied')
+    attachments = folder / 'attachments'
+    web = RunningServer(attachments, folder / 'server.log', FILE_OFFLOAD='nginx', TRUST_PROXY_HEADERS='true',
+                        SERVER_NAME='internal', SERVER_PORT='8080')
+    proxy = Nginx(folder, web.port, attachments)
+    yield proxy, web
+    proxy.stop()
+    web.stop()
+
+
+def upload_through(proxy, name, data, token=None):
+    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
+                                         ('token', token or server.make_token(KEY, name))])
+    return proxy.request('POST', '/fileupload', body, {'Content-Type': content_type})
+
+
+def test_discovery_through_the_proxy_says_https_without_rewriting(proxied):
+    proxy, _web = proxied
+    body = proxy.request('GET', '/web_asset_store.xml')[2].decode()
+    assert f'<url type="read">https://127.0.0.1:{proxy.https}/fileget</url>' in body
+
+
+def test_a_200_mb_upload_passes_the_proxy(proxied):
+    proxy, web = proxied
+    data = os.urandom(1024 * 1024) * 200
+    status, _, body = upload_through(proxy, 'scan-200mb.tif', data)
+    assert (status, body) == (200, b'Ok.')
+    assert (web.base_dir / 'originals' / 'scan-200mb.tif').stat().st_size == len(data)
+
+
+def test_offloaded_fileget_returns_identical_bytes_with_range_and_the_servers_headers(proxied, jpeg):
+    proxy, _web = proxied
+    name = 'Käfer 1.jpg'
+    upload_through(proxy, name, jpeg)
+    query = '/fileget?' + urlencode({'filename': name, 'type': 'O'})
+    status, headers, body = proxy.request('GET', query)
+    assert (status, body) == (200, jpeg)
+    assert headers['Content-Type'] == 'image/jpeg' and 'X-Timestamp' in headers
+    assert headers['Access-Control-Allow-Origin'] == '*'
+    status, headers, body = proxy.request('GET', query, headers={'Range': 'bytes=10-19'})
+    assert (status, body, headers['Content-Range']) == (206, jpeg[10:20], f'bytes 10-19/{len(jpeg)}')
+
+
+def test_offloaded_thumbnails_are_made_then_sent_by_nginx(proxied, tmp_path, jpeg):
+    proxy, _web = proxied
+    upload_through(proxy, 'thumb.jpg', jpeg)
+    status, headers, body = proxy.request('GET', '/fileget?' + urlencode({'filename': 'thumb.jpg', 'type': 'T', 'scale': 123}))
+    assert (status, image_info(body, tmp_path)) == (200, ('JPEG', 123, 82))
+
+
+@pytest.mark.parametrize('case', ['missing file', 'bad token', 'unknown path'])
+def test_errors_through_the_proxy_keep_x_timestamp_and_cors(proxied, jpeg, case):
+    proxy, _web = proxied
+    status, headers, _ = {
+        'missing file': lambda: proxy.request('GET', '/fileget?filename=none.jpg&type=O'),
+        'bad token': lambda: upload_through(proxy, 'a.jpg', jpeg, token='0:0'),
+        'unknown path': lambda: proxy.request('GET', '/nowhere'),
+    }[case]()
+    assert status in (403, 404)
+    assert 'X-Timestamp' in headers and headers['Access-Control-Allow-Origin'] == '*'
+
+
+def test_the_offload_never_skips_the_checks(proxied, jpeg):
+    proxy, _web = proxied
+    assert proxy.request('GET', '/protected-attachments/originals/thumb.jpg')[0] == 404
+    assert proxy.request('GET', '/fileget?filename=../settings.py&type=O')[0] == 400
+
+
+def test_health_says_storage_and_thumbnails_are_usable_without_a_key(proxied):
+    proxy, _web = proxied
+    status, headers, body = proxy.request('GET', '/health')
+    assert (status, json.loads(body)) == (200, {'storage': 'ok', 'thumbnails': 'ok'})
+
+
+def test_health_is_503_when_the_attachments_folder_is_gone(make_client):
+    client = make_client()
+    shutil.rmtree(client.base)
+    answer = client.get('/health', {}, status=503)
+    assert answer.json['storage'] == 'not writable' and client.base not in answer.text
+
+
+# --- A real browser ------------------------------------------------------------------------------
+
+PAGE = """<!doctype html><meta charset="utf-8"><title>upload</title>
+<img id="thumb"><script>
+function upload(token) {
+  return new Promise(done => {
+    const bytes = Uint8Array.from(atob(%(image)s), c => c.charCodeAt(0));
+    const form = new FormData();                       // Specify 7's order: the file first
+    form.append('file', new Blob([bytes], {type: 'image/jpeg'}), 'photo.jpg');
+    form.append('store', %(store)s); form.append('type', 'O'); form.append('coll', 'Fish');
+    form.append('token', token);
+    const xhr = new XMLHttpRequest();
+    xhr.upload.addEventListener('progress', () => {});   // a listener makes the browser preflight
+    xhr.onloadend = () => done(xhr.status);
+    xhr.open('POST', %(server)s + '/fileupload');
+    xhr.send(form);
+  });
+}
+function thumbnail() {
+  return new Promise(done => {
+    const img = document.getElementById('thumb');
+    img.onload = () => done(img.naturalWidth);
+    img.onerror = () => done(-1);
+    img.src = %(server)s + '/fileget?filename=' + encodeURIComponent(%(store)s) + '&type=T&scale=123';
+  });
+}
+</script>"""
+
+
+def test_a_browser_uploads_cross_origin_sees_the_thumbnail_and_a_403_as_403(tmp_path, jpeg):
+    from playwright.sync_api import sync_playwright
+    web = RunningServer(tmp_path / 'attachments', tmp_path / 'server.log')
+    page_folder = tmp_path / 'site'
+    page_folder.mkdir()
+    store = 'a9c4e1f0-browser.jpg'
+    (page_folder / 'index.html').write_text(PAGE % {
+        'image': json.dumps(base64.b64encode(jpeg).decode()), 'store': json.dumps(store),
+        'server': json.dumps(f'http://127.0.0.1:{web.port}')})
+    site = ThreadingHTTPServer(('127.0.0.1', 0), lambda *a: SimpleHTTPRequestHandler(*a, directory=str(page_folder)))
+    threading.Thread(target=site.serve_forever, daemon=True).start()
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path='/usr/bin/chromium', args=[
+                '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                '--disable-background-networking', '--disable-component-update', '--disable-sync'])
+            page = browser.new_page()
+            page.goto(f'http://localhost:{site.server_address[1]}/index.html')     # another origin
+            assert page.evaluate(f'upload({json.dumps(server.make_token(KEY, store))})') == 200
+            assert page.evaluate('thumbnail()') > 0
+            assert page.evaluate('upload("0123456789abcdef0123456789abcdef:1")') == 403
+            browser.close()
+        assert (web.base_dir / 'originals' / store).read_bytes() == jpeg
+        assert 'OPTIONS /fileupload 200' in web.output()          # the upload was preflighted
+    finally:
+        site.shutdown()
+        web.stop()

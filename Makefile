@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench packages test-packages venv
+.PHONY: run test bench bench-storage bench-serve packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -13,6 +13,13 @@ test: packages test-packages venv
 
 bench: packages test-packages venv
 	$(PY) bench/thumbnails.py
+
+bench-storage: packages test-packages venv
+	$(PY) bench/storage.py
+
+bench-serve: packages test-packages venv
+	sh deploy/install-packages.sh bench/packages.txt
+	$(PY) bench/serve.py
 
 packages:
 	sh deploy/install-packages.sh deploy/packages.txt

@@ -8,7 +8,6 @@ read through ranged GETs. A store that cannot be reached raises StorageUnavailab
 """
 
 import contextlib
-import email.utils
 import io
 import logging
 import os
@@ -19,8 +18,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from server import (CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type,
-                    make_temp_file, may_run_scripts, refuse, remove_quietly, sniff_kind)
+from server import (CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type, file_answer,
+                    make_temp_file, refuse, remove_quietly, sniff_kind)
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
@@ -138,38 +137,17 @@ class S3Storage(Layout):
         return self.send_object(self.key(parts))
 
     def send_object(self, key, headers=None):
-        """Stream an object with Content-Type, Length, ETag, Last-Modified, 304 and one Range."""
+        """Stream an object, with the validators and ranges every storage supports."""
         head = self.head(key)
         if head is None:
             refuse(404, 'No such file.')
-        size, modified = head['ContentLength'], head['LastModified']
-        mimetype = head.get('ContentType') or 'application/octet-stream'
-        answer = dict(headers or {}, **{
-            'Content-Type': mimetype, 'ETag': head['ETag'], 'Accept-Ranges': 'bytes',
-            'Last-Modified': email.utils.formatdate(modified.timestamp(), usegmt=True),
-            'X-Content-Type-Options': 'nosniff'})
-        if may_run_scripts(mimetype):
-            answer['Content-Security-Policy'] = 'sandbox'
-        environ = bottle.request.environ
-        since = bottle.parse_date(environ.get('HTTP_IF_MODIFIED_SINCE', '').split(';')[0].strip())
-        if environ.get('HTTP_IF_NONE_MATCH') == head['ETag'] or (since and since >= int(modified.timestamp())):
-            return bottle.HTTPResponse(status=304, **answer)
-        status, wanted = 200, {}
-        if 'HTTP_RANGE' in environ:
-            ranges = list(bottle.parse_range_header(environ['HTTP_RANGE'], size))
-            if not ranges:
-                return bottle.HTTPResponse('Requested range not satisfiable.', 416,
-                                           **{'Content-Range': f'bytes */{size}'})
-            start, end = ranges[0]
-            status, wanted = 206, {'Range': f'bytes={start}-{end - 1}'}
-            answer['Content-Range'] = f'bytes {start}-{end - 1}/{size}'
-            size = end - start
-        answer['Content-Length'] = str(size)
-        if bottle.request.method == 'HEAD':
-            return bottle.HTTPResponse('', status, **answer)
-        with store_errors():
-            body = self.client.get_object(Bucket=self.bucket, Key=key, **wanted)['Body']
-        return bottle.HTTPResponse(stream(body), status, **answer)
+
+        def body_for(start, end):
+            wanted = {} if (start, end) == (0, head['ContentLength']) else {'Range': f'bytes={start}-{end - 1}'}
+            with store_errors():
+                return stream(self.client.get_object(Bucket=self.bucket, Key=key, **wanted)['Body'])
+        return file_answer(head['ContentLength'], head['ETag'], head['LastModified'].timestamp(),
+                           head.get('ContentType') or 'application/octet-stream', headers, body_for)
 
     def thumbnail_is_fresh(self, coll, name, scale):
         """A stored thumbnail counts when it was made from the original's current bytes."""
@@ -186,7 +164,7 @@ class S3Storage(Layout):
         thumbnail_key = self.key(self.thumbnail_parts(coll, name, scale))
         head = self.head(original_key)
         if head is None:
-            raise ThumbnailError('The file is gone.')
+            raise ThumbnailError('No such file.')
         local, handle = make_temp_file(self.staging_folder())
         handle.close()
         try:

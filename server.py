@@ -9,10 +9,12 @@ uploads, metadata, the web application, start-up.
 """
 
 import contextlib
+import email.utils
 import errno
 import functools
 import hashlib
 import hmac
+import inspect
 import json
 import logging
 import mimetypes
@@ -254,9 +256,13 @@ def sniff_kind(path):
     """The MIME type of a file told from its first bytes, or None when unknown."""
     try:
         with open(path, 'rb') as f:
-            head = f.read(1024)
+            return kind_of(f.read(1024))
     except OSError:
         return None
+
+
+def kind_of(head):
+    """The MIME type that a file's first bytes show, or None when unknown."""
     if head.startswith(b'\xff\xd8\xff'):
         return 'image/jpeg'
     if head.startswith(b'\x89PNG\r\n\x1a\n'):
@@ -727,8 +733,7 @@ class DiskStorage(Layout):
         return send_file(path, content_type(path, name), headers)
 
     def send_thumbnail(self, coll, name, scale, headers=None):
-        path = self.path(self.thumbnail_parts(coll, name, scale))
-        return send_file(path, sniff_kind(path) or 'application/octet-stream', headers)
+        return send_file(self.path(self.thumbnail_parts(coll, name, scale)), None, headers)
 
     def send_static(self, parts):
         path = self.path(parts)
@@ -756,7 +761,7 @@ class DiskStorage(Layout):
                         return False
                     os.replace(made, target)
         except FileNotFoundError:
-            raise ThumbnailError('The file is gone.') from None
+            raise ThumbnailError('No such file.') from None
         return True
 
     def health(self):
@@ -935,15 +940,30 @@ def current_upload():
     return environ['wast.upload']
 
 
+def discard_upload():
+    """After a request: remove what an upload staged, unless it was moved into place."""
+    if 'wast.upload' in bottle.request.environ:
+        bottle.request.environ['wast.upload'].discard()
+
+
 def param(name):
-    """A request parameter as text, from the upload's fields, a form body or the query string."""
+    """A request parameter as text (None when missing or not UTF-8); read once per request."""
+    environ = bottle.request.environ
+    if 'wast.params' not in environ:
+        environ['wast.params'] = request_params()
+    return environ['wast.params'].get(name)
+
+
+def request_params():
+    """The parameters of a request: the upload's fields, or a form body's, over the query string's."""
     request = bottle.request
     if request.route.config.get('upload'):
-        value = current_upload().fields.get(name)
-        return value if value is not None else request.query.getunicode(name)
-    if request.content_type.startswith('application/x-www-form-urlencoded'):
-        return request.params.getunicode(name)
-    return request.query.getunicode(name)
+        source, fields = request.query, current_upload().fields
+    elif request.content_type.startswith('application/x-www-form-urlencoded'):
+        source, fields = request.params, {}
+    else:
+        source, fields = request.query, {}
+    return {**{name: source.getunicode(name) for name in source}, **fields}
 
 
 def require_token(name):
@@ -984,7 +1004,8 @@ class AssetServer(bottle.Bottle):
 
     def wsgi(self, environ, start_response):
         started = environ['wast.started'] = time.time()
-        environ['QUERY_STRING'] = unescape_query(environ.get('QUERY_STRING', ''))
+        if 'amp;' in environ.get('QUERY_STRING', ''):
+            environ['QUERY_STRING'] = unescape_query(environ['QUERY_STRING'])
 
         def start_stamped(status, headers, exc_info=None):
             headers.append(('X-Timestamp', str(int(time.time()))))
@@ -1032,26 +1053,77 @@ def is_port(text):
 
 
 def send_file(path, mimetype, headers=None):
-    """Serve a file with Range, HEAD and 304 support, or hand it to the web server in front (FILE_OFFLOAD).
-
-    Active content is served sandboxed, so it cannot run scripts.
-    """
+    """Serve a file on disk (mimetype None: told from its bytes), or hand it to the web server in front."""
     config = bottle.request.app.settings
-    if not config.FILE_OFFLOAD:
-        answer = bottle.static_file(os.path.basename(path), root=os.path.dirname(path),
-                                    mimetype=mimetype, headers=headers)
-    elif not os.path.isfile(path):
+    try:
+        handle = open(path, 'rb')
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         refuse(404, 'No such file.')
-    elif config.FILE_OFFLOAD == 'nginx':
-        relative = os.path.relpath(path, config.BASE_DIR).replace(os.sep, '/')
-        answer = bottle.HTTPResponse('', 200, **(headers or {}), **{
-            'Content-Type': mimetype, 'X-Accel-Redirect': config.OFFLOAD_PREFIX + quote(relative)})
-    else:
-        answer = bottle.HTTPResponse('', 200, **(headers or {}), **{'Content-Type': mimetype, 'X-Sendfile': path})
-    answer.set_header('X-Content-Type-Options', 'nosniff')
-    if may_run_scripts(mimetype):
-        answer.set_header('Content-Security-Policy', 'sandbox')
+    if mimetype is None:
+        mimetype = kind_of(handle.read(1024)) or 'application/octet-stream'
+    if config.FILE_OFFLOAD:
+        handle.close()
+        handover = {'Content-Type': mimetype, 'X-Content-Type-Options': 'nosniff'}
+        if may_run_scripts(mimetype):
+            handover['Content-Security-Policy'] = 'sandbox'
+        if config.FILE_OFFLOAD == 'nginx':
+            relative = os.path.relpath(path, config.BASE_DIR).replace(os.sep, '/')
+            handover['X-Accel-Redirect'] = config.OFFLOAD_PREFIX + quote(relative)
+        else:
+            handover['X-Sendfile'] = path
+        return bottle.HTTPResponse('', 200, **(headers or {}), **handover)
+    info = os.fstat(handle.fileno())            # of the file opened, even if it is replaced meanwhile
+    answer = file_answer(info.st_size, f'"{info.st_size:x}-{info.st_mtime_ns:x}"', info.st_mtime, mimetype,
+                         headers, lambda start, end: file_body(handle, start, end))
+    if not inspect.isgenerator(answer.body):
+        handle.close()
     return answer
+
+
+def file_answer(size, etag, modified, mimetype, headers, body_for):
+    """The answer to a GET or HEAD of a stored file: 304, 416, one Range (206) or all of it (200).
+
+    Every storage answers through this, so validators and ranges work alike; `body_for(start, end)`
+    supplies the bytes. Content that might run scripts is served sandboxed.
+    """
+    answer = dict(headers or {}, **{
+        'Content-Type': mimetype, 'ETag': etag, 'Accept-Ranges': 'bytes', 'X-Content-Type-Options': 'nosniff',
+        'Last-Modified': email.utils.formatdate(modified, usegmt=True)})
+    if may_run_scripts(mimetype):
+        answer['Content-Security-Policy'] = 'sandbox'
+    environ = bottle.request.environ
+    since = bottle.parse_date(environ.get('HTTP_IF_MODIFIED_SINCE', '').split(';')[0].strip())
+    if environ.get('HTTP_IF_NONE_MATCH') == etag or (since and since >= int(modified)):
+        return bottle.HTTPResponse(status=304, **answer)
+    start, end, status = 0, size, 200
+    if 'HTTP_RANGE' in environ and environ.get('HTTP_IF_RANGE', etag) in (etag, answer['Last-Modified']):
+        ranges = list(bottle.parse_range_header(environ['HTTP_RANGE'], size))
+        if not ranges:
+            return bottle.HTTPResponse('Requested range not satisfiable.', 416, **{
+                'Content-Range': f'bytes */{size}', 'Content-Type': 'text/plain; charset=UTF-8'})
+        (start, end), status = ranges[0], 206
+        answer['Content-Range'] = f'bytes {start}-{end - 1}/{size}'
+    answer['Content-Length'] = str(end - start)
+    body = '' if bottle.request.method == 'HEAD' else body_for(start, end)
+    return bottle.HTTPResponse(body, status, **answer)
+
+
+def file_body(handle, start, end):
+    """Bytes start..end of an open file: read at once when small, else streamed (closing the file)."""
+    handle.seek(start)
+    if end - start <= CHUNK:
+        return handle.read(end - start)
+    return stream_file(handle, end - start)
+
+
+def stream_file(handle, length):
+    with handle:
+        while length > 0:
+            chunk = handle.read(min(CHUNK, length))
+            if not chunk:
+                return
+            length -= len(chunk)
+            yield chunk
 
 
 def valid_type(text):
@@ -1133,9 +1205,8 @@ def fileget():
         if downloadname else None
     if kind == 'O':
         return app.storage.send(coll, name, headers)
-    require_original(coll, name)
     try:
-        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)
+        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)     # 404 without an original
     except ThumbnailError as error:
         refuse(404, str(error))
     return app.storage.send_thumbnail(coll, name, scale, headers)
@@ -1215,7 +1286,7 @@ def create_app(config):
     app.install(TokenCheck())
     app.add_hook('before_request', lambda: bottle.response.set_header(
         'Content-Type', 'text/plain; charset=UTF-8'))
-    app.add_hook('after_request', lambda: bottle.request.environ.get('wast.upload', Upload()).discard())
+    app.add_hook('after_request', discard_upload)
     app.route('/', 'GET', index)
     app.route('/web_asset_store.xml', 'GET', discovery)
     app.route('/fileupload', 'POST', fileupload, signed='store', upload=True)

@@ -1,0 +1,157 @@
+"""Serving benchmark: how fast files come out, and whether /testkey stays quick under long downloads.
+
+Run with `make bench-serve` (it installs wrk and curl from bench/packages.txt). All on loopback:
+
+1. Requests per second (wrk, 2 threads, 16 connections, 5 s) for a cached thumbnail and for a
+   2 MB original through the server under Paste, next to a bare Paste app that returns a
+   constant, and next to nginx serving the same file from disk.
+2. The latency of /testkey (sequential requests for 10 s) while 32 clients download a 200 MB
+   original at 2 MB/s each through nginx, with the server streaming the file itself and with
+   FILE_OFFLOAD=nginx (nginx sends the file after the server checked the request).
+"""
+
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
+
+import server  # noqa: E402
+from conftest import KEY, RunningServer, free_port, make_image, multipart_body, wait_for  # noqa: E402
+from test_deployment import Nginx  # noqa: E402
+
+BARE_APP = '''
+import sys
+from paste import httpserver
+def app(environ, start_response):
+    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', '3')])
+    return [b'Ok.']
+httpserver.serve(app, host='127.0.0.1', port=sys.argv[1], use_threadpool=True, threadpool_workers=20)
+'''
+
+
+def wrk(url):
+    """Requests per second wrk measures for `url`."""
+    out = subprocess.run(['wrk', '-t2', '-c16', '-d5s', url], capture_output=True, text=True, timeout=60).stdout
+    return float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1))
+
+
+def upload(web, name, data):
+    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'),
+                                         ('token', server.make_token(KEY, name))])
+    assert web.request('POST', '/fileupload', body, {'Content-Type': content_type})[2] == b'Ok.'
+
+
+def static_nginx(folder, root):
+    """nginx serving `root` as static files on a free loopback port."""
+    port = free_port()
+    user = 'user root;' if os.geteuid() == 0 else ''
+    (folder / 'static.conf').write_text(
+        f'{user} pid {folder}/static.pid; error_log {folder}/static-error.log; worker_processes 2;\n'
+        f'events {{}} http {{ access_log off; include /etc/nginx/mime.types; sendfile on;\n'
+        f'client_body_temp_path {folder}/sb; proxy_temp_path {folder}/sp; fastcgi_temp_path {folder}/sf;\n'
+        f'uwsgi_temp_path {folder}/su; scgi_temp_path {folder}/ss;\n'
+        f'server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n')
+    process = subprocess.Popen(['nginx', '-p', str(folder), '-c', str(folder / 'static.conf'), '-g', 'daemon off;'])
+    time.sleep(1)
+    return process, port
+
+
+def throughput(work):
+    web = RunningServer(work / 'attachments', work / 'server.log', ACCESS_LOG='false', PREGENERATE_SCALE='none')
+    bare_port = free_port()
+    bare = subprocess.Popen([sys.executable, '-c', BARE_APP, str(bare_port)], stdout=subprocess.DEVNULL)
+    static, static_port = static_nginx(work, work / 'attachments')
+    try:
+        upload(web, 'photo.jpg', make_image(work, 'plasma:', '1600x1200', 'jpg'))
+        upload(web, 'original.bin', os.urandom(2 * 1024 * 1024))
+        base = f'http://127.0.0.1:{web.port}/fileget?'
+        thumb = base + urlencode({'filename': 'photo.jpg', 'type': 'T', 'scale': 123})
+        web.request('GET', thumb[len(f'http://127.0.0.1:{web.port}'):])         # make it cached
+        wait_for(lambda: web.request('GET', '/')[0] == 200)
+        rates = {
+            'bare Paste app (constant)': wrk(f'http://127.0.0.1:{bare_port}/'),
+            'cached thumbnail, server': wrk(thumb),
+            'cached thumbnail, nginx static': wrk(f'http://127.0.0.1:{static_port}/thumbnails/photo_123.jpg'),
+            '2 MB original, server': wrk(base + urlencode({'filename': 'original.bin', 'type': 'O'})),
+            '2 MB original, nginx static': wrk(f'http://127.0.0.1:{static_port}/originals/original.bin'),
+        }
+    finally:
+        web.stop()
+        bare.terminate()
+        static.terminate()
+    return rates
+
+
+def testkey_latency(work, offload):
+    """/testkey latencies (ms) through nginx while 32 slow clients download a 200 MB original."""
+    folder = work / ('offload' if offload else 'streamed')
+    folder.mkdir()
+    settings = {'FILE_OFFLOAD': 'nginx'} if offload else {}
+    web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
+                        PREGENERATE_SCALE='none', TRUST_PROXY_HEADERS='true', **settings)
+    proxy = Nginx(folder, web.port, folder / 'attachments')
+    downloads = []
+    try:
+        big = folder / 'big.bin'
+        with open(big, 'wb') as f:
+            for _ in range(200):
+                f.write(os.urandom(1024 * 1024))
+        (folder / 'attachments' / 'originals').mkdir(parents=True, exist_ok=True)
+        os.replace(big, folder / 'attachments' / 'originals' / 'big.bin')
+        url = f'https://127.0.0.1:{proxy.https}/fileget?filename=big.bin&type=O'
+        downloads = [subprocess.Popen(['curl', '-sk', '--limit-rate', '2M', '-o', '/dev/null', url])
+                     for _ in range(32)]
+        time.sleep(2)
+        latencies, deadline = [], time.time() + 10
+        while time.time() < deadline:
+            query = '/testkey?' + urlencode({'random': '1', 'token': server.make_token(KEY, '1')})
+            started = time.perf_counter()
+            try:
+                status = proxy.request('GET', query)[0]
+            except OSError:
+                status = 0
+            latencies.append((time.perf_counter() - started) * 1000 if status == 200 else float('inf'))
+        return latencies
+    finally:
+        for download in downloads:
+            download.kill()
+        proxy.stop()
+        web.stop()
+
+
+def percentile(values, share):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def main():
+    work = Path(tempfile.mkdtemp(prefix='wast-serve-'))
+    rates = throughput(work)
+    bare = rates['bare Paste app (constant)']
+    print(f'Requests per second on loopback (wrk -t2 -c16 -d5s), {os.cpu_count()} CPUs\n')
+    print('| what | requests/s | vs bare Paste app |')
+    print('|---|---:|---:|')
+    for label, rate in rates.items():
+        print(f'| {label} | {rate:.0f} | {rate / bare:.0%} |')
+    print('\n/testkey through nginx while 32 clients download a 200 MB original at 2 MB/s each (10 s)\n')
+    print('| downloads served by | /testkey requests | median | 99th percentile | failed |')
+    print('|---|---:|---:|---:|---:|')
+    for label, offload in [('the server (Paste)', False), ('nginx (FILE_OFFLOAD=nginx)', True)]:
+        latencies = testkey_latency(work, offload)
+        done = [value for value in latencies if value != float('inf')]
+        p99 = percentile(latencies, 0.99)
+        p99_text = f'{p99:.1f} ms' if p99 != float('inf') else 'failed'
+        print(f'| {label} | {len(latencies)} | {statistics.median(latencies):.1f} ms | {p99_text} '
+              f'| {len(latencies) - len(done)} |')
+
+
+if __name__ == '__main__':
+    main()

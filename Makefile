@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-storage bench-serve packages test-packages venv
+.PHONY: run test bench bench-storage bench-serve soak packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -21,10 +21,18 @@ bench-serve: packages test-packages venv
 	sh deploy/install-packages.sh bench/packages.txt
 	$(PY) bench/serve.py
 
+soak: packages test-packages venv
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -s tests/test_reliability.py
+	$(PY) bench/soak.py --seconds 300
+
 packages:
 	sh deploy/install-packages.sh deploy/packages.txt
 
-test-packages:
+test-soak: packages test-packages venv
+	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -s tests/test_reliability.py
+	$(PY) bench/soak.py --seconds 300
+
+packages:
 	sh deploy/install-packages.sh deploy/packages.txt tests/packages.txt
 
 venv: $(VENV)/.installed

@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import pytest
 import webtest
@@ -191,6 +192,15 @@ def png(tmp_path_factory):
     return make_image(tmp_path_factory.mktemp('img'), 'gradient:red-blue', '80x60', 'png')
 
 
+def png_bytes(width, height):
+    """A grey PNG made without ImageMagick (for tests that need many images quickly)."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    rows = b''.join(b'\0' + bytes([128]) * width for _ in range(height))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 0, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows)) + chunk(b'IEND', b''))
+
+
 def wait_for(predicate, seconds=10):
     deadline = time.time() + seconds
     while time.time() < deadline:
@@ -238,7 +248,7 @@ def free_port():
 class RunningServer:
     """`python server.py` under Paste on a free loopback port, settings from the environment."""
 
-    def __init__(self, base_dir, log_path, **env):
+    def __init__(self, base_dir, log_path, preexec_fn=None, **env):
         self.port = free_port()
         self.base_dir = base_dir
         environment = dict(os.environ, HOST='127.0.0.1', PORT=str(self.port), BASE_DIR=str(base_dir),
@@ -247,7 +257,7 @@ class RunningServer:
         environment = {name: value for name, value in environment.items() if value is not None}
         self.log = open(log_path, 'w+b')
         self.process = subprocess.Popen([sys.executable, 'server.py'], cwd=PROJECT, env=environment,
-                                        stdout=self.log, stderr=subprocess.STDOUT)
+                                        stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
         if not wait_for(self._answers, 30):
             self.stop()
             raise RuntimeError('server did not start: ' + self.output())

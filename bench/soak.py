@@ -1,0 +1,196 @@
+"""Soak: a mixed Specify workload at concurrency 32 against `python server.py` on loopback.
+
+    .venv/bin/python bench/soak.py --seconds 300     # the long run (make soak); CI runs 20 s
+
+Each client thread uploads files (random bytes and PNGs), reads them back and checks their
+SHA-256, asks for thumbnails, metadata and testkey, and deletes files (then expects 404). It
+counts every answer that is not what the protocol promises; samples the server's resident memory
+and open file descriptors; and at the end looks for temporary files left behind. The run is
+bounded in time and targets only 127.0.0.1.
+"""
+
+import argparse
+import concurrent.futures
+import hashlib
+import os
+import random
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from urllib.parse import urlencode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
+
+import server  # noqa: E402
+from conftest import KEY, RunningServer, multipart_body, png_bytes  # noqa: E402
+
+
+def process_figures(pid):
+    """(resident memory in bytes, open file descriptors) of a process."""
+    with open(f'/proc/{pid}/status') as status:
+        rss = next(int(line.split()[1]) * 1024 for line in status if line.startswith('VmRSS:'))
+    return rss, len(os.listdir(f'/proc/{pid}/fd'))
+
+
+class Client:
+    """One Specify user: its own files, checked after every step."""
+
+    def __init__(self, web, number, report):
+        self.web, self.number, self.report = web, number, report
+        self.files = {}            # name -> sha256 of what was sent
+        self.random = random.Random(number)
+
+    def token(self, name):
+        return server.make_token(KEY, name)
+
+    def record(self, what, ok):
+        with self.report['lock']:
+            self.report['requests'][what] += 1
+            if not ok:
+                self.report['errors'][what] += 1
+
+    def step(self):
+        choice = self.random.random()
+        if choice < 0.2 or not self.files:
+            self.upload()
+        elif choice < 0.5:
+            self.read()
+        elif choice < 0.65:
+            self.thumbnail()
+        elif choice < 0.75:
+            self.metadata()
+        elif choice < 0.85:
+            self.testkey()
+        else:
+            self.delete()
+
+    def upload(self):
+        name = f'c{self.number}-{self.random.getrandbits(48):x}' + self.random.choice(['.png', '.bin'])
+        if name.endswith('.png'):
+            data = png_bytes(self.random.randint(20, 400), self.random.randint(20, 400))
+        else:
+            data = os.urandom(self.random.randint(1, 1024 * 1024))
+        content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'),
+                                             ('coll', 'Soak'), ('token', self.token(name))])
+        status, _, answer = self.web.request('POST', '/fileupload', body, {'Content-Type': content_type})
+        ok = (status, answer) == (200, b'Ok.')
+        if ok:
+            self.files[name] = hashlib.sha256(data).hexdigest()
+        self.record('upload', ok)
+
+    def pick(self):
+        return self.random.choice(sorted(self.files))
+
+    def read(self):
+        name = self.pick()
+        status, _, body = self.web.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))
+        self.record('read original', status == 200 and hashlib.sha256(body).hexdigest() == self.files[name])
+
+    def thumbnail(self):
+        name = self.pick()
+        status, headers, body = self.web.request('GET', '/fileget?' + urlencode(
+            {'filename': name, 'type': 'T', 'scale': self.random.choice([64, 123, 256])}))
+        expected = 200 if name.endswith('.png') else 404
+        self.record('read thumbnail', status == expected and (expected == 404 or body.startswith(b'\x89PNG')))
+
+    def metadata(self):
+        status, _, body = self.web.request('GET', '/getmetadata?' + urlencode({'filename': self.pick(), 'dt': 'json'}))
+        self.record('metadata', (status, body) == (200, b'[]'))
+
+    def testkey(self):
+        random_text = str(self.random.randint(-10**6, 10**6))
+        status, _, body = self.web.request('GET', '/testkey?' + urlencode({'random': random_text, 'token': self.token(random_text)}))
+        self.record('testkey', (status, body) == (200, b'Ok.'))
+
+    def delete(self):
+        name = self.pick()
+        status, _, body = self.web.request('POST', '/filedelete', urlencode({'filename': name, 'token': self.token(name)}),
+                                           {'Content-Type': 'application/x-www-form-urlencoded'})
+        gone = self.web.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[0]
+        self.record('delete', (status, body, gone) == (200, b'Ok.', 404))
+        del self.files[name]
+
+
+def run(seconds, concurrency=32, folder=None):
+    """Run the soak; return its figures."""
+    folder = Path(folder or tempfile.mkdtemp(prefix='wast-soak-'))
+    web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
+                        THREADS=str(concurrency + 8))
+    report = {'lock': threading.Lock(), 'requests': {}, 'errors': {}, 'samples': []}
+    for what in ('upload', 'read original', 'read thumbnail', 'metadata', 'testkey', 'delete'):
+        report['requests'][what] = report['errors'][what] = 0
+    deadline, crashed = time.time() + seconds, []
+
+    def work(number):
+        client = Client(web, number, report)
+        while time.time() < deadline:
+            try:
+                client.step()
+            except Exception as error:           # a dropped connection or a timeout is an error too
+                with report['lock']:
+                    crashed.append(repr(error))
+    try:
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            futures = [pool.submit(work, n) for n in range(concurrency)]
+            while time.time() < deadline:
+                report['samples'].append((time.time(), *process_figures(web.process.pid)))
+                time.sleep(1)
+            for future in futures:
+                future.result(timeout=120)
+        def leftovers():
+            return [str(p) for p in (folder / 'attachments').rglob(server.TEMP_PREFIX + '*')]
+        quiet_by = time.time() + 60                 # background thumbnails may still be at work
+        while leftovers() and time.time() < quiet_by:
+            time.sleep(0.5)
+        end_rss, end_fds = process_figures(web.process.pid)
+        left = leftovers()
+    finally:
+        web.stop()
+    samples = report['samples']
+    quarter = max(1, len(samples) // 4)
+    warm = samples[len(samples) // 3:len(samples) // 2] or samples     # after the first third: warmed up
+    last = samples[-quarter:]
+    return {
+        'seconds': seconds, 'concurrency': concurrency,
+        'requests': sum(report['requests'].values()), 'by kind': dict(report['requests']),
+        'errors': sum(report['errors'].values()) + len(crashed), 'exceptions': crashed[:5],
+        'rss after warm-up': statistics.median(s[1] for s in warm),
+        'rss at end': statistics.median(s[1] for s in last),
+        'fds after warm-up': max(s[2] for s in warm), 'fds at end': end_fds, 'rss idle at end': end_rss,
+        'leftover temporaries': left,
+    }
+
+
+def as_table(figures):
+    growth = figures['rss at end'] / figures['rss after warm-up'] - 1
+    return '\n'.join([
+        f"Soak: {figures['seconds']} s at concurrency {figures['concurrency']} on loopback\n",
+        '| figure | value |', '|---|---:|',
+        f"| requests served | {figures['requests']} |",
+        *[f'| - {kind} | {count} |' for kind, count in figures['by kind'].items()],
+        f"| unexpected answers or errors | {figures['errors']} |",
+        f"| resident memory after warm-up / at end | {figures['rss after warm-up'] / 2**20:.0f} MB / "
+        f"{figures['rss at end'] / 2**20:.0f} MB ({growth:+.1%}) |",
+        f"| open file descriptors after warm-up / at end | {figures['fds after warm-up']} / {figures['fds at end']} |",
+        f"| temporary files left | {len(figures['leftover temporaries'])} |",
+    ])
+
+
+def main():
+    parser = argparse.ArgumentParser(description='Soak the server with a mixed Specify workload.')
+    parser.add_argument('--seconds', type=int, default=300)
+    parser.add_argument('--concurrency', type=int, default=32)
+    args = parser.parse_args()
+    figures = run(args.seconds, args.concurrency)
+    print(as_table(figures))
+    if figures['exceptions']:
+        print('\nfirst errors:', *figures['exceptions'], sep='\n')
+    return 1 if figures['errors'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""Hostile input and faults: never a 5xx, never a traceback or a path, nothing touched outside BASE_DIR,
+and nothing lost when the disk fills or the server is killed.
+
+Hypothesis runs `HYPOTHESIS_PROFILE=ci` (the default, a few hundred inputs per property) or
+`long` (`make soak`); each property prints how many inputs it tried.
+"""
+
+import collections
+import concurrent.futures
+import hashlib
+import hmac
+import os
+import resource
+import signal
+import threading
+import time
+from urllib.parse import quote, urlencode
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import server
+from conftest import KEY, Client, RunningServer, multipart_body, png_bytes
+
+settings.register_profile('ci', max_examples=150, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile('long', max_examples=3000, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile(os.environ.get('HYPOTHESIS_PROFILE', 'ci'))
+
+pytestmark = pytest.mark.disk_only
+SECRET = b'secret outside the attachments folder'
+TRIED = collections.Counter()
+
+PATHS = ['/fileget', '/fileupload', '/filedelete', '/getmetadata', '/testkey', '/getfileref',
+         '/web_asset_store.xml', '/', '/health', '/static/originals/a.jpg', '/static/../secret.txt']
+FIELDS = ['filename', 'store', 'type', 'coll', 'scale', 'token', 'random', 'downloadname', 'dt',
+          'disp', 'div', 'inst', 'amp;filename']
+HOSTILE = ['../secret.txt', '../../secret.txt', '..', '.', '/', '\\', '\x00', '', 'a.jpg', 'a' * 300,
+           '%2e%2e%2fsecret.txt', '.~wast-x.part', 'originals/../../secret.txt', '😀.jpg', '\ud800'[:0] + 'é',
+           'null', '-1', '0', '123', '99999999999999999999', 'T', 'O', 'x:1', ':', 'Fish', '&amp;', ' ']
+text = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=40), st.text(st.characters(codec='utf-8'), max_size=300))
+
+
+@pytest.fixture(scope='module')
+def fuzzed(tmp_path_factory):
+    """A server on a fresh folder, a secret file beside the folder, and a valid file inside it."""
+    root = tmp_path_factory.mktemp('fuzz')
+    (root / 'secret.txt').write_bytes(SECRET)
+    client = Client(server.load_config({'BASE_DIR': str(root / 'attachments'), 'KEY': KEY, 'ACCESS_LOG': False,
+                                        'PREGENERATE_SCALE': None, 'THUMBNAIL_TIMEOUT': 10}, environ={}))
+    client.upload('a.jpg', png_bytes(40, 30))
+    yield client, root
+    print(f'\ninputs tried: {dict(TRIED)}')
+
+
+def outside(root):
+    """Every path outside the attachments folder, with its size and mtime."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        if os.path.relpath(folder, root).split(os.sep)[0] == 'attachments':
+            continue
+        for name in files + dirs:
+            path = os.path.join(folder, name)
+            if not path.startswith(str(root / 'attachments')):
+                info = os.lstat(path)
+                found[path] = (info.st_size, info.st_mtime_ns)
+    return found
+
+
+def assert_safe(answer, root, before):
+    """The invariants every answer keeps."""
+    assert answer.status_int < 500, answer.body[:300]
+    assert 'X-Timestamp' in answer.headers
+    assert b'Traceback' not in answer.body and SECRET not in answer.body
+    assert str(root).encode() not in answer.body and str(root).encode() not in str(answer.headers).encode()
+    assert outside(root) == before
+
+
+def signed(params, name_field):
+    """Sometimes sign the request properly, so the checks behind the token are reached too."""
+    value = params.get(name_field)
+    if isinstance(value, str) and 'token' not in params:
+        params['token'] = server.make_token(KEY, value)
+    return params
+
+
+@given(path=st.sampled_from(PATHS), method=st.sampled_from(['GET', 'HEAD', 'POST', 'PUT', 'DELETE', 'OPTIONS']),
+       params=st.dictionaries(st.sampled_from(FIELDS), text, max_size=7), sign=st.booleans(),
+       escaped=st.booleans(), headers=st.dictionaries(
+           st.sampled_from(['Range', 'If-Modified-Since', 'If-None-Match', 'If-Range', 'X-Forwarded-Host',
+                            'X-Forwarded-Proto', 'X-Forwarded-Port', 'Content-Type']), st.text(
+               st.characters(min_codepoint=32, max_codepoint=126), max_size=40), max_size=3))
+def test_any_request_line_is_answered_safely(fuzzed, path, method, params, sign, escaped, headers):
+    client, root = fuzzed
+    before = outside(root)
+    if sign:
+        params = signed(params, {'/fileupload': 'store', '/testkey': 'random'}.get(path, 'filename'))
+    query = urlencode(params, quote_via=quote)
+    if escaped:
+        query = query.replace('&', '&amp;')
+    answer = client.unlinted.request(f'{path}?{query}', method=method, headers=headers, expect_errors=True)
+    TRIED['request lines'] += 1
+    assert_safe(answer, root, before)
+
+
+@given(fields=st.lists(st.tuples(st.sampled_from(FIELDS + ['file', 'x']), text), max_size=8),
+       file_name=st.one_of(st.none(), text), data=st.binary(max_size=2000), file_first=st.booleans(),
+       sign=st.booleans(), cut=st.one_of(st.none(), st.integers(0, 3000)),
+       boundary=st.sampled_from(['b', 'specify-boundary', '----WebKitFormBoundaryx']))
+def test_any_upload_body_is_answered_safely(fuzzed, fields, file_name, data, file_first, sign, cut, boundary):
+    client, root = fuzzed
+    before = outside(root)
+    fields = [(name, value) for name, value in fields if '"' not in name]
+    if sign:
+        store = dict(fields).get('store')
+        if store is not None:
+            fields.append(('token', server.make_token(KEY, store)))
+    parts = list(fields)
+    if file_name is not None:
+        part = ('file', file_name.replace('"', ''), data)
+        parts = [part] + parts if file_first else parts + [part]
+    content_type, body = multipart_body(parts, boundary=boundary)
+    if cut is not None:
+        body = body[:cut]
+    answer = client.post_raw('/fileupload', content_type, body, status='*')
+    TRIED['upload bodies'] += 1
+    assert_safe(answer, root, before)
+    assert not client.leftovers()
+
+
+@given(body=st.binary(max_size=500), content_type=st.sampled_from([
+    'application/x-www-form-urlencoded', 'multipart/form-data', 'multipart/form-data; boundary=',
+    'text/plain', 'application/json', 'multipart/form-data; boundary="unterminated']))
+def test_any_post_body_to_any_endpoint_is_answered_safely(fuzzed, body, content_type):
+    client, root = fuzzed
+    before = outside(root)
+    for path in ('/fileupload', '/filedelete'):
+        answer = client.post_raw(path, content_type, body, status='*')
+        TRIED['post bodies'] += 1
+        assert_safe(answer, root, before)
+
+
+def test_the_file_inside_survives_the_fuzzing(fuzzed):
+    client, root = fuzzed
+    assert (root / 'secret.txt').read_bytes() == SECRET
+    assert client.fileget('a.jpg', coll='any').status_int == 200
+
+
+# --- Tokens -------------------------------------------------------------------------------------
+
+def test_digests_are_compared_in_constant_time(client, monkeypatch):
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(server.hmac, 'compare_digest', lambda a, b: calls.append((a, b)) or real(a, b))
+    client.get('/testkey', {'random': '1', 'token': client.token('1')})
+    client.get('/testkey', {'random': '1', 'token': '0' * 32 + f':{int(time.time())}'}, status=403)
+    assert len(calls) == 2
+
+
+def test_a_replayed_token_for_one_file_cannot_read_another(make_client, png):
+    client = make_client(REQUIRE_KEY_FOR_GET=True)
+    client.upload('a.png', png)
+    client.upload('b.png', png)
+    client.fileget('b.png', token=client.token('a.png'), status=403)
+
+
+# --- Faults ---------------------------------------------------------------------------------------
+
+def limit_file_size(size):
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (size, size))
+
+
+def upload_over_http(web, name, data):
+    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'),
+                                         ('token', server.make_token(KEY, name))])
+    return web.request('POST', '/fileupload', body, {'Content-Type': content_type})
+
+
+def test_a_full_disk_during_an_upload_is_507_leaves_nothing_and_the_server_goes_on(tmp_path):
+    web = RunningServer(tmp_path / 'attachments', tmp_path / 'server.log', preexec_fn=limit_file_size(4 * 2**20),
+                        ACCESS_LOG='false', PREGENERATE_SCALE='none')
+    try:
+        status, headers, body = upload_over_http(web, 'big.tif', os.urandom(6 * 2**20))
+        assert (status, body) == (507, b'The server has no room to store this file.')
+        assert 'X-Timestamp' in headers
+        files = [p for p in (tmp_path / 'attachments').rglob('*') if p.is_file() and p.name != '.web-asset-server.key']
+        assert files == []
+        assert upload_over_http(web, 'small.png', png_bytes(10, 10))[2] == b'Ok.'
+    finally:
+        web.stop()
+
+
+def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_path):
+    base = tmp_path / 'attachments'
+    web = RunningServer(base, tmp_path / 'first.log', ACCESS_LOG='false', PREGENERATE_SCALE='none', THREADS='16')
+    payloads = {f'upload-{i}.bin': os.urandom(int.from_bytes(os.urandom(3), 'big') % (3 * 2**20) + 1)
+                for i in range(60)}
+    answered, lock = set(), threading.Lock()
+
+    def send(name):
+        try:
+            if upload_over_http(web, name, payloads[name])[2] == b'Ok.':
+                with lock:
+                    answered.add(name)
+                    if len(answered) == 20:              # kill it mid-run, with uploads in flight
+                        os.kill(web.process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(send, payloads))
+    web.process.wait(10)
+    web.stop()
+    print(f'\n{len(answered)} of {len(payloads)} uploads answered Ok. before SIGKILL')
+    assert 0 < len(answered) < len(payloads)
+    stored = {p.name: p.read_bytes() for p in (base / 'originals').iterdir() if not p.name.startswith(server.TEMP_PREFIX)}
+    assert answered <= set(stored)
+    for name, data in stored.items():
+        assert data == payloads[name], f'{name} is not what was sent'
+    again = RunningServer(base, tmp_path / 'second.log', ACCESS_LOG='false', PREGENERATE_SCALE='none')
+    try:
+        for name in answered:
+            assert again.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[2] == payloads[name]
+        leftovers = [p.name for p in base.rglob(server.TEMP_PREFIX + '*')]
+        for name in leftovers:
+            assert again.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[0] == 400
+    finally:
+        again.stop()
+
+
+def test_a_corrupt_image_gets_a_clean_404_and_the_next_request_works(client, png):
+    client.upload('broken.png', png[:len(png) // 2])
+    client.fileget('broken.png', 'T', scale='50', status=404)
+    client.upload('fine.png', png)
+    assert client.fileget('fine.png', 'T', scale='50').status_int == 200
+
+
+def test_hashes_of_what_was_stored_match_what_was_sent(client):
+    sent = {f'{i}.bin': os.urandom(1000 * i + 1) for i in range(10)}
+    for name, data in sent.items():
+        client.upload(name, data)
+    for name, data in sent.items():
+        assert hashlib.sha256(client.fileget(name).body).hexdigest() == hashlib.sha256(data).hexdigest()

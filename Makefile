@@ -28,11 +28,7 @@ soak: packages test-packages venv
 packages:
 	sh deploy/install-packages.sh deploy/packages.txt
 
-test-soak: packages test-packages venv
-	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -s tests/test_reliability.py
-	$(PY) bench/soak.py --seconds 300
-
-packages:
+test-packages:
 	sh deploy/install-packages.sh deploy/packages.txt tests/packages.txt
 
 venv: $(VENV)/.installed

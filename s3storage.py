@@ -13,7 +13,6 @@ import logging
 import os
 
 import boto3
-import bottle
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError

@@ -4,8 +4,9 @@ Specify 6 and 7 reach this server through views/web_asset_store.xml and sign
 each request with an HMAC-MD5 token over a shared key (see README.md). One
 Bottle application; run it with `python server.py` (Paste serves it).
 
-Sections: configuration, tokens, names, file kinds, storage, thumbnails,
-uploads, metadata, the web application, start-up.
+Sections: configuration, tokens, names, file kinds, thumbnails, storage (on
+disk; s3storage.py adds object storage), uploads, metadata, the web
+application, start-up. migrate.py copies an attachments folder to S3 and back.
 """
 
 import contextlib
@@ -24,7 +25,6 @@ import re
 import resource
 import secrets
 import shutil
-import stat
 import struct
 import sys
 import threading
@@ -497,6 +497,7 @@ class Thumbnailer:
             process.wait()
         except sh.ErrorReturnCode as error:
             if expired.is_set():
+                log.warning('thumbnail conversion killed after %s s (THUMBNAIL_TIMEOUT)', self.timeout)
                 raise ThumbnailError('Making the thumbnail took too long.') from None
             log.info('thumbnail failed: %s', error.stderr.decode('utf-8', 'replace').strip()[:500])
             raise ThumbnailError('This file could not be thumbnailed.') from None
@@ -1180,6 +1181,7 @@ def fileupload():
     if not upload.staged:
         refuse(400, 'The upload has no file part.')
     coll = param('coll')
+    thumbnailable = sniff_kind(upload.staged) in app.thumbnailer.kinds
     try:
         app.storage.save(coll, name, upload.staged)
     except OSError as error:
@@ -1188,7 +1190,7 @@ def fileupload():
         raise
     upload.staged = None
     scale = app.settings.PREGENERATE_SCALE
-    if scale and app.thumbnailer.kinds:
+    if scale and thumbnailable:
         app.thumbnailer.in_background(functools.partial(
             app.storage.ensure_thumbnail, coll, name, scale, app.thumbnailer))
     return 'Ok.'

@@ -24,8 +24,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
 
 import server  # noqa: E402
-from conftest import KEY, RunningServer, free_port, make_image, multipart_body, wait_for  # noqa: E402
-from test_deployment import Nginx  # noqa: E402
+from conftest import KEY, Nginx, RunningServer, free_port, make_image, multipart_body, start_nginx, wait_for  # noqa: E402
 
 BARE_APP = '''
 import sys
@@ -52,15 +51,8 @@ def upload(web, name, data):
 def static_nginx(folder, root):
     """nginx serving `root` as static files on a free loopback port."""
     port = free_port()
-    user = 'user root;' if os.geteuid() == 0 else ''
-    (folder / 'static.conf').write_text(
-        f'{user} pid {folder}/static.pid; error_log {folder}/static-error.log; worker_processes 2;\n'
-        f'events {{}} http {{ access_log off; include /etc/nginx/mime.types; sendfile on;\n'
-        f'client_body_temp_path {folder}/sb; proxy_temp_path {folder}/sp; fastcgi_temp_path {folder}/sf;\n'
-        f'uwsgi_temp_path {folder}/su; scgi_temp_path {folder}/ss;\n'
-        f'server {{ listen 127.0.0.1:{port}; root {root}; }} }}\n')
-    process = subprocess.Popen(['nginx', '-p', str(folder), '-c', str(folder / 'static.conf'), '-g', 'daemon off;'])
-    time.sleep(1)
+    process = start_nginx(folder, 'static', f'sendfile on; server {{ listen 127.0.0.1:{port}; root {root}; }}')
+    wait_for(lambda: subprocess.run(['curl', '-s', f'http://127.0.0.1:{port}/'], capture_output=True).returncode == 0)
     return process, port
 
 

@@ -141,13 +141,18 @@ def run(seconds, concurrency=32, folder=None):
                 time.sleep(1)
             for future in futures:
                 future.result(timeout=120)
-        def leftovers():
-            return [str(p) for p in (folder / 'attachments').rglob(server.TEMP_PREFIX + '*')]
-        quiet_by = time.time() + 60                 # background thumbnails may still be at work
-        while leftovers() and time.time() < quiet_by:
+        def temporaries():                 # os.walk, unlike rglob, copes with folders vanishing meanwhile
+            found = set()
+            for top, dirs, files in os.walk(folder / 'attachments'):
+                found.update(os.path.join(top, name) for name in dirs + files if name.startswith(server.TEMP_PREFIX))
+            return found
+        in_flight = temporaries()          # background thumbnails may still be at work: give each
+        quiet_by = time.time() + 75        # more than the 60 s conversion time limit to go away
+        while in_flight & temporaries() and time.time() < quiet_by:
             time.sleep(0.5)
         end_rss, end_fds = process_figures(web.process.pid)
-        left = leftovers()
+        left = sorted(in_flight & temporaries())
+        killed = web.output().count('thumbnail conversion killed after')
     finally:
         web.stop()
     samples = report['samples']
@@ -161,7 +166,7 @@ def run(seconds, concurrency=32, folder=None):
         'rss after warm-up': statistics.median(s[1] for s in warm),
         'rss at end': statistics.median(s[1] for s in last),
         'fds after warm-up': max(s[2] for s in warm), 'fds at end': end_fds, 'rss idle at end': end_rss,
-        'leftover temporaries': left,
+        'leftover temporaries': left, 'conversions killed by the time limit': killed,
     }
 
 
@@ -177,6 +182,7 @@ def as_table(figures):
         f"{figures['rss at end'] / 2**20:.0f} MB ({growth:+.1%}) |",
         f"| open file descriptors after warm-up / at end | {figures['fds after warm-up']} / {figures['fds at end']} |",
         f"| temporary files left | {len(figures['leftover temporaries'])} |",
+        f"| conversions killed by the time limit | {figures['conversions killed by the time limit']} |",
     ])
 
 

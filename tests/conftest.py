@@ -5,6 +5,7 @@ import http.client
 import random
 import secrets
 import socket
+import ssl
 import struct
 import subprocess
 import sys
@@ -272,13 +273,7 @@ class RunningServer:
 
     def request(self, method, path, body=None, headers=None, timeout=60):
         """(status, headers, body) of one HTTP request."""
-        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            answer = connection.getresponse()
-            return answer.status, answer.headers, answer.read()
-        finally:
-            connection.close()
+        return exchange(http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout), method, path, body, headers)
 
     def output(self):
         self.log.seek(0)
@@ -296,6 +291,66 @@ class RunningServer:
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def exchange(connection, method, path, body=None, headers=None):
+    """(status, headers, body) of one request on a fresh connection, closed afterwards."""
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        answer = connection.getresponse()
+        return answer.status, answer.headers, answer.read()
+    finally:
+        connection.close()
+
+
+def start_nginx(folder, name, http_block):
+    """nginx run from `folder` with `http_block` inside http {}; stopped by the caller through the process."""
+    user = 'user root;' if os.geteuid() == 0 else ''
+    temporary = ' '.join(f'{kind}_temp_path {folder}/{name}-{kind};'
+                         for kind in ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'))
+    (folder / f'{name}.conf').write_text(
+        f'{user} pid {folder}/{name}.pid; error_log {folder}/{name}-error.log; worker_processes 2;\n'
+        f'events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off; {temporary}\n{http_block}\n}}\n')
+    return subprocess.Popen(['nginx', '-p', str(folder), '-c', str(folder / f'{name}.conf'), '-g', 'daemon off;'],
+                            stderr=subprocess.DEVNULL)
+
+
+class Nginx:
+    """nginx on loopback with deploy/nginx.conf, its ports, certificate and folder swapped for the test's."""
+
+    def __init__(self, folder, upstream_port, attachments):
+        self.folder, self.https, self.http = folder, free_port(), free_port()
+        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj',
+                        '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout',
+                        str(folder / 'key.pem'), '-out', str(folder / 'cert.pem')],
+                       check=True, capture_output=True, timeout=60)
+        with open(os.path.join(PROJECT, 'deploy', 'nginx.conf')) as example:
+            site = (example.read()
+                    .replace('server 127.0.0.1:8080;', f'server 127.0.0.1:{upstream_port};')
+                    .replace('listen 443 ssl;', f'listen 127.0.0.1:{self.https} ssl;')
+                    .replace('listen 80;', f'listen 127.0.0.1:{self.http};')
+                    .replace('/etc/ssl/certs/assets.museum.org.pem', str(folder / 'cert.pem'))
+                    .replace('/etc/ssl/private/assets.museum.org.key', str(folder / 'key.pem'))
+                    .replace('alias /home/specify/attachments/;', f'alias {attachments}/;'))
+        self.process = start_nginx(folder, 'proxy', site)
+        if not wait_for(self._answers, 20):
+            self.stop()
+            raise RuntimeError('nginx did not start: ' + (folder / 'proxy-error.log').read_text())
+
+    def _answers(self):
+        try:
+            return self.request('GET', '/')[0] == 200
+        except OSError:
+            return False
+
+    def request(self, method, path, body=None, headers=None):
+        context = ssl.create_default_context(cafile=str(self.folder / 'cert.pem'))
+        return exchange(http.client.HTTPSConnection('127.0.0.1', self.https, context=context, timeout=120),
+                        method, path, body, headers)
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(10)
 WEED = os.path.join(os.path.dirname(sys.executable), 'weed')
 
 

@@ -2,24 +2,21 @@
 (HTTPS, large uploads, X-Accel-Redirect offload), and a real browser uploading cross-origin."""
 
 import base64
-import http.client
 import json
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import sys
 import threading
-import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import quote, urlencode
+from urllib.parse import urlencode
 
 import pytest
 import yaml
 
 import server
-from conftest import KEY, PROJECT, RunningServer, free_port, image_info, make_image, multipart_body, wait_for
+from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, multipart_body
 
 pytestmark = pytest.mark.disk_only
 
@@ -91,55 +88,6 @@ def test_the_systemd_unit_runs_server_py_from_its_folder():
 
 
 # --- nginx in front ---------------------------------------------------------------------------
-
-class Nginx:
-    """nginx on loopback with deploy/nginx.conf, its ports, certificate and folder swapped for the test's."""
-
-    def __init__(self, folder, upstream_port, attachments):
-        self.folder, self.https, self.http = folder, free_port(), free_port()
-        subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj',
-                        '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout', str(folder / 'key.pem'), '-out', str(folder / 'cert.pem')],
-                       check=True, capture_output=True, timeout=60)
-        site = (project_file('deploy/nginx.conf')
-                .replace('server 127.0.0.1:8080;', f'server 127.0.0.1:{upstream_port};')
-                .replace('listen 443 ssl;', f'listen 127.0.0.1:{self.https} ssl;')
-                .replace('listen 80;', f'listen 127.0.0.1:{self.http};')
-                .replace('/etc/ssl/certs/assets.museum.org.pem', str(folder / 'cert.pem'))
-                .replace('/etc/ssl/private/assets.museum.org.key', str(folder / 'key.pem'))
-                .replace('alias /home/specify/attachments/;', f'alias {attachments}/;'))
-        user = 'user root;' if os.geteuid() == 0 else ''
-        (folder / 'nginx.conf').write_text(
-            f'{user} pid {folder}/nginx.pid; error_log {folder}/error.log; worker_processes 2;\n'
-            f'events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off;\n'
-            f'client_body_temp_path {folder}/body; proxy_temp_path {folder}/proxy;\n'
-            f'fastcgi_temp_path {folder}/fcgi; uwsgi_temp_path {folder}/uwsgi; scgi_temp_path {folder}/scgi;\n'
-            f'{site}\n}}\n')
-        self.process = subprocess.Popen(['nginx', '-p', str(folder), '-c', str(folder / 'nginx.conf'),
-                                         '-g', 'daemon off;'], stderr=subprocess.PIPE)
-        if not wait_for(self._answers, 20):
-            self.stop()
-            raise RuntimeError('nginx did not start: ' + (folder / 'error.log').read_text())
-
-    def _answers(self):
-        try:
-            return self.request('GET', '/')[0] == 200
-        except OSError:
-            return False
-
-    def request(self, method, path, body=None, headers=None):
-        context = ssl.create_default_context(cafile=str(self.folder / 'cert.pem'))
-        connection = http.client.HTTPSConnection('127.0.0.1', self.https, context=context, timeout=120)
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            answer = connection.getresponse()
-            return answer.status, answer.headers, answer.read()
-        finally:
-            connection.close()
-
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
-
 
 @pytest.fixture(scope='module')
 def proxied(tmp_path_factory):

@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 import pytest
 
 import server
-from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, image_info, make_image
+from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, image_info
 
 
 def s3_client(tmp_path, store, prefix, **overrides):

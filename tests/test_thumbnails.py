@@ -1,7 +1,6 @@
 """Thumbnails of every collection format: right kind and size (decoded, not guessed), bounded, never half-made."""
 
 import io
-import os
 import struct
 import subprocess
 import threading
@@ -12,7 +11,7 @@ import exifread
 import pytest
 import sh
 
-from conftest import IMAGEMAGICK, magick, make_image, wait_for, with_exif
+from conftest import IMAGEMAGICK, make_image, wait_for, with_exif
 
 
 def decoded(data, tmp_path, fields='%m %w %h %[colorspace] %z %A %n'):

@@ -1181,7 +1181,8 @@ def fileupload():
     if not upload.staged:
         refuse(400, 'The upload has no file part.')
     coll = param('coll')
-    thumbnailable = sniff_kind(upload.staged) in app.thumbnailer.kinds
+    scale = app.settings.PREGENERATE_SCALE
+    pregenerate = bool(scale) and sniff_kind(upload.staged) in app.thumbnailer.kinds
     try:
         app.storage.save(coll, name, upload.staged)
     except OSError as error:
@@ -1189,8 +1190,7 @@ def fileupload():
             refuse(507, 'The server has no room to store this file.')
         raise
     upload.staged = None
-    scale = app.settings.PREGENERATE_SCALE
-    if scale and thumbnailable:
+    if pregenerate:
         app.thumbnailer.in_background(functools.partial(
             app.storage.ensure_thumbnail, coll, name, scale, app.thumbnailer))
     return 'Ok.'

@@ -246,6 +246,17 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def stop_process(process, patience):
+    """SIGTERM a process the tests started, then SIGKILL it if it has not ended after `patience` seconds."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(patience)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+
+
 class RunningServer:
     """`python server.py` under Paste on a free loopback port, settings from the environment."""
 
@@ -280,13 +291,7 @@ class RunningServer:
         return self.log.read().decode('utf-8', 'replace')
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, patience=10)
         self.log.close()
 
 
@@ -421,12 +426,5 @@ class SeaweedFS:
                 'S3_ACCESS_KEY_ID': 'any', 'S3_SECRET_ACCESS_KEY': 'any'}
 
     def stop(self):
-        """SIGTERM, then SIGKILL after a short wait (it may ignore SIGTERM)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(3)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
+        stop_process(self.process, patience=3)      # it may ignore SIGTERM
         self.log.close()

@@ -13,7 +13,7 @@ WORKDIR /home/specify/web-asset-server
 COPY requirements.txt ./
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
-COPY server.py settings.py s3storage.py migrate.py ./
+COPY *.py ./
 COPY views ./views
 
 RUN mkdir -p /home/specify/attachments && chown specify:specify /home/specify/attachments

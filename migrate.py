@@ -21,7 +21,7 @@ import re
 import sys
 import time
 
-import server
+import core
 from s3storage import TRANSFER, make_client, store_errors
 
 PART = TRANSFER.multipart_chunksize
@@ -46,12 +46,12 @@ def folder_files(folder, config):
     """(relative parts, path) of every attachment file in an upstream-layout folder."""
     kinds = (config.ORIG_DIR, config.THUMB_DIR)
     for top, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(server.TEMP_PREFIX)]
+        dirs[:] = [d for d in dirs if not d.startswith(core.TEMP_PREFIX)]
         parts = os.path.relpath(top, folder).split(os.sep)
         if parts == ['.'] or parts[-1] not in kinds or len(parts) > 2:
             continue
         for name in sorted(files):
-            if not server.name_problem(name) and all(not server.name_problem(p) for p in parts):
+            if not core.name_problem(name) and all(not core.name_problem(p) for p in parts):
                 yield [*parts, name], os.path.join(top, name)
 
 
@@ -91,8 +91,8 @@ def to_s3(config, folder, dry_run):
         elif dry_run:
             counts['copied'] += 1
         else:
-            kind = server.content_type(path, parts[-1]) if parts[-2] == config.ORIG_DIR \
-                else server.sniff_kind(path) or 'application/octet-stream'
+            kind = core.content_type(path, parts[-1]) if parts[-2] == config.ORIG_DIR \
+                else core.sniff_kind(path) or 'application/octet-stream'
             with store_errors():
                 client.upload_file(path, config.S3_BUCKET, key, Config=TRANSFER,
                                    ExtraArgs={'ContentType': kind})
@@ -126,7 +126,7 @@ def bucket_objects(client, config):
             for item in page.get('Contents', []):
                 parts = item['Key'][len(start):].split('/')
                 if 2 <= len(parts) <= 3 and parts[-2] in (config.ORIG_DIR, config.THUMB_DIR) \
-                        and not any(server.name_problem(p) for p in parts):
+                        and not any(core.name_problem(p) for p in parts):
                     yield parts, item['Key'], item['Size'], item['ETag']
 
 
@@ -144,7 +144,7 @@ def from_s3(config, folder, dry_run):
         elif dry_run:
             counts['copied'] += 1
         else:
-            temp, handle = server.make_temp_file(os.path.dirname(target))
+            temp, handle = core.make_temp_file(os.path.dirname(target))
             handle.close()
             try:
                 with store_errors():
@@ -158,7 +158,7 @@ def from_s3(config, folder, dry_run):
                 if not verified:
                     sys.stderr.write(f'\nverification failed: {key}\n')
             finally:
-                server.remove_quietly(temp)
+                core.remove_quietly(temp)
         progress.advance(size)
     progress.done()
     return counts
@@ -171,16 +171,16 @@ def main(argv=None):
     parser.add_argument('--dry-run', action='store_true', help='say what would be copied, copy nothing')
     args = parser.parse_args(argv)
     try:
-        config = server.load_config()
+        config = core.load_config()
         if not config.S3_BUCKET:
-            raise server.ConfigError('setting S3_BUCKET must name the bucket to copy to or from')
-    except server.ConfigError as error:
+            raise core.ConfigError('setting S3_BUCKET must name the bucket to copy to or from')
+    except core.ConfigError as error:
         sys.exit(f'migrate: {error}')
     folder = os.path.abspath(args.folder or config.BASE_DIR)
     copy = to_s3 if args.direction == 'to-s3' else from_s3
     try:
         counts = copy(config, folder, args.dry_run)
-    except server.StorageUnavailable as error:
+    except core.StorageUnavailable as error:
         sys.exit(f'migrate: {error}; run it again when the store is back (it resumes)')
     verb = 'would copy' if args.dry_run else 'copied'
     print(f"{verb} {counts['copied']}, already there {counts['already there']}, failed {counts['failed']}")

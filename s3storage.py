@@ -17,8 +17,8 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from server import (CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type, file_answer,
-                    make_temp_file, refuse, remove_quietly, sniff_kind)
+from core import (CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type, file_answer,
+                  make_temp_file, refuse, remove_quietly, sniff_kind)
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2

@@ -4,13 +4,13 @@ Specify 6 and 7 reach this server through views/web_asset_store.xml and sign
 each request with an HMAC-MD5 token over a shared key (see README.md). One
 Bottle application; run it with `python server.py` (Paste serves it).
 
-Sections: configuration, tokens, names, file kinds, thumbnails, storage (on
-disk; s3storage.py adds object storage), uploads, metadata, the web
-application, start-up. migrate.py copies an attachments folder to S3 and back.
+Imports run one way: settings.py -> core.py (shared pieces) -> s3storage.py
+(object storage) -> server.py (this, the application) -> migrate.py (an
+administration command). Sections: the key, tokens, thumbnails, disk storage,
+uploads, metadata, the web application, start-up.
 """
 
 import contextlib
-import email.utils
 import errno
 import functools
 import hashlib
@@ -18,18 +18,15 @@ import hmac
 import inspect
 import json
 import logging
-import mimetypes
 import os
 import queue
 import re
 import resource
 import secrets
 import shutil
-import struct
 import sys
 import threading
 import time
-import types
 from urllib.parse import quote
 
 import bottle
@@ -37,103 +34,22 @@ import exifread
 import multipart
 import sh
 
-import settings
+from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, StorageUnavailable,
+                  ThumbnailError, content_type, file_answer, file_identity, fsync_folder, image_size,
+                  kind_of, load_config, make_temp_file, may_run_scripts, refuse, remove_quietly,
+                  sniff_kind, valid_name, valid_scale)
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 VIEWS_DIR = os.path.join(HERE, 'views')
-TEMP_PREFIX = '.~wast-'          # Our temporary files and folders; clients may not use such names.
-CHUNK = 256 * 1024               # Bytes read or written at a time when streaming.
 MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
 
 log = logging.getLogger('web_asset_server')
 logging.getLogger('exifread').setLevel(logging.CRITICAL)
 logging.getLogger('sh').setLevel(logging.WARNING)
-mimetypes.add_type('image/heic', '.heic')
-mimetypes.add_type('image/heif', '.heif')
-
-
-def refuse(status, reason):
-    """Stop the request with a short plain-text answer."""
-    raise bottle.HTTPError(status, reason)
 
 
 ###############################################################################
-# Configuration ###############################################################
+# The key #####################################################################
 ###############################################################################
-
-ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
-OPTIONAL_TYPES = {'SERVER_PORT': int, 'THUMBNAIL_WORKERS': int, 'TIME_TOLERANCE': int,
-                  'PREGENERATE_SCALE': int, 'COLLECTION_DIRS': json.loads}   # the rest: text
-TRUE_WORDS, FALSE_WORDS = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
-
-
-class ConfigError(Exception):
-    """A setting that the server cannot start with."""
-
-
-def parse_setting(name, raw, default):
-    """Turn an environment variable's text into the type of the setting's default."""
-    text = raw.strip()
-    try:
-        if isinstance(default, bool):
-            if text.lower() in TRUE_WORDS | FALSE_WORDS:
-                return text.lower() in TRUE_WORDS
-            raise ValueError('expected true or false')
-        kind = type(default) if default is not None else OPTIONAL_TYPES.get(name, str)
-        if text.lower() in ('', 'none', 'null'):
-            return None
-        if kind in (list, dict, set):
-            return json.loads(text)
-        return kind(text)
-    except ValueError as error:
-        raise ConfigError(f'setting {name}: cannot read {raw!r} ({error})') from None
-
-
-def load_config(overrides=None, environ=None):
-    """Settings from settings.py, then environment variables, then overrides (tests)."""
-    environ = os.environ if environ is None else environ
-    values = {name: getattr(settings, name) for name in dir(settings) if name.isupper()}
-    for env_name, name in list(ENV_ALIASES.items()) + [(n, n) for n in values]:
-        if env_name in environ:
-            values[name] = parse_setting(name, environ[env_name], getattr(settings, name))
-    values.update(overrides or {})
-    config = types.SimpleNamespace(**values)
-    config.BASE_DIR = os.path.abspath(os.path.join(HERE, os.path.expanduser(config.BASE_DIR)))
-    config.SERVER_PORT = config.SERVER_PORT or config.PORT
-    config.CAN_THUMBNAIL = set(config.CAN_THUMBNAIL or ())
-    config.THUMBNAIL_WORKERS = config.THUMBNAIL_WORKERS or os.cpu_count() or 1
-    check_config(config)
-    return config
-
-
-def check_config(config):
-    """Refuse settings that would let names escape BASE_DIR or make no sense."""
-    for name in ('ORIG_DIR', 'THUMB_DIR'):
-        if name_problem(getattr(config, name)):
-            raise ConfigError(f'setting {name} must be a single folder name')
-    if config.COLLECTION_DIRS is not None:
-        if not isinstance(config.COLLECTION_DIRS, dict):
-            raise ConfigError('setting COLLECTION_DIRS must map collection names to folder names')
-        for coll, folder in config.COLLECTION_DIRS.items():
-            if not isinstance(folder, str) or name_problem(folder):
-                raise ConfigError(f'COLLECTION_DIRS[{coll!r}] must be a single folder name')
-    for name in ('PORT', 'SERVER_PORT', 'MAX_UPLOAD_SIZE', 'MAX_THUMBNAIL_SCALE', 'THUMBNAIL_WORKERS',
-                 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS', 'SOCKET_TIMEOUT'):
-        if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
-            raise ConfigError(f'setting {name} must be a whole number above 0')
-    if config.THREADS < 5:
-        raise ConfigError('setting THREADS must be at least 5 (Paste keeps 5 spare threads)')
-    if config.PUBLIC_SCHEME not in ('http', 'https'):
-        raise ConfigError('setting PUBLIC_SCHEME must be http or https')
-    if config.STORAGE not in ('disk', 's3'):
-        raise ConfigError('setting STORAGE must be disk or s3')
-    if config.STORAGE == 's3' and not config.S3_BUCKET:
-        raise ConfigError('setting S3_BUCKET must name a bucket when STORAGE is s3')
-    if config.FILE_OFFLOAD not in (None, 'nginx', 'apache'):
-        raise ConfigError('setting FILE_OFFLOAD must be none, nginx or apache')
-    if config.FILE_OFFLOAD and config.STORAGE != 'disk':
-        raise ConfigError('setting FILE_OFFLOAD works with disk storage only')
-
 
 def resolve_key(config):
     """The key tokens are checked with: configured, kept in KEY_FILE, or made there now."""
@@ -200,150 +116,8 @@ def token_problem(key, token, name, started, tolerance):
 
 
 ###############################################################################
-# Names #######################################################################
-###############################################################################
-
-def name_problem(name):
-    """Why `name` cannot be a stored file's name, or None when it can."""
-    if name is None or name == '':
-        return 'is missing'
-    if name in ('.', '..'):
-        return 'may not be . or ..'
-    if any(c in name for c in '/\\\0'):
-        return 'may not contain /, \\ or NUL'
-    if len(name.encode('utf-8', 'surrogatepass')) > 255:
-        return 'is longer than 255 bytes'
-    if name.startswith(TEMP_PREFIX):
-        return f'may not begin with {TEMP_PREFIX}'
-    return None
-
-
-def valid_name(name, field):
-    """`name` when it is one safe path component; else a 400 naming the field."""
-    problem = name_problem(name)
-    if problem:
-        refuse(400, f'Bad {field}: it {problem}.')
-    return name
-
-
-def valid_scale(text, bound):
-    """The thumbnail scale as an int from 1 to `bound`; else a 400."""
-    if text is None or not re.fullmatch(r'[0-9]{1,9}', text) or not 1 <= int(text) <= bound:
-        refuse(400, f'Bad scale: it must be a whole number from 1 to {bound}.')
-    return int(text)
-
-
-def thumbnail_name(name, scale):
-    """The upstream cache name of a thumbnail: <root>_<scale><ext>."""
-    root, ext = os.path.splitext(name)
-    return f'{root}_{scale}{ext}'
-
-
-def is_thumbnail_of(candidate, name):
-    """True when `candidate` is the cache name of one of `name`'s thumbnails."""
-    root, ext = os.path.splitext(name)
-    return re.fullmatch(re.escape(root) + r'_[0-9]+' + re.escape(ext), candidate) is not None
-
-
-###############################################################################
-# File kinds ##################################################################
-###############################################################################
-
-HEIF_BRANDS = {b'heic', b'heix', b'hevc', b'hevx', b'heim', b'heis', b'mif1', b'msf1'}
-
-
-def sniff_kind(path):
-    """The MIME type of a file told from its first bytes, or None when unknown."""
-    try:
-        with open(path, 'rb') as f:
-            return kind_of(f.read(1024))
-    except OSError:
-        return None
-
-
-def kind_of(head):
-    """The MIME type that a file's first bytes show, or None when unknown."""
-    if head.startswith(b'\xff\xd8\xff'):
-        return 'image/jpeg'
-    if head.startswith(b'\x89PNG\r\n\x1a\n'):
-        return 'image/png'
-    if head[:6] in (b'GIF87a', b'GIF89a'):
-        return 'image/gif'
-    if head[:4] in (b'II*\0', b'MM\0*'):
-        return 'image/tiff'
-    if head.startswith(b'%PDF-'):          # not merely inside: Ghostscript would run PostScript
-        return 'application/pdf'
-    if head[4:8] == b'ftyp' and head[8:12] in HEIF_BRANDS:
-        return 'image/heic' if head[8:12].startswith(b'he') else 'image/heif'
-    return None
-
-
-def content_type(path, name):
-    """What a file is served as: its extension's type, else its bytes', else binary."""
-    return mimetypes.guess_type(name)[0] or sniff_kind(path) or 'application/octet-stream'
-
-
-def image_size(path, kind):
-    """(width, height) read from an image's header, or None when it cannot be told cheaply."""
-    try:
-        with open(path, 'rb') as f:
-            if kind == 'image/png':
-                return struct.unpack('>II', f.read(24)[16:24])
-            if kind == 'image/gif':
-                return struct.unpack('<HH', f.read(10)[6:10])
-            if kind == 'image/jpeg':
-                return jpeg_size(f)
-            if kind == 'image/tiff':
-                return tiff_size(f)
-            if kind in ('image/heic', 'image/heif'):
-                return heif_size(f.read(1 << 20))
-    except (OSError, struct.error):
-        return None
-    return None
-
-
-def jpeg_size(f):
-    """Walk a JPEG's marker segments to its frame header."""
-    f.seek(2)
-    while True:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
-            return None
-        if marker[1] in (0xD8, 0x01) or 0xD0 <= marker[1] <= 0xD7:
-            continue
-        length = struct.unpack('>H', f.read(2))[0]
-        if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack('>xHH', f.read(5))
-            return width, height
-        f.seek(length - 2, os.SEEK_CUR)
-
-
-def tiff_size(f):
-    """Read ImageWidth and ImageLength from a TIFF's first directory."""
-    order = '<' if f.read(2) == b'II' else '>'
-    f.seek(4)
-    f.seek(struct.unpack(order + 'I', f.read(4))[0])
-    found = {}
-    for _ in range(struct.unpack(order + 'H', f.read(2))[0]):
-        tag, kind, _count, value = struct.unpack(order + 'HHI4s', f.read(12))
-        if tag in (256, 257):
-            found[tag] = struct.unpack(order + ('H' if kind == 3 else 'I'), value[:2 if kind == 3 else 4])[0]
-    return (found[256], found[257]) if len(found) == 2 else None
-
-
-def heif_size(head):
-    """The largest image spatial extent ('ispe') a HEIF file declares."""
-    sizes = [struct.unpack('>II', head[at + 8:at + 16]) for at in
-             (m.start() for m in re.finditer(b'ispe', head)) if len(head) >= at + 16]
-    return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
-
-
-###############################################################################
 # Thumbnails ##################################################################
 ###############################################################################
-
-class ThumbnailError(Exception):
-    """A thumbnail that cannot be made; the message is safe to show a client."""
 
 
 INPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif',
@@ -532,129 +306,11 @@ class Thumbnailer:
 
 
 ###############################################################################
-# Storage #####################################################################
+# Disk storage ################################################################
 ###############################################################################
 
-class StorageUnavailable(Exception):
-    """The storage cannot be reached or failed; answered with 503."""
 
 
-def fsync_folder(folder):
-    """Make a rename in `folder` durable."""
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def make_temp_file(folder):
-    """A new temporary file in `folder` (made as needed) that no client name can reach."""
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f'{TEMP_PREFIX}{secrets.token_hex(8)}.part')
-    return path, open(path, 'xb')
-
-
-def remove_quietly(path):
-    """Remove a file that may already be gone."""
-    try:
-        os.remove(path)
-    except FileNotFoundError:
-        pass
-
-
-class KeyedLocks:
-    """One lock per key, made on first use and dropped when nobody holds or waits for it."""
-
-    def __init__(self):
-        self._guard = threading.Lock()
-        self._locks = {}
-
-    @contextlib.contextmanager
-    def __call__(self, key):
-        with self._guard:
-            entry = self._locks.setdefault(key, [threading.Lock(), 0])
-            entry[1] += 1
-        try:
-            with entry[0]:
-                yield
-        finally:
-            with self._guard:
-                entry[1] -= 1
-                if not entry[1]:
-                    del self._locks[key]
-
-
-class Layout:
-    """What every storage shares: the upstream layout, and making each thumbnail once.
-
-    Keys and paths are <collection folder>/<originals|thumbnails>/<name>, the collection
-    folder only when COLLECTION_DIRS maps collections to folders. A storage adds save,
-    delete, exists, open, send, send_thumbnail, send_static and two thumbnail steps.
-    """
-
-    def __init__(self, config):
-        self.collections = config.COLLECTION_DIRS
-        self.orig_dir, self.thumb_dir = config.ORIG_DIR, config.THUMB_DIR
-        self.staging = config.BASE_DIR
-        self.thumbnail_locks = KeyedLocks()
-
-    def folder_parts(self, coll):
-        """The collection's folder as path parts; 404 for a collection COLLECTION_DIRS does not name."""
-        if self.collections is None:
-            return []
-        if coll not in self.collections:
-            refuse(404, 'Unknown collection.')
-        return [self.collections[coll]]
-
-    def original_parts(self, coll, name):
-        return [*self.folder_parts(coll), self.orig_dir, name]
-
-    def thumbnail_parts(self, coll, name, scale):
-        return [*self.folder_parts(coll), self.thumb_dir, thumbnail_name(name, scale)]
-
-    def owns_thumbnail(self, coll, name):
-        """A test for the cache names of `name`'s thumbnails: <root>_<scale><ext>, and for a PDF also
-        the <root>_<scale>.png that older servers made, unless a PNG original of that name owns them."""
-        root, ext = os.path.splitext(name)
-        owners = [name]
-        if ext.lower() == '.pdf' and not self.exists(coll, root + '.png'):
-            owners.append(root + '.png')
-        return lambda candidate: any(is_thumbnail_of(candidate, owner) for owner in owners)
-
-    def is_static_parts(self, parts):
-        """True when a /static/ path names a file in an originals or thumbnails folder."""
-        if any(name_problem(part) for part in parts):
-            return False
-        if self.collections is not None:
-            if not parts or parts[0] not in self.collections.values():
-                return False
-            parts = parts[1:]
-        return len(parts) == 2 and parts[0] in (self.orig_dir, self.thumb_dir)
-
-    def staging_folder(self):
-        """A local folder for uploads in progress (the collection may not be known yet)."""
-        return self.staging
-
-    def ensure_thumbnail(self, coll, name, scale, thumbnailer):
-        """Make the thumbnail of `name` at `scale` unless a fresh one is stored; one conversion at a time."""
-        if len(thumbnail_name(name, scale).encode('utf-8', 'surrogatepass')) > 255:
-            raise ThumbnailError('The file name is too long to name its thumbnail.')
-        if self.thumbnail_is_fresh(coll, name, scale):
-            return
-        with self.thumbnail_locks((coll, name, scale)):      # others wait for this conversion
-            for _attempt in range(3):
-                if self.thumbnail_is_fresh(coll, name, scale):
-                    return
-                if self.make_thumbnail(coll, name, scale, thumbnailer):
-                    return
-            raise ThumbnailError('The file kept changing while its thumbnail was made.')
-
-
-def file_identity(path):
-    """What changes when a file is replaced or rewritten."""
-    info = os.stat(path)
-    return info.st_ino, info.st_mtime_ns, info.st_size
 
 
 FILE_LOCKS = KeyedLocks()        # Held while an original is replaced or deleted, or a thumbnail of it put in place.
@@ -907,15 +563,6 @@ def exif_groups(tags):
 # The web application #########################################################
 ###############################################################################
 
-PASSIVE_TYPES = {'application/pdf', 'application/octet-stream', 'text/plain', 'text/csv',
-                 'application/zip', 'application/json'}
-
-
-def may_run_scripts(mimetype):
-    """Whether a browser opening a file of this type might run scripts in it (HTML, SVG, any XML, ...)."""
-    major = mimetype.split('/')[0]
-    return mimetype == 'image/svg+xml' or not (major in ('image', 'audio', 'video') or mimetype in PASSIVE_TYPES)
-
 
 HOST_PORT = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?')
 DEFAULT_PORTS = {'http': '80', 'https': '443'}
@@ -1080,33 +727,6 @@ def send_file(path, mimetype, headers=None):
         handle.close()
     return answer
 
-
-def file_answer(size, etag, modified, mimetype, headers, body_for):
-    """The answer to a GET or HEAD of a stored file: 304, 416, one Range (206) or all of it (200).
-
-    Every storage answers through this, so validators and ranges work alike; `body_for(start, end)`
-    supplies the bytes. Content that might run scripts is served sandboxed.
-    """
-    answer = dict(headers or {}, **{
-        'Content-Type': mimetype, 'ETag': etag, 'Accept-Ranges': 'bytes', 'X-Content-Type-Options': 'nosniff',
-        'Last-Modified': email.utils.formatdate(modified, usegmt=True)})
-    if may_run_scripts(mimetype):
-        answer['Content-Security-Policy'] = 'sandbox'
-    environ = bottle.request.environ
-    since = bottle.parse_date(environ.get('HTTP_IF_MODIFIED_SINCE', '').split(';')[0].strip())
-    if environ.get('HTTP_IF_NONE_MATCH') == etag or (since and since >= int(modified)):
-        return bottle.HTTPResponse(status=304, **answer)
-    start, end, status = 0, size, 200
-    if 'HTTP_RANGE' in environ and environ.get('HTTP_IF_RANGE', etag) in (etag, answer['Last-Modified']):
-        ranges = list(bottle.parse_range_header(environ['HTTP_RANGE'], size))
-        if not ranges:
-            return bottle.HTTPResponse('Requested range not satisfiable.', 416, **{
-                'Content-Range': f'bytes */{size}', 'Content-Type': 'text/plain; charset=UTF-8'})
-        (start, end), status = ranges[0], 206
-        answer['Content-Range'] = f'bytes {start}-{end - 1}/{size}'
-    answer['Content-Length'] = str(end - start)
-    body = '' if bottle.request.method == 'HEAD' else body_for(start, end)
-    return bottle.HTTPResponse(body, status, **answer)
 
 
 def file_body(handle, start, end):
@@ -1333,5 +953,4 @@ def main():
 
 
 if __name__ == '__main__':
-    import server           # run as the module `server`, the one s3storage imports, not as __main__
-    server.main()
+    main()

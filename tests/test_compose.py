@@ -60,8 +60,8 @@ def environment(service):
             continue
         if isinstance(value, bool):
             value = 'true' if value else 'false'
-        text = re.sub(r'\$\{\w+(?::?-([^}]*))?\}', lambda m: m.group(1) or '', str(value))
-        found[name] = text.replace('$$', '$')
+        found[name] = re.sub(r'\$\$|\$\{\w+(?::?-([^}]*))?\}',
+                             lambda m: '$' if m.group() == '$$' else m.group(1) or '', str(value))
     return found
 
 
@@ -118,8 +118,8 @@ def test_the_compose_file_is_valid_compose(compose_schema, variant):
 @pytest.mark.parametrize('fault, message', [
     ({'restart_policy': 'always'}, "'restart_policy' was unexpected"),
     ({'ports': 8080}, "8080 is not of type 'array'"),
-])
-def test_the_schema_check_refuses_an_unknown_key_and_a_wrong_type(compose_schema, fault, message):
+], ids=['unknown key', 'wrong type'])
+def test_the_schema_check_refuses_a_broken_service(compose_schema, fault, message):
     broken = compose_file('as shipped')
     broken['services']['asset-server'].update(fault)
     assert any(message in error for error in schema_errors(compose_schema, broken))

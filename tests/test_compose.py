@@ -45,6 +45,7 @@ def compose_schema():
 
 
 def schema_errors(validator, document):
+    """Every way the document breaks the schema, each as `path: message`."""
     return sorted(f'{"/".join(map(str, e.absolute_path)) or "(top)"}: {e.message}'
                   for e in validator.iter_errors(document))
 

@@ -6,6 +6,7 @@ Hypothesis runs `HYPOTHESIS_PROFILE=ci` (the default, a few hundred inputs per p
 """
 
 import collections
+import errno
 import concurrent.futures
 import hashlib
 import hmac
@@ -13,6 +14,8 @@ import http.client
 import os
 import resource
 import signal
+import stat
+import subprocess
 import threading
 import time
 from urllib.parse import quote, urlencode
@@ -178,7 +181,7 @@ def upload_over_http(web, name, data):
     return web.request('POST', '/fileupload', body, {'Content-Type': content_type})
 
 
-def test_a_full_disk_during_an_upload_is_507_leaves_nothing_and_the_server_goes_on(tmp_path):
+def test_a_file_size_limit_hit_during_an_upload_is_507_leaves_nothing_and_the_server_goes_on(tmp_path):
     web = RunningServer(tmp_path / 'attachments', tmp_path / 'server.log', preexec_fn=limit_file_size(4 * 2**20),
                         ACCESS_LOG='false', PREGENERATE_SCALE='none')
     try:
@@ -190,6 +193,91 @@ def test_a_full_disk_during_an_upload_is_507_leaves_nothing_and_the_server_goes_
         assert upload_over_http(web, 'small.png', png_bytes(10, 10))[2] == b'Ok.'
     finally:
         web.stop()
+
+
+@pytest.fixture
+def small_disk():
+    """Mount a tmpfs of a given size on a folder (root only), unmounted after the test: a disk that really fills."""
+    mounted = []
+
+    def mount(folder, size):
+        folder.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},mode=0755', 'tmpfs', str(folder)],
+                                capture_output=True, text=True, timeout=30)
+        if result.returncode:
+            pytest.skip('mounting a small tmpfs needs root: ' + result.stderr.strip())
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(['umount', '--lazy', str(folder)], check=True, timeout=30)
+
+
+NO_ROOM = 'The server has no room to store this file.'
+
+
+def assert_refused_for_room_keeping(client, answer, name, old):
+    """507 with its reason, the old original byte for byte, and no temporary or staged file left."""
+    assert (answer.status_int, answer.text) == (507, NO_ROOM)
+    assert client.all_files() == {'originals/' + name}
+    assert client.stored('originals/' + name) == old
+    assert client.leftovers() == []
+
+
+def test_a_disk_that_fills_while_an_upload_is_received_is_507_and_keeps_the_old_original(make_client, tmp_path,
+                                                                                          small_disk):
+    client = make_client(BASE_DIR=str(small_disk(tmp_path / 'attachments', '1m')))
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+    answer = client.upload('scan.tif', os.urandom(3 * 2**20), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
+    assert client.upload('small.png', png_bytes(10, 10)).text == 'Ok.'      # the room it took is free again
+
+
+def test_a_disk_that_fills_while_the_upload_is_copied_into_place_is_507_and_keeps_the_old_original(
+        make_client, tmp_path, small_disk):
+    client = make_client()
+    small_disk(tmp_path / 'attachments' / 'originals', '1m')     # originals on their own, small file system
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+    answer = client.upload('scan.tif', os.urandom(2 * 2**20), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
+
+
+def refuse_for_room(monkeypatch, name, applies):
+    """Make the OS call os.<name> fail with ENOSPC when `applies` to its arguments, as a full disk does."""
+    real = getattr(os, name)
+
+    def call(*args, **kwargs):
+        if applies(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, name, call)
+
+
+def test_no_room_for_the_rename_into_place_is_507_and_keeps_the_old_original(make_client, monkeypatch):
+    client = make_client()
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+    originals = client.path('originals')
+    refuse_for_room(monkeypatch, 'replace', lambda source, target: os.path.dirname(target) == originals)
+    answer = client.upload('scan.tif', os.urandom(200_000), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
+
+
+def test_no_room_reported_by_fsync_of_the_copy_is_507_and_keeps_the_old_original(make_client, tmp_path, small_disk,
+                                                                                  monkeypatch):
+    client = make_client()
+    originals = str(small_disk(tmp_path / 'attachments' / 'originals', '8m'))     # copied across file systems
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+
+    def a_file_in_originals(descriptor):
+        return (stat.S_ISREG(os.fstat(descriptor).st_mode)
+                and os.path.dirname(os.readlink(f'/proc/self/fd/{descriptor}')) == originals)
+    refuse_for_room(monkeypatch, 'fsync', a_file_in_originals)     # delayed allocation reports ENOSPC here
+    answer = client.upload('scan.tif', os.urandom(200_000), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
 
 
 def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_path):

@@ -348,13 +348,17 @@ class DiskStorage(Layout):
             self._delete_thumbnails(coll, name)
 
     def _copy_into(self, source, target):
-        """Copy across file systems: to a temporary beside the target, then rename."""
+        """Copy across file systems: to a temporary beside the target, then rename; a failed copy leaves no temporary."""
         temp, out = make_temp_file(os.path.dirname(target))
-        with out, open(source, 'rb') as src:
-            shutil.copyfileobj(src, out, CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
+        try:
+            with out, open(source, 'rb') as src:
+                shutil.copyfileobj(src, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            remove_quietly(temp)
+            raise
         os.remove(source)
 
     def delete(self, coll, name):

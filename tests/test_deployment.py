@@ -1,5 +1,6 @@
 """Deployment as institutions run it: the Docker files checked statically, nginx in front for real
-(HTTPS, large uploads, X-Accel-Redirect offload), and a real browser uploading cross-origin."""
+(HTTPS, large uploads, X-Accel-Redirect offload), the X-Sendfile offload's answers, and a real browser
+uploading cross-origin."""
 
 import base64
 import json
@@ -122,35 +123,56 @@ def test_a_200_mb_upload_passes_the_proxy(proxied):
     assert (web.base_dir / 'originals' / 'scan-200mb.tif').stat().st_size == len(data)
 
 
-def test_offloaded_fileget_returns_identical_bytes_with_range_and_the_servers_headers(proxied, jpeg):
-    proxy, _web = proxied
-    name = 'Käfer 1.jpg'
+def nginx_etag(path):
+    """The ETag nginx makes for a file it sends itself: hex mtime, hex size (the server's differs)."""
+    info = os.stat(path)
+    return f'"{int(info.st_mtime):x}-{info.st_size:x}"'
+
+
+def test_fileget_behind_nginx_is_answered_by_the_server_with_x_accel_redirect_and_no_body(proxied, jpeg):
+    proxy, web = proxied
+    upload_through(proxy, 'Käfer 1.jpg', jpeg)
+    status, headers, body = web.request('GET', '/fileget?' + urlencode({'filename': 'Käfer 1.jpg', 'type': 'O'}))
+    assert (status, body) == (200, b'')
+    assert headers['X-Accel-Redirect'] == '/protected-attachments/originals/K%C3%A4fer%201.jpg'
+    assert headers['Content-Type'] == 'image/jpeg'
+
+
+def test_offloaded_fileget_is_sent_by_nginx_with_identical_bytes_range_and_the_servers_headers(proxied, jpeg):
+    proxy, web = proxied
+    name = 'Käfer 2.jpg'
     upload_through(proxy, name, jpeg)
     query = '/fileget?' + urlencode({'filename': name, 'type': 'O'})
     status, headers, body = proxy.request('GET', query)
     assert (status, body) == (200, jpeg)
+    assert headers['ETag'] == nginx_etag(web.base_dir / 'originals' / name)      # nginx read the file itself
+    assert 'X-Accel-Redirect' not in headers
     assert headers['Content-Type'] == 'image/jpeg' and 'X-Timestamp' in headers
     assert headers['Access-Control-Allow-Origin'] == '*'
     status, headers, body = proxy.request('GET', query, headers={'Range': 'bytes=10-19'})
     assert (status, body, headers['Content-Range']) == (206, jpeg[10:20], f'bytes 10-19/{len(jpeg)}')
 
 
-def test_offloaded_thumbnails_are_made_then_sent_by_nginx(proxied, tmp_path, jpeg):
-    proxy, _web = proxied
+def test_offloaded_thumbnails_are_made_by_the_server_then_sent_by_nginx(proxied, tmp_path, jpeg):
+    proxy, web = proxied
     upload_through(proxy, 'thumb.jpg', jpeg)
-    status, headers, body = proxy.request('GET', '/fileget?' + urlencode({'filename': 'thumb.jpg', 'type': 'T', 'scale': 123}))
+    query = '/fileget?' + urlencode({'filename': 'thumb.jpg', 'type': 'T', 'scale': 123})
+    status, headers, body = proxy.request('GET', query)
     assert (status, image_info(body, tmp_path)) == (200, ('JPEG', 123, 82))
+    assert headers['ETag'] == nginx_etag(web.base_dir / 'thumbnails' / 'thumb_123.jpg')
+    status, headers, body = web.request('GET', query)
+    assert (status, body, headers['X-Accel-Redirect']) == (200, b'', '/protected-attachments/thumbnails/thumb_123.jpg')
 
 
-@pytest.mark.parametrize('case', ['missing file', 'bad token', 'unknown path'])
-def test_errors_through_the_proxy_keep_x_timestamp_and_cors(proxied, jpeg, case):
+@pytest.mark.parametrize('case, expected', [('missing file', 404), ('bad token', 403), ('unknown path', 404)])
+def test_errors_through_the_proxy_keep_x_timestamp_and_cors(proxied, jpeg, case, expected):
     proxy, _web = proxied
     status, headers, _ = {
         'missing file': lambda: proxy.request('GET', '/fileget?filename=none.jpg&type=O'),
         'bad token': lambda: upload_through(proxy, 'a.jpg', jpeg, token='0:0'),
         'unknown path': lambda: proxy.request('GET', '/nowhere'),
     }[case]()
-    assert status in (403, 404)
+    assert status == expected
     assert 'X-Timestamp' in headers and headers['Access-Control-Allow-Origin'] == '*'
 
 
@@ -171,6 +193,76 @@ def test_health_is_503_when_the_attachments_folder_is_gone(make_client):
     shutil.rmtree(client.base)
     answer = client.get('/health', {}, status=503)
     assert answer.json['storage'] == 'not writable' and client.base not in answer.text
+
+
+# --- The offload answers themselves (nginx: X-Accel-Redirect, Apache: X-Sendfile) ----------------
+
+OFFLOAD_HEADER = {'nginx': 'X-Accel-Redirect', 'apache': 'X-Sendfile'}
+
+
+def test_apache_offload_answers_x_sendfile_with_the_originals_path_and_no_body(make_client, jpeg):
+    client = make_client(FILE_OFFLOAD='apache')
+    client.upload('Käfer 1.jpg', jpeg)
+    answer = client.fileget('Käfer 1.jpg')
+    assert (answer.status_int, answer.body) == (200, b'')
+    assert answer.headers['X-Sendfile'].encode('latin-1') == client.path('originals', 'Käfer 1.jpg').encode()  # bytes on the wire
+    assert answer.headers['Content-Type'] == 'image/jpeg'
+    assert answer.headers['X-Content-Type-Options'] == 'nosniff'
+    assert 'Content-Security-Policy' not in answer.headers and 'X-Accel-Redirect' not in answer.headers
+
+
+@pytest.mark.parametrize('name, data, mimetype', [('page.html', b'<script>alert(1)</script>', 'text/html'),
+                                                   ('drawing.svg', b'<svg onload="alert(1)"/>', 'image/svg+xml')])
+@pytest.mark.parametrize('offload', ['nginx', 'apache'])
+def test_offloaded_script_capable_files_are_handed_over_sandboxed(make_client, offload, name, data, mimetype):
+    client = make_client(FILE_OFFLOAD=offload)
+    client.upload(name, data)
+    answer = client.fileget(name)
+    assert (answer.body, answer.headers['Content-Type']) == (b'', mimetype)
+    assert answer.headers['Content-Security-Policy'] == 'sandbox'
+    assert OFFLOAD_HEADER[offload] in answer.headers
+
+
+def test_apache_offload_of_a_thumbnail_names_the_thumbnail_made(make_client, jpeg):
+    client = make_client(FILE_OFFLOAD='apache')
+    client.upload('thumb.jpg', jpeg)
+    answer = client.fileget('thumb.jpg', 'T', scale='123')
+    assert (answer.status_int, answer.body) == (200, b'')
+    assert answer.headers['X-Sendfile'] == client.path('thumbnails', 'thumb_123.jpg')
+    assert answer.headers['Content-Type'] == 'image/jpeg'
+    assert os.path.isfile(answer.headers['X-Sendfile'])
+
+
+def test_nginx_offload_names_the_internal_path_of_a_collections_file_url_quoted(make_client, jpeg):
+    client = make_client(FILE_OFFLOAD='nginx', COLLECTION_DIRS={'Fish': 'ichthyology'})
+    client.upload('a b#?.jpg', jpeg)
+    answer = client.fileget('a b#?.jpg')
+    assert answer.headers['X-Accel-Redirect'] == '/protected-attachments/ichthyology/originals/a%20b%23%3F.jpg'
+
+
+@pytest.mark.parametrize('token', ['none', 'for another file', 'expired'])
+@pytest.mark.parametrize('offload', ['nginx', 'apache'])
+def test_offloaded_fileget_needing_a_key_is_403_without_a_handover_when_the_token_is_not_valid(
+        make_client, jpeg, offload, token):
+    client = make_client(FILE_OFFLOAD=offload, REQUIRE_KEY_FOR_GET=True)
+    client.upload('a.jpg', jpeg)
+    client.upload('b.jpg', jpeg)
+    params = {'none': {}, 'for another file': {'token': client.token('b.jpg')},
+              'expired': {'token': client.token('a.jpg', timestamp=1)}}[token]
+    answer = client.fileget('a.jpg', status=403, **params)
+    assert 'X-Accel-Redirect' not in answer.headers and 'X-Sendfile' not in answer.headers
+    assert b'\xff\xd8' not in answer.body
+
+
+@pytest.mark.parametrize('offload, expected', [('nginx', '/protected-attachments/originals/a.jpg'),
+                                               ('apache', 'originals/a.jpg')])
+def test_offloaded_fileget_needing_a_key_hands_over_with_a_valid_token(make_client, jpeg, offload, expected):
+    client = make_client(FILE_OFFLOAD=offload, REQUIRE_KEY_FOR_GET=True)
+    client.upload('a.jpg', jpeg)
+    answer = client.fileget('a.jpg', token=client.token('a.jpg'))
+    handover = answer.headers[OFFLOAD_HEADER[offload]]
+    assert handover == (expected if offload == 'nginx' else client.path(expected))
+    assert answer.body == b''
 
 
 # --- A real browser ------------------------------------------------------------------------------

@@ -546,12 +546,49 @@ def test_static_urls_of_collections_include_their_folder(make_client, jpeg):
     assert client.web.get('/static/ichthyology/originals/a.jpg').body == jpeg
 
 
-@pytest.mark.parametrize('path', ['/static/.web-asset-server.key', '/static/originals/../.web-asset-server.key',
-                                  '/static/originals', '/static/elsewhere/a.jpg', '/static/originals//a.jpg'])
-def test_static_serves_only_originals_and_thumbnails(client, jpeg, path):
+KEY_FILE_PATHS = ['/static/.web-asset-server.key', '/static/originals/../.web-asset-server.key',
+                  '/static/thumbnails/../.web-asset-server.key', '/static/originals/../../attachments/.web-asset-server.key']
+
+
+@pytest.mark.disk_only
+@pytest.mark.parametrize('path', KEY_FILE_PATHS)
+def test_static_never_serves_the_generated_key_file(make_client, jpeg, path):
+    client = make_client(KEY=None)                   # the server makes its key in BASE_DIR
+    key = open(client.path('.web-asset-server.key'), 'rb').read().strip()
+    assert key == client.app.key.encode()
+    client.upload('a.jpg', jpeg, token=server.make_token(client.app.key, 'a.jpg'))
+    client.fileget('a.jpg', 'T', scale='50')           # so the thumbnails folder exists too
+    answer = client.unlinted.get(path, status=404, expect_errors=True)
+    assert key not in answer.body
+
+
+BESIDE_THE_ATTACHMENTS = {'notes.txt': b'private notes', 'elsewhere/a.jpg': b'not an attachment',
+                          'originals/sub/a.jpg': b'nested below originals', 'thumbnails/sub/a_1.jpg': b'nested',
+                          'originals/.~wast-0123.part': b'an upload in progress', '.~wast-4567.part': b'staged'}
+
+
+def plant(client, relative, data):
+    """Put bytes at a path relative to the storage's root, past the server (a file, or an S3 object)."""
+    if client.config.STORAGE == 's3':
+        storage = client.app.storage
+        storage.client.put_object(Bucket=storage.bucket, Key=f'{storage.prefix}/{relative}', Body=data)
+    else:
+        os.makedirs(os.path.dirname(client.path(relative)), exist_ok=True)
+        with open(client.path(relative), 'wb') as f:
+            f.write(data)
+
+
+@pytest.mark.parametrize('relative', sorted(BESIDE_THE_ATTACHMENTS))
+def test_static_serves_no_stored_file_outside_the_originals_and_thumbnails_folders(client, jpeg, relative):
     client.upload('a.jpg', jpeg)
-    client.get('/testkey', {'random': '1', 'token': client.token('1')})
-    client.web.get(path, status=404)
+    plant(client, relative, BESIDE_THE_ATTACHMENTS[relative])
+    answer = client.unlinted.get('/static/' + relative, status=404, expect_errors=True)
+    assert BESIDE_THE_ATTACHMENTS[relative] not in answer.body
+
+
+def test_static_does_not_read_an_empty_path_component_as_an_original(client, jpeg):
+    client.upload('a.jpg', jpeg)
+    assert jpeg not in client.web.get('/static/originals//a.jpg', status=404).body
 
 
 def test_static_and_getfileref_are_gone_when_static_access_is_off(make_client, jpeg):

@@ -6,6 +6,7 @@ Hypothesis runs `HYPOTHESIS_PROFILE=ci` (the default, a few hundred inputs per p
 """
 
 import collections
+import errno
 import concurrent.futures
 import hashlib
 import hmac
@@ -13,6 +14,8 @@ import http.client
 import os
 import resource
 import signal
+import stat
+import subprocess
 import threading
 import time
 from urllib.parse import quote, urlencode
@@ -34,36 +37,61 @@ SECRET = b'secret outside the attachments folder'
 TRIED = collections.Counter()
 
 PATHS = ['/fileget', '/fileupload', '/filedelete', '/getmetadata', '/testkey', '/getfileref',
-         '/web_asset_store.xml', '/', '/health', '/static/originals/a.jpg', '/static/../secret.txt']
+         '/web_asset_store.xml', '/', '/health', '/static/originals/a.jpg', '/static/../secret.txt',
+         '/static/originals/../../secret.txt', '/static/thumbnails/../../../secret.txt', '/static/originals/../../../../secret.txt']
 FIELDS = ['filename', 'store', 'type', 'coll', 'scale', 'token', 'random', 'downloadname', 'dt',
           'disp', 'div', 'inst', 'amp;filename']
 HOSTILE = ['../secret.txt', '../../secret.txt', '..', '.', '/', '\\', '\x00', '', 'a.jpg', 'a' * 300,
            '%2e%2e%2fsecret.txt', '.~wast-x.part', 'originals/../../secret.txt', '😀.jpg', '\ud800'[:0] + 'é',
-           'null', '-1', '0', '123', '99999999999999999999', 'T', 'O', 'x:1', ':', 'Fish', '&amp;', ' ']
-text = st.one_of(st.sampled_from(HOSTILE), st.text(max_size=40), st.text(st.characters(codec='utf-8'), max_size=300))
+           'null', '-1', '0', '123', '99999999999999999999', 'T', 'O', 'x:1', ':', 'Fish', '&amp;', ' ',
+           '{root}/secret.txt', '{root}/up/new.jpg']
+# '../' (or '..\\') up to eight times after a lead that keeps the path resolvable, past BASE_DIR (three
+# levels below the watched root) and beyond it,
+# onto a secret, into a sibling folder, or to a new file; '{root}' becomes the watched root's absolute path.
+traversal = st.builds(lambda lead, ups, sep, tail: lead + sep.join(['..'] * ups + [tail]),
+                      st.sampled_from(['', './', './/', '{root}/up/mid/attachments/originals/',
+                                       '{root}/up/mid/attachments/thumbnails/']),
+                      st.integers(1, 8), st.sampled_from(['/', '\\']),
+                      st.sampled_from(['secret.txt', 'sibling/secret.txt', 'mid/secret.txt', 'new.jpg',
+                                       'originals/a.jpg', 'attachments/originals/a.jpg']))
+text = st.one_of(st.sampled_from(HOSTILE), traversal, st.text(max_size=40),
+                 st.text(st.characters(codec='utf-8'), max_size=300))
+SECRETS = ['secret.txt', 'sibling/secret.txt', 'up/secret.txt', 'up/sibling/secret.txt', 'up/mid/secret.txt',
+           'up/mid/sibling/secret.txt', 'up/mid/attachments.old/originals/secret.txt']
 
 
 @pytest.fixture(scope='module')
 def fuzzed(tmp_path_factory):
-    """A server on a fresh folder, a secret file beside the folder, and a valid file inside it."""
+    """A server on root/up/mid/attachments, secrets at every level above it and in sibling folders, and a
+    valid file inside it."""
     root = tmp_path_factory.mktemp('fuzz')
-    (root / 'secret.txt').write_bytes(SECRET)
-    client = Client(server.load_config({'BASE_DIR': str(root / 'attachments'), 'KEY': KEY, 'ACCESS_LOG': False,
+    for relative in SECRETS:
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(SECRET)
+    base = root / 'up' / 'mid' / 'attachments'
+    client = Client(server.load_config({'BASE_DIR': str(base), 'KEY': KEY, 'ACCESS_LOG': False,
                                         'PREGENERATE_SCALE': None, 'THUMBNAIL_TIMEOUT': 10}, environ={}))
     client.upload('a.jpg', png_bytes(40, 30))
+    client.fileget('a.jpg', 'T', scale='10')            # a thumbnails folder too, so ../ resolves through it
     yield client, root
     print(f'\ninputs tried: {dict(TRIED)}')
 
 
+def rooted(value, root):
+    """A generated value with '{root}' made the watched root's absolute path."""
+    return value.replace('{root}', str(root)) if isinstance(value, str) else value
+
+
 def outside(root):
-    """Every path outside the attachments folder, with its size and mtime."""
+    """Every path under root but outside BASE_DIR (the whole tree above it), with its size and mtime."""
+    base = os.path.join(str(root), 'up', 'mid', 'attachments')
     found = {}
     for folder, dirs, files in os.walk(root):
-        if os.path.relpath(folder, root).split(os.sep)[0] == 'attachments':
+        if folder == base or folder.startswith(base + os.sep):
             continue
         for name in files + dirs:
             path = os.path.join(folder, name)
-            if not path.startswith(str(root / 'attachments')):
+            if path != base:
                 info = os.lstat(path)
                 found[path] = (info.st_size, info.st_mtime_ns)
     return found
@@ -95,6 +123,7 @@ def signed(params, name_field):
 def test_any_request_line_is_answered_safely(fuzzed, path, method, params, sign, escaped, headers):
     client, root = fuzzed
     before = outside(root)
+    params = {name: rooted(value, root) for name, value in params.items()}
     if sign:
         params = signed(params, {'/fileupload': 'store', '/testkey': 'random'}.get(path, 'filename'))
     query = urlencode(params, quote_via=quote)
@@ -106,13 +135,17 @@ def test_any_request_line_is_answered_safely(fuzzed, path, method, params, sign,
 
 
 @given(fields=st.lists(st.tuples(st.sampled_from(FIELDS + ['file', 'x']), text), max_size=8),
+       store=st.one_of(st.none(), text), kind=st.sampled_from([None, 'O', 'T', 'x']),
        file_name=st.one_of(st.none(), text), data=st.binary(max_size=2000), file_first=st.booleans(),
        sign=st.booleans(), cut=st.one_of(st.none(), st.integers(0, 3000)),
        boundary=st.sampled_from(['b', 'specify-boundary', '----WebKitFormBoundaryx']))
-def test_any_upload_body_is_answered_safely(fuzzed, fields, file_name, data, file_first, sign, cut, boundary):
+def test_any_upload_body_is_answered_safely(fuzzed, fields, store, kind, file_name, data, file_first, sign, cut,
+                                            boundary):
     client, root = fuzzed
     before = outside(root)
-    fields = [(name, value) for name, value in fields if '"' not in name]
+    fields = [(name, rooted(value, root)) for name, value in fields if '"' not in name]
+    fields += [('store', rooted(store, root))] * (store is not None) + [('type', kind)] * (kind is not None)
+    file_name = rooted(file_name, root)
     if sign:
         store = dict(fields).get('store')
         if store is not None:
@@ -142,9 +175,33 @@ def test_any_post_body_to_any_endpoint_is_answered_safely(fuzzed, body, content_
         assert_safe(answer, root, before)
 
 
-def test_the_file_inside_survives_the_fuzzing(fuzzed):
+TRAVERSED = {'fileget O': 400, 'fileget T': 400, 'getmetadata': 400, 'getfileref O': 400, 'getfileref T': 400,
+             'filedelete': 400, 'fileupload': 400, 'static': 404}
+
+
+@given(endpoint=st.sampled_from(sorted(TRAVERSED)), name=st.one_of(traversal, st.sampled_from(HOSTILE[-2:])))
+def test_any_traversing_name_is_refused_and_touches_nothing_above_base_dir(fuzzed, endpoint, name):
     client, root = fuzzed
-    assert (root / 'secret.txt').read_bytes() == SECRET
+    before = outside(root)
+    name = rooted(name, root)
+    path, _, kind = endpoint.partition(' ')
+    if endpoint == 'fileupload':
+        answer = client.upload(name, b'written over?', status='*')
+    elif endpoint == 'static':
+        answer = client.unlinted.get('/static/originals/' + quote(name, safe='/\\'), expect_errors=True)
+    elif endpoint == 'filedelete':
+        answer = client.delete(name, status='*')
+    else:
+        answer = client.get('/' + path, {'filename': name, 'type': kind or 'O', 'scale': '10', 'dt': 'json',
+                                         'coll': 'Fish', 'token': client.token(name)}, status='*')
+    TRIED['traversing names'] += 1
+    assert_safe(answer, root, before)
+    assert answer.status_int == TRAVERSED[endpoint]
+
+
+def test_the_files_inside_and_above_survive_the_fuzzing(fuzzed):
+    client, root = fuzzed
+    assert [(root / relative).read_bytes() for relative in SECRETS] == [SECRET] * len(SECRETS)
     assert client.fileget('a.jpg', coll='any').status_int == 200
 
 
@@ -178,7 +235,7 @@ def upload_over_http(web, name, data):
     return web.request('POST', '/fileupload', body, {'Content-Type': content_type})
 
 
-def test_a_full_disk_during_an_upload_is_507_leaves_nothing_and_the_server_goes_on(tmp_path):
+def test_a_file_size_limit_hit_during_an_upload_is_507_leaves_nothing_and_the_server_goes_on(tmp_path):
     web = RunningServer(tmp_path / 'attachments', tmp_path / 'server.log', preexec_fn=limit_file_size(4 * 2**20),
                         ACCESS_LOG='false', PREGENERATE_SCALE='none')
     try:
@@ -190,6 +247,91 @@ def test_a_full_disk_during_an_upload_is_507_leaves_nothing_and_the_server_goes_
         assert upload_over_http(web, 'small.png', png_bytes(10, 10))[2] == b'Ok.'
     finally:
         web.stop()
+
+
+@pytest.fixture
+def small_disk():
+    """Mount a tmpfs of a given size on a folder (root only), unmounted after the test: a disk that really fills."""
+    mounted = []
+
+    def mount(folder, size):
+        folder.mkdir(parents=True, exist_ok=True)
+        result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},mode=0755', 'tmpfs', str(folder)],
+                                capture_output=True, text=True, timeout=30)
+        if result.returncode:
+            pytest.skip('mounting a small tmpfs needs root: ' + result.stderr.strip())
+        mounted.append(folder)
+        return folder
+    yield mount
+    for folder in reversed(mounted):
+        subprocess.run(['umount', '--lazy', str(folder)], check=True, timeout=30)
+
+
+NO_ROOM = 'The server has no room to store this file.'
+
+
+def assert_refused_for_room_keeping(client, answer, name, old):
+    """507 with its reason, the old original byte for byte, and no temporary or staged file left."""
+    assert (answer.status_int, answer.text) == (507, NO_ROOM)
+    assert client.all_files() == {'originals/' + name}
+    assert client.stored('originals/' + name) == old
+    assert client.leftovers() == []
+
+
+def test_a_disk_that_fills_while_an_upload_is_received_is_507_and_keeps_the_old_original(make_client, tmp_path,
+                                                                                          small_disk):
+    client = make_client(BASE_DIR=str(small_disk(tmp_path / 'attachments', '1m')))
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+    answer = client.upload('scan.tif', os.urandom(3 * 2**20), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
+    assert client.upload('small.png', png_bytes(10, 10)).text == 'Ok.'      # the room it took is free again
+
+
+def test_a_disk_that_fills_while_the_upload_is_copied_into_place_is_507_and_keeps_the_old_original(
+        make_client, tmp_path, small_disk):
+    client = make_client()
+    small_disk(tmp_path / 'attachments' / 'originals', '1m')     # originals on their own, small file system
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+    answer = client.upload('scan.tif', os.urandom(2 * 2**20), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
+
+
+def refuse_for_room(monkeypatch, name, applies):
+    """Make the OS call os.<name> fail with ENOSPC when `applies` to its arguments, as a full disk does."""
+    real = getattr(os, name)
+
+    def call(*args, **kwargs):
+        if applies(*args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(os, name, call)
+
+
+def test_no_room_for_the_rename_into_place_is_507_and_keeps_the_old_original(make_client, monkeypatch):
+    client = make_client()
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+    originals = client.path('originals')
+    refuse_for_room(monkeypatch, 'replace', lambda source, target: os.path.dirname(target) == originals)
+    answer = client.upload('scan.tif', os.urandom(200_000), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
+
+
+def test_no_room_reported_by_fsync_of_the_copy_is_507_and_keeps_the_old_original(make_client, tmp_path, small_disk,
+                                                                                  monkeypatch):
+    client = make_client()
+    originals = str(small_disk(tmp_path / 'attachments' / 'originals', '8m'))     # copied across file systems
+    old = os.urandom(100_000)
+    client.upload('scan.tif', old)
+
+    def a_file_in_originals(descriptor):
+        return (stat.S_ISREG(os.fstat(descriptor).st_mode)
+                and os.path.dirname(os.readlink(f'/proc/self/fd/{descriptor}')) == originals)
+    refuse_for_room(monkeypatch, 'fsync', a_file_in_originals)     # delayed allocation reports ENOSPC here
+    answer = client.upload('scan.tif', os.urandom(200_000), status='*')
+    assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
 
 
 def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_path):

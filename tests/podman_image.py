@@ -145,6 +145,15 @@ def children(pid):
     return found
 
 
+def signal_all(pids, number):
+    """Signal processes this module started; one that has just ended is no error."""
+    for pid in pids:
+        try:
+            os.kill(pid, number)
+        except ProcessLookupError:
+            pass
+
+
 def command_line(pid):
     try:
         with open(f'/proc/{pid}/cmdline', 'rb') as f:
@@ -238,16 +247,12 @@ class Server:
     def stop(self):
         """SIGTERM the server (by its pid), let buildah run end, SIGKILL what is left of what we started."""
         if self.process.poll() is None:
-            for pid in [pid for pid in children(self.process.pid) if command_line(pid) == self.command]:
-                os.kill(pid, signal.SIGTERM)
+            signal_all([pid for pid in children(self.process.pid) if command_line(pid) == self.command],
+                       signal.SIGTERM)
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
-                for pid in children(self.process.pid) + [self.process.pid]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
+                signal_all(children(self.process.pid) + [self.process.pid], signal.SIGKILL)
                 self.process.wait(10)
         self.log.close()
 

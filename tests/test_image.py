@@ -64,8 +64,10 @@ class Deployment:
         return server.make_token(self.key, name)
 
     def stop(self):
-        self.web.stop()
-        self.container.remove()
+        try:
+            self.web.stop()
+        finally:
+            self.container.remove()
 
 
 @pytest.fixture(scope='session')
@@ -89,9 +91,11 @@ def launch(image, tmp_path):
         return web
     yield start
     for container, servers in started:
-        for web in servers:
-            web.stop()
-        container.remove()
+        try:
+            for web in servers:
+                web.stop()
+        finally:
+            container.remove()
 
 
 def upload(web, key, name, data, coll='Fish'):
@@ -159,7 +163,8 @@ def test_the_image_makes_thumbnails_of_every_collection_format(deployed, tmp_pat
     name = unique(kind)
     assert upload(deployed.web, deployed.key, name, sample(kind, tmp_path))[0] == 200
     status, _, thumbnail = fileget(deployed.web, deployed.key, name, type='T', scale='123')
-    assert (status, image_info(thumbnail, tmp_path)) == (200, expected)
+    assert status == 200, thumbnail
+    assert image_info(thumbnail, tmp_path) == expected
 
 
 def test_a_delete_removes_the_original_from_the_volume(deployed, png):

@@ -16,8 +16,6 @@ from conftest import PROJECT, image_info, make_image, multipart_body, wait_for, 
 from podman_image import Container, ImageError, build, ensure_base, inspect, missing, snapshot
 from test_thumbnails import TWO_PAGES, pdf
 
-pytestmark = pytest.mark.disk_only
-
 
 @pytest.fixture(scope='session')
 def image(tmp_path_factory):

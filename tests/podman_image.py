@@ -36,7 +36,7 @@ def missing():
 def tool(*args, timeout=120, **options):
     """Run a podman/buildah/debootstrap command; its stdout, or ImageError with its stderr."""
     try:
-        done = subprocess.run(args, capture_output=True, text=True, timeout=timeout, **options)
+        done = subprocess.run(args, capture_output=True, text=True, errors='replace', timeout=timeout, **options)
     except subprocess.TimeoutExpired as late:
         raise ImageError(f'{" ".join(args)} took over {timeout} s:\n{late.stderr or ""}') from None
     if done.returncode != 0:
@@ -127,13 +127,13 @@ def inspect(tag=TAG):
 
 
 def children(pid):
-    """Every process descending from pid, by reading /proc."""
+    """Every process descending from pid, by reading /proc (as bytes: other processes' names need not be UTF-8)."""
     parents = {}
     for entry in os.listdir('/proc'):
         if entry.isdigit():
             try:
-                with open(f'/proc/{entry}/stat') as f:
-                    parents[int(entry)] = int(f.read().rsplit(')', 1)[1].split()[1])
+                with open(f'/proc/{entry}/stat', 'rb') as f:
+                    parents[int(entry)] = int(f.read().rsplit(b')', 1)[1].split()[1])
             except OSError:
                 continue
     found, frontier = [], [pid]
@@ -157,7 +157,7 @@ def signal_all(pids, number):
 def command_line(pid):
     try:
         with open(f'/proc/{pid}/cmdline', 'rb') as f:
-            return [part.decode() for part in f.read().split(b'\0')[:-1]]
+            return [part.decode('utf-8', 'replace') for part in f.read().split(b'\0')[:-1]]
     except OSError:
         return None
 
@@ -182,7 +182,7 @@ class Container:
     def run(self, command, env=None, volume=None, timeout=60):
         """Run a command to its end; the CompletedProcess (the caller judges its status)."""
         return subprocess.run(['buildah', 'run', *self.arguments(env or {}, volume), self.name, '--', *command],
-                              capture_output=True, text=True, timeout=timeout)
+                              capture_output=True, text=True, errors='replace', timeout=timeout)
 
     def start(self, env, volume, log_path):
         """The image's own CMD, started as its USER with `env`: a Server once it answers as `env` says."""

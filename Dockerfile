@@ -28,6 +28,7 @@ ENV HOST=0.0.0.0 \
 USER 999:999
 # (999:999 is the `specify` user and group made above; numeric so that runAsNonRoot checks can see it)
 EXPOSE 8080
+# The check asks the port the server listens on (PORT), so it stays right when PORT is changed.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=20s \
-    CMD ["/opt/venv/bin/python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=8)"]
+    CMD ["/opt/venv/bin/python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ['PORT'], timeout=8)"]
 CMD ["/opt/venv/bin/python", "server.py"]

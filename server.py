@@ -196,7 +196,8 @@ class Thumbnailer:
                        '-limit', 'disk', str(config.THUMBNAIL_DISK_LIMIT),
                        '-limit', 'area', str(config.THUMBNAIL_MAX_PIXELS),
                        '-limit', 'width', '64KP', '-limit', 'height', '64KP',
-                       '-limit', 'thread', '1', '-limit', 'time', str(config.THUMBNAIL_TIMEOUT)]
+                       '-limit', 'thread', '1',      # its own time limit, counted in whole seconds,
+                       '-limit', 'time', str(config.THUMBNAIL_TIMEOUT + 1)]   # only backs up our timer
         self.slots = threading.BoundedSemaphore(config.THUMBNAIL_WORKERS)
         self.backlog = queue.Queue(maxsize=1000)
         self.background = None

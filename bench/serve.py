@@ -4,12 +4,17 @@ Run with `make bench-serve` (it installs wrk and curl from bench/packages.txt). 
 
 1. Requests per second (wrk, 2 threads, 16 connections, 5 s) for a cached thumbnail and for a
    2 MB original through the server under Paste, next to a bare Paste app that returns a
-   constant, and next to nginx serving the same file from disk.
+   constant, and next to nginx serving the same file from disk. A row whose answers were not
+   all 2xx (wrk's "Non-2xx or 3xx responses", socket errors, or a first answer not 200) is
+   marked, and the run then exits with an error.
 2. The latency of /testkey (sequential requests for 10 s) while 32 clients download a 200 MB
    original at 2 MB/s each through nginx, with the server streaming the file itself and with
    FILE_OFFLOAD=nginx (nginx sends the file after the server checked the request).
+
+`--seconds N` sets the length of each wrk run (default 5; the /testkey runs take twice that).
 """
 
+import argparse
 import os
 import re
 import statistics
@@ -36,10 +41,20 @@ httpserver.serve(app, host='127.0.0.1', port=sys.argv[1], use_threadpool=True, t
 '''
 
 
-def wrk(url):
-    """Requests per second wrk measures for `url`."""
-    out = subprocess.run(['wrk', '-t2', '-c16', '-d5s', url], capture_output=True, text=True, timeout=60).stdout
-    return float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1))
+def wrk(url, seconds):
+    """(requests per second, problems) wrk measures for `url`; problems name any answer not 2xx."""
+    first = subprocess.run(['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', url],
+                           capture_output=True, text=True, timeout=60).stdout
+    out = subprocess.run(['wrk', '-t2', '-c16', f'-d{seconds}s', url], capture_output=True, text=True,
+                         timeout=seconds + 60).stdout
+    problems = [] if first == '200' else [f'a single request answered {first or "nothing"}']
+    rejected = re.search(r'Non-2xx or 3xx responses:\s*(\d+)', out)      # wrk counts answers of 400 and above
+    if rejected:
+        problems.append(f'{rejected.group(1)} answers of 400 or above')
+    broken = re.search(r'Socket errors:.*', out)
+    if broken:
+        problems.append(broken.group(0))
+    return float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1)), problems
 
 
 def upload(web, name, data):
@@ -56,7 +71,7 @@ def static_nginx(folder, root):
     return process, port
 
 
-def throughput(work):
+def throughput(work, seconds):
     web = RunningServer(work / 'attachments', work / 'server.log', ACCESS_LOG='false', PREGENERATE_SCALE='none')
     bare_port = free_port()
     bare = subprocess.Popen([sys.executable, '-c', BARE_APP, str(bare_port)], stdout=subprocess.DEVNULL)
@@ -69,11 +84,11 @@ def throughput(work):
         web.request('GET', thumb[len(f'http://127.0.0.1:{web.port}'):])         # make it cached
         wait_for(lambda: web.request('GET', '/')[0] == 200)
         rates = {
-            'bare Paste app (constant)': wrk(f'http://127.0.0.1:{bare_port}/'),
-            'cached thumbnail, server': wrk(thumb),
-            'cached thumbnail, nginx static': wrk(f'http://127.0.0.1:{static_port}/thumbnails/photo_123.jpg'),
-            '2 MB original, server': wrk(base + urlencode({'filename': 'original.bin', 'type': 'O'})),
-            '2 MB original, nginx static': wrk(f'http://127.0.0.1:{static_port}/originals/original.bin'),
+            'bare Paste app (constant)': wrk(f'http://127.0.0.1:{bare_port}/', seconds),
+            'cached thumbnail, server': wrk(thumb, seconds),
+            'cached thumbnail, nginx static': wrk(f'http://127.0.0.1:{static_port}/thumbnails/photo_123.jpg', seconds),
+            '2 MB original, server': wrk(base + urlencode({'filename': 'original.bin', 'type': 'O'}), seconds),
+            '2 MB original, nginx static': wrk(f'http://127.0.0.1:{static_port}/originals/original.bin', seconds),
         }
     finally:
         web.stop()
@@ -82,7 +97,7 @@ def throughput(work):
     return rates
 
 
-def testkey_latency(work, offload):
+def testkey_latency(work, offload, seconds):
     """/testkey latencies (ms) through nginx while 32 slow clients download a 200 MB original."""
     folder = work / ('offload' if offload else 'streamed')
     folder.mkdir()
@@ -102,7 +117,7 @@ def testkey_latency(work, offload):
         downloads = [subprocess.Popen(['curl', '-sk', '--limit-rate', '2M', '-o', '/dev/null', url])
                      for _ in range(32)]
         time.sleep(2)
-        latencies, deadline = [], time.time() + 10
+        latencies, deadline = [], time.time() + seconds
         while time.time() < deadline:
             query = '/testkey?' + urlencode({'random': '1', 'token': server.make_token(KEY, '1')})
             started = time.perf_counter()
@@ -125,24 +140,35 @@ def percentile(values, share):
 
 
 def main():
+    parser = argparse.ArgumentParser(description='Serving benchmark on loopback.')
+    parser.add_argument('--seconds', type=int, default=5, help='length of each wrk run (/testkey: twice this)')
+    args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix='wast-serve-'))
-    rates = throughput(work)
-    bare = rates['bare Paste app (constant)']
-    print(f'Requests per second on loopback (wrk -t2 -c16 -d5s), {os.cpu_count()} CPUs\n')
+    rates = throughput(work, args.seconds)
+    bare = rates['bare Paste app (constant)'][0]
+    print(f'Requests per second on loopback (wrk -t2 -c16 -d{args.seconds}s), {os.cpu_count()} CPUs\n')
     print('| what | requests/s | vs bare Paste app |')
     print('|---|---:|---:|')
-    for label, rate in rates.items():
-        print(f'| {label} | {rate:.0f} | {rate / bare:.0%} |')
-    print('\n/testkey through nginx while 32 clients download a 200 MB original at 2 MB/s each (10 s)\n')
+    for label, (rate, problems) in rates.items():
+        mark = f' (NOT ALL 2xx: {"; ".join(problems)})' if problems else ''
+        print(f'| {label}{mark} | {rate:.0f} | {rate / bare:.0%} |')
+    print(f'\n/testkey through nginx while 32 clients download a 200 MB original at 2 MB/s each '
+          f'({2 * args.seconds} s)\n')
     print('| downloads served by | /testkey requests | median | 99th percentile | failed |')
     print('|---|---:|---:|---:|---:|')
+    failed = 0
     for label, offload in [('the server (Paste)', False), ('nginx (FILE_OFFLOAD=nginx)', True)]:
-        latencies = testkey_latency(work, offload)
+        latencies = testkey_latency(work, offload, 2 * args.seconds)
         done = [value for value in latencies if value != float('inf')]
+        failed += len(latencies) - len(done)
         p99 = percentile(latencies, 0.99)
         p99_text = f'{p99:.1f} ms' if p99 != float('inf') else 'failed'
         print(f'| {label} | {len(latencies)} | {statistics.median(latencies):.1f} ms | {p99_text} '
               f'| {len(latencies) - len(done)} |')
+    wrong = [label for label, (_, problems) in rates.items() if problems]
+    if wrong or failed:
+        sys.exit(f'\nbench-serve: answers that were not 2xx in: {", ".join(wrong) or "-"}; '
+                 f'failed /testkey requests: {failed}. The figures above do not count.')
 
 
 if __name__ == '__main__':

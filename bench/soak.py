@@ -4,9 +4,11 @@
 
 Each client thread uploads files (random bytes and PNGs), reads them back and checks their
 SHA-256, asks for thumbnails, metadata and testkey, and deletes files (then expects 404). It
-counts every answer that is not what the protocol promises; samples the server's resident memory
-and open file descriptors; and at the end looks for temporary files left behind. The run is
-bounded in time and targets only 127.0.0.1.
+counts every answer that is not what the protocol promises. After a warm-up third the load
+stops until the server has settled (no conversion running, no temporary file, descriptors steady
+for a second) and its resident memory and open file descriptors are read; the same again after
+the rest of the soak, so the two readings compare like with like. At the end it looks for
+temporary files left behind. The run is bounded in time and targets only 127.0.0.1.
 """
 
 import argparse
@@ -14,7 +16,6 @@ import concurrent.futures
 import hashlib
 import os
 import random
-import statistics
 import sys
 import tempfile
 import threading
@@ -115,72 +116,112 @@ class Client:
         del self.files[name]
 
 
-def run(seconds, concurrency=32, folder=None):
-    """Run the soak; return its figures."""
-    folder = Path(folder or tempfile.mkdtemp(prefix='wast-soak-'))
-    web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
-                        THREADS=str(concurrency + 8))
-    report = {'lock': threading.Lock(), 'requests': {}, 'errors': {}, 'samples': []}
-    for what in ('upload', 'read original', 'read thumbnail', 'metadata', 'testkey', 'delete'):
-        report['requests'][what] = report['errors'][what] = 0
-    deadline, crashed = time.time() + seconds, []
+def children(pid):
+    """Pids of a process's children (the server's running conversions)."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat') as stat:
+                if int(stat.read().rsplit(')', 1)[1].split()[1]) == pid:
+                    found.append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    return found
 
-    def work(number):
-        client = Client(web, number, report)
+
+def temporaries(folder):
+    """The server's temporary files and folders (os.walk, unlike rglob, copes with folders vanishing)."""
+    found = set()
+    for top, dirs, files in os.walk(folder):
+        found.update(os.path.join(top, name) for name in dirs + files if name.startswith(server.TEMP_PREFIX))
+    return found
+
+
+def settle(web, folder, patience=75):
+    """Wait until the server is idle: no conversion running, no temporary left, descriptors steady for 1 s.
+
+    Returns (settled, seconds taken, resident memory, open descriptors). The patience is more than
+    the 60 s conversion time limit, so a background thumbnail still at work has time to end.
+    """
+    started = time.time()
+    steady = []
+    while time.time() < started + patience:
+        busy = children(web.process.pid) or temporaries(folder)
+        steady = [] if busy else steady + [process_figures(web.process.pid)[1]]
+        if len(steady) >= 6 and len(set(steady[-6:])) == 1:
+            rss, fds = process_figures(web.process.pid)
+            return True, time.time() - started, rss, fds
+        time.sleep(0.2)
+    rss, fds = process_figures(web.process.pid)
+    return False, time.time() - started, rss, fds
+
+
+def load(web, clients, seconds, report, crashed):
+    """Every client at work until `seconds` have passed; the server's figures sampled each second."""
+    deadline = time.time() + seconds
+
+    def work(client):
         while time.time() < deadline:
             try:
                 client.step()
             except Exception as error:           # a dropped connection or a timeout is an error too
                 with report['lock']:
                     crashed.append(repr(error))
+    with concurrent.futures.ThreadPoolExecutor(len(clients)) as pool:
+        futures = [pool.submit(work, client) for client in clients]
+        while time.time() < deadline:
+            report['samples'].append((time.time(), *process_figures(web.process.pid)))
+            time.sleep(1)
+        for future in futures:
+            future.result(timeout=120)
+
+
+def run(seconds, concurrency=32, folder=None):
+    """Run the soak: a warm-up third, a settle, the rest, a settle; return its figures."""
+    folder = Path(folder or tempfile.mkdtemp(prefix='wast-soak-'))
+    web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
+                        THREADS=str(concurrency + 8))
+    report = {'lock': threading.Lock(), 'requests': {}, 'errors': {}, 'samples': []}
+    for what in ('upload', 'read original', 'read thumbnail', 'metadata', 'testkey', 'delete'):
+        report['requests'][what] = report['errors'][what] = 0
+    clients, crashed = [Client(web, n, report) for n in range(concurrency)], []
+    warm_up = max(5, seconds // 3)
     try:
-        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-            futures = [pool.submit(work, n) for n in range(concurrency)]
-            while time.time() < deadline:
-                report['samples'].append((time.time(), *process_figures(web.process.pid)))
-                time.sleep(1)
-            for future in futures:
-                future.result(timeout=120)
-        def temporaries():                 # os.walk, unlike rglob, copes with folders vanishing meanwhile
-            found = set()
-            for top, dirs, files in os.walk(folder / 'attachments'):
-                found.update(os.path.join(top, name) for name in dirs + files if name.startswith(server.TEMP_PREFIX))
-            return found
-        in_flight = temporaries()          # background thumbnails may still be at work: give each
-        quiet_by = time.time() + 75        # more than the 60 s conversion time limit to go away
-        while in_flight & temporaries() and time.time() < quiet_by:
-            time.sleep(0.5)
-        end_rss, end_fds = process_figures(web.process.pid)
-        left = sorted(in_flight & temporaries())
+        load(web, clients, warm_up, report, crashed)
+        warm = settle(web, folder / 'attachments')
+        load(web, clients, seconds - warm_up, report, crashed)
+        end = settle(web, folder / 'attachments')
+        left = sorted(temporaries(folder / 'attachments'))
         killed = web.output().count('thumbnail conversion killed after')
     finally:
         web.stop()
-    samples = report['samples']
-    quarter = max(1, len(samples) // 4)
-    warm = samples[len(samples) // 3:len(samples) // 2] or samples     # after the first third: warmed up
-    last = samples[-quarter:]
+    rss_under_load = [rss for _, rss, _ in report['samples']]
     return {
         'seconds': seconds, 'concurrency': concurrency,
         'requests': sum(report['requests'].values()), 'by kind': dict(report['requests']),
         'errors': sum(report['errors'].values()) + len(crashed), 'exceptions': crashed[:5],
-        'rss after warm-up': statistics.median(s[1] for s in warm),
-        'rss at end': statistics.median(s[1] for s in last),
-        'fds after warm-up': max(s[2] for s in warm), 'fds at end': end_fds, 'rss idle at end': end_rss,
+        'settled': warm[0] and end[0], 'seconds to settle': (warm[1], end[1]),
+        'rss idle after warm-up': warm[2], 'rss idle at end': end[2],
+        'rss peak under load': max(rss_under_load),
+        'fds idle after warm-up': warm[3], 'fds idle at end': end[3],
         'leftover temporaries': left, 'conversions killed by the time limit': killed,
     }
 
 
 def as_table(figures):
-    growth = figures['rss at end'] / figures['rss after warm-up'] - 1
+    growth = figures['rss idle at end'] / figures['rss idle after warm-up'] - 1
     return '\n'.join([
         f"Soak: {figures['seconds']} s at concurrency {figures['concurrency']} on loopback\n",
         '| figure | value |', '|---|---:|',
         f"| requests served | {figures['requests']} |",
         *[f'| - {kind} | {count} |' for kind, count in figures['by kind'].items()],
         f"| unexpected answers or errors | {figures['errors']} |",
-        f"| resident memory after warm-up / at end | {figures['rss after warm-up'] / 2**20:.0f} MB / "
-        f"{figures['rss at end'] / 2**20:.0f} MB ({growth:+.1%}) |",
-        f"| open file descriptors after warm-up / at end | {figures['fds after warm-up']} / {figures['fds at end']} |",
+        f"| resident memory idle after warm-up / idle at end | {figures['rss idle after warm-up'] / 2**20:.1f} MB / "
+        f"{figures['rss idle at end'] / 2**20:.1f} MB ({growth:+.1%}) |",
+        f"| resident memory at its peak under load | {figures['rss peak under load'] / 2**20:.1f} MB |",
+        f"| open file descriptors idle after warm-up / idle at end | {figures['fds idle after warm-up']} / "
+        f"{figures['fds idle at end']} |",
+        "| seconds to settle after warm-up / at end | %.1f / %.1f |" % figures['seconds to settle'],
         f"| temporary files left | {len(figures['leftover temporaries'])} |",
         f"| conversions killed by the time limit | {figures['conversions killed by the time limit']} |",
     ])

@@ -72,7 +72,7 @@ def test_a_bad_setting_stops_the_start_with_a_clear_message(tmp_path):
     finished = subprocess.run([sys.executable, 'server.py'], cwd=PROJECT, capture_output=True, text=True,
                               env={'PATH': '/usr/bin:/bin', 'PORT': 'eighty', 'BASE_DIR': str(tmp_path)},
                               timeout=60)
-    assert finished.returncode != 0
+    assert finished.returncode == 1
     assert 'cannot start' in finished.stderr and 'PORT' in finished.stderr
     assert 'Traceback' not in finished.stderr
 

@@ -11,6 +11,8 @@ from urllib.parse import urlencode
 
 import pytest
 
+import core
+import migrate
 import server
 from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, image_info
 
@@ -137,6 +139,94 @@ def test_migration_back_from_the_bucket_rebuilds_the_folder(seaweed, upstream_fo
     done = run_migrate(seaweed, prefix, 'from-s3', '--folder', str(back))
     assert 'copied 5, already there 0, failed 0' in done.stdout, done.stderr
     assert {str(p.relative_to(back)): p.read_bytes() for p in back.rglob('*') if p.is_file()} == files
+
+
+def altered(data):
+    """The same number of bytes with one of them changed, as a corrupted copy would be."""
+    middle = len(data) // 2
+    return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
+
+
+def test_migration_recopies_an_object_of_the_same_size_with_other_bytes(seaweed, upstream_folder):
+    folder, files = upstream_folder
+    prefix = 'same-size-' + secrets.token_hex(4)
+    store = seaweed.client()
+    store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg',
+                     Body=altered(files['fish/originals/a.jpg']))
+    store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/originals/loose.jpg', Body=files['originals/loose.jpg'])
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert 'copied 4, already there 1, failed 0' in done.stdout, done.stderr
+    copied = store.get_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg')['Body'].read()
+    assert copied == files['fish/originals/a.jpg']
+
+
+def test_migration_back_recopies_a_file_of_the_same_size_with_other_bytes(seaweed, upstream_folder, tmp_path):
+    folder, files = upstream_folder
+    prefix = 'same-size-back-' + secrets.token_hex(4)
+    run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    back = tmp_path / 'back'
+    for relative, data in files.items():
+        (back / relative).parent.mkdir(parents=True, exist_ok=True)
+        (back / relative).write_bytes(altered(data) if relative == 'fish/originals/a.jpg' else data)
+    done = run_migrate(seaweed, prefix, 'from-s3', '--folder', str(back))
+    assert 'copied 1, already there 4, failed 0' in done.stdout, done.stderr
+    assert (back / 'fish/originals/a.jpg').read_bytes() == files['fish/originals/a.jpg']
+
+
+class CorruptingStore:
+    """The real boto3 client, except that transfers of keys ending in `damaged` change one byte."""
+
+    def __init__(self, client, damaged, scratch):
+        self.client, self.damaged, self.scratch = client, damaged, scratch
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def upload_file(self, path, bucket, key, **options):
+        if key.endswith(self.damaged):
+            with open(path, 'rb') as f:
+                data = f.read()
+            path = self.scratch / 'corrupted-in-transit'
+            path.write_bytes(altered(data))
+        return self.client.upload_file(str(path), bucket, key, **options)
+
+    def download_file(self, bucket, key, path, **options):
+        self.client.download_file(bucket, key, path, **options)
+        if key.endswith(self.damaged):
+            with open(path, 'rb') as f:
+                data = f.read()
+            with open(path, 'wb') as f:
+                f.write(altered(data))
+
+
+def corrupting(monkeypatch, damaged, scratch):
+    """Make migrate's boto3 client damage the transfers of one key."""
+    real = migrate.make_client
+    monkeypatch.setattr(migrate, 'make_client', lambda config: CorruptingStore(real(config), damaged, scratch))
+
+
+@pytest.mark.parametrize('damaged', ['fish/originals/a.jpg', 'fish/originals/big.bin'])   # one part, multipart
+def test_migration_reports_a_copy_whose_bytes_the_store_got_wrong(seaweed, upstream_folder, tmp_path,
+                                                                    monkeypatch, capsys, damaged):
+    folder, _files = upstream_folder
+    prefix = 'corrupted-' + secrets.token_hex(4)
+    config = core.load_config(seaweed.settings(prefix), environ={})
+    corrupting(monkeypatch, damaged, tmp_path)
+    assert migrate.to_s3(config, str(folder), dry_run=False) == {'copied': 4, 'already there': 0, 'failed': 1}
+    assert f'verification failed: {prefix}/{damaged}' in capsys.readouterr().err
+
+
+def test_migration_back_keeps_no_file_whose_downloaded_bytes_are_wrong(seaweed, upstream_folder, tmp_path,
+                                                                      monkeypatch, capsys):
+    folder, _files = upstream_folder
+    prefix = 'corrupted-back-' + secrets.token_hex(4)
+    run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    config = core.load_config(seaweed.settings(prefix), environ={})
+    corrupting(monkeypatch, 'fish/originals/a.jpg', tmp_path)
+    back = tmp_path / 'back'
+    assert migrate.from_s3(config, str(back), dry_run=False) == {'copied': 4, 'already there': 0, 'failed': 1}
+    assert f'verification failed: {prefix}/fish/originals/a.jpg' in capsys.readouterr().err
+    assert sorted(os.listdir(back / 'fish' / 'originals')) == ['big.bin']
 
 
 # --- Memory ------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """Thumbnails of every collection format: right kind and size (decoded, not guessed), bounded, never half-made."""
 
 import io
+import os
+import signal
 import struct
 import subprocess
 import threading
@@ -9,7 +11,6 @@ import zlib
 
 import exifread
 import pytest
-import sh
 
 from conftest import IMAGEMAGICK, make_image, wait_for, with_exif
 
@@ -194,36 +195,95 @@ def test_an_image_over_the_pixel_setting_is_refused(make_client, tmp_path):
 
 # --- Bounds: time, concurrency, crashes ----------------------------------------------------
 
-def fake_imagemagick(tmp_path, body):
-    """A program that answers -version like ImageMagick, then does `body` instead of converting."""
-    path = tmp_path / 'fake-magick'
-    path.write_text(f'#!/bin/sh\n[ "$1" = -version ] && exec {IMAGEMAGICK} -version\n{body}\n')
-    path.chmod(0o755)
-    return sh.Command(str(path))
+def slow_tiff(side=7000):
+    """A grey TIFF, side x side, to be turned a quarter (Orientation 6): seconds of ImageMagick work in 200 kB."""
+    packer = zlib.compressobj(1)
+    strip = b''.join(packer.compress(bytes([128]) * side) for _ in range(side)) + packer.flush()
+    tags = [(256, 4, side), (257, 4, side), (258, 3, 8), (259, 3, 8), (262, 3, 1), (273, 4, 8 + 2 + 10 * 12 + 4),
+            (274, 3, 6), (277, 3, 1), (278, 4, side), (279, 4, len(strip))]
+    directory = struct.pack('<H', len(tags)) + b''.join(
+        struct.pack('<HHI', tag, kind, 1) + struct.pack('<H' if kind == 3 else '<I', value).ljust(4, b'\0')
+        for tag, kind, value in tags) + struct.pack('<I', 0)
+    return b'II*\0' + struct.pack('<I', 8) + directory + strip
 
 
-def test_a_conversion_over_the_time_limit_is_killed_and_the_next_request_succeeds(make_client, jpeg, tmp_path):
+def parent_of(pid):
+    with open(f'/proc/{pid}/stat') as stat:
+        return int(stat.read().rsplit(')', 1)[1].split()[1])
+
+
+def conversions():
+    """Pids of the ImageMagick processes this test process (the in-process server) has running."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            if parent_of(entry) == os.getpid() and \
+                    os.path.realpath(f'/proc/{entry}/exe') == os.path.realpath(IMAGEMAGICK):
+                found.append(int(entry))
+        except OSError:                # it ended meanwhile
+            pass
+    return found
+
+
+def is_running(pid):
+    """True while `pid` is a live (not reaped, not zombie) process."""
+    try:
+        with open(f'/proc/{pid}/stat') as stat:
+            return stat.read().rsplit(')', 1)[1].split()[0] != 'Z'
+    except OSError:
+        return False
+
+
+class Watching:
+    """Records the pids of every conversion the server runs while the block runs."""
+
+    def __enter__(self):
+        self.pids, self.running = set(), True
+        self.thread = threading.Thread(target=self._watch)
+        self.thread.start()
+        return self
+
+    def _watch(self):
+        while self.running:
+            self.pids.update(conversions())
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+
+
+def test_a_conversion_over_the_time_limit_is_killed_and_the_next_request_succeeds(make_client, jpeg):
     client = make_client(THUMBNAIL_TIMEOUT=1)
-    real = client.app.thumbnailer.convert
-    client.app.thumbnailer.convert = fake_imagemagick(tmp_path, 'echo partial > out; sleep 30')
-    client.upload('a.jpg', jpeg)
+    client.upload('sheet.tif', slow_tiff())
     started = time.time()
-    assert 'too long' in client.fileget('a.jpg', 'T', scale='123', status=404).text
-    assert time.time() - started < 5
-    assert client.all_files() == {'originals/a.jpg'}
-    client.app.thumbnailer.convert = real
+    with Watching() as watched:
+        answer = client.fileget('sheet.tif', 'T', scale='123', status=404)
+    assert answer.text == 'Making the thumbnail took too long.'
+    assert time.time() - started < 4
+    assert len(watched.pids) == 1 and not any(is_running(pid) for pid in watched.pids)
+    assert client.all_files() == {'originals/sheet.tif'}
+    assert client.leftovers() == []
+    client.upload('a.jpg', jpeg)
     assert client.fileget('a.jpg', 'T', scale='123').content_type == 'image/jpeg'
 
 
-def test_a_killed_conversion_leaves_nothing_cached(client, jpeg, tmp_path):
-    real = client.app.thumbnailer.convert
-    client.app.thumbnailer.convert = fake_imagemagick(tmp_path, 'echo partial > out; kill -9 $$')
-    client.upload('a.jpg', jpeg)
-    client.fileget('a.jpg', 'T', scale='123', status=404)
-    assert client.all_files() == {'originals/a.jpg'}
+def test_a_conversion_killed_midway_leaves_nothing_cached(client, tmp_path):
+    client.upload('sheet.tif', slow_tiff())
+    answers = []
+    request = threading.Thread(target=lambda: answers.append(client.fileget('sheet.tif', 'T', scale='123', status=404)))
+    request.start()
+    try:
+        assert wait_for(conversions, 30)
+        victim = conversions()[0]
+        os.kill(victim, signal.SIGKILL)        # as the kernel's out-of-memory killer would
+    finally:
+        request.join(60)
+    assert answers[0].text == 'This file could not be thumbnailed.'
+    assert not is_running(victim)
+    assert client.all_files() == {'originals/sheet.tif'}
     assert client.leftovers() == []
-    client.app.thumbnailer.convert = real
-    assert client.fileget('a.jpg', 'T', scale='123').status_int == 200
+    assert decoded(client.fileget('sheet.tif', 'T', scale='123').body, tmp_path)[:3] == ('PNG', 123, 123)
 
 
 def count_conversions(thumbnailer, delay=0.0):
@@ -299,12 +359,11 @@ def test_upload_makes_the_default_thumbnail_in_the_background(make_client, jpeg)
     assert wait_for(lambda: 'thumbnails/a_123.jpg' in client.all_files())
 
 
-def test_upload_answers_without_waiting_for_the_background_thumbnail(make_client, jpeg, tmp_path):
+def test_upload_answers_without_waiting_for_the_background_thumbnail(make_client):
     client = make_client(PREGENERATE_SCALE=123)
-    client.app.thumbnailer.convert = fake_imagemagick(tmp_path, 'sleep 5')
-    started = time.time()
-    assert client.upload('a.jpg', jpeg).text == 'Ok.'
-    assert time.time() - started < 2
+    assert client.upload('sheet.tif', slow_tiff()).text == 'Ok.'
+    assert 'thumbnails/sheet_123.tif' not in client.all_files()       # seconds of work still to do
+    assert wait_for(lambda: 'thumbnails/sheet_123.tif' in client.all_files(), 60)
 
 
 def test_postscript_that_mentions_pdf_is_not_given_to_ghostscript(client):

@@ -649,6 +649,7 @@ class TokenCheck:
 
 class AssetServer(bottle.Bottle):
     """The Bottle app, stamping every answer (errors too) with X-Timestamp and CORS."""
+    clock = staticmethod(time.time)     # when a request started, for its token's age; a test may set an app's own
 
     def __init__(self, config, storage, thumbnailer, key):
         super().__init__()
@@ -656,7 +657,7 @@ class AssetServer(bottle.Bottle):
         self.discovery = bottle.SimpleTemplate(name='web_asset_store.xml', lookup=[VIEWS_DIR])
 
     def wsgi(self, environ, start_response):
-        started = environ['wast.started'] = time.time()
+        started = environ['wast.started'] = self.clock()
         if 'amp;' in environ.get('QUERY_STRING', ''):
             environ['QUERY_STRING'] = unescape_query(environ['QUERY_STRING'])
 

@@ -203,8 +203,9 @@ def png_bytes(width, height):
 
 
 def wait_for(predicate, seconds=10):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
+    """True as soon as predicate() is; False if it still is not after `seconds` (a deadline, never a guess)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
         if predicate():
             return True
         time.sleep(0.05)
@@ -241,9 +242,42 @@ def with_exif(jpeg_bytes, date=None, orientation=None, make='Canon', latitude_re
 
 
 def free_port():
+    """A loopback port free now: another process may take it before ours binds, so callers retry (see `started`)."""
     with socket.socket() as probe:
         probe.bind(('127.0.0.1', 0))
         return probe.getsockname()[1]
+
+
+def holds_listener(pid, port):
+    """True when process `pid` itself holds a socket listening on `port`, so what answers there is ours (Linux)."""
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        with open(table) as rows:
+            inodes.update(f'socket:[{fields[9]}]' for fields in map(str.split, rows)
+                          if fields[1].endswith(f':{port:04X}') and fields[3] == '0A')
+    try:
+        return any(os.readlink(f'/proc/{pid}/fd/{fd}') in inodes for fd in os.listdir(f'/proc/{pid}/fd'))
+    except OSError:          # the process ended, or closed a descriptor while we looked
+        return False
+
+
+PORT_TAKEN = 'address already in use'
+
+
+def started(launch, ready, seconds, attempts=5):
+    """launch() a process on fresh ports until ready(process) (it answers, from its own socket) or it fails.
+
+    A process that died saying PORT_TAKEN lost its port to another between probe and bind: try new ports.
+    Returns the process; raises RuntimeError with the last attempt's output otherwise.
+    """
+    for _ in range(attempts):
+        process, output = launch()
+        if wait_for(lambda: process.poll() is not None or ready(process), seconds) and process.poll() is None:
+            return process
+        stop_process(process, patience=10)
+        if PORT_TAKEN not in output().lower():
+            break
+    raise RuntimeError(output())
 
 
 def stop_process(process, patience):
@@ -261,21 +295,30 @@ class RunningServer:
     """`python server.py` under Paste on a free loopback port, settings from the environment."""
 
     def __init__(self, base_dir, log_path, preexec_fn=None, **env):
-        self.port = free_port()
         self.base_dir = base_dir
-        environment = dict(os.environ, HOST='127.0.0.1', PORT=str(self.port), BASE_DIR=str(base_dir),
-                           SERVER_NAME='127.0.0.1', SERVER_PORT=str(self.port), KEY=KEY)
-        environment.update(env)
-        environment = {name: value for name, value in environment.items() if value is not None}
-        self.log = open(log_path, 'w+b')
-        self.process = subprocess.Popen([sys.executable, 'server.py'], cwd=PROJECT, env=environment,
-                                        stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
-        if not wait_for(self._answers, 30):
-            self.stop()
-            raise RuntimeError('server did not start: ' + self.output())
 
-    def _answers(self):
-        if self.process.poll() is not None:
+        self.log = open(log_path, 'w+b')
+
+        def launch():
+            self.log.seek(0)
+            self.log.truncate()
+            self.port = free_port()
+            environment = dict(os.environ, HOST='127.0.0.1', PORT=str(self.port), BASE_DIR=str(base_dir),
+                               SERVER_NAME='127.0.0.1', SERVER_PORT=str(self.port), KEY=KEY)
+            environment.update(env)
+            environment = {name: value for name, value in environment.items() if value is not None}
+            self.process = subprocess.Popen([sys.executable, 'server.py'], cwd=PROJECT, env=environment,
+                                            stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
+            return self.process, self.output
+        try:
+            started(launch, self._answers, 30)
+        except RuntimeError as failure:
+            self.log.close()
+            raise RuntimeError(f'server did not start: {failure}') from None
+
+    def _answers(self, process):
+        """True once our own process listens on the port and answers GET / there."""
+        if not holds_listener(process.pid, self.port):
             return False
         try:
             return self.request('GET', '/')[0] == 200
@@ -324,25 +367,36 @@ class Nginx:
     """nginx on loopback with deploy/nginx.conf, its ports, certificate and folder swapped for the test's."""
 
     def __init__(self, folder, upstream_port, attachments):
-        self.folder, self.https, self.http = folder, free_port(), free_port()
+        self.folder = folder
         subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj',
                         '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout',
                         str(folder / 'key.pem'), '-out', str(folder / 'cert.pem')],
                        check=True, capture_output=True, timeout=60)
         with open(os.path.join(PROJECT, 'deploy', 'nginx.conf')) as example:
-            site = (example.read()
+            template = example.read()
+        error_log = folder / 'proxy-error.log'
+
+        def launch():
+            self.https, self.http = free_port(), free_port()
+            site = (template
                     .replace('server 127.0.0.1:8080;', f'server 127.0.0.1:{upstream_port};')
                     .replace('listen 443 ssl;', f'listen 127.0.0.1:{self.https} ssl;')
                     .replace('listen 80;', f'listen 127.0.0.1:{self.http};')
                     .replace('/etc/ssl/certs/assets.museum.org.pem', str(folder / 'cert.pem'))
                     .replace('/etc/ssl/private/assets.museum.org.key', str(folder / 'key.pem'))
                     .replace('alias /home/specify/attachments/;', f'alias {attachments}/;'))
-        self.process = start_nginx(folder, 'proxy', site)
-        if not wait_for(self._answers, 20):
-            self.stop()
-            raise RuntimeError('nginx did not start: ' + (folder / 'proxy-error.log').read_text())
+            error_log.unlink(missing_ok=True)
+            self.process = start_nginx(folder, 'proxy', site)
+            return self.process, lambda: error_log.read_text() if error_log.exists() else ''
+        try:
+            started(launch, self._answers, 20)
+        except RuntimeError as failure:
+            raise RuntimeError(f'nginx did not start: {failure}') from None
 
-    def _answers(self):
+    def _answers(self, process):
+        """True once our own nginx listens on both ports and answers GET / over HTTPS."""
+        if not (holds_listener(process.pid, self.https) and holds_listener(process.pid, self.http)):
+            return False
         try:
             return self.request('GET', '/')[0] == 200
         except OSError:
@@ -354,16 +408,17 @@ class Nginx:
                         method, path, body, headers)
 
     def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
+        stop_process(self.process, patience=10)
+
+
 WEED = os.path.join(os.path.dirname(sys.executable), 'weed')
 
 
 def free_ports(count):
     """Free loopback ports below 55536 whose +10000 (SeaweedFS's gRPC port) is free too."""
-    ports = []
+    ports, draw = [], random.SystemRandom()      # not the seeded `random`: pytest-randomly makes it repeat
     while len(ports) < count:
-        port = random.randint(20000, 45000)
+        port = draw.randint(20000, 45000)
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as probe:
@@ -382,22 +437,39 @@ class SeaweedFS:
 
     def __init__(self, folder):
         self.folder = folder
-        self.master, self.volume, self.filer, self.s3 = free_ports(4)
-        self.endpoint = f'http://127.0.0.1:{self.s3}'
-        self.start()
+
+        def on_new_ports():
+            self.master, self.volume, self.filer, self.s3 = free_ports(4)
+            self.endpoint = f'http://127.0.0.1:{self.s3}'
+            return self._launch()
+        self._start(on_new_ports, attempts=5)
 
     def start(self):
-        self.log = open(self.folder / 'weed.log', 'ab')
-        self.process = subprocess.Popen(
-            [WEED, 'server', '-ip=127.0.0.1', '-ip.bind=127.0.0.1', f'-dir={self.folder}',
-             f'-master.port={self.master}', f'-volume.port={self.volume}', f'-filer.port={self.filer}',
-             '-s3', f'-s3.port={self.s3}', '-s3.port.iceberg=0', '-s3.port.lance=0',
-             '-master.telemetry=false', '-volume.max=50'],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        client = self.client()
-        if not wait_for(lambda: self._bucket_ready(client), 90):
-            self.stop()
-            raise RuntimeError('SeaweedFS did not start; see ' + str(self.folder / 'weed.log'))
+        """Start again after stop(), on the same ports (clients keep the endpoint)."""
+        self._start(self._launch, attempts=1)
+
+    def _start(self, launch, attempts):
+        try:
+            started(launch, self._bucket_ready, 90, attempts)
+        except RuntimeError:
+            raise RuntimeError('SeaweedFS did not start; see ' + str(self.folder / 'weed.log')) from None
+
+    def _launch(self):
+        """(process, this start's output) of `weed server` on the chosen ports; its log is kept across starts."""
+        with open(self.folder / 'weed.log', 'ab') as log:
+            begin = log.tell()
+            self.process = subprocess.Popen(
+                [WEED, 'server', '-ip=127.0.0.1', '-ip.bind=127.0.0.1', f'-dir={self.folder}',
+                 f'-master.port={self.master}', f'-volume.port={self.volume}', f'-filer.port={self.filer}',
+                 '-s3', f'-s3.port={self.s3}', '-s3.port.iceberg=0', '-s3.port.lance=0',
+                 '-master.telemetry=false', '-volume.max=50'],
+                stdout=log, stderr=subprocess.STDOUT)
+
+        def output():
+            with open(self.folder / 'weed.log', 'rb') as log:
+                log.seek(begin)
+                return log.read().decode('utf-8', 'replace')
+        return self.process, output
 
     def client(self):
         import boto3
@@ -407,8 +479,11 @@ class SeaweedFS:
                             config=Config(s3={'addressing_style': 'path'}, retries={'max_attempts': 1},
                                           request_checksum_calculation='when_required'))
 
-    def _bucket_ready(self, client):
-        """True once the bucket exists and an object can be written and read back."""
+    def _bucket_ready(self, process):
+        """True once our own process listens on the S3 port, the bucket exists and an object reads back."""
+        if not holds_listener(process.pid, self.s3):
+            return False
+        client = self.client()
         try:
             try:
                 client.create_bucket(Bucket=self.bucket)
@@ -427,4 +502,3 @@ class SeaweedFS:
 
     def stop(self):
         stop_process(self.process, patience=3)      # it may ignore SIGTERM
-        self.log.close()

@@ -13,7 +13,6 @@ import http.client
 import json
 import os
 import re
-import socket
 import struct
 import subprocess
 import sys
@@ -23,6 +22,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from conftest import free_port, holds_listener, started
 
 REPO = Path(__file__).resolve().parent.parent
 CONVERT = "/usr/bin/convert"
@@ -118,14 +119,6 @@ class Resp:
         return f"<Resp {self.status} {self.body[:200]!r}>"
 
 
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 def qs(params):
     return urllib.parse.urlencode(params, quote_via=urllib.parse.quote)
 
@@ -159,17 +152,14 @@ class Server:
         self.base.mkdir(parents=True, exist_ok=True)
         if prepare:
             prepare(self.base)
-        self.port = free_port()
         self.offset = 0
         env = dict(os.environ)
         env.pop("ATTACHMENT_KEY", None)
         env.update({
             "HOST": "127.0.0.1",
-            "PORT": str(self.port),
             "BASE_DIR": str(self.base),
             "KEY": KEY,
             "SERVER_NAME": "127.0.0.1",
-            "SERVER_PORT": str(self.port),
             "TIME_TOLERANCE": str(TOLERANCE),
             "REQUIRE_KEY_FOR_GET": "true" if require_key else "false",
             "ALLOW_STATIC_FILE_ACCESS": "true" if static else "false",
@@ -179,31 +169,31 @@ class Server:
         else:
             env["COLLECTION_DIRS"] = json.dumps(collections)
         self.log = open(self.root / "server.log", "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "server.py"], cwd=str(REPO), env=env,
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        self._wait_ready()
 
-    def _wait_ready(self):
-        deadline = time.time() + 20
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.stop()
-                pytest.fail("server exited early:\n" + self.log_text())
-            try:
-                r = self.request("GET", "/", timeout=2)
-                if r.status == 200:
-                    ts = r.header("X-Timestamp")
-                    if ts and ts.strip().lstrip("-").isdigit():
-                        self.offset = int(ts) - time.time()
-                    return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        pytest.fail("server did not answer GET / with 200 within 20 s:\n"
-                    + self.log_text())
+        def launch():
+            self.port = free_port()
+            env.update(PORT=str(self.port), SERVER_PORT=str(self.port))
+            self.log.seek(0)
+            self.log.truncate()
+            self.proc = subprocess.Popen(
+                [sys.executable, "server.py"], cwd=str(REPO), env=env,
+                stdout=self.log, stderr=subprocess.STDOUT,
+            )
+            return self.proc, self.log_text
+        try:
+            started(launch, self._ready, 20)
+        except RuntimeError:
+            self.log.close()
+            pytest.fail("server did not answer GET / with 200 within 20 s:\n" + self.log_text())
+
+    def _ready(self, proc):
+        """Our own process listens on the port and answers GET / with 200 (which also sets the offset)."""
+        if not holds_listener(proc.pid, self.port):
+            return False
+        try:
+            return self.request("GET", "/", timeout=2).status == 200
+        except OSError:
+            return False
 
     def log_text(self):
         try:
@@ -316,10 +306,6 @@ def thumbnail_files(base, root):
     return [p for p in base.rglob("*") if p.is_file() and pat.match(p.name)]
 
 
-def all_files(top):
-    return {p for p in Path(top).rglob("*")}
-
-
 def ts_header_ok(r):
     ts = r.header("X-Timestamp")
     return ts is not None and re.fullmatch(r"\d+", ts) is not None \
@@ -344,9 +330,11 @@ def server(tmp_path_factory, legacy_files):
     def prepare(base):
         (base / "originals").mkdir()
         (base / "thumbnails").mkdir()
-        (base / "originals" / "legacyphoto.jpg").write_bytes(legacy_files["original"])
-        time.sleep(0.01)
+        original = base / "originals" / "legacyphoto.jpg"
+        original.write_bytes(legacy_files["original"])
         (base / "thumbnails" / "legacyphoto_123.jpg").write_bytes(legacy_files["thumb"])
+        hour_ago = time.time() - 3600          # the thumbnail was made after its original
+        os.utime(original, (hour_ago, hour_ago))
 
     s = Server(tmp_path_factory.mktemp("main"), prepare=prepare)
     yield s
@@ -901,16 +889,15 @@ HOSTILE = ["../hx1.jpg", "../../hx2.jpg", "../../../hx3.jpg", "sub/hx4.jpg",
 
 
 @pytest.mark.parametrize("name", HOSTILE)
-def test_hostile_store_name_upload_is_400_and_creates_nothing(
-        server, images, tmp_path_factory, name):
-    top = tmp_path_factory.getbasetemp()
-    before = all_files(top)
+def test_hostile_store_name_upload_is_400_and_creates_nothing(server, images, name):
+    # Only the folders these names reach: the rest of the session's temp is other servers' (still working).
+    beside = [server.base.parent, server.base.parent.parent]
+    before = [set(folder.iterdir()) for folder in beside]
     tmp_existed = Path("/tmp/hx6.jpg").exists()
     r = server.upload7(name, images["small_jpg"])
     assert r.status == 400, r
-    created = all_files(top) - before
-    assert not [p for p in created if p.name.startswith("hx")], created
-    assert not [p for p in created if server.base not in p.parents], created
+    assert [set(folder.iterdir()) - was for folder, was in zip(beside, before)] == [set(), set()]
+    assert list(server.base.rglob("hx*")) == []
     assert Path("/tmp/hx6.jpg").exists() == tmp_existed
 
 

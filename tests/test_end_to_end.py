@@ -1,15 +1,19 @@
 """`python server.py` under Paste, configured by environment variables, spoken to over real HTTP."""
 
+import socket
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 
 import pytest
 
+import conftest
 import server
-from conftest import KEY, PROJECT, RunningServer, image_info, multipart_body
+from conftest import KEY, PROJECT, RunningServer, holds_listener, image_info, multipart_body, wait_for
 
 
 @pytest.fixture
@@ -78,30 +82,57 @@ def test_a_bad_setting_stops_the_start_with_a_clear_message(tmp_path):
 
 
 def test_a_client_that_disconnects_mid_upload_leaves_nothing(running, jpeg, tmp_path):
-    import socket
     web = running()
     content_type, body = multipart_body([('store', 'a.jpg'), ('type', 'O'), ('token', token('a.jpg')),
                                          ('file', 'a.jpg', jpeg * 50)])
+
+    def files():
+        return [p for p in (tmp_path / 'attachments').rglob('*') if p.is_file() and p.name != '.web-asset-server.key']
     with socket.create_connection(('127.0.0.1', web.port)) as raw:
         raw.sendall(f'POST /fileupload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n'
                     f'Content-Length: {len(body)}\r\n\r\n'.encode() + body[:len(body) // 2])
-        time.sleep(0.5)
-    time.sleep(1)
-    files = [p for p in (tmp_path / 'attachments').rglob('*') if p.is_file() and p.name != '.web-asset-server.key']
-    assert files == []
+        assert wait_for(lambda: files() != [], 30)          # the server is receiving: half a file on disk
+    assert wait_for(lambda: 'POST /fileupload ' in web.output(), 30)     # it has given up on the request
+    assert files() == []
     assert web.request('GET', '/')[0] == 200
 
 
 def test_silent_connections_are_dropped_so_they_cannot_hold_every_thread(running):
-    import socket
     web = running(THREADS='5', SOCKET_TIMEOUT='2')
     idle = [socket.create_connection(('127.0.0.1', web.port)) for _ in range(8)]
     try:
         for connection in idle:
             connection.sendall(b'GET / HTTP/1.1\r\nHost: x\r\n')      # headers never finished
-        started = time.time()
+        started = time.monotonic()
         assert web.request('GET', '/', timeout=20)[0] == 200
-        assert time.time() - started < 15
+        assert time.monotonic() - started < 15
     finally:
         for connection in idle:
             connection.close()
+
+
+class AnswersAnything(BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header('Content-Length', '0')
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_port_taken_before_the_server_binds_it_is_given_up_for_another(tmp_path, monkeypatch):
+    impostor = ThreadingHTTPServer(('127.0.0.1', 0), AnswersAnything)     # takes the port first; answers 200
+    threading.Thread(target=impostor.serve_forever, daemon=True).start()
+    taken, free_port = iter([impostor.server_port]), conftest.free_port
+    monkeypatch.setattr(conftest, 'free_port', lambda: next(taken, None) or free_port())
+    try:
+        web = RunningServer(tmp_path / 'attachments', tmp_path / 'server.log')
+        try:
+            assert web.port != impostor.server_port and holds_listener(web.process.pid, web.port)
+            assert b'<urls>' in web.request('GET', '/web_asset_store.xml')[2]
+        finally:
+            web.stop()
+    finally:
+        impostor.shutdown()
+        impostor.server_close()

@@ -286,28 +286,51 @@ def test_a_conversion_killed_midway_leaves_nothing_cached(client, tmp_path):
     assert decoded(client.fileget('sheet.tif', 'T', scale='123').body, tmp_path)[:3] == ('PNG', 123, 123)
 
 
-def count_conversions(thumbnailer, delay=0.0):
-    """Wrap the conversion step to count calls and the most running at once."""
-    seen = {'calls': 0, 'running': 0, 'most': 0}
+def gate_conversions(thumbnailer):
+    """Hold every conversion at its start until the test opens the gate; count calls and the most at once."""
+    seen = {'calls': 0, 'running': 0, 'most': 0, 'gate': threading.Event()}
     lock = threading.Lock()
     real = thumbnailer._convert
 
-    def counted(*args):
+    def gated(*args):
         with lock:
             seen['calls'] += 1
             seen['running'] += 1
             seen['most'] = max(seen['most'], seen['running'])
         try:
-            time.sleep(delay)
+            seen['gate'].wait(60)
             return real(*args)
         finally:
             with lock:
                 seen['running'] -= 1
-    thumbnailer._convert = counted
+    thumbnailer._convert = gated
     return seen
 
 
+class Arrivals:
+    """Wraps a context-manager factory (a lock or semaphore) and counts who has tried to enter it."""
+
+    def __init__(self, inner):
+        self.inner, self.count, self.lock = inner, 0, threading.Lock()
+
+    def __call__(self, *args):
+        self._arrive()
+        return self.inner(*args)
+
+    def __enter__(self):
+        self._arrive()
+        return self.inner.__enter__()
+
+    def __exit__(self, *exc):
+        return self.inner.__exit__(*exc)
+
+    def _arrive(self):
+        with self.lock:
+            self.count += 1
+
+
 def in_threads(count, job):
+    """Start `count` threads running job(i); returns (threads, results) to join later."""
     results = [None] * count
 
     def run(i):
@@ -315,6 +338,10 @@ def in_threads(count, job):
     threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
     for thread in threads:
         thread.start()
+    return threads, results
+
+
+def joined(threads, results):
     for thread in threads:
         thread.join(60)
     return results
@@ -322,8 +349,13 @@ def in_threads(count, job):
 
 def test_concurrent_requests_for_one_new_thumbnail_share_one_conversion(client, tmp_path):
     client.upload('a.jpg', make_image(tmp_path, 'plasma:', '1000x800', 'jpg'))
-    seen = count_conversions(client.app.thumbnailer, delay=0.3)
-    bodies = in_threads(8, lambda i: client.fileget('a.jpg', 'T', scale='123').body)
+    seen = gate_conversions(client.app.thumbnailer)
+    arrivals = client.app.storage.thumbnail_locks = Arrivals(client.app.storage.thumbnail_locks)
+    requests = in_threads(8, lambda i: client.fileget('a.jpg', 'T', scale='123').body)
+    all_waiting = wait_for(lambda: arrivals.count == 8 and seen['running'] == 1, seconds=30)
+    seen['gate'].set()
+    bodies = joined(*requests)
+    assert all_waiting, (arrivals.count, seen)          # all 8 at the conversion's lock, one converting
     assert seen['calls'] == 1
     assert len(set(bodies)) == 1 and decoded(bodies[0], tmp_path)[1:3] == (123, 98)
 
@@ -332,8 +364,15 @@ def test_no_more_than_thumbnail_workers_conversions_run_at_once(make_client, jpe
     client = make_client(THUMBNAIL_WORKERS=2)
     for i in range(6):
         client.upload(f'{i}.jpg', jpeg)
-    seen = count_conversions(client.app.thumbnailer, delay=0.2)
-    statuses = in_threads(6, lambda i: client.fileget(f'{i}.jpg', 'T', scale='100').status_int)
+    seen = gate_conversions(client.app.thumbnailer)
+    slots = client.app.thumbnailer.slots = Arrivals(client.app.thumbnailer.slots)
+    requests = in_threads(6, lambda i: client.fileget(f'{i}.jpg', 'T', scale='100').status_int)
+    all_arrived = wait_for(lambda: slots.count == 6 and seen['running'] == 2, seconds=30)
+    most_while_held = seen['most']
+    seen['gate'].set()
+    statuses = joined(*requests)
+    assert all_arrived, (slots.count, seen)            # six asked for a slot while two conversions were held
+    assert most_while_held == 2
     assert statuses == [200] * 6
     assert (seen['calls'], seen['most']) == (6, 2)
 

@@ -944,18 +944,37 @@ def main():
         app = create_app(config)
     except ConfigError as error:
         sys.exit(f'web asset server cannot start: {error}')
+    if config.SERVER == 'paste':
+        serve_with_paste(app, config)
+    else:
+        log_listening(config)
+        bottle.run(app, server=config.SERVER, host=config.HOST, port=config.PORT, quiet=True)
+
+
+def serve_with_paste(app, config):
+    """Bind first, then say where we listen: a port in use ends the start with one clear line."""
+    from paste import httpserver
+
+    class TimedHandler(httpserver.WSGIHandler):
+        timeout = config.SOCKET_TIMEOUT    # Paste's own socket_timeout is undone by its thread pool
+    try:
+        listening = httpserver.serve(
+            app, host=config.HOST, port=str(config.PORT), use_threadpool=True, start_loop=False,
+            threadpool_workers=config.THREADS, request_queue_size=64, handler=TimedHandler,
+            threadpool_options={'kill_thread_limit': 0, 'hung_thread_limit': 3600})
+    except OSError as error:
+        sys.exit(f'web asset server cannot start: cannot listen on {config.HOST}:{config.PORT}: '
+                 f'{error.strerror or error}')
+    log_listening(config)
+    try:
+        listening.serve_forever()
+    except KeyboardInterrupt:
+        pass
+
+
+def log_listening(config):
     log.info('Listening on %s:%s; Specify finds this server at %s/web_asset_store.xml',
              config.HOST, config.PORT, f'{config.PUBLIC_SCHEME}://{config.SERVER_NAME}:{config.SERVER_PORT}')
-    if config.SERVER == 'paste':
-        from paste import httpserver
-
-        class TimedHandler(httpserver.WSGIHandler):
-            timeout = config.SOCKET_TIMEOUT    # Paste's own socket_timeout is undone by its thread pool
-        httpserver.serve(app, host=config.HOST, port=str(config.PORT), use_threadpool=True,
-                         threadpool_workers=config.THREADS, request_queue_size=64, handler=TimedHandler,
-                         threadpool_options={'kill_thread_limit': 0, 'hung_thread_limit': 3600})
-    else:
-        bottle.run(app, server=config.SERVER, host=config.HOST, port=config.PORT, quiet=True)
 
 
 if __name__ == '__main__':

@@ -81,6 +81,19 @@ def test_a_bad_setting_stops_the_start_with_a_clear_message(tmp_path):
     assert 'Traceback' not in finished.stderr
 
 
+def test_a_port_in_use_stops_the_start_with_one_clear_line_and_no_listening_claim(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(('127.0.0.1', 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        finished = subprocess.run([sys.executable, 'server.py'], cwd=PROJECT, capture_output=True, text=True,
+                                  env={'PATH': '/usr/bin:/bin', 'HOST': '127.0.0.1', 'PORT': str(port),
+                                       'BASE_DIR': str(tmp_path), 'KEY': KEY}, timeout=60)
+    assert finished.returncode == 1
+    assert f'cannot start: cannot listen on 127.0.0.1:{port}: Address already in use' in finished.stderr
+    assert 'Traceback' not in finished.stderr and 'Listening on' not in finished.stderr
+
+
 def test_a_client_that_disconnects_mid_upload_leaves_nothing(running, jpeg, tmp_path):
     web = running()
     content_type, body = multipart_body([('store', 'a.jpg'), ('type', 'O'), ('token', token('a.jpg')),

@@ -121,8 +121,8 @@ def children(pid):
     found = []
     for entry in filter(str.isdigit, os.listdir('/proc')):
         try:
-            with open(f'/proc/{entry}/stat') as stat:
-                if int(stat.read().rsplit(')', 1)[1].split()[1]) == pid:
+            with open(f'/proc/{entry}/stat', 'rb') as stat:
+                if int(stat.read().rsplit(b')', 1)[1].split()[1]) == pid:
                     found.append(int(entry))
         except (OSError, IndexError, ValueError):
             pass

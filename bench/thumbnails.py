@@ -131,8 +131,8 @@ def tree_rss(roots):
     for entry in os.listdir('/proc'):
         if entry.isdigit():
             try:
-                with open(f'/proc/{entry}/stat') as f:
-                    parent = int(f.read().rsplit(')', 1)[1].split()[1])
+                with open(f'/proc/{entry}/stat', 'rb') as f:
+                    parent = int(f.read().rsplit(b')', 1)[1].split()[1])
                 children.setdefault(parent, []).append(int(entry))
             except (OSError, IndexError, ValueError):
                 pass

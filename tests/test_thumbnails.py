@@ -207,9 +207,14 @@ def slow_tiff(side=7000):
     return b'II*\0' + struct.pack('<I', 8) + directory + strip
 
 
+def stat_fields(pid):
+    """The fields of /proc/<pid>/stat after the command name (read as bytes: a name need not be UTF-8)."""
+    with open(f'/proc/{pid}/stat', 'rb') as stat:
+        return stat.read().rsplit(b')', 1)[1].decode('ascii').split()
+
+
 def parent_of(pid):
-    with open(f'/proc/{pid}/stat') as stat:
-        return int(stat.read().rsplit(')', 1)[1].split()[1])
+    return int(stat_fields(pid)[1])
 
 
 def conversions():
@@ -228,8 +233,7 @@ def conversions():
 def is_running(pid):
     """True while `pid` is a live (not reaped, not zombie) process."""
     try:
-        with open(f'/proc/{pid}/stat') as stat:
-            return stat.read().rsplit(')', 1)[1].split()[0] != 'Z'
+        return stat_fields(pid)[0] != 'Z'
     except OSError:
         return False
 

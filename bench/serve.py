@@ -29,7 +29,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
 
 import server  # noqa: E402
-from conftest import KEY, Nginx, RunningServer, free_port, make_image, multipart_body, start_nginx, wait_for  # noqa: E402
+from conftest import (KEY, Nginx, RunningServer, free_port, holds_listener, make_image,  # noqa: E402
+                      multipart_body, start_nginx, started, wait_for)
 
 BARE_APP = '''
 import sys
@@ -64,25 +65,36 @@ def upload(web, name, data):
 
 
 def static_nginx(folder, root):
-    """nginx serving `root` as static files on a free loopback port."""
-    port = free_port()
-    process = start_nginx(folder, 'static', f'sendfile on; server {{ listen 127.0.0.1:{port}; root {root}; }}')
-    wait_for(lambda: subprocess.run(['curl', '-s', f'http://127.0.0.1:{port}/'], capture_output=True).returncode == 0)
-    return process, port
+    """nginx serving `root` as static files on a free loopback port (retried if the port is taken)."""
+    def launch():
+        launch.port = free_port()
+        process = start_nginx(folder, 'static', f'sendfile on; server {{ listen 127.0.0.1:{launch.port}; root {root}; }}')
+        return process, lambda: ''
+    process = started(launch, lambda p: holds_listener(p.pid, launch.port), 20)
+    return process, launch.port
+
+
+def bare_paste_app():
+    """The baseline: a constant WSGI app under Paste, on a free loopback port (retried if taken)."""
+    def launch():
+        launch.port = free_port()
+        process = subprocess.Popen([sys.executable, '-c', BARE_APP, str(launch.port)],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        return process, lambda: process.stderr.read().decode('utf-8', 'replace') if process.poll() is not None else ''
+    process = started(launch, lambda p: holds_listener(p.pid, launch.port), 20)
+    return process, launch.port
 
 
 def throughput(work, seconds):
     web = RunningServer(work / 'attachments', work / 'server.log', ACCESS_LOG='false', PREGENERATE_SCALE='none')
-    bare_port = free_port()
-    bare = subprocess.Popen([sys.executable, '-c', BARE_APP, str(bare_port)], stdout=subprocess.DEVNULL)
+    bare, bare_port = bare_paste_app()
     static, static_port = static_nginx(work, work / 'attachments')
     try:
         upload(web, 'photo.jpg', make_image(work, 'plasma:', '1600x1200', 'jpg'))
         upload(web, 'original.bin', os.urandom(2 * 1024 * 1024))
         base = f'http://127.0.0.1:{web.port}/fileget?'
         thumb = base + urlencode({'filename': 'photo.jpg', 'type': 'T', 'scale': 123})
-        web.request('GET', thumb[len(f'http://127.0.0.1:{web.port}'):])         # make it cached
-        wait_for(lambda: web.request('GET', '/')[0] == 200)
+        assert web.request('GET', thumb[len(f'http://127.0.0.1:{web.port}'):])[0] == 200    # make it cached
         rates = {
             'bare Paste app (constant)': wrk(f'http://127.0.0.1:{bare_port}/', seconds),
             'cached thumbnail, server': wrk(thumb, seconds),
@@ -114,9 +126,11 @@ def testkey_latency(work, offload, seconds):
         (folder / 'attachments' / 'originals').mkdir(parents=True, exist_ok=True)
         os.replace(big, folder / 'attachments' / 'originals' / 'big.bin')
         url = f'https://127.0.0.1:{proxy.https}/fileget?filename=big.bin&type=O'
-        downloads = [subprocess.Popen(['curl', '-sk', '--limit-rate', '2M', '-o', '/dev/null', url])
-                     for _ in range(32)]
-        time.sleep(2)
+        received = [folder / f'download-{i}' for i in range(32)]
+        downloads = [subprocess.Popen(['curl', '-sk', '--limit-rate', '2M', '-o', str(path), url])
+                     for path in received]
+        assert wait_for(lambda: all(path.exists() and path.stat().st_size for path in received), 60), \
+            'the 32 downloads did not all start'
         latencies, deadline = [], time.time() + seconds
         while time.time() < deadline:
             query = '/testkey?' + urlencode({'random': '1', 'token': server.make_token(KEY, '1')})

@@ -11,12 +11,8 @@ of the 16 convert processes alone. `--runs N` and `--copies N` shorten a trial r
 
 import argparse
 import concurrent.futures
-import hashlib
-import hmac
-import http.client
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,8 +26,10 @@ OUT = os.path.join(HERE, 'out')
 KEY = 'benchmark-key'
 RUNS = 3
 sys.path.insert(0, PROJECT)
+sys.path.insert(0, os.path.join(PROJECT, 'tests'))
 
 import server  # noqa: E402
+from conftest import RunningServer, multipart_body  # noqa: E402
 
 CONVERT = server.find_imagemagick(None)
 
@@ -71,58 +69,31 @@ def make_inputs():
     ]
 
 
-class Server:
-    """python server.py on a free loopback port, with its process tree's resident memory sampled."""
+class Server(RunningServer):
+    """python server.py on a free loopback port (the tests' helper: retried ports, its own answers only)."""
 
     def __init__(self, base):
-        with socket.socket() as probe:
-            probe.bind(('127.0.0.1', 0))
-            self.port = probe.getsockname()[1]
-        env = dict(os.environ, HOST='127.0.0.1', PORT=str(self.port), BASE_DIR=base, KEY=KEY,
-                   ACCESS_LOG='false', PREGENERATE_SCALE='none', THREADS='32')
-        self.process = subprocess.Popen([sys.executable, 'server.py'], cwd=PROJECT, env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                if self.get('/')[0] == 200:
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise RuntimeError('server did not start')
+        super().__init__(base, os.path.join(OUT, 'server.log'), KEY=KEY, ACCESS_LOG='false',
+                         PREGENERATE_SCALE='none', THREADS='32')
 
     def get(self, path):
-        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=300)
-        try:
-            connection.request('GET', path)
-            answer = connection.getresponse()
-            return answer.status, answer.read()
-        finally:
-            connection.close()
+        status, _headers, body = self.request('GET', path, timeout=300)
+        return status, body
 
     def upload(self, name, path):
-        boundary = 'benchboundary'
         with open(path, 'rb') as f:
             data = f.read()
-        token = hmac.new(KEY.encode(), f'{int(time.time())}{name}'.encode(), hashlib.md5).hexdigest()
-        fields = {'store': name, 'type': 'O', 'token': f'{token}:{int(time.time())}'}
-        body = b''.join(f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
-                        for k, v in fields.items())
-        body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'
-                 .encode() + data + f'\r\n--{boundary}--\r\n'.encode())
-        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=300)
-        connection.request('POST', '/fileupload', body, {'Content-Type': f'multipart/form-data; boundary={boundary}'})
-        assert connection.getresponse().read() == b'Ok.'
-        connection.close()
+        content_type, body = multipart_body([('store', name), ('type', 'O'),
+                                             ('token', server.make_token(KEY, name)), ('file', name, data)])
+        status, _headers, answer = self.request('POST', '/fileupload', body, {'Content-Type': content_type},
+                                                timeout=300)
+        assert answer == b'Ok.', (status, answer[:200])
 
     def thumbnail(self, name, scale=123):
         status, body = self.get('/fileget?' + urlencode({'filename': name, 'type': 'T', 'scale': scale}))
         assert status == 200, (status, body[:200])
         return body
 
-    def stop(self):
-        self.process.terminate()
-        self.process.wait(10)
 
 
 def tree_rss(roots):

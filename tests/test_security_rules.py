@@ -154,6 +154,11 @@ def test_a_digest_with_a_lone_surrogate_is_a_bad_token_not_an_error():
     assert check('\udcff:1000') == 'Bad token.'
 
 
+def test_the_token_check_hands_a_routes_url_arguments_to_it(client):
+    client.app.route('/echo/<word>', 'GET', lambda word: word, signed='random')
+    assert client.get('/echo/hi', {'random': '1', 'token': client.token('1')}).text == 'hi'
+
+
 def test_a_refused_token_is_a_403_that_says_why(client):
     stale = client.token('a.jpg', int(time.time()) - 3600)
     answer = client.delete('a.jpg', token=stale, status=403)
@@ -445,6 +450,7 @@ class Store:
         return self.etags.get(key, f'"{md5(self.objects[key])}"')
 
     def head_object(self, Bucket, Key):
+        assert Bucket == 'attachments'
         if Key not in self.objects:
             raise ClientError({'Error': {'Code': '404'}, 'ResponseMetadata': {'HTTPStatusCode': 404}}, 'HeadObject')
         return {'ContentLength': len(self.objects[Key]), 'ETag': self.etag(Key)}
@@ -458,14 +464,17 @@ class Store:
         with open(path, 'wb') as f:
             f.write(data[:-1] + b'?' if key in self.corrupt else data)
 
-    def get_paginator(self, _operation):
+    def get_paginator(self, operation):
+        assert operation == 'list_objects_v2'
         store = self
 
         class Paginator:
             def paginate(self, Bucket, Prefix):
+                """One page; like S3, without Contents when nothing matches."""
+                assert Bucket == 'attachments'
                 keys = sorted(key for key in store.objects if key.startswith(Prefix))
                 yield {'Contents': [{'Key': key, 'Size': len(store.objects[key]), 'ETag': store.etag(key)}
-                                    for key in keys]}
+                                    for key in keys]} if keys else {}
         return Paginator()
 
 
@@ -531,10 +540,20 @@ def test_the_bucket_listing_without_a_prefix_takes_keys_from_the_top(store):
     assert [parts for parts, *_ in migrate.bucket_objects(store, migration_config(prefix=''))] == [['originals', 'a.jpg']]
 
 
-def test_migration_from_the_bucket_skips_a_file_with_the_same_size_and_md5(store, tmp_path):
-    store.put('pre/originals/a.jpg', b'abc')
-    write(tmp_path, 'originals/a.jpg', b'abc')
-    assert migrate.from_s3(migration_config(), str(tmp_path), False) == {'copied': 0, 'already there': 1, 'failed': 0}
+def test_the_bucket_listing_of_an_empty_bucket_is_empty(store):
+    assert list(migrate.bucket_objects(store, migration_config())) == []
+
+
+def test_the_bucket_listing_takes_the_prefix_as_set_less_its_slashes(store):
+    store.put('BOX/originals/a.jpg', b'abc')
+    assert [key for _, key, *_ in migrate.bucket_objects(store, migration_config(prefix='/BOX/'))] == ['BOX/originals/a.jpg']
+
+
+def test_migration_from_the_bucket_skips_each_file_with_the_same_size_and_md5(store, tmp_path):
+    for name in ('a.jpg', 'b.jpg'):
+        store.put(f'pre/originals/{name}', b'abc')
+        write(tmp_path, f'originals/{name}', b'abc')
+    assert migrate.from_s3(migration_config(), str(tmp_path), False) == {'copied': 0, 'already there': 2, 'failed': 0}
 
 
 @pytest.mark.parametrize('local', [b'abd', b'abcd'])

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-storage bench-serve soak packages test-packages venv
+.PHONY: run test bench bench-storage bench-serve soak mutation packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -24,6 +24,14 @@ bench-serve: packages test-packages venv
 soak: packages test-packages venv
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -s tests/test_reliability.py
 	$(PY) bench/soak.py --seconds 300
+
+# Mutation testing of the security rules (slow, not in CI): mutmut in a venv of its own, scope in
+# bench/mutation.py, tests in setup.cfg [mutmut]; score and survivors in bench/out/mutation.txt.
+MUTVENV ?= .mutvenv
+mutation: packages test-packages
+	test -x $(MUTVENV)/bin/python || $(PYTHON) -m venv $(MUTVENV)
+	$(MUTVENV)/bin/python -m pip install -q -r requirements.txt -r tests/requirements.txt mutmut==3.8.1
+	$(MUTVENV)/bin/python bench/mutation.py
 
 packages:
 	sh deploy/install-packages.sh deploy/packages.txt

@@ -400,6 +400,20 @@ def may_run_scripts(mimetype):
     major = mimetype.split('/')[0]
     return mimetype == 'image/svg+xml' or not (major in ('image', 'audio', 'video') or mimetype in PASSIVE_TYPES)
 
+ENTITY_TAG = re.compile(r'\s*(?:W/)?("[^"]*")\s*(?:,|$)')
+
+
+def not_modified(environ, etag, modified):
+    """RFC 9110 §13.2.2 for GET/HEAD: If-None-Match (`*` or a list, compared weakly) decides when
+    present, and only without it does If-Modified-Since."""
+    if 'HTTP_IF_NONE_MATCH' in environ:
+        wanted = environ['HTTP_IF_NONE_MATCH'].strip()
+        opaque = etag[2:] if etag.startswith('W/') else etag
+        return wanted == '*' or opaque in ENTITY_TAG.findall(wanted)
+    since = bottle.parse_date(environ.get('HTTP_IF_MODIFIED_SINCE', '').split(';')[0].strip())
+    return bool(since) and since >= int(modified)
+
+
 def file_answer(size, etag, modified, mimetype, headers, body_for):
     """The answer to a GET or HEAD of a stored file: 304, 416, one Range (206) or all of it (200).
 
@@ -412,8 +426,7 @@ def file_answer(size, etag, modified, mimetype, headers, body_for):
     if may_run_scripts(mimetype):
         answer['Content-Security-Policy'] = 'sandbox'
     environ = bottle.request.environ
-    since = bottle.parse_date(environ.get('HTTP_IF_MODIFIED_SINCE', '').split(';')[0].strip())
-    if environ.get('HTTP_IF_NONE_MATCH') == etag or (since and since >= int(modified)):
+    if not_modified(environ, etag, modified):
         return bottle.HTTPResponse(status=304, **answer)
     start, end, status = 0, size, 200
     if 'HTTP_RANGE' in environ and environ.get('HTTP_IF_RANGE', etag) in (etag, answer['Last-Modified']):

@@ -426,6 +426,36 @@ def test_fileget_if_modified_since_answers_304(client, jpeg):
     assert answer.body == b''
 
 
+def test_fileget_mismatching_if_none_match_wins_over_a_recent_if_modified_since(client, jpeg):
+    client.upload('a.jpg', jpeg)
+    last_modified = client.fileget('a.jpg').headers['Last-Modified']
+    answer = client.fileget('a.jpg', headers={'If-None-Match': '"an-older-version"',
+                                              'If-Modified-Since': last_modified}, status=200)
+    assert answer.body == jpeg
+
+
+def test_fileget_if_none_match_listing_the_etag_among_others_answers_304(client, jpeg):
+    client.upload('a.jpg', jpeg)
+    etag = client.fileget('a.jpg').headers['ETag']
+    client.fileget('a.jpg', headers={'If-None-Match': f'"other", {etag} , "more"'}, status=304)
+
+
+def test_fileget_if_none_match_star_answers_304_for_a_stored_file(client, jpeg):
+    client.upload('a.jpg', jpeg)
+    client.fileget('a.jpg', headers={'If-None-Match': '*'}, status=304)
+
+
+def test_fileget_if_none_match_compares_etags_weakly(client, jpeg):
+    client.upload('a.jpg', jpeg)
+    etag = client.fileget('a.jpg').headers['ETag']
+    client.fileget('a.jpg', headers={'If-None-Match': 'W/' + etag}, status=304)
+
+
+def test_fileget_if_none_match_of_other_etags_answers_the_bytes(client, jpeg):
+    client.upload('a.jpg', jpeg)
+    assert client.fileget('a.jpg', headers={'If-None-Match': '"other", W/"more"'}, status=200).body == jpeg
+
+
 def test_fileget_downloadname_gives_an_inline_utf8_content_disposition(client, jpeg):
     client.upload('a.jpg', jpeg)
     name = 'Fisch – Ägypten 鱼 "quoted";.jpg'

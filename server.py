@@ -502,27 +502,31 @@ def receive_upload(environ, staging_folder, max_size):
     parser = multipart.PushMultipartParser(options['boundary'], int(length), max_header_count=16,
                                            max_segment_count=100)
     try:
-        with parser:
-            for event in parser.parse_blocking(read, CHUNK):
-                if isinstance(event, multipart.MultipartSegment):
-                    if event.filename is not None:
-                        if upload.staged:
-                            refuse(400, 'An upload carries one file only.')
-                        upload.staged, sink = make_temp_file(staging_folder)
+        try:                 # closing flushes what is buffered, which a full disk refuses
+            with parser:
+                for event in parser.parse_blocking(read, CHUNK):
+                    if isinstance(event, multipart.MultipartSegment):
+                        if event.filename is not None:
+                            if upload.staged:
+                                refuse(400, 'An upload carries one file only.')
+                            upload.staged, sink = make_temp_file(staging_folder)
+                        else:
+                            field, sink = event.name, bytearray()
+                    elif event and isinstance(sink, bytearray):
+                        if len(sink) + len(event) > MAX_FIELD_SIZE:
+                            refuse(400, f'The field {field!r} is too long.')
+                        sink.extend(event)
+                    elif event:
+                        sink.write(event)
+                    elif isinstance(sink, bytearray):
+                        upload.fields.setdefault(field, sink.decode('utf-8', 'replace'))
                     else:
-                        field, sink = event.name, bytearray()
-                elif event and isinstance(sink, bytearray):
-                    if len(sink) + len(event) > MAX_FIELD_SIZE:
-                        refuse(400, f'The field {field!r} is too long.')
-                    sink.extend(event)
-                elif event:
-                    sink.write(event)
-                elif isinstance(sink, bytearray):
-                    upload.fields.setdefault(field, sink.decode('utf-8', 'replace'))
-                else:
-                    sink.flush()
-                    os.fsync(sink.fileno())
-                    sink.close()
+                        sink.flush()
+                        os.fsync(sink.fileno())
+                        sink.close()
+        finally:
+            if sink is not None and not isinstance(sink, bytearray):
+                sink.close()
         return upload
     except (multipart.MultipartError, ClientGone):
         upload.discard()
@@ -535,9 +539,6 @@ def receive_upload(environ, staging_folder, max_size):
     except BaseException:
         upload.discard()
         raise
-    finally:
-        if sink is not None and not isinstance(sink, bytearray):
-            sink.close()
 
 
 ###############################################################################

@@ -298,6 +298,28 @@ def test_a_disk_that_fills_while_the_upload_is_copied_into_place_is_507_and_keep
     assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
 
 
+def fill_up(path):
+    """Write a file until the file system holding it has not one page left."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(descriptor, b'\0' * 4096)
+    except OSError as error:
+        assert error.errno == errno.ENOSPC
+    finally:
+        os.close(descriptor)
+
+
+def test_a_full_disk_found_only_when_the_upload_is_flushed_is_507_and_leaves_nothing(make_client, tmp_path,
+                                                                                       small_disk):
+    base = small_disk(tmp_path / 'attachments', '1m')
+    client = make_client(BASE_DIR=str(base))
+    fill_up(base / 'filler')
+    answer = client.upload('small.png', png_bytes(10, 10), status='*')      # smaller than the write buffer
+    assert (answer.status_int, answer.text) == (507, NO_ROOM)
+    assert client.leftovers() == []
+
+
 def refuse_for_room(monkeypatch, name, applies):
     """Make the OS call os.<name> fail with ENOSPC when `applies` to its arguments, as a full disk does."""
     real = getattr(os, name)

@@ -766,6 +766,20 @@ def require_original(coll, name):
         refuse(404, 'No such file.')
 
 
+def ensure_thumbnail(coll, name, scale):
+    """Make the thumbnail a request asks for: 404 when it cannot be made, 507 when the disk has no room
+    (no space or no inode) for it or its scratch folder."""
+    app = bottle.request.app
+    try:
+        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)
+    except ThumbnailError as error:
+        refuse(404, str(error))
+    except OSError as error:
+        if error.errno in NO_SPACE:
+            refuse(507, 'The server has no room to make this thumbnail.')
+        raise
+
+
 def answer_storage_faults(callback):
     """Bottle plugin: a storage that cannot be reached answers 503 with its reason."""
     @functools.wraps(callback)
@@ -834,10 +848,7 @@ def fileget():
         if downloadname else None
     if kind == 'O':
         return app.storage.send(coll, name, headers)
-    try:
-        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)     # 404 without an original
-    except ThumbnailError as error:
-        refuse(404, str(error))
+    ensure_thumbnail(coll, name, scale)     # 404 without an original
     return app.storage.send_thumbnail(coll, name, scale, headers)
 
 
@@ -885,10 +896,7 @@ def getfileref():
     require_original(coll, name)
     parts = app.storage.original_parts(coll, name)
     if thumbnail:
-        try:
-            app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)
-        except ThumbnailError as error:
-            refuse(404, str(error))
+        ensure_thumbnail(coll, name, scale)
         parts = app.storage.thumbnail_parts(coll, name, scale)
     url = public_base_url() + '/static/' + '/'.join(quote(p, safe='') for p in parts)
     if app.settings.REQUIRE_KEY_FOR_GET:

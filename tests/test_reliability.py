@@ -254,9 +254,10 @@ def small_disk():
     """Mount a tmpfs of a given size on a folder (root only), unmounted after the test: a disk that really fills."""
     mounted = []
 
-    def mount(folder, size):
+    def mount(folder, size, inodes=None):
         folder.mkdir(parents=True, exist_ok=True)
-        result = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size},mode=0755', 'tmpfs', str(folder)],
+        options = f'size={size},mode=0755' + (f',nr_inodes={inodes}' if inodes else '')
+        result = subprocess.run(['mount', '-t', 'tmpfs', '-o', options, 'tmpfs', str(folder)],
                                 capture_output=True, text=True, timeout=30)
         if result.returncode:
             pytest.skip('mounting a small tmpfs needs root: ' + result.stderr.strip())
@@ -317,6 +318,32 @@ def test_a_full_disk_found_only_when_the_upload_is_flushed_is_507_and_leaves_not
     fill_up(base / 'filler')
     answer = client.upload('small.png', png_bytes(10, 10), status='*')      # smaller than the write buffer
     assert (answer.status_int, answer.text) == (507, NO_ROOM)
+    assert client.leftovers() == []
+
+
+def use_every_inode(folder):
+    """Make empty files in `folder` until its file system has no inode left."""
+    for number in range(100_000):
+        try:
+            open(folder / f'filler-{number}', 'x').close()
+        except OSError as error:
+            assert error.errno == errno.ENOSPC
+            return
+    raise AssertionError('the file system did not run out of inodes')
+
+
+@pytest.mark.parametrize('thumbnails_folder', [False, True])
+def test_a_thumbnail_asked_for_when_the_disk_has_no_inodes_left_is_507_and_leaves_nothing(make_client, tmp_path,
+                                                                                            small_disk, thumbnails_folder):
+    base = small_disk(tmp_path / 'attachments', '8m', inodes=64)
+    client = make_client(BASE_DIR=str(base))
+    client.upload('a.png', png_bytes(40, 30))
+    if thumbnails_folder:               # then what fails is the scratch folder inside it
+        client.fileget('a.png', 'T', scale='20')
+    use_every_inode(base)
+    answer = client.fileget('a.png', 'T', scale='10', status='*')
+    assert (answer.status_int, answer.text) == (507, 'The server has no room to make this thumbnail.')
+    assert 'X-Timestamp' in answer.headers
     assert client.leftovers() == []
 
 

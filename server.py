@@ -707,8 +707,14 @@ def is_port(text):
     return text.isascii() and text.isdigit() and 0 < int(text) < 65536
 
 
+CONTROL_CHARACTER = re.compile(r'[\x00-\x1f\x7f]')
+
+
 def send_file(path, mimetype, headers=None):
-    """Serve a file on disk (mimetype None: told from its bytes), or hand it to the web server in front."""
+    """Serve a file on disk (mimetype None: told from its bytes), or hand it to the web server in front.
+
+    X-Sendfile carries the path as it is (mod_xsendfile 0.12, Debian's, reads it raw), and no header
+    may carry a control character, so a path with one is served here instead."""
     config = bottle.request.app.settings
     try:
         handle = open(path, 'rb')
@@ -716,7 +722,7 @@ def send_file(path, mimetype, headers=None):
         refuse(404, 'No such file.')
     if mimetype is None:
         mimetype = kind_of(handle.read(1024)) or 'application/octet-stream'
-    if config.FILE_OFFLOAD:
+    if config.FILE_OFFLOAD and not (config.FILE_OFFLOAD == 'apache' and CONTROL_CHARACTER.search(path)):
         handle.close()
         handover = {'Content-Type': mimetype, 'X-Content-Type-Options': 'nosniff'}
         if may_run_scripts(mimetype):

@@ -406,6 +406,15 @@ def test_apache_offload_answers_an_empty_200_with_x_sendfile_to_the_absolute_pat
     assert 'X-Accel-Redirect' not in answer.headers
 
 
+@pytest.mark.parametrize('name', ['a\nb.jpg', 'a\rb.jpg', 'a\r\nX-Injected: 1.jpg', 'a\x1bb.jpg', 'a\x7fb.jpg'])
+def test_apache_offload_of_a_name_with_a_control_character_is_served_by_the_server_itself(make_client, name):
+    client = make_client(FILE_OFFLOAD='apache')
+    client.upload(name, b'\xff\xd8\xff bytes')
+    answer = client.fileget(name)
+    assert (answer.status_int, answer.body) == (200, b'\xff\xd8\xff bytes')
+    assert 'X-Sendfile' not in answer.headers and 'X-Injected' not in answer.headers
+
+
 # --- The migration's checks -----------------------------------------------------------------------------
 
 MiB = 1024 * 1024

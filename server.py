@@ -972,6 +972,22 @@ def serve_with_paste(app, config):
 
     class TimedHandler(httpserver.WSGIHandler):
         timeout = config.SOCKET_TIMEOUT    # Paste's own socket_timeout is undone by its thread pool
+
+        def send_error(self, code, message=None, explain=None):
+            """Paste's own answers (a bad request line, headers too long) are stamped like ours: plain text
+            naming the status only (never the request's bytes), with X-Timestamp and CORS."""
+            self.close_connection = True
+            self.request_version = 'HTTP/1.1'     # so headers go out even when the line was unreadable
+            phrase = self.responses.get(code, ('Error',))[0]
+            body = f'{phrase}.'.encode('utf-8')
+            self.send_response(code, phrase)
+            for header, value in (('Content-Type', 'text/plain; charset=UTF-8'), ('Content-Length', str(len(body))),
+                                  ('Connection', 'close'), ('X-Timestamp', str(int(time.time()))),
+                                  ('Access-Control-Allow-Origin', '*')):
+                self.send_header(header, value)
+            self.end_headers()
+            if self.command != 'HEAD':
+                self.wfile.write(body)
     try:
         listening = httpserver.serve(
             app, host=config.HOST, port=str(config.PORT), use_threadpool=True, start_loop=False,

@@ -41,6 +41,7 @@ from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, Sto
 
 VIEWS_DIR = os.path.join(HERE, 'views')
 MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
+MAX_REQUEST_LINE = 64 * 1024     # Longest request line read (as http.server reads); Paste alone has no bound.
 
 log = logging.getLogger('web_asset_server')
 logging.getLogger('exifread').setLevel(logging.CRITICAL)
@@ -972,6 +973,17 @@ def serve_with_paste(app, config):
 
     class TimedHandler(httpserver.WSGIHandler):
         timeout = config.SOCKET_TIMEOUT    # Paste's own socket_timeout is undone by its thread pool
+
+        def handle_one_request(self):
+            """One request, its line bounded as http.server bounds it (Paste reads it whole): 414 past 64 KiB."""
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if not self.raw_requestline:
+                self.close_connection = True
+            elif len(self.raw_requestline) > MAX_REQUEST_LINE:
+                self.command = None
+                self.send_error(414)
+            elif self.parse_request():
+                self.wsgi_execute()
 
         def send_error(self, code, message=None, explain=None):
             """Paste's own answers (a bad request line, headers too long) are stamped like ours: plain text

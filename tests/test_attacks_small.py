@@ -53,3 +53,9 @@ def test_pastes_own_error_answers_carry_x_timestamp_and_cors_and_no_traceback(we
     assert headers['Access-Control-Allow-Origin'] == '*'
     assert headers['Content-Type'] == 'text/plain; charset=UTF-8'
     assert b'Traceback' not in body and b'<' not in body
+
+
+def test_a_request_line_over_64_kib_is_414_with_x_timestamp(web):
+    status, headers, body = raw_exchange(web.port, b'GET /' + b'a' * 70_000 + b' HTTP/1.1\r\n\r\n')
+    assert (status, body) == (414, b'Request-URI Too Long.')
+    assert 'X-Timestamp' in headers

@@ -61,24 +61,42 @@ def resolve_key(config):
     if config.KEY:
         return config.KEY
     path = config.KEY_FILE or os.path.join(config.BASE_DIR, '.web-asset-server.key')
+    return read_kept_key(path) or keep_new_key(path)
+
+
+def read_kept_key(path):
+    """The key kept in `path`, or None when there is no such file. An empty one stops the start: only an
+    admin can tell whether Specify knows a key that was lost from it."""
     try:
         with open(path, encoding='utf-8') as kept:
             key = kept.read().strip()
-        if key:
-            log.info('Using the attachment key kept in %s.', path)
-            return key
     except FileNotFoundError:
-        pass
+        return None
+    if not key:
+        raise ConfigError(f'the key file {path} is empty: put the attachment key Specify uses into it, '
+                          'or remove the file to have a new key made (then give Specify the new key)')
+    log.info('Using the attachment key kept in %s.', path)
+    return key
+
+
+def keep_new_key(path):
+    """A new random key, written and synced in full before it appears at `path` (linked, never replacing)."""
     key = secrets.token_urlsafe(32)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f'{TEMP_PREFIX}{secrets.token_hex(8)}.key')
+    descriptor = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, 'w', encoding='utf-8') as kept:
+            kept.write(key + '\n')
+            kept.flush()
+            os.fsync(kept.fileno())
+        os.link(temp, path)
     except FileExistsError:          # another instance made it first: use theirs
-        return resolve_key(config)
-    with os.fdopen(descriptor, 'w', encoding='utf-8') as kept:
-        kept.write(key + '\n')
-        kept.flush()
-        os.fsync(kept.fileno())
+        return read_kept_key(path) or keep_new_key(path)
+    finally:
+        remove_quietly(temp)
+    fsync_folder(folder)
     log.warning('No KEY was configured, so a new random key was made and kept in %s. '
                 'Put it into Specify as attachment.key (Specify 6) or ASSET_SERVER_KEY '
                 '(Specify 7), or set KEY / ATTACHMENT_KEY to choose your own.', path)

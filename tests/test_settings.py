@@ -72,6 +72,43 @@ def test_the_kept_key_survives_a_restart(make_client):
     assert first.app.key == second.app.key
 
 
+@pytest.mark.parametrize('content', ['', ' \n\t\n'])
+def test_an_empty_key_file_stops_the_start_with_a_message_naming_it_and_is_left_as_it_is(make_client, content):
+    key_file = make_client().path('.web-asset-server.key')
+    with open(key_file, 'w') as f:
+        f.write(content)
+    with pytest.raises(server.ConfigError, match='key file ' + key_file + ' is empty'):
+        make_client(KEY=None)
+    with open(key_file) as f:
+        assert f.read() == content
+
+
+def test_a_new_key_files_folder_is_fsynced_once_the_file_holds_the_key(make_client, monkeypatch):
+    synced = []
+
+    def fsync_folder(folder):
+        key_file = os.path.join(folder, '.web-asset-server.key')
+        synced.append((folder, open(key_file).read() if os.path.exists(key_file) else None))
+    monkeypatch.setattr(server, 'fsync_folder', fsync_folder)
+    client = make_client(KEY=None)
+    assert (client.base, client.app.key + '\n') in synced
+
+
+def test_an_instance_starting_while_another_makes_the_key_file_uses_the_same_key(tmp_path, monkeypatch):
+    config = server.load_config({'BASE_DIR': str(tmp_path), 'KEY': None}, environ={})
+    real_open, other = os.open, []
+
+    def open_then_start_another(path, flags, *mode):
+        descriptor = real_open(path, flags, *mode)
+        if flags & os.O_CREAT and not other:         # the first instance has just made a file of its own
+            other.append(None)
+            other[0] = server.resolve_key(config)
+        return descriptor
+    monkeypatch.setattr(os, 'open', open_then_start_another)
+    assert server.resolve_key(config) == other[0]
+    assert os.listdir(tmp_path) == ['.web-asset-server.key']
+
+
 def test_auth_disabled_warns_at_every_start(make_client, caplog):
     for _ in range(2):
         make_client(KEY=None, AUTH_DISABLED=True)

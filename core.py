@@ -13,8 +13,10 @@ import mimetypes
 import os
 import re
 import secrets
+import shutil
 import struct
 import threading
+import time
 import types
 
 import bottle
@@ -311,6 +313,20 @@ class KeyedLocks:
                 if not entry[1]:
                     del self._locks[key]
 
+def sweep_folder(folder, cutoff):
+    """Remove our temporary files and folders in `folder` last touched before `cutoff`."""
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.name.startswith(TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                remove_quietly(entry.path)
+
+
 def file_identity(path):
     """What changes when a file is replaced or rewritten."""
     info = os.stat(path)
@@ -371,6 +387,10 @@ class Layout:
     def staging_folder(self):
         """A local folder for uploads in progress (the collection may not be known yet)."""
         return self.staging
+
+    def sweep_temporaries(self, older_than=3600):
+        """Remove temporaries left by a crash (not touched for an hour) in the staging folder."""
+        sweep_folder(self.staging, time.time() - older_than)
 
     def ensure_thumbnail(self, coll, name, scale, thumbnailer):
         """Make the thumbnail of `name` at `scale` unless a fresh one is stored; one conversion at a time."""

@@ -37,7 +37,7 @@ import sh
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, StorageUnavailable,
                   ThumbnailError, content_type, file_answer, file_identity, fsync_folder, image_size,
                   kind_of, load_config, make_temp_file, may_run_scripts, refuse, remove_quietly,
-                  sniff_kind, valid_name, valid_scale)
+                  sniff_kind, sweep_folder, valid_name, valid_scale)
 
 VIEWS_DIR = os.path.join(HERE, 'views')
 MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
@@ -449,21 +449,12 @@ class DiskStorage(Layout):
         return 'ok' if os.path.isdir(self.base) and os.access(self.base, os.W_OK | os.X_OK) else 'not writable'
 
     def sweep_temporaries(self, older_than=3600):
-        """Remove temporaries left by a crash (not touched for an hour)."""
+        """Remove temporaries left by a crash (not touched for an hour) in every folder of ours."""
         folders = [self.base] + [os.path.join(self.base, f) for f in (self.collections or {}).values()]
         cutoff = time.time() - older_than
         for folder in folders:
             for sub in (folder, os.path.join(folder, self.orig_dir), os.path.join(folder, self.thumb_dir)):
-                try:
-                    entries = list(os.scandir(sub))
-                except FileNotFoundError:
-                    continue
-                for entry in entries:
-                    if entry.name.startswith(TEMP_PREFIX) and entry.stat(follow_symlinks=False).st_mtime < cutoff:
-                        if entry.is_dir(follow_symlinks=False):
-                            shutil.rmtree(entry.path, ignore_errors=True)
-                        else:
-                            remove_quietly(entry.path)
+                sweep_folder(sub, cutoff)
 
 
 def make_storage(config):
@@ -941,8 +932,7 @@ def create_app(config):
     """The WSGI application for one configuration."""
     os.makedirs(config.BASE_DIR, exist_ok=True)
     storage = make_storage(config)
-    if isinstance(storage, DiskStorage):
-        storage.sweep_temporaries()
+    storage.sweep_temporaries()
     app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
     app.install(answer_storage_faults)
     app.install(TokenCheck())

@@ -364,6 +364,21 @@ def test_interrupted_upload_is_400_and_leaves_nothing_behind(client, jpeg):
     assert client.all_files() == set()
 
 
+def test_temporaries_a_crash_left_in_the_staging_folder_over_an_hour_ago_are_removed_at_start(make_client, tmp_path):
+    base = tmp_path / 'attachments'
+    base.mkdir()
+    for name in ('old.part', 'fresh.part'):
+        (base / (server.TEMP_PREFIX + name)).write_bytes(b'staged')
+    (base / (server.TEMP_PREFIX + 'scratch')).mkdir()
+    (base / (server.TEMP_PREFIX + 'scratch') / 'in').write_bytes(b'staged')
+    (base / 'kept.txt').write_bytes(b'not ours')
+    two_hours_ago = time.time() - 7200
+    for name in (server.TEMP_PREFIX + 'old.part', server.TEMP_PREFIX + 'scratch', 'kept.txt'):
+        os.utime(base / name, (two_hours_ago, two_hours_ago))
+    make_client()
+    assert sorted(os.listdir(base)) == [server.TEMP_PREFIX + 'fresh.part', 'kept.txt']
+
+
 def test_upload_without_content_length_is_411(client, jpeg):
     content_type, body = multipart_body([('store', 'a.jpg'), ('file', 'a.jpg', jpeg)])
     client.post_raw('/fileupload', content_type, status=411,

@@ -677,7 +677,7 @@ class AssetServer(bottle.Bottle):
             headers.append(('Access-Control-Allow-Origin', '*'))
             if self.settings.ACCESS_LOG:
                 log.info('%s %s %s %s %.0fms', environ.get('REMOTE_ADDR', '-'),
-                         environ.get('REQUEST_METHOD'), printable(environ.get('PATH_INFO', '')),
+                         printable(environ.get('REQUEST_METHOD', '')), printable(environ.get('PATH_INFO', '')),
                          status.split(' ', 1)[0], 1000 * (time.time() - started))
             return start_response(status, headers, exc_info)
         if not re.fullmatch(r'[0-9]*', environ.get('CONTENT_LENGTH') or ''):

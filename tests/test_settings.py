@@ -176,3 +176,11 @@ def test_control_characters_in_a_path_cannot_forge_log_lines(make_client, caplog
     client.web.get('/static/originals/a%0A127.0.0.1 GET /forged 200', status=404)
     assert not any(record.getMessage().startswith('127.0.0.1 GET /forged') for record in caplog.records)
     assert '\\x0a' in caplog.text
+
+
+def test_access_log_escapes_control_characters_in_the_method(make_client, caplog):
+    caplog.set_level(logging.INFO, logger='web_asset_server')
+    client = make_client(ACCESS_LOG=True)
+    client.unlinted.request('/', method='GET\x1b[2J\x00', expect_errors=True)
+    assert 'GET\\x1b[2J\\x00 / ' in caplog.text
+    assert '\x1b' not in caplog.text and '\x00' not in caplog.text

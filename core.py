@@ -154,6 +154,16 @@ def thumbnail_name(name, scale):
     return f'{root}_{scale}{ext}'
 
 
+def thumbnail_source(candidate):
+    """The original name whose thumbnail cache name `candidate` is (thumbnail_name undone), or None."""
+    root, ext = os.path.splitext(candidate)
+    match = re.fullmatch(r'(.*)_([0-9]+)', root, re.DOTALL)
+    if match is None:
+        return None
+    source = match.group(1) + ext
+    return source if thumbnail_name(source, int(match.group(2))) == candidate else None
+
+
 def is_thumbnail_of(candidate, name):
     """True when `candidate` is the cache name of one of `name`'s thumbnails."""
     root, ext = os.path.splitext(name)

@@ -37,7 +37,7 @@ import sh
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, StorageUnavailable,
                   ThumbnailError, content_type, file_answer, file_identity, fsync_folder, image_size,
                   kind_of, load_config, make_temp_file, may_run_scripts, refuse, remove_quietly,
-                  sniff_kind, sweep_folder, valid_name, valid_scale)
+                  sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
 
 VIEWS_DIR = os.path.join(HERE, 'views')
 MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
@@ -921,10 +921,17 @@ def getfileref():
 
 
 def static(path):
+    """A stored file by its path; with REQUIRE_KEY_FOR_GET the token signs the original's name,
+    also for one of its thumbnails (as getfileref hands the token on)."""
     app = bottle.request.app
     parts = path.split('/')
     if app.settings.REQUIRE_KEY_FOR_GET:
-        require_token(parts[-1])
+        signed = parts[-1]
+        if len(parts) > 1 and parts[-2] == app.settings.THUMB_DIR:
+            signed = thumbnail_source(signed)
+            if signed is None:
+                refuse(404, 'No such file.')
+        require_token(signed)
     return app.storage.send_static(parts)
 
 

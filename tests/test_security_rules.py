@@ -247,6 +247,49 @@ def test_static_with_require_key_for_get_needs_a_token_over_the_last_path_part(m
     assert client.get('/static/originals/a.jpg', {'token': client.token('a.jpg')}).body == b'bytes'
 
 
+def keyed_client_with_a_thumbnail(make_client, jpeg, **settings):
+    """REQUIRE_KEY_FOR_GET on, a.jpg stored and its thumbnail at scale 64 made."""
+    client = make_client(REQUIRE_KEY_FOR_GET=True, **settings)
+    client.upload('a.jpg', jpeg)
+    client.fileget('a.jpg', 'T', scale='64', token=client.token('a.jpg'))
+    return client
+
+
+def test_static_of_a_thumbnail_with_require_key_for_get_takes_a_token_over_its_originals_name(make_client, jpeg):
+    client = keyed_client_with_a_thumbnail(make_client, jpeg)
+    answer = client.get('/static/thumbnails/a_64.jpg', {'token': client.token('a.jpg')})
+    assert answer.body == client.stored('thumbnails/a_64.jpg')
+
+
+def test_the_getfileref_url_of_a_thumbnail_with_require_key_for_get_serves_it(make_client, jpeg):
+    client = keyed_client_with_a_thumbnail(make_client, jpeg, COLLECTION_DIRS={'Fish': 'fish'})
+    url = client.get('/getfileref', {'filename': 'a.jpg', 'coll': 'Fish', 'type': 'T', 'scale': '64',
+                                     'token': client.token('a.jpg')}).text
+    assert client.web.get(url[len(SERVER):]).body == client.stored('fish/thumbnails/a_64.jpg')
+
+
+def test_a_token_over_a_thumbnails_cache_name_does_not_read_that_thumbnail(make_client, jpeg):
+    client = keyed_client_with_a_thumbnail(make_client, jpeg)
+    client.upload('a_64.jpg', b'an original of that name')
+    client.get('/static/thumbnails/a_64.jpg', {'token': client.token('a_64.jpg')}, status=403)
+
+
+def test_a_token_over_an_original_does_not_read_an_original_named_like_its_thumbnail(make_client, jpeg):
+    client = keyed_client_with_a_thumbnail(make_client, jpeg)
+    client.upload('a_64.jpg', b'an original of that name')
+    client.get('/static/originals/a_64.jpg', {'token': client.token('a.jpg')}, status=403)
+
+
+@pytest.mark.parametrize('name', ['a.jpg', 'a_64.jpg', 'noext', '.hidden', 'a.b.c', 'a.', 'x\n_1.jpg', '_1.jpg'])
+def test_a_thumbnails_cache_name_leads_back_to_its_original_and_only_to_it(name):
+    assert [core.thumbnail_source(core.thumbnail_name(name, scale)) for scale in (1, 64, 2000)] == [name] * 3
+
+
+@pytest.mark.parametrize('candidate', ['a.jpg', '_64.jpg', 'a_064.jpg', 'a_.jpg', 'a_6x.jpg', 'a.b_64', ''])
+def test_a_name_no_original_has_as_a_thumbnail_leads_to_none(candidate):
+    assert core.thumbnail_source(candidate) is None
+
+
 def test_static_serves_a_cached_thumbnail(client, jpeg):
     client.upload('a.jpg', jpeg)
     client.fileget('a.jpg', 'T', scale='64')

@@ -417,10 +417,11 @@ class DiskStorage(Layout):
         return send_file(self.path(self.thumbnail_parts(coll, name, scale)), None, headers)
 
     def send_static(self, parts):
+        """An original with the type of its name, a thumbnail (PNG for a PDF, TIFF or HEIC) with its bytes'."""
         path = self.path(parts)
         if not self.is_static_parts(parts) or not os.path.isfile(path):
             refuse(404, 'No such file.')
-        return send_file(path, content_type(path, parts[-1]))
+        return send_file(path, None if parts[-2] == self.thumb_dir else content_type(path, parts[-1]))
 
     def thumbnail_is_fresh(self, coll, name, scale):
         """A cached thumbnail counts when it is not older than its original."""

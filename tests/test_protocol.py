@@ -668,6 +668,12 @@ def test_static_and_getfileref_are_gone_when_static_access_is_off(make_client, j
     client.get('/getfileref', {'filename': 'a.jpg', 'type': 'O'}, status=404)
 
 
+def test_static_answers_a_png_thumbnail_of_a_tiff_as_png_not_by_its_names_extension(client, tmp_path):
+    client.upload('scan.tif', make_image(tmp_path, 'plasma:', '120x90', 'tiff'))
+    client.fileget('scan.tif', 'T', scale='64')
+    assert client.web.get('/static/thumbnails/scan_64.tif').content_type == 'image/png'
+
+
 def test_static_serves_nothing_without_a_token_when_reads_need_a_key(make_client, jpeg):
     client = make_client(REQUIRE_KEY_FOR_GET=True)
     client.upload('a.jpg', jpeg)

@@ -271,6 +271,41 @@ def test_specify6_upload_with_fields_first_and_file_part_named_after_the_file_st
     assert client.stored('originals/sp61234567890123.att.JPG') == jpeg
 
 
+def specify6_body(fields, local_name, data, charset='ISO-8859-1'):
+    """multipart/form-data as Specify 6's HTTP library writes it: every text part declares its charset and
+    is written in it, the file part comes last (application/octet-stream, binary)."""
+    boundary = 'eB8KMq9wIXtGFz5iCNPsYZLFc0F4cxQZ'
+    chunks = [(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n'
+               f'Content-Type: text/plain; charset={charset}\r\nContent-Transfer-Encoding: 8bit\r\n\r\n').encode()
+              + value.encode('latin-1') + b'\r\n' for name, value in fields]
+    chunks.append((f'--{boundary}\r\nContent-Disposition: form-data; name="{local_name}"; filename="{local_name}"\r\n'
+                   'Content-Type: application/octet-stream; charset=ISO-8859-1\r\n'
+                   'Content-Transfer-Encoding: binary\r\n\r\n').encode() + data + b'\r\n')
+    chunks.append(f'--{boundary}--\r\n'.encode())
+    return f'multipart/form-data; boundary={boundary}', b''.join(chunks)
+
+
+def specify6_fields(client, store, coll):
+    return [('store', store), ('type', 'O'), ('coll', coll), ('token', client.token(store)),
+            ('disp', 'Ictiología'), ('div', 'Zoología'), ('inst', 'Museo')]
+
+
+def test_specify6_text_parts_in_iso_8859_1_are_read_by_the_charset_they_declare(make_client, jpeg):
+    client = make_client(COLLECTION_DIRS={'Colección Peces': 'peces'})
+    content_type, body = specify6_body(specify6_fields(client, 'sp6123.att.jpg', 'Colección Peces'), 'foto.jpg', jpeg)
+    assert client.post_raw('/fileupload', content_type, body).text == 'Ok.'
+    assert client.stored('peces/originals/sp6123.att.jpg') == jpeg
+
+
+@pytest.mark.parametrize('charset', ['x-no-such-charset', 'hex', 'idna', 'punycode', 'a' * 1000])
+def test_an_upload_text_part_in_a_charset_the_server_cannot_read_is_400_and_keeps_nothing(client, jpeg, charset):
+    content_type, body = specify6_body(specify6_fields(client, 'sp6123.att.jpg', 'Fish'), 'foto.jpg', jpeg,
+                                       charset=charset)
+    answer = client.post_raw('/fileupload', content_type, body, status=400)
+    assert answer.text == 'A text part of the upload declares a charset this server cannot read.'
+    assert client.all_files() == set()
+
+
 def test_store_name_without_extension_is_kept_as_is(client, jpeg):
     client.upload('0b0e7f3c-4a3e-4e8e-9a55-2f8c1d3e6a11', jpeg)
     assert client.all_files() == {'originals/0b0e7f3c-4a3e-4e8e-9a55-2f8c1d3e6a11'}

@@ -1,8 +1,12 @@
 """Object storage beyond the shared protocol suite: several servers on one bucket, a store that
 goes away, moving an attachments folder in and out, and memory on a large upload."""
 
+import hashlib
+import io
+import itertools
 import os
 import secrets
+import struct
 import subprocess
 import sys
 import threading
@@ -10,11 +14,12 @@ import time
 from urllib.parse import urlencode
 
 import pytest
+from botocore.response import StreamingBody
 
 import core
 import migrate
 import server
-from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, image_info
+from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, _ifd, image_info
 
 
 def s3_client(tmp_path, store, prefix, **overrides):
@@ -73,6 +78,103 @@ def test_a_store_that_goes_away_answers_503_quickly_never_falls_back_to_disk_and
     own_seaweed.start()
     assert client.fileget('a.jpg').body == jpeg
     assert client.upload('b.jpg', jpeg).text == 'Ok.'
+
+
+# --- A file replaced while it is read ----------------------------------------------------------
+
+class ReplacingStore:
+    """The real boto3 client, except that after each `method` call on `key` (at most `times`) the
+    object is replaced by the next of `versions` (bytes, metadata), as another server's upload would."""
+
+    def __init__(self, client, method, key, versions, times):
+        self.client, self.method, self.key, self.versions, self.times = client, method, key, versions, times
+
+    def __getattr__(self, name):
+        real = getattr(self.client, name)
+        if name != self.method:
+            return real
+
+        def replacing(**request):
+            answer = real(**request)
+            if request['Key'] == self.key and self.times:
+                self.times -= 1
+                if 'Body' in answer:        # what this GET returned is read before the object changes
+                    data = answer['Body'].read()
+                    answer['Body'] = StreamingBody(io.BytesIO(data), len(data))
+                body, metadata = next(self.versions)
+                self.client.put_object(Bucket=request['Bucket'], Key=self.key, Body=body, Metadata=metadata)
+            return answer
+        return replacing
+
+
+def replace_while_read(client, relative, method, versions, times):
+    """Make the server's store replace the object at `relative` after `method` calls on it."""
+    storage = client.app.storage
+    storage.client = ReplacingStore(storage.client, method, f'{storage.prefix}/{relative}', versions, times)
+
+
+def etag_of(data):
+    return '"%s"' % hashlib.md5(data).hexdigest()
+
+
+@pytest.mark.parametrize('method', ['head_object', 'get_object'])
+def test_an_original_replaced_while_it_is_sent_is_sent_whole_as_one_version(tmp_path, seaweed, jpeg, png, method):
+    client = s3_client(tmp_path, seaweed, 'swap-' + secrets.token_hex(4))
+    client.upload('a.jpg', jpeg)
+    replace_while_read(client, 'originals/a.jpg', method, itertools.cycle([(png, {}), (jpeg, {})]), times=2)
+    answer = client.fileget('a.jpg')           # GET /fileget?filename=a.jpg&type=O&coll=Fish
+    assert answer.body in (jpeg, png)
+    assert (answer.headers['ETag'], answer.content_length) == (etag_of(answer.body), len(answer.body))
+
+
+@pytest.mark.parametrize('method', ['head_object', 'get_object'])
+def test_a_thumbnail_replaced_while_it_is_sent_is_sent_whole_as_one_version(tmp_path, seaweed, jpeg, method):
+    client = s3_client(tmp_path, seaweed, 'swap-thumb-' + secrets.token_hex(4))
+    client.upload('a.jpg', jpeg)
+    made = client.fileget('a.jpg', 'T', scale='64').body
+    fresh = {'source-etag': etag_of(jpeg)}
+    other = made + b'another thumbnail of the same original'
+    replace_while_read(client, 'thumbnails/a_64.jpg', method,
+                       itertools.cycle([(other, fresh), (made, fresh)]), times=2)
+    answer = client.fileget('a.jpg', 'T', scale='64')      # GET /fileget?filename=a.jpg&type=T&scale=64
+    assert answer.body in (made, other)
+    assert (answer.headers['ETag'], answer.content_length) == (etag_of(answer.body), len(answer.body))
+
+
+def test_a_range_of_a_file_replaced_after_it_was_checked_comes_whole_from_the_new_version(tmp_path, seaweed, jpeg, png):
+    client = s3_client(tmp_path, seaweed, 'swap-range-' + secrets.token_hex(4))
+    client.upload('a.jpg', jpeg)
+    replace_while_read(client, 'originals/a.jpg', 'head_object', iter([(png, {})]), times=1)
+    answer = client.fileget('a.jpg', headers={'Range': 'bytes=0-9'}, status=206)
+    assert (answer.body, answer.headers['ETag'], answer.headers['Content-Range']) == \
+        (png[:10], etag_of(png), f'bytes 0-9/{len(png)}')
+
+
+def test_a_file_that_keeps_changing_while_a_range_of_it_is_read_answers_503(tmp_path, seaweed, jpeg, png):
+    client = s3_client(tmp_path, seaweed, 'swap-always-' + secrets.token_hex(4))
+    client.upload('a.jpg', jpeg)
+    replace_while_read(client, 'originals/a.jpg', 'head_object',
+                       itertools.cycle([(png, {}), (jpeg, {})]), times=10)
+    answer = client.fileget('a.jpg', headers={'Range': 'bytes=0-9'}, status=503)
+    assert answer.content_type == 'text/plain' and 'changed while it was read' in answer.text
+
+
+def tiff_with_date_far_in(date, at):
+    """A TIFF whose only directory (with an Exif DateTimeOriginal) starts `at` bytes in."""
+    first = _ifd([(0x8769, 4, 0)], at)
+    exif_at = at + len(first)
+    return b'II*\0' + struct.pack('<I', at) + bytes(at - 8) + _ifd([(0x8769, 4, exif_at)], at) \
+        + _ifd([(0x9003, 2, date)], exif_at)
+
+
+def test_metadata_of_a_file_replaced_while_its_exif_is_read_answers_503_not_a_mix(tmp_path, seaweed):
+    client = s3_client(tmp_path, seaweed, 'swap-exif-' + secrets.token_hex(4))
+    photo = tiff_with_date_far_in('2001:02:03 04:05:06', 200_000)          # past the first 64 KiB read
+    client.upload('scan.tif', photo)
+    assert client.get('/getmetadata', {'filename': 'scan.tif', 'coll': 'Fish', 'dt': 'date'}).text == '2001:02:03 04:05:06'
+    replace_while_read(client, 'originals/scan.tif', 'get_object', iter([(bytes(len(photo)), {})]), times=1)
+    answer = client.get('/getmetadata', {'filename': 'scan.tif', 'coll': 'Fish', 'dt': 'date'}, status=503)
+    assert 'changed while it was read' in answer.text
 
 
 # --- Moving an institution in and out ---------------------------------------------------------

@@ -28,6 +28,7 @@ log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
 TRANSFER = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB,
                           max_concurrency=4)   # at most 64 MiB in flight per transfer
+SOURCE_ETAG = 'source-etag'     # a thumbnail's user metadata: the ETag of the original it was made from
 
 
 def make_client(config):
@@ -186,10 +187,7 @@ class S3Storage(Layout):
         """A stored thumbnail counts when it was made from the original's current bytes."""
         thumbnail = self.head(self.key(self.thumbnail_parts(coll, name, scale)))
         original = thumbnail and self.head(self.key(self.original_parts(coll, name)))
-        if not original:
-            return False
-        source = thumbnail.get('Metadata', {}).get('source-etag')
-        return source == original['ETag'] if source else thumbnail['LastModified'] >= original['LastModified']
+        return bool(original) and made_from(thumbnail, original)
 
     def make_thumbnail(self, coll, name, scale, thumbnailer):
         """Fetch the original, convert it locally, store the result; False if the original changed meanwhile."""
@@ -206,7 +204,7 @@ class S3Storage(Layout):
             with thumbnailer.converted(local, scale, self.staging_folder()) as made, store_errors():
                 self.client.upload_file(made, self.bucket, thumbnail_key, Config=TRANSFER, ExtraArgs={
                     'ContentType': sniff_kind(made) or 'application/octet-stream',
-                    'Metadata': {'source-etag': head['ETag']}})
+                    'Metadata': {SOURCE_ETAG: head['ETag']}})
             now = self.head(original_key)
             if now is None or now['ETag'] != head['ETag']:
                 with store_errors():
@@ -215,6 +213,12 @@ class S3Storage(Layout):
             return True
         finally:
             remove_quietly(local)
+
+
+def made_from(thumbnail, original):
+    """Whether a thumbnail was made from the original's current bytes (both as HEAD or a listing describes them)."""
+    source = thumbnail.get('Metadata', {}).get(SOURCE_ETAG)
+    return source == original['ETag'] if source else thumbnail['LastModified'] >= original['LastModified']
 
 
 def is_plain_get():

@@ -19,7 +19,7 @@ from botocore.response import StreamingBody
 import core
 import migrate
 import server
-from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, _ifd, image_info
+from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, _ifd, image_info, wait_for
 
 
 def s3_client(tmp_path, store, prefix, **overrides):
@@ -216,7 +216,6 @@ def test_migration_resumes_and_skips_what_is_already_there(seaweed, upstream_fol
     folder, _files = upstream_folder
     prefix = 'resumed-' + secrets.token_hex(4)
     store = seaweed.client()
-    store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg', Body=b'cut short')
     store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/originals/loose.jpg',
                      Body=(folder / 'originals/loose.jpg').read_bytes())
     done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
@@ -249,17 +248,128 @@ def altered(data):
     return data[:middle] + bytes([data[middle] ^ 0xFF]) + data[middle + 1:]
 
 
-def test_migration_recopies_an_object_of_the_same_size_with_other_bytes(seaweed, upstream_folder):
+def test_migration_with_overwrite_recopies_an_object_of_the_same_size_with_other_bytes(seaweed, upstream_folder):
     folder, files = upstream_folder
     prefix = 'same-size-' + secrets.token_hex(4)
     store = seaweed.client()
     store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg',
                      Body=altered(files['fish/originals/a.jpg']))
     store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/originals/loose.jpg', Body=files['originals/loose.jpg'])
-    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
-    assert 'copied 4, already there 1, failed 0' in done.stdout, done.stderr
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder), '--overwrite')
+    assert 'copied 4, already there 1, failed 0, conflicts 0' in done.stdout, done.stderr
     copied = store.get_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg')['Body'].read()
     assert copied == files['fish/originals/a.jpg']
+
+
+def test_migration_into_the_bucket_leaves_an_object_with_other_bytes_as_it_is_and_reports_a_conflict(
+        seaweed, upstream_folder):
+    folder, files = upstream_folder
+    prefix = 'conflict-' + secrets.token_hex(4)
+    store = seaweed.client()
+    newer = altered(files['fish/originals/a.jpg'])         # written by the server after the switch
+    store.put_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg', Body=newer)
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert done.returncode == 1
+    assert 'copied 3, already there 0, failed 0, conflicts 1' in done.stdout, done.stderr
+    assert f'conflict: {prefix}/fish/originals/a.jpg' in done.stderr
+    assert store.get_object(Bucket=seaweed.bucket, Key=f'{prefix}/fish/originals/a.jpg')['Body'].read() == newer
+
+
+def attachments_folder(folder, files):
+    """Write `files` ({relative path: bytes}) into `folder`, each after the one before."""
+    for relative, data in files.items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
+    return folder
+
+
+def test_migration_into_the_bucket_leaves_out_a_thumbnail_older_than_its_original(seaweed, tmp_path, jpeg, png):
+    folder = attachments_folder(tmp_path / 'existing', {'originals/a.jpg': jpeg, 'thumbnails/a_123.jpg': png})
+    made = os.stat(folder / 'originals/a.jpg').st_mtime
+    os.utime(folder / 'thumbnails/a_123.jpg', (made - 60, made - 60))       # made from an older a.jpg
+    prefix = 'stale-' + secrets.token_hex(4)
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert 'copied 1, already there 0, failed 0, conflicts 0, skipped 0, thumbnails left out 1' in done.stdout
+    client = s3_client(tmp_path, seaweed, prefix)
+    thumbnail = client.fileget('a.jpg', 'T', scale='123').body      # GET /fileget?filename=a.jpg&type=T&scale=123
+    assert image_info(thumbnail, tmp_path)[1:] == (123, 82)
+
+
+def test_migration_into_the_bucket_records_the_original_a_fresh_thumbnail_was_made_from(seaweed, tmp_path, jpeg, png):
+    folder = attachments_folder(tmp_path / 'existing', {'originals/a.jpg': jpeg, 'thumbnails/a_123.jpg': png})
+    prefix = 'fresh-' + secrets.token_hex(4)
+    run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    store = seaweed.client()
+    thumbnail = store.head_object(Bucket=seaweed.bucket, Key=f'{prefix}/thumbnails/a_123.jpg')
+    assert thumbnail['Metadata'] == {'source-etag': etag_of(jpeg)}
+
+
+def test_migration_into_the_bucket_skips_a_file_whose_name_is_not_utf8_and_names_it(seaweed, tmp_path, jpeg):
+    folder = attachments_folder(tmp_path / 'existing', {'originals/a.jpg': jpeg})
+    with open(os.path.join(os.fsencode(folder), b'originals', b'caf\xe9.jpg'), 'wb') as f:
+        f.write(jpeg)
+    prefix = 'latin1-' + secrets.token_hex(4)
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert done.returncode == 0, done.stderr
+    assert 'copied 1, already there 0, failed 0, conflicts 0, skipped 1' in done.stdout
+    assert "skipped originals/caf\\xe9.jpg: its name is not UTF-8" in done.stderr
+    assert 'Traceback' not in done.stderr
+
+
+def test_migration_into_the_bucket_follows_no_symbolic_link_and_names_it(seaweed, tmp_path, jpeg):
+    folder = attachments_folder(tmp_path / 'existing', {'originals/a.jpg': jpeg})
+    (tmp_path / 'outside.txt').write_text('not an attachment of this folder')
+    os.symlink(tmp_path / 'outside.txt', folder / 'originals' / 'hostname.jpg')
+    prefix = 'symlink-' + secrets.token_hex(4)
+    done = run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
+    assert 'copied 1, already there 0, failed 0, conflicts 0, skipped 1' in done.stdout, done.stderr
+    assert 'skipped originals/hostname.jpg: it is a symbolic link (not followed)' in done.stderr
+    listing = seaweed.client().list_objects_v2(Bucket=seaweed.bucket, Prefix=prefix + '/')
+    assert [item['Key'] for item in listing['Contents']] == [f'{prefix}/originals/a.jpg']
+
+
+def disk_client(tmp_path, folder):
+    return Client(server.load_config({'BASE_DIR': str(folder), 'KEY': KEY, 'ACCESS_LOG': False,
+                                      'PREGENERATE_SCALE': None, 'STORAGE': 'disk'}, environ={}))
+
+
+def test_migration_back_leaves_out_a_thumbnail_that_was_stale_in_the_bucket(seaweed, tmp_path, jpeg, png):
+    prefix = 'stale-back-' + secrets.token_hex(4)
+    s3_client(tmp_path, seaweed, prefix).upload('a.jpg', jpeg)
+    seaweed.client().put_object(Bucket=seaweed.bucket, Key=f'{prefix}/thumbnails/a_123.jpg', Body=png,
+                                Metadata={'source-etag': etag_of(b'an older a.jpg')})
+    back = tmp_path / 'back'
+    done = run_migrate(seaweed, prefix, 'from-s3', '--folder', str(back))
+    assert 'copied 1, already there 0, failed 0, conflicts 0, skipped 0, thumbnails left out 1' in done.stdout
+    thumbnail = disk_client(tmp_path, back).fileget('a.jpg', 'T', scale='123').body
+    assert image_info(thumbnail, tmp_path)[1:] == (123, 82)
+
+
+def test_migration_back_gives_an_original_its_objects_last_modified_time(seaweed, tmp_path, jpeg):
+    prefix = 'mtime-back-' + secrets.token_hex(4)
+    s3_client(tmp_path, seaweed, prefix).upload('a.jpg', jpeg)
+    modified = seaweed.client().head_object(Bucket=seaweed.bucket, Key=f'{prefix}/originals/a.jpg')['LastModified']
+    back = tmp_path / 'back'
+    run_migrate(seaweed, prefix, 'from-s3', '--folder', str(back))
+    assert os.stat(back / 'originals' / 'a.jpg').st_mtime_ns == int(modified.timestamp()) * 10**9 + modified.microsecond * 1000
+
+
+def test_migration_back_keeps_a_thumbnail_fresh_that_was_made_from_the_same_bytes_before_the_original_was_stored_again(
+        seaweed, tmp_path, jpeg, png):
+    prefix = 'fresh-back-' + secrets.token_hex(4)
+    store = seaweed.client()
+    thumbnail_key, original_key = f'{prefix}/thumbnails/a_123.jpg', f'{prefix}/originals/a.jpg'
+    store.put_object(Bucket=seaweed.bucket, Key=original_key, Body=jpeg)
+    store.put_object(Bucket=seaweed.bucket, Key=thumbnail_key, Body=png, Metadata={'source-etag': etag_of(jpeg)})
+    made = store.head_object(Bucket=seaweed.bucket, Key=thumbnail_key)['LastModified']
+
+    def stored_again_later():
+        store.put_object(Bucket=seaweed.bucket, Key=original_key, Body=jpeg)      # same bytes, so the same ETag
+        return store.head_object(Bucket=seaweed.bucket, Key=original_key)['LastModified'] > made
+    assert wait_for(stored_again_later)
+    back = tmp_path / 'back'
+    run_migrate(seaweed, prefix, 'from-s3', '--folder', str(back))
+    assert disk_client(tmp_path, back).fileget('a.jpg', 'T', scale='123').body == png
 
 
 def test_migration_back_recopies_a_file_of_the_same_size_with_other_bytes(seaweed, upstream_folder, tmp_path):
@@ -284,13 +394,10 @@ class CorruptingStore:
     def __getattr__(self, name):
         return getattr(self.client, name)
 
-    def upload_file(self, path, bucket, key, **options):
+    def upload_fileobj(self, source, bucket, key, **options):
         if key.endswith(self.damaged):
-            with open(path, 'rb') as f:
-                data = f.read()
-            path = self.scratch / 'corrupted-in-transit'
-            path.write_bytes(altered(data))
-        return self.client.upload_file(str(path), bucket, key, **options)
+            source = io.BytesIO(altered(source.read()))
+        return self.client.upload_fileobj(source, bucket, key, **options)
 
     def download_file(self, bucket, key, path, **options):
         self.client.download_file(bucket, key, path, **options)
@@ -307,14 +414,16 @@ def corrupting(monkeypatch, damaged, scratch):
     monkeypatch.setattr(migrate, 'make_client', lambda config: CorruptingStore(real(config), damaged, scratch))
 
 
-@pytest.mark.parametrize('damaged', ['fish/originals/a.jpg', 'fish/originals/big.bin'])   # one part, multipart
+@pytest.mark.parametrize('damaged, copied, left_out', [('fish/originals/a.jpg', 3, 1),     # one part: and its thumbnail
+                                                        ('fish/originals/big.bin', 4, 0)])  # multipart
 def test_migration_reports_a_copy_whose_bytes_the_store_got_wrong(seaweed, upstream_folder, tmp_path,
-                                                                    monkeypatch, capsys, damaged):
+                                                                    monkeypatch, capsys, damaged, copied, left_out):
     folder, _files = upstream_folder
     prefix = 'corrupted-' + secrets.token_hex(4)
     config = core.load_config(seaweed.settings(prefix), environ={})
     corrupting(monkeypatch, damaged, tmp_path)
-    assert migrate.to_s3(config, str(folder), dry_run=False) == {'copied': 4, 'already there': 0, 'failed': 1}
+    assert migrate.to_s3(config, str(folder), dry_run=False) == {
+        'copied': copied, 'already there': 0, 'failed': 1, 'conflicts': 0, 'skipped': 0, 'thumbnails left out': left_out}
     assert f'verification failed: {prefix}/{damaged}' in capsys.readouterr().err
 
 
@@ -326,7 +435,8 @@ def test_migration_back_keeps_no_file_whose_downloaded_bytes_are_wrong(seaweed, 
     config = core.load_config(seaweed.settings(prefix), environ={})
     corrupting(monkeypatch, 'fish/originals/a.jpg', tmp_path)
     back = tmp_path / 'back'
-    assert migrate.from_s3(config, str(back), dry_run=False) == {'copied': 4, 'already there': 0, 'failed': 1}
+    assert migrate.from_s3(config, str(back), dry_run=False) == {     # a.jpg's thumbnail without its original too
+        'copied': 3, 'already there': 0, 'failed': 1, 'conflicts': 0, 'skipped': 0, 'thumbnails left out': 1}
     assert f'verification failed: {prefix}/fish/originals/a.jpg' in capsys.readouterr().err
     assert sorted(os.listdir(back / 'fish' / 'originals')) == ['big.bin']
 

@@ -106,11 +106,12 @@ def source_problem(relative, path):
 def thumbnail_owner(parts, config):
     """The relative parts of the original a thumbnail's cache name <root>_<scale><ext> belongs to, or None."""
     root, ext = os.path.splitext(parts[-1])
-    match = re.fullmatch(r'(.+)_[0-9]+', root)
+    match = re.fullmatch(r'(.+)_[0-9]+', root, re.DOTALL)
     return match and [*parts[:-2], config.ORIG_DIR, match.group(1) + ext]
 
 
 def say(message):
+    """A message on a line of its own, below the progress bar."""
     sys.stderr.write(f'\n{message}\n')
 
 

@@ -328,6 +328,30 @@ def test_migration_into_the_bucket_follows_no_symbolic_link_and_names_it(seaweed
     assert [item['Key'] for item in listing['Contents']] == [f'{prefix}/originals/a.jpg']
 
 
+def test_a_file_to_copy_is_opened_without_following_a_symbolic_link(tmp_path):
+    (tmp_path / 'outside.txt').write_text('not an attachment')
+    os.symlink(tmp_path / 'outside.txt', tmp_path / 'a.jpg')      # as if swapped in after the walk
+    with pytest.raises(migrate.NotAFile, match='symbolic link'):
+        migrate.open_regular(str(tmp_path / 'a.jpg'))
+
+
+def test_a_fifo_to_copy_is_refused_without_waiting_for_a_writer(tmp_path):
+    fifo = str(tmp_path / 'a.jpg')
+    os.mkfifo(fifo)
+    refused = []
+
+    def open_it():
+        with pytest.raises(migrate.NotAFile, match='not a regular file'):
+            migrate.open_regular(fifo)
+        refused.append(True)
+    opener = threading.Thread(target=open_it, daemon=True)
+    opener.start()
+    opener.join(10)
+    if opener.is_alive():               # it waits for a writer: be one, so that the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert refused == [True]
+
+
 def disk_client(tmp_path, folder):
     return Client(server.load_config({'BASE_DIR': str(folder), 'KEY': KEY, 'ACCESS_LOG': False,
                                       'PREGENERATE_SCALE': None, 'STORAGE': 'disk'}, environ={}))

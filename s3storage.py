@@ -4,7 +4,10 @@ Keys mirror the disk layout below S3_PREFIX: [<collection folder>/]originals/<na
 [<collection folder>/]thumbnails/<root>_<scale><ext>, so several servers can share one bucket
 and an attachments folder can be copied in as it is (see migrate.py). Nothing is held whole in
 memory: uploads go up from the staged file (multipart when large), downloads stream, and EXIF is
-read through ranged GETs. A store that cannot be reached raises StorageUnavailable (503).
+read through ranged GETs. Every answer's ETag, length and bytes come from one version of an
+object: a plain GET is answered from that GET's own metadata, and every other GET is pinned with
+If-Match to the ETag of the HEAD that described it. A store that cannot be reached raises
+StorageUnavailable (503), as does an object that keeps changing while it is read.
 """
 
 import contextlib
@@ -13,6 +16,7 @@ import logging
 import os
 
 import boto3
+import bottle
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -24,6 +28,7 @@ log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
 TRANSFER = TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB,
                           max_concurrency=4)   # at most 64 MiB in flight per transfer
+SOURCE_ETAG = 'source-etag'     # a thumbnail's user metadata: the ETag of the original it was made from
 
 
 def make_client(config):
@@ -40,9 +45,13 @@ def make_client(config):
         response_checksum_validation='when_required'))
 
 
+class ObjectChanged(StorageUnavailable):
+    """The object was replaced or removed between requests that had to see one version of it."""
+
+
 @contextlib.contextmanager
 def store_errors():
-    """Missing objects become FileNotFoundError; every other failure StorageUnavailable."""
+    """Missing objects become FileNotFoundError, a failed If-Match ObjectChanged; every other failure StorageUnavailable."""
     try:
         yield
     except ClientError as error:
@@ -50,6 +59,8 @@ def store_errors():
         status = error.response.get('ResponseMetadata', {}).get('HTTPStatusCode')
         if status == 404 and code != 'NoSuchBucket' or code in ('NoSuchKey', 'NotFound'):
             raise FileNotFoundError(code) from None
+        if status == 412 or code == 'PreconditionFailed':
+            raise ObjectChanged('the file changed while it was read; try again') from None
         log.warning('object store error: %s', error)
         raise StorageUnavailable(f'the object store answered {code or status}') from None
     except BotoCoreError as error:
@@ -122,7 +133,7 @@ class S3Storage(Layout):
         head = self.head(key)
         if head is None:
             raise FileNotFoundError(key)
-        return io.BufferedReader(RangeReader(self, key, head['ContentLength']), 64 * 1024)
+        return io.BufferedReader(RangeReader(self, key, head['ContentLength'], head['ETag']), 64 * 1024)
 
     def send(self, coll, name, headers=None):
         return self.send_object(self.key(self.original_parts(coll, name)), headers)
@@ -135,27 +146,48 @@ class S3Storage(Layout):
             refuse(404, 'No such file.')
         return self.send_object(self.key(parts))
 
+    def get_version(self, key, etag, start, end, size):
+        """Bytes start..end of the version `etag` of an object of `size` bytes; ObjectChanged once it is replaced or gone."""
+        wanted = {} if (start, end) == (0, size) else {'Range': f'bytes={start}-{end - 1}'}
+        try:
+            with store_errors():
+                return self.client.get_object(Bucket=self.bucket, Key=key, IfMatch=etag, **wanted)['Body']
+        except FileNotFoundError:
+            raise ObjectChanged('the file was removed while it was read') from None
+
     def send_object(self, key, headers=None):
-        """Stream an object, with the validators and ranges every storage supports."""
-        head = self.head(key)
-        if head is None:
+        """Stream an object, with the validators and ranges every storage supports; once more if it changed meanwhile."""
+        try:
+            return self.send_version(key, headers)
+        except ObjectChanged:
+            return self.send_version(key, headers)
+
+    def send_version(self, key, headers):
+        """Answer from one version: a plain GET by that GET's own metadata, anything else by a HEAD and GETs pinned to it."""
+        whole = None
+        if is_plain_get():
+            try:
+                with store_errors():
+                    whole = self.client.get_object(Bucket=self.bucket, Key=key)
+            except FileNotFoundError:
+                refuse(404, 'No such file.')
+        found = whole or self.head(key)
+        if found is None:
             refuse(404, 'No such file.')
+        size = found['ContentLength']
 
         def body_for(start, end):
-            wanted = {} if (start, end) == (0, head['ContentLength']) else {'Range': f'bytes={start}-{end - 1}'}
-            with store_errors():
-                return stream(self.client.get_object(Bucket=self.bucket, Key=key, **wanted)['Body'])
-        return file_answer(head['ContentLength'], head['ETag'], head['LastModified'].timestamp(),
-                           head.get('ContentType') or 'application/octet-stream', headers, body_for)
+            if whole and (start, end) == (0, size):
+                return stream(whole['Body'])
+            return stream(self.get_version(key, found['ETag'], start, end, size))
+        return file_answer(size, found['ETag'], found['LastModified'].timestamp(),
+                           found.get('ContentType') or 'application/octet-stream', headers, body_for)
 
     def thumbnail_is_fresh(self, coll, name, scale):
         """A stored thumbnail counts when it was made from the original's current bytes."""
         thumbnail = self.head(self.key(self.thumbnail_parts(coll, name, scale)))
         original = thumbnail and self.head(self.key(self.original_parts(coll, name)))
-        if not original:
-            return False
-        source = thumbnail.get('Metadata', {}).get('source-etag')
-        return source == original['ETag'] if source else thumbnail['LastModified'] >= original['LastModified']
+        return bool(original) and made_from(thumbnail, original)
 
     def make_thumbnail(self, coll, name, scale, thumbnailer):
         """Fetch the original, convert it locally, store the result; False if the original changed meanwhile."""
@@ -172,7 +204,7 @@ class S3Storage(Layout):
             with thumbnailer.converted(local, scale, self.staging_folder()) as made, store_errors():
                 self.client.upload_file(made, self.bucket, thumbnail_key, Config=TRANSFER, ExtraArgs={
                     'ContentType': sniff_kind(made) or 'application/octet-stream',
-                    'Metadata': {'source-etag': head['ETag']}})
+                    'Metadata': {SOURCE_ETAG: head['ETag']}})
             now = self.head(original_key)
             if now is None or now['ETag'] != head['ETag']:
                 with store_errors():
@@ -181,6 +213,19 @@ class S3Storage(Layout):
             return True
         finally:
             remove_quietly(local)
+
+
+def made_from(thumbnail, original):
+    """Whether a thumbnail was made from the original's current bytes (both as HEAD or a listing describes them)."""
+    source = thumbnail.get('Metadata', {}).get(SOURCE_ETAG)
+    return source == original['ETag'] if source else thumbnail['LastModified'] >= original['LastModified']
+
+
+def is_plain_get():
+    """A GET without Range or validators: its answer is the whole object, so one GET describes it."""
+    environ = bottle.request.environ
+    return environ['REQUEST_METHOD'] == 'GET' and not any(
+        field in environ for field in ('HTTP_RANGE', 'HTTP_IF_NONE_MATCH', 'HTTP_IF_MODIFIED_SINCE'))
 
 
 def stream(body):
@@ -192,11 +237,11 @@ def stream(body):
 
 
 class RangeReader(io.RawIOBase):
-    """A read-only, seekable object, fetched with ranged GETs as it is read."""
+    """A read-only, seekable object, fetched with ranged GETs pinned to one version as it is read."""
 
-    def __init__(self, storage, key, size):
+    def __init__(self, storage, key, size, etag):
         super().__init__()
-        self.storage, self.key, self.size, self.position = storage, key, size, 0
+        self.storage, self.key, self.size, self.etag, self.position = storage, key, size, etag, 0
 
     def readable(self):
         return True
@@ -215,10 +260,9 @@ class RangeReader(io.RawIOBase):
     def readinto(self, buffer):
         if self.position >= self.size or not len(buffer):
             return 0
-        last = min(self.size, self.position + len(buffer)) - 1
-        with store_errors():
-            data = self.storage.client.get_object(Bucket=self.storage.bucket, Key=self.key,
-                                                  Range=f'bytes={self.position}-{last}')['Body'].read()
+        end = min(self.size, self.position + len(buffer))
+        with self.storage.get_version(self.key, self.etag, self.position, end, self.size) as body:
+            data = body.read()
         buffer[:len(data)] = data
         self.position += len(data)
         return len(data)

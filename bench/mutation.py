@@ -50,9 +50,11 @@ SCOPE = {
     'migrate.x_same_object': None,
     'migrate.x_folder_files': None,
     'migrate.x_bucket_objects': None,
-    'migrate.x_from_s3': ('if os.path.isfile(target) and', "counts['already there'] += 1"),
+    'migrate.x_local_matches': None,
+    'migrate.x_from_s3': ('elif local_matches(target, size, etag):', "counts['already there'] += 1"),
+    'migrate.x_download_one': ('verified = os.path.getsize(temp) == size', 'verified = os.path.getsize(temp) == size'),
 }
-SCOPE_LINES = {'migrate.x_from_s3': ['verified = os.path.getsize(temp) == size']}   # single lines also in scope
+SCOPE_LINES = {}   # {function: [text of single lines also in scope]}
 
 
 def mutant_diff(module_text, spans, function, number):

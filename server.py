@@ -94,6 +94,9 @@ def keep_new_key(path):
         os.link(temp, path)
     except FileExistsError:          # another instance made it first: use theirs
         return read_kept_key(path) or keep_new_key(path)
+    except OSError as error:         # e.g. a file system without hard links
+        raise ConfigError(f'cannot keep a new key in {path} ({error.strerror or error}): '
+                          'set KEY (or ATTACHMENT_KEY), or KEY_FILE to a file on another file system') from None
     finally:
         remove_quietly(temp)
     fsync_folder(folder)

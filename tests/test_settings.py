@@ -109,6 +109,17 @@ def test_an_instance_starting_while_another_makes_the_key_file_uses_the_same_key
     assert os.listdir(tmp_path) == ['.web-asset-server.key']
 
 
+def test_a_key_file_on_a_file_system_without_hard_links_stops_the_start_with_a_message(tmp_path, monkeypatch):
+    config = server.load_config({'BASE_DIR': str(tmp_path), 'KEY': None}, environ={})
+
+    def no_links(source, target):
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(os, 'link', no_links)
+    with pytest.raises(server.ConfigError, match='cannot keep a new key in .*Operation not permitted.*set KEY'):
+        server.resolve_key(config)
+    assert os.listdir(tmp_path) == []
+
+
 def test_auth_disabled_warns_at_every_start(make_client, caplog):
     for _ in range(2):
         make_client(KEY=None, AUTH_DISABLED=True)

@@ -744,6 +744,11 @@ def metadata_child():
     channel = os.dup(1)
     os.dup2(2, 1)                       # nothing printed in here can reach the server as an answer
     write_all(channel, READY)
+    exhausted = MemoryExhausted()
+    exif_log = logging.getLogger('exifread')
+    exif_log.setLevel(logging.WARNING)
+    exif_log.propagate = False
+    exif_log.addHandler(exhausted)
     while True:
         job = read_exactly(0, JOB.size, at_start=True)
         if not job:
@@ -752,7 +757,20 @@ def metadata_child():
         cpu_limit = int(used.ru_utime + used.ru_stime) + timeout + 2   # SIGXCPU ends this child
         resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, resource.RLIM_INFINITY))
         source = io.BufferedReader(ServedFile(JOB.unpack(job)[0], channel), 64 * 1024)
-        write_all(channel, child_answer(source, max_value, max_answer))
+        exhausted.seen = False
+        answer = child_answer(source, max_value, max_answer)
+        write_all(channel, TOO_LARGE if exhausted.seen else answer)
+
+
+class MemoryExhausted(logging.Handler):
+    """Notes exifread's own report of a MemoryError it caught (it then shows that tag as empty)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record):
+        self.seen = self.seen or str(record.msg).startswith('MemoryError')
 
 
 def child_answer(source, max_value, max_answer):

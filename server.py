@@ -640,7 +640,10 @@ class MetadataReader:
             self.idle.append(child)
         if overrun:
             raise MetadataLimitExceeded('it read more than METADATA_MAX_READ')
-        return json.loads(text)
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise MetadataLimitExceeded('the reader answered something else than JSON') from None
 
     def _child(self):
         """An idle child still alive, or a new one once it is ready (its start is not the file's time)."""
@@ -739,27 +742,38 @@ def wait_for_pipe(descriptor, deadline, reading):
 def metadata_child():
     """A child's loop: one file per job, read through the pipe, until the server closes the pipe."""
     memory, timeout, max_value, max_answer = map(int, sys.argv[1:5])
-    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    lower_limit(resource.RLIMIT_AS, memory)
     os.nice(10)                         # the server's own threads come first when CPUs are short
     channel = os.dup(1)
     os.dup2(2, 1)                       # nothing printed in here can reach the server as an answer
+    exhausted = watch_exif_log()
     write_all(channel, READY)
+    while True:
+        job = read_exactly(0, JOB.size, at_start=True)
+        if not job:
+            return
+        used = resource.getrusage(resource.RUSAGE_SELF)     # a backstop should the server be gone:
+        lower_limit(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime) + timeout + 2)   # SIGXCPU ends it
+        source = io.BufferedReader(ServedFile(JOB.unpack(job)[0], channel), 64 * 1024)
+        exhausted.seen = False
+        answer = child_answer(source, max_value, max_answer)
+        write_all(channel, TOO_LARGE if exhausted.seen else answer)
+
+
+def lower_limit(kind, soft):
+    """Set a soft resource limit, never above the hard one the deployment may have set."""
+    hard = resource.getrlimit(kind)[1]
+    resource.setrlimit(kind, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def watch_exif_log():
+    """A handler on exifread's log that notes when it ran out of memory; its warnings go nowhere else."""
     exhausted = MemoryExhausted()
     exif_log = logging.getLogger('exifread')
     exif_log.setLevel(logging.WARNING)
     exif_log.propagate = False
     exif_log.addHandler(exhausted)
-    while True:
-        job = read_exactly(0, JOB.size, at_start=True)
-        if not job:
-            return
-        used = resource.getrusage(resource.RUSAGE_SELF)          # a backstop should the server be gone:
-        cpu_limit = int(used.ru_utime + used.ru_stime) + timeout + 2   # SIGXCPU ends this child
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu_limit, resource.RLIM_INFINITY))
-        source = io.BufferedReader(ServedFile(JOB.unpack(job)[0], channel), 64 * 1024)
-        exhausted.seen = False
-        answer = child_answer(source, max_value, max_answer)
-        write_all(channel, TOO_LARGE if exhausted.seen else answer)
+    return exhausted
 
 
 class MemoryExhausted(logging.Handler):
@@ -846,9 +860,13 @@ def read_exactly(descriptor, count, at_start=False):
 
 
 def write_all(descriptor, data):
+    """All of `data` to the server's pipe; the child ends quietly when the server is gone."""
     view = memoryview(data)
-    while view:
-        view = view[os.write(descriptor, view):]
+    try:
+        while view:
+            view = view[os.write(descriptor, view):]
+    except BrokenPipeError:
+        os._exit(0)
 
 
 ###############################################################################

@@ -201,21 +201,39 @@ def test_while_hostile_files_are_read_at_once_other_clients_are_served(launch, j
     assert cpu_goes_quiet(web.process.pid)
 
 
+def cpu_limit(pid):
+    """The soft 'Max cpu time' of a process: a reader sets it when it starts on a file."""
+    try:
+        with open(f'/proc/{pid}/limits') as table:
+            return [line.split()[3] for line in table if line.startswith('Max cpu time')][0]
+    except OSError:
+        return None
+
+
+def gone(pid):
+    """True once the process has ended (a zombie counts: it runs no more)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as stat:
+            return stat.read().rsplit(b')', 1)[1].split()[0] == b'Z'
+    except OSError:
+        return True
+
+
 @pytest.mark.parametrize('launch', ['disk'], indirect=True)
 def test_a_server_killed_while_a_reader_spins_leaves_no_reader_behind(launch):
-    web = launch(METADATA_TIMEOUT='1')
+    web = launch(METADATA_TIMEOUT='5')
     upload(web, 'loop.heic', looping_heic())
     asking = threading.Thread(target=lambda: pytest.raises(OSError, getmetadata, web, 'loop.heic'), daemon=True)
     asking.start()
     assert wait_for(lambda: readers_of(web.process.pid), 30)
     reader = readers_of(web.process.pid)[0]
+    assert wait_for(lambda: cpu_limit(reader) not in (None, 'unlimited'), 30)     # it has the file: spinning
     web.process.send_signal(signal.SIGKILL)
     web.process.wait(10)
     try:
-        assert wait_for(lambda: not os.path.exists(f'/proc/{reader}') or open(f'/proc/{reader}/stat').read()
-                        .rsplit(')', 1)[1].split()[0] == 'Z', 60)       # RLIMIT_CPU ends it, orphaned as it is
+        assert wait_for(lambda: gone(reader), 120)          # its CPU limit ends it, orphaned as it is
     finally:
-        if os.path.exists(f'/proc/{reader}'):
+        if not gone(reader):
             os.kill(reader, signal.SIGKILL)
     asking.join(30)
 
@@ -268,6 +286,13 @@ def test_a_reader_runs_with_its_address_space_limited_to_metadata_memory_limit(m
     (reader,) = [pid for pid in readers_of(os.getpid()) if str(limit).encode() in open(f'/proc/{pid}/cmdline', 'rb').read()]
     with open(f'/proc/{reader}/limits') as table:
         assert [line.split()[3] for line in table if line.startswith('Max address space')] == [str(limit)]
+
+
+@pytest.mark.disk_only
+def test_a_file_whose_metadata_needs_more_than_metadata_max_read_is_422(make_client):
+    client = make_client(METADATA_MAX_READ=1024 ** 2)
+    client.upload('long.tif', amplifying_tiff(tags=1, block=2 * 1024 ** 2))    # one 2 MiB text
+    assert metadata(client, 'long.tif', status=422).text == TOO_LARGE
 
 
 @pytest.mark.disk_only

@@ -98,7 +98,9 @@ def check_config(config):
             if not isinstance(folder, str) or name_problem(folder):
                 raise ConfigError(f'COLLECTION_DIRS[{coll!r}] must be a single folder name')
     for name in ('PORT', 'SERVER_PORT', 'MAX_UPLOAD_SIZE', 'MAX_THUMBNAIL_SCALE', 'THUMBNAIL_WORKERS',
-                 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS', 'SOCKET_TIMEOUT'):
+                 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS', 'SOCKET_TIMEOUT', 'METADATA_WORKERS',
+                 'METADATA_WAIT', 'METADATA_TIMEOUT', 'METADATA_MEMORY_LIMIT', 'METADATA_MAX_READ',
+                 'METADATA_MAX_VALUE', 'METADATA_MAX_ANSWER'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
     if config.THREADS < 5:

@@ -10,12 +10,14 @@ administration command). Sections: the key, tokens, thumbnails, disk storage,
 uploads, metadata, the web application, start-up.
 """
 
+import collections
 import contextlib
 import errno
 import functools
 import hashlib
 import hmac
 import inspect
+import io
 import json
 import logging
 import os
@@ -23,7 +25,10 @@ import queue
 import re
 import resource
 import secrets
+import select
 import shutil
+import struct
+import subprocess
 import sys
 import threading
 import time
@@ -568,24 +573,324 @@ def receive_upload(environ, staging_folder, max_size):
 # Metadata ####################################################################
 ###############################################################################
 
-def read_exif(readable):
-    """EXIF tags of an open file as exifread reads them; {} for a file without (or with broken) EXIF."""
+class MetadataLimitExceeded(Exception):
+    """A file's metadata could not be read within the limits (time, memory, bytes read, answer size)."""
+
+
+JOB, READ, LENGTH = struct.Struct('>Q'), struct.Struct('>QI'), struct.Struct('>I')   # the pipe's framing
+READY, READ_REQUEST, DONE, TOO_LARGE = b'+', b'R', b'D', b'T'     # what the child says
+CHILD_START_TIMEOUT = 30         # seconds a new child may take to start (a busy machine is not the file's fault)
+HEAD = 64 * 1024                 # the first bytes of a file, read before a child is asked (its first read)
+
+
+class MetadataReader:
+    """Reads EXIF in child processes, at most METADATA_WORKERS at once, each bounded in time and memory.
+
+    exifread runs in a child so that a parser bug (an endless loop, a blow-up) costs one child, never a
+    server thread; the child reads the file only through its pipe from here, so it never touches the
+    storage and reads at most METADATA_MAX_READ bytes. Children stay for the next file unless they failed.
+    Files found beyond the limits are remembered by their first bytes and size, so asking again is cheap.
+    """
+    remember_for, remembered = 600, 1024     # seconds and number of files found beyond the limits
+
+    def __init__(self, config):
+        self.timeout, self.wait, self.max_read = config.METADATA_TIMEOUT, config.METADATA_WAIT, config.METADATA_MAX_READ
+        self.limits = [str(config.METADATA_MEMORY_LIMIT), str(config.METADATA_TIMEOUT),
+                       str(config.METADATA_MAX_VALUE), str(config.METADATA_MAX_ANSWER)]
+        self.slots = threading.BoundedSemaphore(config.METADATA_WORKERS)
+        self.admitted = threading.BoundedSemaphore(config.METADATA_WORKERS + config.THREADS // 4)  # running, waiting
+        self.guard = threading.Lock()
+        self.idle, self.running, self.beyond = [], {}, collections.OrderedDict()
+
+    def groups(self, readable):
+        """Specify 6's groups of an open file's EXIF; 503 with Retry-After when every slot stays busy."""
+        size = readable.seek(0, io.SEEK_END)
+        readable.seek(0)
+        head = readable.read(HEAD)
+        key = (size, hashlib.sha256(head).digest())
+        self._refuse_if_known(key)
+        if not self.admitted.acquire(blocking=False):
+            self._busy()
+        try:
+            with self.guard:
+                other = self.running.get(key)
+                mine = None if other else self.running.setdefault(key, threading.Event())
+            if other is not None:                # the same bytes are being read: wait for that verdict
+                other.wait(self.wait + self.timeout)
+                self._refuse_if_known(key)
+            try:
+                return self._in_slot(readable, size, head, key)
+            finally:
+                if mine is not None:
+                    with self.guard:
+                        del self.running[key]
+                    mine.set()
+        finally:
+            self.admitted.release()
+
+    def _in_slot(self, readable, size, head, key):
+        if not self.slots.acquire(timeout=self.wait):
+            self._busy()
+        try:
+            return self._extract(readable, size, head)
+        except MetadataLimitExceeded:
+            with self.guard:
+                self.beyond[key] = time.monotonic() + self.remember_for
+                while len(self.beyond) > self.remembered:
+                    self.beyond.popitem(last=False)
+            raise
+        finally:
+            self.slots.release()
+
+    def _refuse_if_known(self, key):
+        with self.guard:
+            if self.beyond.get(key, 0) > time.monotonic():
+                raise MetadataLimitExceeded('these bytes were beyond the limits a short while ago')
+
+    def _busy(self):
+        raise bottle.HTTPError(503, 'The server is busy reading metadata; try again shortly.',
+                               **{'Retry-After': str(self.timeout)})
+
+    def _extract(self, readable, size, head):
+        """Run one file through a child; the child is kept for the next file unless it failed."""
+        child = self._child()
+        try:
+            text, overrun = self._converse(child, readable, size, head, time.monotonic() + self.timeout)
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        with self.guard:
+            self.idle.append(child)
+        if overrun:
+            raise MetadataLimitExceeded('it read more than METADATA_MAX_READ')
+        try:
+            return json.loads(text)
+        except ValueError:
+            raise MetadataLimitExceeded('the reader answered something else than JSON') from None
+
+    def _child(self):
+        """An idle child still alive, or a new one once it is ready (its start is not the file's time)."""
+        with self.guard:
+            while self.idle:
+                child = self.idle.pop()
+                if child.poll() is None:
+                    return child
+        try:
+            child = subprocess.Popen([sys.executable, '-c', 'import server; server.metadata_child()', *self.limits],
+                                     cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+        except OSError as error:
+            log.warning('could not start a metadata reader: %s', error)
+            self._busy()
+        os.set_blocking(child.stdin.fileno(), False)
+        os.set_blocking(child.stdout.fileno(), False)
+        try:
+            if receive(child.stdout.fileno(), 1, time.monotonic() + CHILD_START_TIMEOUT) == READY:
+                return child
+        except MetadataLimitExceeded:
+            pass
+        log.warning('a metadata reader did not start within %s s', CHILD_START_TIMEOUT)
+        child.kill()
+        child.wait()
+        self._busy()
+
+    def _converse(self, child, readable, size, head, deadline):
+        """Serve the child's reads until it answers: (its JSON, whether it wanted more than METADATA_MAX_READ).
+
+        Time spent reading the storage moves the deadline: a slow store is not the file's fault.
+        """
+        send(child.stdin.fileno(), JOB.pack(size), deadline)
+        served, overrun = 0, False
+        while True:
+            kind = receive(child.stdout.fileno(), 1, deadline)
+            if kind == TOO_LARGE:
+                raise MetadataLimitExceeded('more than METADATA_MEMORY_LIMIT or METADATA_MAX_ANSWER')
+            if kind == DONE:
+                length = LENGTH.unpack(receive(child.stdout.fileno(), LENGTH.size, deadline))[0]
+                return receive(child.stdout.fileno(), length, deadline), overrun
+            if kind != READ_REQUEST:
+                raise MetadataLimitExceeded('the reader broke off')
+            offset, length = READ.unpack(receive(child.stdout.fileno(), READ.size, deadline))
+            length = min(length, CHUNK)
+            overrun = overrun or served + length > self.max_read
+            if overrun:
+                data = b''
+            elif offset + length <= len(head) or len(head) == size:
+                data = head[offset:offset + length]
+            else:
+                started = time.monotonic()
+                readable.seek(offset)
+                data = readable.read(length)
+                deadline += time.monotonic() - started
+            served += len(data)
+            send(child.stdin.fileno(), LENGTH.pack(len(data)) + data, deadline)
+
+
+def receive(descriptor, count, deadline):
+    """Exactly `count` bytes from a non-blocking pipe before the deadline."""
+    data = bytearray()
+    while len(data) < count:
+        wait_for_pipe(descriptor, deadline, reading=True)
+        try:
+            chunk = os.read(descriptor, count - len(data))
+        except BlockingIOError:
+            continue
+        if not chunk:
+            raise MetadataLimitExceeded('the reader ended without an answer')
+        data += chunk
+    return bytes(data)
+
+
+def send(descriptor, data, deadline):
+    """All of `data` into a non-blocking pipe before the deadline."""
+    view = memoryview(data)
+    while view:
+        wait_for_pipe(descriptor, deadline, reading=False)
+        try:
+            view = view[os.write(descriptor, view):]
+        except BlockingIOError:
+            continue
+        except BrokenPipeError:
+            raise MetadataLimitExceeded('the reader ended without an answer') from None
+
+
+def wait_for_pipe(descriptor, deadline, reading):
+    left = deadline - time.monotonic()
+    ready = select.select([descriptor] if reading else [], [] if reading else [descriptor], [], max(left, 0))
+    if not any(ready):
+        raise MetadataLimitExceeded('it took longer than METADATA_TIMEOUT')
+
+
+# --- The child's side ------------------------------------------------------------
+
+def metadata_child():
+    """A child's loop: one file per job, read through the pipe, until the server closes the pipe."""
+    memory, timeout, max_value, max_answer = map(int, sys.argv[1:5])
+    lower_limit(resource.RLIMIT_AS, memory)
+    os.nice(10)                         # the server's own threads come first when CPUs are short
+    channel = os.dup(1)
+    os.dup2(2, 1)                       # nothing printed in here can reach the server as an answer
+    exhausted = watch_exif_log()
+    write_all(channel, READY)
+    while True:
+        job = read_exactly(0, JOB.size, at_start=True)
+        if not job:
+            return
+        used = resource.getrusage(resource.RUSAGE_SELF)     # a backstop should the server be gone:
+        lower_limit(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime) + timeout + 2)   # SIGXCPU ends it
+        source = io.BufferedReader(ServedFile(JOB.unpack(job)[0], channel), 64 * 1024)
+        exhausted.seen = False
+        answer = child_answer(source, max_value, max_answer)
+        write_all(channel, TOO_LARGE if exhausted.seen else answer)
+
+
+def lower_limit(kind, soft):
+    """Set a soft resource limit, never above the hard one the deployment may have set."""
+    hard = resource.getrlimit(kind)[1]
+    resource.setrlimit(kind, (soft if hard == resource.RLIM_INFINITY else min(soft, hard), hard))
+
+
+def watch_exif_log():
+    """A handler on exifread's log that notes when it ran out of memory; its warnings go nowhere else."""
+    exhausted = MemoryExhausted()
+    exif_log = logging.getLogger('exifread')
+    exif_log.setLevel(logging.WARNING)
+    exif_log.propagate = False
+    exif_log.addHandler(exhausted)
+    return exhausted
+
+
+class MemoryExhausted(logging.Handler):
+    """Notes exifread's own report of a MemoryError it caught (it then shows that tag as empty)."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.seen = False
+
+    def emit(self, record):
+        self.seen = self.seen or str(record.msg).startswith('MemoryError')
+
+
+def child_answer(source, max_value, max_answer):
+    """DONE + the groups as JSON (values cut to max_value), or TOO_LARGE."""
     try:
-        return exifread.process_file(readable, details=False)
-    except (StorageUnavailable, bottle.HTTPError):
-        raise
-    except Exception:               # exifread raises many kinds of errors on odd files
-        return {}
+        try:
+            tags = exifread.process_file(source, details=False, extract_thumbnail=False)
+        except MemoryError:
+            raise
+        except Exception:               # exifread raises many kinds of errors on odd files: no EXIF
+            tags = {}
+        text = json.dumps(exif_groups(tags, max_value)).encode()
+    except MemoryError:
+        return TOO_LARGE
+    if len(text) > max_answer:
+        return TOO_LARGE
+    return DONE + LENGTH.pack(len(text)) + text
 
 
-def exif_groups(tags):
+def exif_groups(tags, max_value):
     """Specify 6's shape: [{"Name": group, "Fields": {tag: text}}], one entry per EXIF group."""
     groups = {}
     for key, value in tags.items():
         if hasattr(value, 'printable') and ' ' in key:
             group, tag = key.split(' ', 1)
-            groups.setdefault(group, {})[tag] = str(value.printable)
+            text = str(value.printable)
+            groups.setdefault(group, {})[tag] = text if len(text) <= max_value else text[:max_value - 1] + '\u2026'
     return [{'Name': group, 'Fields': fields} for group, fields in groups.items()]
+
+
+class ServedFile(io.RawIOBase):
+    """The file as the server serves it over the pipe: read-only and seekable."""
+
+    def __init__(self, size, channel):
+        super().__init__()
+        self.size, self.channel, self.position = size, channel, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer):
+        if self.position >= self.size or not len(buffer):
+            return 0
+        write_all(self.channel, READ_REQUEST + READ.pack(self.position, len(buffer)))
+        length = LENGTH.unpack(read_exactly(0, LENGTH.size))[0]
+        buffer[:length] = read_exactly(0, length)
+        self.position += length
+        return length
+
+
+def read_exactly(descriptor, count, at_start=False):
+    """`count` bytes from the server's pipe; b'' when it closed at the start of a job, else the child ends."""
+    data = bytearray()
+    while len(data) < count:
+        chunk = os.read(descriptor, count - len(data))
+        if not chunk:
+            if at_start and not data:
+                return b''
+            os._exit(0)                 # the server is gone or gave up on this job
+        data += chunk
+    return bytes(data)
+
+
+def write_all(descriptor, data):
+    """All of `data` to the server's pipe; the child ends quietly when the server is gone."""
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(descriptor, view):]
+    except BrokenPipeError:
+        os._exit(0)
 
 
 ###############################################################################
@@ -889,18 +1194,23 @@ def filedelete():
 
 
 def getmetadata():
+    app = bottle.request.app
     name = valid_name(param('filename'), 'filename')
     try:
-        with bottle.request.app.storage.open(param('coll'), name) as original:
-            tags = read_exif(original)
+        with app.storage.open(param('coll'), name) as original:
+            groups = app.metadata.groups(original)
     except FileNotFoundError:
         refuse(404, 'No such file.')
+    except MetadataLimitExceeded as error:
+        log.warning('metadata of %s not read: %s', printable(name), error)
+        refuse(422, "This file's metadata is too large or too complex to read.")
     if param('dt') == 'date':
-        if 'EXIF DateTimeOriginal' not in tags:
+        date = {group['Name']: group['Fields'] for group in groups}.get('EXIF', {}).get('DateTimeOriginal')
+        if date is None:
             refuse(404, 'The file has no EXIF DateTimeOriginal.')
-        return str(tags['EXIF DateTimeOriginal'])
+        return date
     bottle.response.content_type = 'application/json'
-    return json.dumps(exif_groups(tags))
+    return json.dumps(groups)
 
 
 def testkey():
@@ -954,6 +1264,7 @@ def create_app(config):
     storage = make_storage(config)
     storage.sweep_temporaries()
     app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
+    app.metadata = MetadataReader(config)
     app.install(answer_storage_faults)
     app.install(TokenCheck())
     app.add_hook('before_request', lambda: bottle.response.set_header(

@@ -70,7 +70,7 @@ PREGENERATE_SCALE = 123          # Scale made in the background right after an u
 
 METADATA_WORKERS = 2             # EXIF extractions run at once, each in a child process of its own; as many more requests may wait for one, the rest get 503 at once.
 METADATA_WAIT = 2                # Seconds a request waits for a free extraction before it is answered 503 with Retry-After.
-METADATA_TIMEOUT = 5             # Seconds one extraction may take (reading the file included) before its child is killed and the answer is 422.
+METADATA_TIMEOUT = 5             # Seconds one extraction may take (time the server spends reading the file from storage not counted) before its child is killed and the answer is 422.
 METADATA_MEMORY_LIMIT = 256 * 1024 ** 2  # Address space of one extraction's child, in bytes; a file whose metadata needs more answers 422.
 METADATA_MAX_READ = 16 * 1024 ** 2  # Bytes of a file one extraction may read; EXIF takes a few KB (a TIFF's may sit at its end, reached by seeking). More: 422.
 METADATA_MAX_VALUE = 4096        # Longest value shown, in characters; a longer one is cut and ends with '…'.

@@ -164,7 +164,7 @@ class S3Storage(Layout):
         head = self.head(original_key)
         if head is None:
             raise ThumbnailError('No such file.')
-        identity = (original_key, head['ETag'], head['LastModified'])
+        identity = (tuple(self.original_parts(coll, name)), head['ETag'], head['LastModified'])
         thumbnailer.raise_remembered_failure(identity, scale)      # before the download
         local, handle = make_temp_file(self.staging_folder())
         handle.close()

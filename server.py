@@ -256,8 +256,9 @@ class ConversionSlots:
 class FailureMemory:
     """The reasons of recent failed conversions by (original's identity, scale), the oldest forgotten first.
 
-    An identity is what changes when the original is replaced (disk: path, inode, mtime, size;
-    S3: key, ETag, LastModified), so a new upload is never answered with its predecessor's failure.
+    An identity is (the original's path parts, what changes when its bytes are replaced: on disk
+    inode, mtime and size; on S3 ETag and LastModified). An upload or delete here forgets the
+    original's failures; a change by another server sharing the bucket changes the identity.
     Scale None stands for a failure at every scale (the file's kind, header or page).
     """
 
@@ -274,6 +275,12 @@ class FailureMemory:
             self.reasons.move_to_end((identity, scale))
             while len(self.reasons) > self.entries:
                 self.reasons.popitem(last=False)
+
+    def forget(self, parts):
+        """Forget the failures of the original at these path parts (it was replaced or deleted)."""
+        with self.lock:
+            for key in [key for key in self.reasons if key[0][0] == parts]:
+                del self.reasons[key]
 
 
 class PassingFailure(ThumbnailError):
@@ -381,11 +388,12 @@ class Thumbnailer:
             '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch, deadline=deadline))
 
     def _render_page(self, scratch, deadline):
-        """Ghostscript renders the first page into a page of its own size, at 72 dpi or less: at most max_page_side pixels."""
+        """Ghostscript renders the first page at 72 dpi, fitted into a page of its shape at most max_page_side points long."""
         width, height = self._page_size(scratch, deadline)
-        resolution = 72 * min(1, self.max_page_side / max(width, height))
+        shrink = min(1, self.max_page_side / max(width, height))
+        width, height = max(1, width * shrink), max(1, height * shrink)
         self._run(self.gs, '-dSAFER', '-dBATCH', '-dNOPAUSE', '-dQUIET', '-dNOPROMPT',
-                  '-sDEVICE=png16m', f'-r{resolution:.4f}', '-dFirstPage=1', '-dLastPage=1', '-dUseCropBox',
+                  '-sDEVICE=png16m', '-r72', '-dFirstPage=1', '-dLastPage=1', '-dUseCropBox',
                   f'-dDEVICEWIDTHPOINTS={width:.2f}', f'-dDEVICEHEIGHTPOINTS={height:.2f}', '-dFIXEDMEDIA',
                   '-dPDFFitPage', '-dTextAlphaBits=4', '-dGraphicsAlphaBits=4', '-sOutputFile=page.png',
                   'in', scratch=scratch, deadline=deadline)
@@ -594,7 +602,8 @@ class DiskStorage(Layout):
         target = self.path(self.thumbnail_parts(coll, name, scale))
         try:
             identity = file_identity(original)
-            with thumbnailer.converted(original, scale, os.path.dirname(target), (original, identity)) as made:
+            with thumbnailer.converted(original, scale, os.path.dirname(target),
+                                       (tuple(self.original_parts(coll, name)), identity)) as made:
                 with FILE_LOCKS(original):
                     if file_identity(original) != identity:
                         return False
@@ -996,6 +1005,7 @@ def fileupload():
             refuse(507, 'The server has no room to store this file.')
         raise
     upload.staged = None
+    app.thumbnailer.failures.forget(tuple(app.storage.original_parts(coll, name)))
     if pregenerate:
         app.thumbnailer.in_background(functools.partial(app.storage.ensure_thumbnail, coll, name, scale))
     return 'Ok.'
@@ -1020,9 +1030,11 @@ def fileget():
 
 
 def filedelete():
+    app = bottle.request.app
     name = valid_name(param('filename'), 'filename')
-    if not bottle.request.app.storage.delete(param('coll'), name):
+    if not app.storage.delete(param('coll'), name):
         refuse(404, 'No such file.')
+    app.thumbnailer.failures.forget(tuple(app.storage.original_parts(param('coll'), name)))
     return 'Ok.'
 
 

@@ -716,3 +716,18 @@ def test_interactive_work_waiting_goes_ahead_of_background_work():
         background.done()
     assert background_started_meanwhile is False
     assert background.failed == []
+
+
+def test_conversions_leave_five_of_the_threads_to_other_requests(make_client, jpeg):
+    client = make_client(THREADS=6, THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE=16)     # one may wait or convert
+    client.upload('a.jpg', jpeg)
+    client.upload('b.jpg', jpeg)
+    seen = gate_conversions(client.app.thumbnailer)
+    held = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int)
+    try:
+        assert wait_for(lambda: seen['running'] == 1, 30)
+        answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503))
+    finally:
+        seen['gate'].set()
+        statuses = joined(*held)
+    assert (answer.headers['Retry-After'], statuses) == ('5', [200])

@@ -14,7 +14,6 @@ from urllib.parse import urlencode
 import pytest
 
 import server
-import settings
 from conftest import KEY, RunningServer, make_image, multipart_body, wait_for
 from test_thumbnails import TWO_PAGES, gif, nested_forms_pdf, pdf, with_fill_bytes
 

@@ -5,6 +5,7 @@ Each test starts its own server on loopback with small bounds, so each runs in s
 
 import collections
 import os
+import shutil
 import struct
 import threading
 import time
@@ -14,7 +15,7 @@ from urllib.parse import urlencode
 import pytest
 
 import server
-from conftest import KEY, RunningServer, make_image, multipart_body, wait_for
+from conftest import IMAGEMAGICK, KEY, RunningServer, make_image, multipart_body, wait_for
 from test_thumbnails import TWO_PAGES, gif, nested_forms_pdf, pdf, with_fill_bytes
 
 
@@ -72,9 +73,19 @@ BOUNDED = {'THREADS': '8', 'THUMBNAIL_WORKERS': '1', 'THUMBNAIL_QUEUE': '2', 'TH
            'THUMBNAIL_TIMEOUT': '6'}
 
 
+TOOLS = {os.path.realpath(IMAGEMAGICK), os.path.realpath(shutil.which('gs'))}
+
+
 def conversions_running(web):
     """Ghostscript or ImageMagick processes the server has running."""
-    return [pid for pid, _name in children(web.process.pid)]
+    return [pid for pid, _name in children(web.process.pid) if is_tool(pid)]
+
+
+def is_tool(pid):
+    try:
+        return os.path.realpath(f'/proc/{pid}/exe') in TOOLS
+    except OSError:
+        return False
 
 
 def children(parent):
@@ -168,13 +179,16 @@ def interlaced_png(width, height):
 
 
 def peak_memory_of_children(web, request):
-    """Run `request` in a thread; the largest VmPeak and VmHWM (bytes) of the server's children meanwhile."""
+    """Run `request` in a thread; the largest VmPeak and VmHWM (bytes) of the server's ImageMagick and
+    Ghostscript children meanwhile (not a child forked but not yet turned into one: that is the server's copy)."""
     peaks, answer = {'VmPeak:': 0, 'VmHWM:': 0}, []
     thread = threading.Thread(target=lambda: answer.append(request()))
     thread.start()
     while thread.is_alive():
         for pid, _name in children(web.process.pid):
             try:
+                if not is_tool(pid):
+                    continue
                 with open(f'/proc/{pid}/status') as status:
                     for line in status:
                         if line.startswith(tuple(peaks)):

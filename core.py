@@ -18,6 +18,7 @@ import struct
 import threading
 import time
 import types
+import typing
 
 import bottle
 
@@ -98,11 +99,14 @@ def check_config(config):
             if not isinstance(folder, str) or name_problem(folder):
                 raise ConfigError(f'COLLECTION_DIRS[{coll!r}] must be a single folder name')
     for name in ('PORT', 'SERVER_PORT', 'MAX_UPLOAD_SIZE', 'MAX_THUMBNAIL_SCALE', 'THUMBNAIL_WORKERS',
-                 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS', 'SOCKET_TIMEOUT', 'METADATA_WORKERS',
+                 'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS', 'SOCKET_TIMEOUT', 'THUMBNAIL_QUEUE_WAIT',
+                 'THUMBNAIL_ADDRESS_SPACE_LIMIT', 'THUMBNAIL_FAILURES_REMEMBERED', 'METADATA_WORKERS',
                  'METADATA_WAIT', 'METADATA_TIMEOUT', 'METADATA_MEMORY_LIMIT', 'METADATA_MAX_READ',
                  'METADATA_MAX_VALUE', 'METADATA_MAX_ANSWER'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
+    if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:
+        raise ConfigError('setting THUMBNAIL_QUEUE must be a whole number, 0 or more')
     if config.THREADS < 5:
         raise ConfigError('setting THREADS must be at least 5 (Paste keeps 5 spare threads)')
     if config.PUBLIC_SCHEME not in ('http', 'https'):
@@ -210,59 +214,136 @@ def content_type(path, name):
     return mimetypes.guess_type(name)[0] or sniff_kind(path) or 'application/octet-stream'
 
 
+class ImageSize(typing.NamedTuple):
+    """What an image's header says: its size in pixels and the bytes its decoder holds at once."""
+    width: int
+    height: int
+    held: int = 0                # 0: the decoder works a row (or a small strip) at a time
+
+
+PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}          # per pixel, by colour type
+JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # SOF0-SOF15; C4, C8, CC are other markers
+JPEG_WHOLE_IMAGE = {0xC2, 0xC3, 0xC6, 0xC7, 0xCA, 0xCB, 0xCE, 0xCF}   # progressive or lossless: kept whole
+
+
 def image_size(path, kind):
-    """(width, height) read from an image's header, or None when it cannot be told cheaply."""
+    """The ImageSize read from an image's header, or None when it cannot be told cheaply."""
     try:
         with open(path, 'rb') as f:
             if kind == 'image/png':
-                return struct.unpack('>II', f.read(24)[16:24])
+                return png_size(f.read(33))
             if kind == 'image/gif':
-                return struct.unpack('<HH', f.read(10)[6:10])
+                return gif_size(f)
             if kind == 'image/jpeg':
                 return jpeg_size(f)
             if kind == 'image/tiff':
                 return tiff_size(f)
             if kind in ('image/heic', 'image/heif'):
                 return heif_size(f.read(1 << 20))
-    except (OSError, struct.error):
+    except (OSError, struct.error, KeyError):
         return None
     return None
 
 
+def png_size(head):
+    """IHDR: size, bit depth and samples; an interlaced PNG is decoded whole before it is shrunk."""
+    if head[12:16] != b'IHDR':
+        return None
+    width, height, depth, colour, _compression, _filter, interlace = struct.unpack('>IIBBBBB', head[16:29])
+    whole = width * height * PNG_SAMPLES[colour] * depth // 8
+    return ImageSize(width, height, whole if interlace else 0)
+
+
+def gif_size(f):
+    """The logical screen and every frame's image descriptor: the largest extent counts."""
+    f.seek(6)
+    width, height, flags = struct.unpack('<HHB', f.read(5))
+    f.seek(2 + colour_table_bytes(flags), os.SEEK_CUR)
+    while True:
+        block = f.read(1)
+        if block == b',':
+            left, top, frame_width, frame_height, flags = struct.unpack('<HHHHB', f.read(9))
+            width, height = max(width, left + frame_width), max(height, top + frame_height)
+            f.seek(colour_table_bytes(flags) + 1, os.SEEK_CUR)        # and the LZW code size
+        elif block == b'!':
+            f.seek(1, os.SEEK_CUR)
+        else:                      # the trailer, the end of the file, or something broken
+            return ImageSize(width, height)
+        skip_sub_blocks(f)
+
+
+def colour_table_bytes(flags):
+    """The length of the colour table a GIF screen or image descriptor's flags announce."""
+    return 3 << ((flags & 7) + 1) if flags & 0x80 else 0
+
+
+def skip_sub_blocks(f):
+    """Skip a GIF's data sub-blocks up to their zero-length terminator."""
+    while True:
+        length = f.read(1)
+        if not length or length == b'\0':
+            return
+        f.seek(length[0], os.SEEK_CUR)
+
+
 def jpeg_size(f):
-    """Walk a JPEG's marker segments to its frame header."""
+    """Walk a JPEG's marker segments (fill bytes 0xFF allowed before each marker) to its frame header."""
     f.seek(2)
     while True:
-        marker = f.read(2)
-        if len(marker) < 2 or marker[0] != 0xFF:
+        byte = f.read(1)
+        if byte != b'\xff':
             return None
-        if marker[1] in (0xD8, 0x01) or 0xD0 <= marker[1] <= 0xD7:
+        marker = f.read(1)
+        while marker == b'\xff':
+            marker = f.read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code in (0xD8, 0x01) or 0xD0 <= code <= 0xD7:
             continue
         length = struct.unpack('>H', f.read(2))[0]
-        if 0xC0 <= marker[1] <= 0xCF and marker[1] not in (0xC4, 0xC8, 0xCC):
-            height, width = struct.unpack('>xHH', f.read(5))
-            return width, height
+        if code in JPEG_FRAMES:
+            _precision, height, width, components = struct.unpack('>BHHB', f.read(6))
+            whole = width * height * components * 2 if code in JPEG_WHOLE_IMAGE else 0   # 16-bit coefficients
+            return ImageSize(width, height, whole)
+        if length < 2:
+            return None
         f.seek(length - 2, os.SEEK_CUR)
 
 
+TIFF_TAGS = {256: 'width', 257: 'height', 258: 'bits', 277: 'samples', 278: 'rows_per_strip',
+             322: 'tile_width', 323: 'tile_height'}
+
+
 def tiff_size(f):
-    """Read ImageWidth and ImageLength from a TIFF's first directory."""
+    """The first directory's size, and its largest strip or tile decoded (bits and samples per pixel)."""
     order = '<' if f.read(2) == b'II' else '>'
     f.seek(4)
     f.seek(struct.unpack(order + 'I', f.read(4))[0])
     found = {}
     for _ in range(struct.unpack(order + 'H', f.read(2))[0]):
         tag, kind, _count, value = struct.unpack(order + 'HHI4s', f.read(12))
-        if tag in (256, 257):
-            found[tag] = struct.unpack(order + ('H' if kind == 3 else 'I'), value[:2 if kind == 3 else 4])[0]
-    return (found[256], found[257]) if len(found) == 2 else None
+        if tag in TIFF_TAGS and kind in (3, 4):      # a list (BitsPerSample) gives its first value or offset
+            found[TIFF_TAGS[tag]] = struct.unpack(order + ('H' if kind == 3 else 'I'), value[:2 if kind == 3 else 4])[0]
+    if 'width' not in found or 'height' not in found:
+        return None
+    width, height = found['width'], found['height']
+    bits = found.get('bits', 1) if found.get('bits', 1) <= 64 else 16   # an offset: several values, assume 16
+    if 'tile_width' in found and 'tile_height' in found:
+        width, rows = found['tile_width'], found['tile_height']
+    else:
+        rows = min(found.get('rows_per_strip', height), height)
+    return ImageSize(found['width'], found['height'], width * rows * found.get('samples', 1) * bits // 8)
 
 
 def heif_size(head):
-    """The largest image spatial extent ('ispe') a HEIF file declares."""
+    """The largest image spatial extent ('ispe') a HEIF file declares; it is decoded whole (about 4 bytes a pixel)."""
     sizes = [struct.unpack('>II', head[at + 8:at + 16]) for at in
              (m.start() for m in re.finditer(b'ispe', head)) if len(head) >= at + 16]
-    return max(sizes, key=lambda s: s[0] * s[1]) if sizes else None
+    if not sizes:
+        return None
+    width, height = max(sizes, key=lambda s: s[0] * s[1])
+    return ImageSize(width, height, 4 * width * height)
 
 
 ###############################################################################
@@ -274,6 +355,10 @@ class ThumbnailError(Exception):
 
 class StorageUnavailable(Exception):
     """The storage cannot be reached or failed; answered with 503."""
+
+
+class ThumbnailsBusy(Exception):
+    """Too many thumbnails are being made to take this one now; answered 503 with Retry-After."""
 
 
 ###############################################################################
@@ -410,7 +495,7 @@ class Layout:
             raise ThumbnailError('The file name is too long to name its thumbnail.')
         if self.thumbnail_is_fresh(coll, name, scale):
             return
-        with self.thumbnail_locks((coll, name, scale)):      # others wait for this conversion
+        with thumbnailer.admitted(), self.thumbnail_locks((coll, name, scale)):   # others wait for this conversion
             for _attempt in range(3):
                 if self.thumbnail_is_fresh(coll, name, scale):
                     return

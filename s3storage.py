@@ -196,12 +196,14 @@ class S3Storage(Layout):
         head = self.head(original_key)
         if head is None:
             raise ThumbnailError('No such file.')
+        identity = (tuple(self.original_parts(coll, name)), head['ETag'], head['LastModified'])
+        thumbnailer.raise_remembered_failure(identity, scale)      # before the download
         local, handle = make_temp_file(self.staging_folder())
         handle.close()
         try:
             with store_errors():
                 self.client.download_file(self.bucket, original_key, local, Config=TRANSFER)
-            with thumbnailer.converted(local, scale, self.staging_folder()) as made, store_errors():
+            with thumbnailer.converted(local, scale, self.staging_folder(), identity) as made, store_errors():
                 self.client.upload_file(made, self.bucket, thumbnail_key, Config=TRANSFER, ExtraArgs={
                     'ContentType': sniff_kind(made) or 'application/octet-stream',
                     'Metadata': {SOURCE_ETAG: head['ETag']}})

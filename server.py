@@ -12,6 +12,7 @@ uploads, metadata, the web application, start-up.
 
 import collections
 import contextlib
+import copy
 import errno
 import functools
 import hashlib
@@ -40,7 +41,7 @@ import multipart
 import sh
 
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, StorageUnavailable,
-                  ThumbnailError, content_type, file_answer, file_identity, fsync_folder, image_size,
+                  ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
                   kind_of, load_config, make_temp_file, may_run_scripts, refuse, remove_quietly,
                   sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
 
@@ -205,8 +206,116 @@ def find_ghostscript(setting):
     return None
 
 
+INTERACTIVE, BACKGROUND = 'interactive', 'background'
+RETRY_AFTER = 5                  # Seconds a client told 503 (conversions busy) is asked to wait.
+PAGE_QUERY = ('(in) (r) file runpdfbegin 1 pdfgetpage dup /CropBox pget not { dup /MediaBox pget pop } if == '
+              'dup /Rotate pget { == } { 0 == } ifelse /UserUnit pget { == } { 1 == } ifelse quit')
+
+
+class Admission:
+    """At most `most` interactive requests from asking for a conversion to its end; more get ThumbnailsBusy at once.
+
+    This bounds the threads that wait for conversions (for a slot, or for another request's
+    conversion of the same thumbnail), so the rest of THREADS keep serving every other request.
+    """
+
+    def __init__(self, most):
+        self.most, self.now, self.lock = most, 0, threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, work):
+        if work == BACKGROUND:          # bounded by its own backlog
+            yield
+            return
+        with self.lock:
+            if self.now >= self.most:
+                raise ThumbnailsBusy()
+            self.now += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.now -= 1
+
+
+class ConversionSlots:
+    """THUMBNAIL_WORKERS conversion slots, shared by two classes of work.
+
+    Interactive work (a client waits) waits at most `wait` seconds and goes ahead of background
+    work; background work waits as long as it must and never holds every slot (unless there is
+    only one).
+    """
+
+    def __init__(self, workers, wait):
+        self.workers, self.wait = workers, wait
+        self.background_share = max(1, workers - 1)
+        self.condition = threading.Condition()
+        self.running = {INTERACTIVE: 0, BACKGROUND: 0}
+        self.waiting = {INTERACTIVE: 0, BACKGROUND: 0}
+
+    @contextlib.contextmanager
+    def __call__(self, work):
+        """Hold a conversion slot; ThumbnailsBusy when interactive work waited THUMBNAIL_QUEUE_WAIT in vain."""
+        with self.condition:
+            self.waiting[work] += 1
+            try:
+                if not self.condition.wait_for(lambda: self._may_start(work),
+                                               self.wait if work == INTERACTIVE else None):
+                    raise ThumbnailsBusy()
+            finally:
+                self.waiting[work] -= 1
+            self.running[work] += 1
+        try:
+            yield
+        finally:
+            with self.condition:
+                self.running[work] -= 1
+                self.condition.notify_all()
+
+    def _may_start(self, work):
+        free = self.workers - sum(self.running.values())
+        if work == INTERACTIVE:
+            return free > 0
+        return free > 0 and not self.waiting[INTERACTIVE] and self.running[BACKGROUND] < self.background_share
+
+
+class FailureMemory:
+    """The reasons of recent failed conversions by (original's identity, scale), the oldest forgotten first.
+
+    An identity is (the original's path parts, what changes when its bytes are replaced: on disk
+    inode, mtime and size; on S3 ETag and LastModified). An upload or delete here forgets the
+    original's failures; a change by another server sharing the bucket changes the identity.
+    Scale None stands for a failure at every scale (the file's kind, header or page).
+    """
+
+    def __init__(self, entries):
+        self.entries, self.reasons, self.lock = entries, collections.OrderedDict(), threading.Lock()
+
+    def reason(self, identity, scale):
+        with self.lock:
+            return self.reasons.get((identity, None)) or self.reasons.get((identity, scale))
+
+    def remember(self, identity, scale, reason):
+        with self.lock:
+            self.reasons[(identity, scale)] = reason
+            self.reasons.move_to_end((identity, scale))
+            while len(self.reasons) > self.entries:
+                self.reasons.popitem(last=False)
+
+    def forget(self, parts):
+        """Forget the failures of the original at these path parts (it was replaced or deleted)."""
+        with self.lock:
+            for key in [key for key in self.reasons if key[0][0] == parts]:
+                del self.reasons[key]
+
+
+class PassingFailure(ThumbnailError):
+    """A tool could not start, or was killed by another (the kernel's out-of-memory killer): worth trying again."""
+
+
 class Thumbnailer:
-    """Turns a local file into a thumbnail with ImageMagick (Ghostscript for PDFs), bounded in time and count."""
+    """Turns a local file into a thumbnail with ImageMagick (Ghostscript for PDFs), bounded in time, memory and count."""
+    work = INTERACTIVE
 
     def __init__(self, config):
         self.kinds = config.CAN_THUMBNAIL
@@ -215,9 +324,10 @@ class Thumbnailer:
         self.gs = sh.Command(gs) if gs else None
         self.timeout = config.THUMBNAIL_TIMEOUT
         self.max_pixels = config.THUMBNAIL_MAX_PIXELS
-        hard = resource.getrlimit(resource.RLIMIT_FSIZE)[1]
-        self.disk_limit = config.THUMBNAIL_DISK_LIMIT if hard == resource.RLIM_INFINITY \
-            else min(hard, config.THUMBNAIL_DISK_LIMIT)
+        self.max_held = config.THUMBNAIL_MEMORY_LIMIT
+        self.max_page_side = 2 * config.MAX_THUMBNAIL_SCALE      # pixels of a rendered PDF page
+        self.disk_limit = within_hard_limit(resource.RLIMIT_FSIZE, config.THUMBNAIL_DISK_LIMIT)
+        self.address_space = within_hard_limit(resource.RLIMIT_AS, config.THUMBNAIL_ADDRESS_SPACE_LIMIT)
         self.limits = ['-limit', 'memory', str(config.THUMBNAIL_MEMORY_LIMIT),
                        '-limit', 'map', str(2 * config.THUMBNAIL_MEMORY_LIMIT),
                        '-limit', 'disk', str(config.THUMBNAIL_DISK_LIMIT),
@@ -225,26 +335,39 @@ class Thumbnailer:
                        '-limit', 'width', '64KP', '-limit', 'height', '64KP',
                        '-limit', 'thread', '1',      # its own time limit, counted in whole seconds,
                        '-limit', 'time', str(config.THUMBNAIL_TIMEOUT + 1)]   # only backs up our timer
-        self.slots = threading.BoundedSemaphore(config.THUMBNAIL_WORKERS)
+        self.admission = Admission(min(config.THUMBNAIL_WORKERS + config.THUMBNAIL_QUEUE, max(1, config.THREADS - 5)))
+        self.slots = ConversionSlots(config.THUMBNAIL_WORKERS, config.THUMBNAIL_QUEUE_WAIT)
+        self.failures = FailureMemory(config.THUMBNAIL_FAILURES_REMEMBERED)
         self.backlog = queue.Queue(maxsize=1000)
         self.background = None
 
+    def admitted(self):
+        """Held by a request from before it waits for another's conversion of the same thumbnail to its end."""
+        return self.admission(self.work)
+
+    def raise_remembered_failure(self, identity, scale):
+        """ThumbnailError with the reason of an earlier failure of these bytes at this scale, if any."""
+        reason = identity is not None and self.failures.reason(identity, scale)
+        if reason:
+            raise ThumbnailError(reason)
+
     @contextlib.contextmanager
-    def converted(self, source, scale, folder):
-        """Yield the path of `source`'s thumbnail, made in a scratch folder inside `folder` and removed after."""
+    def converted(self, source, scale, folder, identity=None):
+        """Yield the path of `source`'s thumbnail, made in a scratch folder inside `folder` and removed after.
+
+        `identity` names the original's current bytes: a failure is remembered under it and
+        answered again without converting.
+        """
+        self.raise_remembered_failure(identity, scale)
         kind = sniff_kind(source)
-        if kind not in self.kinds or (kind == 'application/pdf' and not self.gs):
-            raise ThumbnailError('No thumbnail can be made from this kind of file.')
-        size = image_size(source, kind)
-        if size and size[0] * size[1] > self.max_pixels:
-            raise ThumbnailError('The image has too many pixels to thumbnail.')
+        size = self._remembering(identity, None, lambda: self._check_header(source, kind))
         os.makedirs(folder, exist_ok=True)
         scratch = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
         os.mkdir(scratch)
         try:
             os.symlink(source, os.path.join(scratch, 'in'))
-            with self.slots:                 # at most THUMBNAIL_WORKERS conversions at once
-                self._convert(kind, scale, size, scratch)
+            with self.slots(self.work):      # at most THUMBNAIL_WORKERS conversions at once
+                self._convert(kind, scale, size, scratch, identity)
             made = os.path.join(scratch, 'out')
             with open(made, 'rb') as out:
                 os.fsync(out.fileno())
@@ -252,30 +375,77 @@ class Thumbnailer:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def _convert(self, kind, scale, size, scratch):
+    def _check_header(self, source, kind):
+        """The image's size from its header, once its kind, pixels and decoder's memory are within bounds."""
+        if kind not in self.kinds or (kind == 'application/pdf' and not self.gs):
+            raise ThumbnailError('No thumbnail can be made from this kind of file.')
+        size = image_size(source, kind)
+        if size and size.width * size.height > self.max_pixels:
+            raise ThumbnailError('The image has too many pixels to thumbnail.')
+        if size and size.held > self.max_held:
+            raise ThumbnailError('The image would need too much memory to thumbnail.')
+        return size
+
+    def _remembering(self, identity, scale, step):
+        """Run one step of a conversion; remember its failure (unless it may pass next time)."""
+        try:
+            return step()
+        except PassingFailure:
+            raise
+        except ThumbnailError as error:
+            if identity is not None:
+                self.failures.remember(identity, scale, str(error))
+            raise
+
+    def _convert(self, kind, scale, size, scratch, identity):
         """Run the tools with file names of our own (scratch/in -> scratch/out), never a client's."""
+        deadline = time.monotonic() + self.timeout
         source = 'in'
         if kind == 'application/pdf':
-            self._run(self.gs, '-dSAFER', '-dBATCH', '-dNOPAUSE', '-dQUIET', '-dNOPROMPT',
-                      '-sDEVICE=png16m', '-r72', '-dFirstPage=1', '-dLastPage=1', '-dUseCropBox',
-                      '-dTextAlphaBits=4', '-dGraphicsAlphaBits=4', '-sOutputFile=page.png',
-                      'in', scratch=scratch)
+            self._remembering(identity, None, lambda: self._render_page(scratch, deadline))
             source = 'page.png'
         hint = []
-        if kind == 'image/jpeg' and size and min(size) >= 2 * scale:   # libjpeg would upscale a smaller one
+        if kind == 'image/jpeg' and size and min(size.width, size.height) >= 2 * scale:   # libjpeg would upscale a smaller one
             hint = ['-define', f'jpeg:size={2 * scale}x{2 * scale}']
         flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
-        self._run(self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
-                  '-auto-orient', '-thumbnail', f'{scale}x{scale}>', '+repage', *flatten,
-                  '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch)
+        self._remembering(identity, scale, lambda: self._run(
+            self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
+            '-auto-orient', '-thumbnail', f'{scale}x{scale}>', '+repage', *flatten,
+            '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch, deadline=deadline))
 
-    def _run(self, program, *args, scratch):
-        """Run one tool with a time limit, a file-size limit and its temporary files in `scratch`.
+    def _render_page(self, scratch, deadline):
+        """Ghostscript renders the first page at 72 dpi, fitted into a page of its shape at most max_page_side points long."""
+        width, height = self._page_size(scratch, deadline)
+        shrink = min(1, self.max_page_side / max(width, height))
+        width, height = max(1, width * shrink), max(1, height * shrink)
+        self._run(self.gs, '-dSAFER', '-dBATCH', '-dNOPAUSE', '-dQUIET', '-dNOPROMPT',
+                  '-sDEVICE=png16m', '-r72', '-dFirstPage=1', '-dLastPage=1', '-dUseCropBox',
+                  f'-dDEVICEWIDTHPOINTS={width:.2f}', f'-dDEVICEHEIGHTPOINTS={height:.2f}', '-dFIXEDMEDIA',
+                  '-dPDFFitPage', '-dTextAlphaBits=4', '-dGraphicsAlphaBits=4', '-sOutputFile=page.png',
+                  'in', scratch=scratch, deadline=deadline)
+
+    def _page_size(self, scratch, deadline):
+        """The first page's size in points as shown (crop box, rotation, user unit), read without rendering."""
+        shown = self._run(self.gs, '-q', '-dSAFER', '-dBATCH', '-dNOPAUSE', '-dNODISPLAY', '--permit-file-read=in',
+                          '-c', PAGE_QUERY, scratch=scratch, deadline=deadline)
+        numbers = [float(n) for n in re.findall(r'-?\d+(?:\.\d*)?(?:[eE]-?\d+)?', shown)]
+        if len(numbers) != 6:
+            raise ThumbnailError('This file could not be thumbnailed.')
+        left, bottom, right, top, rotate, unit = numbers
+        width, height = abs(right - left) * unit, abs(top - bottom) * unit
+        if not (1 <= width < 1e9 and 1 <= height < 1e9):
+            raise ThumbnailError('The page has no size that can be thumbnailed.')
+        return (height, width) if rotate % 180 == 90 else (width, height)
+
+    def _run(self, program, *args, scratch, deadline):
+        """Run one tool until `deadline` (monotonic) under a file-size and an address-space limit,
+        its temporary files in `scratch`; return what it printed.
 
         The time limit is our own timer: sh's `_timeout` polls and adds 0.1 s to every call.
         """
         def limit_child():
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
+            resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
 
         environment = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C',
                        'MAGICK_TEMPORARY_PATH': scratch, 'TMPDIR': scratch, 'HOME': scratch}
@@ -284,7 +454,7 @@ class Thumbnailer:
                               _env=environment, _preexec_fn=limit_child)
         except sh.ForkException as error:
             log.warning('could not start %s: %s', program, error)
-            raise ThumbnailError('This file could not be thumbnailed.') from None
+            raise PassingFailure('This file could not be thumbnailed.') from None
         expired = threading.Event()
 
         def expire():
@@ -293,16 +463,18 @@ class Thumbnailer:
                 process.kill()
             except OSError:         # it ended meanwhile
                 pass
-        watchdog = threading.Timer(self.timeout, expire)
+        watchdog = threading.Timer(max(0, deadline - time.monotonic()), expire)
         watchdog.start()
         try:
             process.wait()
+            return process.stdout.decode('ascii', 'replace')
         except sh.ErrorReturnCode as error:
             if expired.is_set():
                 log.warning('thumbnail conversion killed after %s s (THUMBNAIL_TIMEOUT)', self.timeout)
                 raise ThumbnailError('Making the thumbnail took too long.') from None
             log.info('thumbnail failed: %s', error.stderr.decode('utf-8', 'replace').strip()[:500])
-            raise ThumbnailError('This file could not be thumbnailed.') from None
+            failure = PassingFailure if isinstance(error, sh.SignalException) else ThumbnailError
+            raise failure('This file could not be thumbnailed.') from None
         finally:
             watchdog.cancel()
 
@@ -314,7 +486,7 @@ class Thumbnailer:
         return 'ok' if all(os.access(str(program), os.X_OK) for program in programs) else 'missing programs'
 
     def in_background(self, job):
-        """Queue `job` (a thumbnail to make) for a background thread; never waits."""
+        """Queue job(thumbnailer) (a thumbnail to make) as background work; never waits, drops it when 1000 wait."""
         if self.background is None:
             self.background = threading.Thread(target=self._work_backlog, daemon=True,
                                                name='thumbnail-pregeneration')
@@ -324,13 +496,25 @@ class Thumbnailer:
         except queue.Full:
             pass
 
+    def as_background(self):
+        """This thumbnailer for background work: the same slots and failures, behind interactive work."""
+        view = copy.copy(self)
+        view.work = BACKGROUND
+        return view
+
     def _work_backlog(self):
         while True:
             job = self.backlog.get()
             try:
-                job()
-            except (ThumbnailError, StorageUnavailable, OSError, bottle.HTTPError):
+                job(self.as_background())
+            except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, OSError, bottle.HTTPError):
                 pass
+
+
+def within_hard_limit(which, wanted):
+    """`wanted` as a resource limit, lowered to the hard limit this process runs under."""
+    hard = resource.getrlimit(which)[1]
+    return wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)
 
 
 ###############################################################################
@@ -445,7 +629,8 @@ class DiskStorage(Layout):
         target = self.path(self.thumbnail_parts(coll, name, scale))
         try:
             identity = file_identity(original)
-            with thumbnailer.converted(original, scale, os.path.dirname(target)) as made:
+            with thumbnailer.converted(original, scale, os.path.dirname(target),
+                                       (tuple(self.original_parts(coll, name)), identity)) as made:
                 with FILE_LOCKS(original):
                     if file_identity(original) != identity:
                         return False
@@ -1115,13 +1300,16 @@ def ensure_thumbnail(coll, name, scale):
 
 
 def answer_storage_faults(callback):
-    """Bottle plugin: a storage that cannot be reached answers 503 with its reason."""
+    """Bottle plugin: a storage that cannot be reached, or conversions too busy to take more, answer 503."""
     @functools.wraps(callback)
     def guarded(*args, **kwargs):
         try:
             return callback(*args, **kwargs)
         except StorageUnavailable as error:
             refuse(503, f'The storage is unavailable: {error}')
+        except ThumbnailsBusy:
+            raise bottle.HTTPError(503, 'Too many thumbnails are being made: try again shortly.',
+                                   **{'Retry-After': str(RETRY_AFTER)}) from None
     return guarded
 
 
@@ -1165,9 +1353,9 @@ def fileupload():
             refuse(507, 'The server has no room to store this file.')
         raise
     upload.staged = None
+    app.thumbnailer.failures.forget(tuple(app.storage.original_parts(coll, name)))
     if pregenerate:
-        app.thumbnailer.in_background(functools.partial(
-            app.storage.ensure_thumbnail, coll, name, scale, app.thumbnailer))
+        app.thumbnailer.in_background(functools.partial(app.storage.ensure_thumbnail, coll, name, scale))
     return 'Ok.'
 
 
@@ -1187,9 +1375,11 @@ def fileget():
 
 
 def filedelete():
+    app = bottle.request.app
     name = valid_name(param('filename'), 'filename')
-    if not bottle.request.app.storage.delete(param('coll'), name):
+    if not app.storage.delete(param('coll'), name):
         refuse(404, 'No such file.')
+    app.thumbnailer.failures.forget(tuple(app.storage.original_parts(param('coll'), name)))
     return 'Ok.'
 
 

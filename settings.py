@@ -60,10 +60,14 @@ MAX_THUMBNAIL_SCALE = 2000       # Largest `scale` a client may ask for, in pixe
 IMAGEMAGICK = None               # Path or name of ImageMagick's program; None finds `magick` (7) or `convert` (6) and checks it really is ImageMagick.
 GHOSTSCRIPT = 'gs'               # Ghostscript, which renders PDF thumbnails (ImageMagick's policy usually forbids PDF).
 THUMBNAIL_WORKERS = None         # Conversions run at once; None means the number of CPUs. The rest wait their turn.
+THUMBNAIL_QUEUE = 16             # Thumbnail requests that may wait for a conversion beyond those running; more are answered 503 with Retry-After at once. At most THREADS - 5 requests (at least 1) ever wait for or run conversions.
+THUMBNAIL_QUEUE_WAIT = 20        # Seconds a thumbnail request may wait for its turn before it is answered 503 with Retry-After.
 THUMBNAIL_TIMEOUT = 60           # Seconds one conversion may take before it is killed.
 THUMBNAIL_MAX_PIXELS = 250_000_000  # Images with more pixels than this are refused (decompression bombs).
-THUMBNAIL_MEMORY_LIMIT = 256 * 1024 ** 2  # ImageMagick's memory limit for one conversion, in bytes (beyond it, it uses a disk cache).
+THUMBNAIL_MEMORY_LIMIT = 256 * 1024 ** 2  # ImageMagick's memory limit for one conversion, in bytes (beyond it, it uses a disk cache); images whose decoder would hold more at once are refused.
 THUMBNAIL_DISK_LIMIT = 2 * 1024 ** 3    # Largest file one conversion may write (ImageMagick's disk cache included), in bytes.
+THUMBNAIL_ADDRESS_SPACE_LIMIT = 1024 ** 3  # Address space (RLIMIT_AS) of each ImageMagick or Ghostscript process, in bytes (1 GiB; the largest real thumbnail measured needs 456 MiB).
+THUMBNAIL_FAILURES_REMEMBERED = 10_000   # Failed conversions remembered (per original's bytes and scale), so a failing file costs one conversion, not one per request.
 PREGENERATE_SCALE = 123          # Scale made in the background right after an upload so the first view is instant; None turns it off.
 
 # --- Metadata (getmetadata) -----------------------------------------------------

@@ -2,6 +2,8 @@
 
 import io
 import os
+import resource
+import shutil
 import signal
 import struct
 import subprocess
@@ -12,6 +14,7 @@ import zlib
 import exifread
 import pytest
 
+import server
 from conftest import IMAGEMAGICK, make_image, wait_for, with_exif
 
 
@@ -106,12 +109,14 @@ def test_pdf_thumbnails_do_not_need_imagemagicks_pdf_coder(client, tmp_path, mon
     calls = []
     real = client.app.thumbnailer._run
 
-    def spy(program, *args, scratch):
+    def spy(program, *args, **limits):
         calls.append(args)
-        return real(program, *args, scratch=scratch)
+        return real(program, *args, **limits)
     monkeypatch.setattr(client.app.thumbnailer, '_run', spy)
     thumbnail(client, 'notebook.pdf', pdf(tmp_path, TWO_PAGES))
-    assert '-dSAFER' in calls[0] and '-dLastPage=1' in calls[0]
+    ghostscript = calls[:-1]
+    assert ghostscript and all('-dSAFER' in args for args in ghostscript)
+    assert '-dLastPage=1' in ghostscript[-1]
     assert not any(str(arg).lower().startswith(('pdf:', 'ps:', 'eps:')) for args in calls for arg in args)
 
 
@@ -416,7 +421,313 @@ def test_postscript_that_mentions_pdf_is_not_given_to_ghostscript(client):
 
 
 def test_thumbnails_work_under_a_low_hard_file_size_limit(make_client, jpeg, monkeypatch):
-    monkeypatch.setattr('server.resource.getrlimit', lambda which: (10 ** 6, 10 ** 6))
+    real = resource.getrlimit
+    monkeypatch.setattr('server.resource.getrlimit',
+                        lambda which: (10 ** 6, 10 ** 6) if which == resource.RLIMIT_FSIZE else real(which))
     client = make_client()
     assert client.app.thumbnailer.disk_limit == 10 ** 6
     assert thumbnail(client, 'a.jpg', jpeg).status_int == 200
+
+
+# --- Bounds: what headers say, memory, the queue, failures remembered ----------------------
+
+def with_fill_bytes(jpeg_bytes):
+    """The JPEG with a fill byte 0xFF before its frame header (SOFn), which decoders skip."""
+    at = 2
+    while not (0xC0 <= jpeg_bytes[at + 1] <= 0xCF and jpeg_bytes[at + 1] not in (0xC4, 0xC8, 0xCC)):
+        at += 2 + struct.unpack('>H', jpeg_bytes[at + 2:at + 4])[0]
+    return jpeg_bytes[:at] + b'\xff' + jpeg_bytes[at:]
+
+
+@pytest.mark.parametrize('coding', ['baseline', 'progressive'])
+def test_a_jpeg_with_fill_bytes_before_its_frame_is_held_to_the_pixel_setting(make_client, tmp_path, coding):
+    client = make_client(THUMBNAIL_MAX_PIXELS=10_000)
+    extra = ['-interlace', 'JPEG'] if coding == 'progressive' else []
+    original = with_fill_bytes(make_image(tmp_path, 'plasma:', '200x100', 'jpg', *extra))
+    answer = thumbnail(client, 'filled.jpg', original, status=404)
+    assert answer.text == 'The image has too many pixels to thumbnail.'
+
+
+def gif(screen, frames):
+    """A GIF with this logical screen and these frames (left, top, width, height), each one pixel of data."""
+    data = b'\x02\x02\x4c\x01\x00'          # LZW code size 2, one sub-block: clear, a pixel, end
+    return (b'GIF89a' + struct.pack('<HHBBB', *screen, 0, 0, 0)
+            + b''.join(b',' + struct.pack('<HHHHB', *frame, 0) + data for frame in frames) + b';')
+
+
+@pytest.mark.parametrize('frames', [[(0, 0, 2000, 1000)], [(0, 0, 1, 1), (0, 0, 2000, 1000)]],
+                         ids=['first frame', 'second frame'])
+def test_a_gif_frame_larger_than_its_screen_is_held_to_the_pixel_setting(make_client, frames):
+    client = make_client(THUMBNAIL_MAX_PIXELS=1_000_000)
+    answer = thumbnail(client, 'screen.gif', gif((1, 1), frames), status=404)
+    assert answer.text == 'The image has too many pixels to thumbnail.'
+
+
+@pytest.mark.parametrize('fmt, extra', [('png', ['-interlace', 'PNG']),
+                                        ('tif', ['-define', 'tiff:rows-per-strip=200'])])
+def test_an_image_whose_decoder_would_hold_more_than_the_memory_setting_is_refused(make_client, tmp_path, fmt, extra):
+    client = make_client(THUMBNAIL_MEMORY_LIMIT=300_000)     # 300x200 16-bit RGB whole: 360 000 bytes
+    original = make_image(tmp_path, 'gradient:red-blue', '300x200', fmt, '-depth', '16', *extra)
+    answer = thumbnail(client, f'deep.{fmt}', original, status=404)
+    assert answer.text == 'The image would need too much memory to thumbnail.'
+
+
+def test_a_huge_interlaced_16_bit_png_is_refused_at_once(client):
+    ihdr = struct.pack('>IIBBBBB', 11_000, 11_000, 16, 6, 0, 0, 1)       # 968 MB decoded whole
+    chunk = b'IHDR' + ihdr
+    header = b'\x89PNG\r\n\x1a\n' + struct.pack('>I', 13) + chunk + struct.pack('>I', zlib.crc32(chunk))
+    started = time.monotonic()
+    answer = thumbnail(client, 'deep.png', header, status=404)
+    assert answer.text == 'The image would need too much memory to thumbnail.'
+    assert time.monotonic() - started < 2
+
+
+def pdf_file(*objects):
+    """A PDF made of these objects (1: catalog), with a cross-reference table."""
+    out, offsets = b'%PDF-1.4\n', []
+    for number, body in enumerate(objects, 1):
+        offsets.append(len(out))
+        out += b'%d 0 obj\n%s\nendobj\n' % (number, body)
+    out += b'xref\n0 %d\n0000000000 65535 f \n' % (len(objects) + 1)
+    out += b''.join(b'%010d 00000 n \n' % offset for offset in offsets)
+    return out + b'trailer\n<< /Size %d /Root 1 0 R >>\nstartxref\n%d\n%%%%EOF\n' % (len(objects) + 1, len(out))
+
+
+def pdf_stream(entries, data):
+    return b'<< %s /Length %d >>\nstream\n%s\nendstream' % (entries, len(data), data)
+
+
+def huge_page_pdf(side=200_000):
+    """One page of side x side points (a 200 000 pt page at 72 dpi is 4e10 pixels), a blue square in its middle."""
+    middle = side // 2
+    return pdf_file(b'<< /Type /Catalog /Pages 2 0 R >>', b'<< /Type /Pages /Kids [3 0 R] /Count 1 >>',
+                    b'<< /Type /Page /Parent 2 0 R /MediaBox [0 0 %d %d] /Contents 4 0 R >>' % (side, side),
+                    pdf_stream(b'', b'0 0 1 rg %d %d %d %d re f' % (middle - side // 4, middle - side // 4,
+                                                                     side // 2, side // 2)))
+
+
+def nested_forms_pdf(depth=25, fan=4):
+    """A small page whose form XObject draws the next one `fan` times, `depth` deep: fan**depth paintings."""
+    forms = [pdf_stream(b'/Type /XObject /Subtype /Form /BBox [0 0 200 200] /Resources << /XObject << /X %d 0 R >> >>'
+                        % (6 + level), b' '.join([b'/X Do'] * fan)) for level in range(depth - 1)]
+    forms.append(pdf_stream(b'/Type /XObject /Subtype /Form /BBox [0 0 200 200]', b'0 0 1 rg 0 0 10 10 re f'))
+    return pdf_file(b'<< /Type /Catalog /Pages 2 0 R >>', b'<< /Type /Pages /Kids [3 0 R] /Count 1 >>',
+                    b'<< /Type /Page /Parent 2 0 R /MediaBox [0 0 200 200] /Resources << /XObject << /X 5 0 R >> >> '
+                    b'/Contents 4 0 R >>', pdf_stream(b'', b'/X Do'), *forms)
+
+
+def test_a_pdf_with_a_huge_page_is_rendered_at_a_bounded_size_in_time(make_client, tmp_path):
+    client = make_client(THUMBNAIL_TIMEOUT=20)
+    started = time.monotonic()
+    answer = thumbnail(client, 'poster.pdf', huge_page_pdf())
+    assert time.monotonic() - started < 10
+    assert decoded(answer.body, tmp_path)[:3] == ('PNG', 123, 123)
+    assert pixel(answer.body, tmp_path, 61, 61) in ('srgb(0,0,255)', 'blue')
+
+
+def run_counter(thumbnailer):
+    """Count the tools a thumbnailer runs."""
+    runs = []
+    real = thumbnailer._run
+
+    def counted(program, *args, **limits):
+        runs.append(args)
+        return real(program, *args, **limits)
+    thumbnailer._run = counted
+    return runs
+
+
+def test_a_failed_conversion_is_answered_again_without_converting(client):
+    client.upload('broken.png', png_claiming(100, 100))
+    runs = run_counter(client.app.thumbnailer)
+    first = client.fileget('broken.png', 'T', scale='123', status=404).text
+    again = client.fileget('broken.png', 'T', scale='123', status=404).text
+    assert (first, again, len(runs)) == ('This file could not be thumbnailed.',) * 2 + (1,)
+
+
+def test_a_failed_ghostscript_page_is_remembered_at_every_scale(make_client):
+    client = make_client(THUMBNAIL_TIMEOUT=1)
+    client.upload('forms.pdf', nested_forms_pdf())
+    assert client.fileget('forms.pdf', 'T', scale='123', status=404).text == 'Making the thumbnail took too long.'
+    started = time.monotonic()
+    answer = client.fileget('forms.pdf', 'T', scale='300', status=404)
+    assert (answer.text, time.monotonic() - started < 0.5) == ('Making the thumbnail took too long.', True)
+
+
+@pytest.mark.parametrize('same_bytes', [True, False], ids=['same bytes', 'new bytes'])
+def test_an_upload_forgets_the_failures_of_the_file_it_replaces(client, png, same_bytes):
+    client.upload('label.png', png_claiming(100, 100))
+    client.fileget('label.png', 'T', scale='123', status=404)
+    runs = run_counter(client.app.thumbnailer)
+    client.upload('label.png', png_claiming(100, 100) if same_bytes else png)
+    client.fileget('label.png', 'T', scale='123', status=404 if same_bytes else 200)
+    assert len(runs) == 1
+
+
+def test_a_delete_forgets_the_failures_of_the_file(client):
+    client.upload('label.png', png_claiming(100, 100))
+    client.fileget('label.png', 'T', scale='123', status=404)
+    client.delete('label.png')
+    failures = client.app.thumbnailer.failures
+    assert failures.reasons == {}
+
+
+def test_failures_remembered_are_bounded_oldest_forgotten_first(make_client):
+    client = make_client(THUMBNAIL_FAILURES_REMEMBERED=2)
+    for i in range(3):
+        client.upload(f'{i}.png', png_claiming(100, 100))
+        client.fileget(f'{i}.png', 'T', scale='123', status=404)
+    assert [key[0][0][-1] for key in client.app.thumbnailer.failures.reasons] == ['1.png', '2.png']
+
+
+def process_limit(pid, name):
+    """A limit of a running process as /proc/<pid>/limits states it (soft value)."""
+    with open(f'/proc/{pid}/limits') as limits:
+        for line in limits:
+            if line.startswith(name):
+                return line[len(name):].split()[0]
+    return None
+
+
+def children_of_this_process(path):
+    """Pids of this process's children running `path`."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            if parent_of(entry) == os.getpid() and os.path.realpath(f'/proc/{entry}/exe') == os.path.realpath(path):
+                found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize('tool', ['imagemagick', 'ghostscript'])
+def test_every_conversion_tool_runs_under_the_address_space_limit(make_client, tool):
+    client = make_client(THUMBNAIL_ADDRESS_SPACE_LIMIT=700 * 1024 ** 2, THUMBNAIL_TIMEOUT=5)
+    name, data = ('sheet.tif', slow_tiff()) if tool == 'imagemagick' else ('forms.pdf', nested_forms_pdf())
+    path = IMAGEMAGICK if tool == 'imagemagick' else shutil.which('gs')
+    client.upload(name, data)
+    request = threading.Thread(target=client.fileget, args=(name, 'T'), kwargs={'scale': '123', 'status': '*'})
+    request.start()
+    try:
+        assert wait_for(lambda: children_of_this_process(path), 30)
+        limits = [process_limit(pid, 'Max address space') for pid in children_of_this_process(path)]
+    finally:
+        request.join(60)
+    assert limits and set(limits) == {str(700 * 1024 ** 2)}
+
+
+def answer_soon(job, seconds=15):
+    """job()'s result from a thread, or None when it has not answered within `seconds`."""
+    threads, results = in_threads(1, lambda _i: job())
+    threads[0].join(seconds)
+    return results[0]
+
+
+def test_a_thumbnail_request_beyond_the_queue_is_answered_503_with_retry_after_at_once(make_client, jpeg):
+    client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE=1)
+    for name in ('a.jpg', 'b.jpg', 'c.jpg'):
+        client.upload(name, jpeg)
+    seen = gate_conversions(client.app.thumbnailer)
+    slots = client.app.thumbnailer.slots = Arrivals(client.app.thumbnailer.slots)
+    held = in_threads(2, lambda i: client.fileget('ab'[i] + '.jpg', 'T', scale='100').status_int)
+    try:
+        assert wait_for(lambda: slots.count == 2 and seen['running'] == 1, 30)     # one converting, one queued
+        started = time.monotonic()
+        answer = answer_soon(lambda: client.fileget('c.jpg', 'T', scale='100', status=503))
+        waited = time.monotonic() - started
+    finally:
+        seen['gate'].set()
+        statuses = joined(*held)
+    assert (answer.text, answer.headers['Retry-After']) == (
+        'Too many thumbnails are being made: try again shortly.', '5')
+    assert waited < 2
+    assert statuses == [200, 200]
+
+
+def test_a_thumbnail_request_that_waits_longer_than_the_queue_wait_is_answered_503(make_client, jpeg):
+    client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE_WAIT=1)
+    client.upload('a.jpg', jpeg)
+    client.upload('b.jpg', jpeg)
+    seen = gate_conversions(client.app.thumbnailer)
+    held = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int)
+    try:
+        assert wait_for(lambda: seen['running'] == 1, 30)
+        started = time.monotonic()
+        answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503))
+        waited = time.monotonic() - started
+    finally:
+        seen['gate'].set()
+        joined(*held)
+    assert answer.headers['Retry-After'] == '5'
+    assert 1 <= waited < 5
+
+
+class SlotHolder:
+    """A thread that takes a conversion slot for one class of work and holds it until released."""
+
+    def __init__(self, slots, work):
+        self.taken, self.release, self.failed = threading.Event(), threading.Event(), []
+        self.thread = threading.Thread(target=self._hold, args=(slots, work))
+        self.thread.start()
+
+    def _hold(self, slots, work):
+        try:
+            with slots(work):
+                self.taken.set()
+                self.release.wait(30)
+        except server.ThumbnailsBusy:
+            self.failed.append('busy')
+
+    def done(self):
+        self.release.set()
+        self.thread.join(30)
+
+
+def test_background_work_never_holds_every_slot():
+    slots = server.ConversionSlots(workers=2, wait=10)
+    first, second = SlotHolder(slots, server.BACKGROUND), SlotHolder(slots, server.BACKGROUND)
+    try:
+        assert wait_for(lambda: first.taken.is_set() or second.taken.is_set())
+        one_slot_left = not wait_for(lambda: first.taken.is_set() and second.taken.is_set(), 1)
+        interactive = SlotHolder(slots, server.INTERACTIVE)
+        interactive_ran = interactive.taken.wait(5)
+        interactive.done()
+    finally:
+        first.done()
+        second.done()
+    assert (one_slot_left, interactive_ran) == (True, True)
+
+
+def test_interactive_work_waiting_goes_ahead_of_background_work():
+    slots = server.ConversionSlots(workers=1, wait=10)
+    running = SlotHolder(slots, server.INTERACTIVE)
+    assert running.taken.wait(5)
+    waiting = SlotHolder(slots, server.INTERACTIVE)
+    assert wait_for(lambda: slots.waiting[server.INTERACTIVE] == 1)
+    background = SlotHolder(slots, server.BACKGROUND)
+    assert wait_for(lambda: slots.waiting[server.BACKGROUND] == 1)
+    running.done()
+    try:
+        assert waiting.taken.wait(5)
+        background_started_meanwhile = background.taken.is_set()
+    finally:
+        waiting.done()
+        background.done()
+    assert background_started_meanwhile is False
+    assert background.failed == []
+
+
+def test_conversions_leave_five_of_the_threads_to_other_requests(make_client, jpeg):
+    client = make_client(THREADS=6, THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE=16)     # one may wait or convert
+    client.upload('a.jpg', jpeg)
+    client.upload('b.jpg', jpeg)
+    seen = gate_conversions(client.app.thumbnailer)
+    held = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int)
+    try:
+        assert wait_for(lambda: seen['running'] == 1, 30)
+        answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503))
+    finally:
+        seen['gate'].set()
+        statuses = joined(*held)
+    assert (answer.headers['Retry-After'], statuses) == ('5', [200])

@@ -116,13 +116,16 @@ class Client:
         del self.files[name]
 
 
-def children(pid):
-    """Pids of a process's children (the server's running conversions)."""
+def conversions(pid):
+    """Pids of a process's children that are conversions (its metadata readers stay, idle, between requests)."""
     found = []
     for entry in filter(str.isdigit, os.listdir('/proc')):
         try:
             with open(f'/proc/{entry}/stat', 'rb') as stat:
-                if int(stat.read().rsplit(b')', 1)[1].split()[1]) == pid:
+                if int(stat.read().rsplit(b')', 1)[1].split()[1]) != pid:
+                    continue
+            with open(f'/proc/{entry}/cmdline', 'rb') as cmdline:
+                if b'metadata_child' not in cmdline.read():
                     found.append(int(entry))
         except (OSError, IndexError, ValueError):
             pass
@@ -146,7 +149,7 @@ def settle(web, folder, patience=75):
     started = time.time()
     steady = []
     while time.time() < started + patience:
-        busy = children(web.process.pid) or temporaries(folder)
+        busy = conversions(web.process.pid) or temporaries(folder)
         steady = [] if busy else steady + [process_figures(web.process.pid)[1]]
         if len(steady) >= 6 and len(set(steady[-6:])) == 1:
             rss, fds = process_figures(web.process.pid)

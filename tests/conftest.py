@@ -508,3 +508,10 @@ class SeaweedFS:
 
     def stop(self):
         stop_process(self.process, patience=3)      # it may ignore SIGTERM
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Say which random order ran (pytest -q hides pytest-randomly's header), so a failure can be replayed."""
+    seed = getattr(config.option, 'randomly_seed', None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f'random order: replay it with --randomly-seed={seed}')

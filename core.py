@@ -3,11 +3,12 @@
 The storages (DiskStorage in server.py, S3Storage in s3storage.py), the thumbnail engine, the
 application (server.py) and the administration command (migrate.py) all build on this module;
 it imports none of them. Sections: configuration, names, file kinds, errors, durable files,
-the storage interface, answers for stored files.
+the storage interface, answers for stored files, a seekable reader.
 """
 
 import contextlib
 import email.utils
+import io
 import json
 import mimetypes
 import os
@@ -556,3 +557,36 @@ def file_answer(size, etag, modified, mimetype, headers, body_for):
     answer['Content-Length'] = str(end - start)
     body = '' if bottle.request.method == 'HEAD' else body_for(start, end)
     return bottle.HTTPResponse(body, status, **answer)
+
+
+class SeekableReader(io.RawIOBase):
+    """A read-only, seekable file of known size whose bytes come from elsewhere (a store, a pipe).
+
+    A subclass supplies fetch(position, size) -> bytes; reading, seeking and the end are shared.
+    """
+
+    def __init__(self, size):
+        super().__init__()
+        self.size, self.position = size, 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self.position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
+        self.position = max(0, base + offset)
+        return self.position
+
+    def readinto(self, buffer):
+        if self.position >= self.size or not len(buffer):
+            return 0
+        data = self.fetch(self.position, min(len(buffer), self.size - self.position))
+        buffer[:len(data)] = data
+        self.position += len(data)
+        return len(data)

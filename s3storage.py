@@ -21,7 +21,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core import (CHUNK, Layout, StorageUnavailable, ThumbnailError, content_type, file_answer,
+from core import (CHUNK, Layout, SeekableReader, StorageUnavailable, ThumbnailError, content_type, file_answer,
                   make_temp_file, refuse, remove_quietly, sniff_kind)
 
 log = logging.getLogger('web_asset_server')
@@ -238,33 +238,13 @@ def stream(body):
         body.close()
 
 
-class RangeReader(io.RawIOBase):
+class RangeReader(SeekableReader):
     """A read-only, seekable object, fetched with ranged GETs pinned to one version as it is read."""
 
     def __init__(self, storage, key, size, etag):
-        super().__init__()
-        self.storage, self.key, self.size, self.etag, self.position = storage, key, size, etag, 0
+        super().__init__(size)
+        self.storage, self.key, self.etag = storage, key, etag
 
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.position
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
-    def readinto(self, buffer):
-        if self.position >= self.size or not len(buffer):
-            return 0
-        end = min(self.size, self.position + len(buffer))
-        with self.storage.get_version(self.key, self.etag, self.position, end, self.size) as body:
-            data = body.read()
-        buffer[:len(data)] = data
-        self.position += len(data)
-        return len(data)
+    def fetch(self, position, size):
+        with self.storage.get_version(self.key, self.etag, position, position + size, self.size) as body:
+            return body.read()

@@ -40,7 +40,7 @@ import exifread
 import multipart
 import sh
 
-from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, StorageUnavailable,
+from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
                   ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
                   kind_of, load_config, make_temp_file, may_run_scripts, refuse, remove_quietly,
                   sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
@@ -1024,35 +1024,17 @@ def exif_groups(tags, max_value):
     return [{'Name': group, 'Fields': fields} for group, fields in groups.items()]
 
 
-class ServedFile(io.RawIOBase):
+class ServedFile(SeekableReader):
     """The file as the server serves it over the pipe: read-only and seekable."""
 
     def __init__(self, size, channel):
-        super().__init__()
-        self.size, self.channel, self.position = size, channel, 0
+        super().__init__(size)
+        self.channel = channel
 
-    def readable(self):
-        return True
-
-    def seekable(self):
-        return True
-
-    def tell(self):
-        return self.position
-
-    def seek(self, offset, whence=io.SEEK_SET):
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.position, io.SEEK_END: self.size}[whence]
-        self.position = max(0, base + offset)
-        return self.position
-
-    def readinto(self, buffer):
-        if self.position >= self.size or not len(buffer):
-            return 0
-        write_all(self.channel, READ_REQUEST + READ.pack(self.position, len(buffer)))
+    def fetch(self, position, size):
+        write_all(self.channel, READ_REQUEST + READ.pack(position, size))
         length = LENGTH.unpack(read_exactly(0, LENGTH.size))[0]
-        buffer[:length] = read_exactly(0, length)
-        self.position += length
-        return length
+        return read_exactly(0, length)
 
 
 def read_exactly(descriptor, count, at_start=False):

@@ -559,6 +559,11 @@ def file_answer(size, etag, modified, mimetype, headers, body_for):
     return bottle.HTTPResponse(body, status, **answer)
 
 
+
+###############################################################################
+# A seekable reader ###########################################################
+###############################################################################
+
 class SeekableReader(io.RawIOBase):
     """A read-only, seekable file of known size whose bytes come from elsewhere (a store, a pipe).
 

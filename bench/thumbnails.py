@@ -29,7 +29,7 @@ sys.path.insert(0, PROJECT)
 sys.path.insert(0, os.path.join(PROJECT, 'tests'))
 
 import server  # noqa: E402
-from conftest import RunningServer, multipart_body  # noqa: E402
+from conftest import RunningServer, descendants, multipart_body, parent_pids  # noqa: E402
 
 CONVERT = server.find_imagemagick(None)
 
@@ -95,24 +95,13 @@ class Server(RunningServer):
         return body
 
 
-
 def tree_rss(roots):
     """Resident memory in bytes of some processes and all their descendants (from /proc)."""
-    children = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open(f'/proc/{entry}/stat', 'rb') as f:
-                    parent = int(f.read().rsplit(b')', 1)[1].split()[1])
-                children.setdefault(parent, []).append(int(entry))
-            except (OSError, IndexError, ValueError):
-                pass
-    total, todo = 0, list(roots)
-    while todo:
-        current = todo.pop()
-        todo.extend(children.get(current, []))
+    parents = parent_pids()
+    total = 0
+    for pid in {tree_pid for root in roots for tree_pid in [root, *descendants(root, parents)]}:
         try:
-            with open(f'/proc/{current}/statm') as f:
+            with open(f'/proc/{pid}/statm') as f:
                 total += int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
         except OSError:
             pass

@@ -286,6 +286,30 @@ def started(launch, ready, seconds, attempts=5):
     raise RuntimeError(output())
 
 
+def parent_pids():
+    """{pid: parent pid} of every process now running, from /proc (read as bytes: a name need not be UTF-8)."""
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir('/proc')):
+        try:
+            with open(f'/proc/{entry}/stat', 'rb') as stat:
+                parents[int(entry)] = int(stat.read().rsplit(b')', 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):       # it ended meanwhile
+            pass
+    return parents
+
+
+def descendants(pid, parents=None):
+    """Every process descending from `pid` (children, their children, ...)."""
+    parents = parent_pids() if parents is None else parents
+    found, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        kids = [child for child, of in parents.items() if of == parent]
+        found += kids
+        frontier += kids
+    return found
+
+
 def stop_process(process, patience):
     """SIGTERM a process the tests started, then SIGKILL it if it has not ended after `patience` seconds."""
     if process.poll() is None:

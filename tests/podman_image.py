@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 
-from conftest import PROJECT, exchange, wait_for
+from conftest import PROJECT, descendants, exchange, wait_for
 
 TAG = 'localhost/web-asset-server:test'
 MIRROR = 'http://deb.debian.org/debian'
@@ -126,25 +126,6 @@ def inspect(tag=TAG):
     return json.loads(tool('podman', 'image', 'inspect', tag))[0]
 
 
-def children(pid):
-    """Every process descending from pid, by reading /proc (as bytes: other processes' names need not be UTF-8)."""
-    parents = {}
-    for entry in os.listdir('/proc'):
-        if entry.isdigit():
-            try:
-                with open(f'/proc/{entry}/stat', 'rb') as f:
-                    parents[int(entry)] = int(f.read().rsplit(b')', 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = [], [pid]
-    while frontier:
-        parent = frontier.pop()
-        kids = [child for child, of in parents.items() if of == parent]
-        found += kids
-        frontier += kids
-    return found
-
-
 def signal_all(pids, number):
     """Signal processes this module started; one that has just ended is no error."""
     for pid in pids:
@@ -233,7 +214,7 @@ class Server:
 
     def pid(self):
         """The process id of the server itself: the descendant of buildah run whose command line is the CMD."""
-        found = [pid for pid in children(self.process.pid) if command_line(pid) == self.command]
+        found = [pid for pid in descendants(self.process.pid) if command_line(pid) == self.command]
         if len(found) != 1:
             raise ImageError(f'expected one server process under buildah run, found {found}')
         return found[0]
@@ -247,12 +228,12 @@ class Server:
     def stop(self):
         """SIGTERM the server (by its pid), let buildah run end, SIGKILL what is left of what we started."""
         if self.process.poll() is None:
-            signal_all([pid for pid in children(self.process.pid) if command_line(pid) == self.command],
+            signal_all([pid for pid in descendants(self.process.pid) if command_line(pid) == self.command],
                        signal.SIGTERM)
             try:
                 self.process.wait(20)
             except subprocess.TimeoutExpired:
-                signal_all(children(self.process.pid) + [self.process.pid], signal.SIGKILL)
+                signal_all(descendants(self.process.pid) + [self.process.pid], signal.SIGKILL)
                 self.process.wait(10)
         self.log.close()
 

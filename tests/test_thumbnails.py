@@ -15,7 +15,7 @@ import exifread
 import pytest
 
 import server
-from conftest import IMAGEMAGICK, make_image, wait_for, with_exif
+from conftest import IMAGEMAGICK, make_image, parent_pids, wait_for, with_exif
 
 
 def decoded(data, tmp_path, fields='%m %w %h %[colorspace] %z %A %n'):
@@ -218,21 +218,9 @@ def stat_fields(pid):
         return stat.read().rsplit(b')', 1)[1].decode('ascii').split()
 
 
-def parent_of(pid):
-    return int(stat_fields(pid)[1])
-
-
 def conversions():
     """Pids of the ImageMagick processes this test process (the in-process server) has running."""
-    found = []
-    for entry in filter(str.isdigit, os.listdir('/proc')):
-        try:
-            if parent_of(entry) == os.getpid() and \
-                    os.path.realpath(f'/proc/{entry}/exe') == os.path.realpath(IMAGEMAGICK):
-                found.append(int(entry))
-        except OSError:                # it ended meanwhile
-            pass
-    return found
+    return children_of_this_process(IMAGEMAGICK)
 
 
 def is_running(pid):
@@ -592,11 +580,11 @@ def process_limit(pid, name):
 def children_of_this_process(path):
     """Pids of this process's children running `path`."""
     found = []
-    for entry in filter(str.isdigit, os.listdir('/proc')):
+    for pid, parent in parent_pids().items():
         try:
-            if parent_of(entry) == os.getpid() and os.path.realpath(f'/proc/{entry}/exe') == os.path.realpath(path):
-                found.append(int(entry))
-        except OSError:
+            if parent == os.getpid() and os.path.realpath(f'/proc/{pid}/exe') == os.path.realpath(path):
+                found.append(pid)
+        except OSError:                # it ended meanwhile
             pass
     return found
 

@@ -103,7 +103,8 @@ def check_config(config):
                  'THUMBNAIL_TIMEOUT', 'THUMBNAIL_MAX_PIXELS', 'THREADS', 'SOCKET_TIMEOUT', 'THUMBNAIL_QUEUE_WAIT',
                  'THUMBNAIL_ADDRESS_SPACE_LIMIT', 'THUMBNAIL_FAILURES_REMEMBERED', 'METADATA_WORKERS',
                  'METADATA_WAIT', 'METADATA_TIMEOUT', 'METADATA_MEMORY_LIMIT', 'METADATA_MAX_READ',
-                 'METADATA_MAX_VALUE', 'METADATA_MAX_ANSWER'):
+                 'METADATA_MAX_VALUE', 'METADATA_MAX_ANSWER', 'REQUEST_HEAD_TIMEOUT', 'REQUEST_BODY_GRACE',
+                 'REQUEST_BODY_MIN_RATE', 'MAX_CONNECTIONS', 'MAX_CONNECTIONS_PER_CLIENT', 'MAX_REQUESTS_PER_CLIENT'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
     if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:

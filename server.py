@@ -27,18 +27,23 @@ import re
 import resource
 import secrets
 import select
+import selectors
 import shutil
+import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from email.utils import formatdate
+from http import HTTPStatus
 from urllib.parse import quote
 
 import bottle
 import exifread
 import multipart
 import sh
+from paste import httpserver
 
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
                   ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
@@ -48,6 +53,11 @@ from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, See
 VIEWS_DIR = os.path.join(HERE, 'views')
 MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
 MAX_REQUEST_LINE = 64 * 1024     # Longest request line read (as http.server reads); Paste alone has no bound.
+MAX_REQUEST_HEAD = 128 * 1024    # Longest request line and headers together; more is 431.
+LINGER_SECONDS = 30              # After a connection's last answer, what the client still sends is read and dropped
+LINGER_QUIET_SECONDS = 5         # for up to this long (until it is quiet this long or has sent LINGER_MAX_BYTES),
+LINGER_MAX_BYTES = 1024 ** 3     # so that it reads an early answer (413) instead of a TCP reset, as nginx does.
+REFUSALS_LINGERING = 64          # Connections refused over the caps that linger at once; beyond, they are just closed.
 
 log = logging.getLogger('web_asset_server')
 logging.getLogger('exifread').setLevel(logging.CRITICAL)
@@ -708,6 +718,8 @@ def receive_upload(environ, staging_folder, max_size):
     def read(size):
         try:
             return stream.read(size)
+        except TimeoutError:
+            refuse(408, 'The upload arrived too slowly.')
         except OSError as error:
             raise ClientGone() from error
 
@@ -1161,7 +1173,7 @@ class AssetServer(bottle.Bottle):
             headers.append(('X-Timestamp', str(int(time.time()))))
             headers.append(('Access-Control-Allow-Origin', '*'))
             if self.settings.ACCESS_LOG:
-                log.info('%s %s %s %s %.0fms', environ.get('REMOTE_ADDR', '-'),
+                log.info('%s %s %s %s %.0fms', printable(environ.get('wast.client') or environ.get('REMOTE_ADDR', '-')),
                          printable(environ.get('REQUEST_METHOD', '')), printable(environ.get('PATH_INFO', '')),
                          status.split(' ', 1)[0], 1000 * (time.time() - started))
             return start_response(status, headers, exc_info)
@@ -1459,6 +1471,385 @@ def create_app(config):
 
 
 ###############################################################################
+# The HTTP front: request heads without threads, connection caps, deadlines ##
+###############################################################################
+
+HEAD_END = re.compile(rb'\r?\n\r?\n')
+FORWARDED_FOR = re.compile(rb'^x-forwarded-for:[ \t]*([^\r\n]*)', re.I | re.M)
+
+
+def plain_answer(code, with_body=True, extra=()):
+    """A whole closing answer that names its status only, stamped like the app's answers."""
+    phrase = HTTPStatus(code).phrase
+    body = f'{phrase}.'.encode()
+    headers = [('Date', formatdate(usegmt=True)), ('Content-Type', 'text/plain; charset=UTF-8'),
+               ('Content-Length', str(len(body))), ('Connection', 'close'), ('X-Timestamp', str(int(time.time()))),
+               ('Access-Control-Allow-Origin', '*'), *extra]
+    head = f'HTTP/1.1 {code} {phrase}\r\n' + ''.join(f'{name}: {value}\r\n' for name, value in headers) + '\r\n'
+    return head.encode('latin-1') + (body if with_body else b'')
+
+
+class Connection:
+    """One client connection as the front holds it between requests."""
+
+    def __init__(self, sock, peer):
+        self.sock, self.peer, self.client = sock, peer[0], peer[0]
+        self.pending = bytearray()     # bytes read from the client and not yet given to a request
+        self.scanned = 0               # how far `pending` is known to hold no end of a head
+        self.state = 'head'            # 'head': waiting for a request; 'linger': closing; 'refused'
+        self.deadline = self.quiet_until = 0.0
+        self.dropped = 0               # bytes read and dropped while lingering
+
+
+class Front:
+    """Reads every request's line and headers in one selector thread, so a client trickling them holds no
+    worker thread; caps connections per address and in total, and requests in progress per client; lingers
+    on close. Only whole request heads reach Paste's threads."""
+
+    def __init__(self, config, run_request, clock=time.monotonic):
+        self.config, self.run_request, self.clock = config, run_request, clock
+        self.selector = selectors.DefaultSelector()
+        self.wake_in, self.wake_out = socket.socketpair()
+        self.wake_in.setblocking(False)
+        self.selector.register(self.wake_in, selectors.EVENT_READ)
+        self.arrivals = collections.deque()
+        self.lock = threading.Lock()
+        self.open = collections.Counter()      # open connections per peer address
+        self.busy = collections.Counter()      # requests in progress per client
+        self.total = self.refusing = 0
+        threading.Thread(target=self.run, name='front', daemon=True).start()
+
+    # --- Called from the accepting thread and from Paste's threads ---
+
+    def admit(self, sock, peer):
+        """A new connection: held for its head, or refused with 503 over MAX_CONNECTIONS(_PER_CLIENT)."""
+        connection = Connection(sock, peer)
+        per_client = None if self.config.TRUST_PROXY_HEADERS else self.config.MAX_CONNECTIONS_PER_CLIENT
+        with self.lock:
+            full = self.total >= self.config.MAX_CONNECTIONS or (
+                per_client is not None and self.open[connection.peer] >= per_client)
+            if not full:
+                self.open[connection.peer] += 1
+                self.total += 1
+            elif self.refusing < REFUSALS_LINGERING:
+                self.refusing += 1
+                connection.state = 'refused'
+            else:
+                connection.state = 'dropped'
+        if connection.state == 'dropped':
+            sock.close()
+        else:
+            self.hand_over(connection)
+
+    def request_done(self, connection, keep_alive, read_whole):
+        """A request's answer is sent: wait for the next head on this connection, or close it; lingering,
+        as nginx does, only when the client may still be sending (its request was not read whole)."""
+        self.release(connection.client)
+        if keep_alive:
+            self.hand_over(connection)
+        elif read_whole and not connection.pending:
+            connection.sock.close()
+            self.forget(connection)
+        else:
+            connection.state = 'linger'
+            self.hand_over(connection)
+
+    def hand_over(self, connection):
+        """Give a connection to the selector thread."""
+        self.arrivals.append(connection)
+        with contextlib.suppress(OSError):
+            self.wake_out.send(b'.')
+
+    def release(self, client):
+        with self.lock:
+            self.busy[client] -= 1
+            if not self.busy[client]:
+                del self.busy[client]
+
+    # --- The selector thread ---
+
+    def run(self):
+        """Forever: take new connections, read what arrives, act on deadlines."""
+        while True:
+            for key, _ in self.selector.select(self.seconds_to_next_deadline()):
+                if key.fileobj is self.wake_in:
+                    self.take_arrivals()
+                else:
+                    self.readable(key.data)
+            self.expire()
+
+    def seconds_to_next_deadline(self):
+        deadlines = [self.next_deadline(key.data) for key in self.selector.get_map().values() if key.data]
+        return max(0.0, min(deadlines) - self.clock()) if deadlines else None
+
+    @staticmethod
+    def next_deadline(connection):
+        return min(connection.deadline, connection.quiet_until) if connection.state != 'head' else connection.deadline
+
+    def take_arrivals(self):
+        with contextlib.suppress(BlockingIOError):
+            while self.wake_in.recv(4096):
+                pass
+        while self.arrivals:
+            connection = self.arrivals.popleft()
+            now = self.clock()
+            try:
+                connection.sock.setblocking(False)
+                self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+            except (OSError, ValueError):
+                self.close(connection)
+                continue
+            if connection.state == 'head':
+                connection.deadline = now + self.config.REQUEST_HEAD_TIMEOUT
+                self.examine_head(connection)
+            elif connection.state == 'refused':
+                self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
+            else:
+                self.start_lingering(connection)
+
+    def readable(self, connection):
+        try:
+            data = connection.sock.recv(CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b''
+        if connection.state == 'head':
+            if not data:
+                self.close(connection)
+            else:
+                connection.pending += data
+                self.examine_head(connection)
+        else:
+            connection.dropped += len(data)
+            connection.quiet_until = self.clock() + LINGER_QUIET_SECONDS
+            if not data or connection.dropped >= LINGER_MAX_BYTES:
+                self.close(connection)
+
+    def examine_head(self, connection):
+        """Dispatch a whole head; answer 414/431 for one too long. Each byte is searched once."""
+        pending = connection.pending
+        end = HEAD_END.search(pending, max(0, connection.scanned - 3))
+        connection.scanned = len(pending)
+        line_end = pending.find(b'\n', 0, MAX_REQUEST_LINE + 1)
+        if line_end < 0 and len(pending) > MAX_REQUEST_LINE:
+            self.answer_and_linger(connection, 414)
+        elif (end.end() if end else len(pending)) > MAX_REQUEST_HEAD:
+            self.answer_and_linger(connection, 431)
+        elif end:
+            self.dispatch(connection, pending[:end.end()])
+
+    def dispatch(self, connection, head):
+        """A whole head: to Paste's pool, unless its client already has MAX_REQUESTS_PER_CLIENT in progress."""
+        connection.client = self.client_of(connection, head)
+        with self.lock:
+            allowed = self.busy[connection.client] < self.config.MAX_REQUESTS_PER_CLIENT
+            if allowed:
+                self.busy[connection.client] += 1
+        if not allowed:
+            log.warning('%s has %d requests in progress; one more is refused with 503', printable(connection.client),
+                        self.config.MAX_REQUESTS_PER_CLIENT)
+            self.answer_and_linger(connection, 503, extra=(('Retry-After', '1'),))
+            return
+        self.selector.unregister(connection.sock)
+        connection.sock.setblocking(True)
+        connection.scanned = 0
+        self.run_request(connection)
+
+    def client_of(self, connection, head):
+        """Who limits count a request under: the peer, or behind a trusted proxy the address it saw."""
+        if self.config.TRUST_PROXY_HEADERS:
+            forwarded = FORWARDED_FOR.findall(bytes(head))
+            if forwarded:
+                last = forwarded[-1].split(b',')[-1].strip().decode('latin-1')
+                if last:
+                    return last[:64]
+        return connection.peer
+
+    def answer_and_linger(self, connection, code, extra=()):
+        with contextlib.suppress(OSError):
+            connection.sock.send(plain_answer(code, extra=extra))
+        self.start_lingering(connection)
+
+    def start_lingering(self, connection):
+        """Stop sending, then drop what the client still sends for a bounded time before closing."""
+        if connection.state == 'head':
+            connection.state = 'linger'
+        now = self.clock()
+        connection.deadline = now + (LINGER_QUIET_SECONDS if connection.state == 'refused' else LINGER_SECONDS)
+        connection.quiet_until = now + LINGER_QUIET_SECONDS
+        try:
+            connection.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.close(connection)
+
+    def expire(self):
+        now = self.clock()
+        for key in list(self.selector.get_map().values()):
+            connection = key.data
+            if connection and now >= self.next_deadline(connection):
+                if connection.state != 'head':
+                    self.close(connection)
+                elif connection.pending:
+                    self.answer_and_linger(connection, 408)
+                else:
+                    self.close(connection)
+
+    def close(self, connection):
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(connection.sock)
+        connection.sock.close()
+        self.forget(connection)
+
+    def forget(self, connection):
+        """A closed connection no longer counts against its client or the total."""
+        with self.lock:
+            if connection.state == 'refused':
+                self.refusing -= 1
+            else:
+                self.total -= 1
+                self.open[connection.peer] -= 1
+                if not self.open[connection.peer]:
+                    del self.open[connection.peer]
+
+
+class RequestReader:
+    """What a request handler reads: the head the front read, then the body from the socket, which
+    must average REQUEST_BODY_MIN_RATE bytes a second once REQUEST_BODY_GRACE seconds have passed."""
+
+    def __init__(self, connection, config, clock=time.monotonic):
+        self.connection, self.config, self.clock = connection, config, clock
+        self.buffer, connection.pending = connection.pending, bytearray()
+        self.started, self.received, self.delivered = clock(), 0, 0
+        self.closed = False
+
+    def read(self, size=-1):
+        if size is None or size < 0:
+            while self.fill():
+                pass
+            size = len(self.buffer)
+        elif not self.buffer:
+            self.fill()
+        return self.take(min(size, len(self.buffer)))
+
+    def readline(self, size=-1):
+        limit = size if size is not None and size >= 0 else sys.maxsize
+        while b'\n' not in self.buffer[:limit] and len(self.buffer) < limit and self.fill():
+            pass
+        end = self.buffer.find(b'\n', 0, limit)
+        return self.take(min(limit, len(self.buffer)) if end < 0 else end + 1)
+
+    def take(self, count):
+        data = bytes(self.buffer[:count])
+        del self.buffer[:count]
+        self.delivered += count
+        return data
+
+    def fill(self):
+        """Read once more from the socket; False at its end. TimeoutError when the client is too slow."""
+        allowed = self.config.REQUEST_BODY_GRACE + self.received / self.config.REQUEST_BODY_MIN_RATE
+        remaining = self.started + allowed - self.clock()
+        if remaining <= 0:
+            raise TimeoutError('the request arrives slower than REQUEST_BODY_MIN_RATE')
+        self.connection.sock.settimeout(min(remaining, self.config.SOCKET_TIMEOUT))
+        data = self.connection.sock.recv(CHUNK)
+        self.received += len(data)
+        self.buffer += data
+        return bool(data)
+
+    def leftover(self):
+        """Bytes read past this request (a pipelined next one), for the front."""
+        return self.buffer
+
+    def close(self):
+        self.closed = True
+
+
+class SocketWriter:
+    """The handler's output: each write sent whole, nothing buffered."""
+
+    def __init__(self, sock):
+        self.sock, self.closed = sock, False
+
+    def write(self, data):
+        self.sock.sendall(data)
+        return len(data)
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.closed = True
+
+
+class RequestHandler(httpserver.WSGIHandler):
+    """Paste's handler for one request whose head the front has read; the connection goes back to the front."""
+
+    def setup(self):
+        self.connection = self.request.sock
+        self.rfile = RequestReader(self.request, self.server.config)
+        self.wfile = SocketWriter(self.connection)
+        self.body_end = None
+
+    def handle(self):
+        self.close_connection = True
+        try:
+            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
+            if self.parse_request():
+                self.body_end = self.rfile.delivered + self.declared_length()
+                if self.headers.get('Transfer-Encoding'):
+                    self.close_connection = True
+                self.wsgi_execute(environ={'wast.client': self.request.client})
+        except (OSError, ValueError):
+            self.close_connection = True
+
+    def declared_length(self):
+        length = self.headers.get('Content-Length', '0')
+        return int(length) if length.isdigit() else 0
+
+    def body_read(self):
+        return self.body_end is not None and self.rfile.delivered >= self.body_end
+
+    def wsgi_connection_drop(self, exce, environ=None):
+        self.close_connection = True
+
+    def send_error(self, code, message=None, explain=None):
+        """Paste's own answers (a bad request line, headers too long) are stamped like ours: plain text
+        naming the status only (never the request's bytes), with X-Timestamp and CORS."""
+        self.close_connection = True
+        self.wfile.write(plain_answer(code, with_body=self.command != 'HEAD'))
+
+
+class FrontedPasteServer(httpserver.WSGIThreadPoolServer):
+    """Paste's thread-pool server with the front before it: Paste accepts, the front reads heads and
+    enforces the caps, Paste's threads run whole requests."""
+
+    def __init__(self, app, config):
+        self.config = config
+        self.address_family = socket.AF_INET6 if ':' in config.HOST else socket.AF_INET
+        super().__init__(app, (config.HOST, config.PORT), RequestHandler, nworkers=config.THREADS,
+                         request_queue_size=64, threadpool_options={'kill_thread_limit': 0,
+                                                                    'hung_thread_limit': 3600})
+        self.front = Front(config, lambda connection: self.thread_pool.add_task(
+            lambda: self.serve_request(connection)))
+
+    def process_request(self, request, client_address):
+        self.front.admit(request, client_address)
+
+    def serve_request(self, connection):
+        """Run one request in this pool thread, then give the connection back to the front."""
+        keep_alive = read_whole = False
+        try:
+            handler = self.RequestHandlerClass(connection, (connection.peer, 0), self)
+            read_whole = handler.body_read()
+            keep_alive = read_whole and not handler.close_connection
+            connection.pending = handler.rfile.leftover()
+        except Exception:
+            log.exception('A request failed outside the application')
+        self.front.request_done(connection, keep_alive, read_whole)
+
+
+###############################################################################
 # Start-up ####################################################################
 ###############################################################################
 
@@ -1480,42 +1871,8 @@ def main():
 
 def serve_with_paste(app, config):
     """Bind first, then say where we listen: a port in use ends the start with one clear line."""
-    from paste import httpserver
-
-    class TimedHandler(httpserver.WSGIHandler):
-        timeout = config.SOCKET_TIMEOUT    # Paste's own socket_timeout is undone by its thread pool
-
-        def handle_one_request(self):
-            """One request, its line bounded as http.server bounds it (Paste reads it whole): 414 past 64 KiB."""
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not self.raw_requestline:
-                self.close_connection = True
-            elif len(self.raw_requestline) > MAX_REQUEST_LINE:
-                self.command = None
-                self.send_error(414)
-            elif self.parse_request():
-                self.wsgi_execute()
-
-        def send_error(self, code, message=None, explain=None):
-            """Paste's own answers (a bad request line, headers too long) are stamped like ours: plain text
-            naming the status only (never the request's bytes), with X-Timestamp and CORS."""
-            self.close_connection = True
-            self.request_version = 'HTTP/1.1'     # so headers go out even when the line was unreadable
-            phrase = self.responses.get(code, ('Error',))[0]
-            body = f'{phrase}.'.encode('utf-8')
-            self.send_response(code, phrase)
-            for header, value in (('Content-Type', 'text/plain; charset=UTF-8'), ('Content-Length', str(len(body))),
-                                  ('Connection', 'close'), ('X-Timestamp', str(int(time.time()))),
-                                  ('Access-Control-Allow-Origin', '*')):
-                self.send_header(header, value)
-            self.end_headers()
-            if self.command != 'HEAD':
-                self.wfile.write(body)
     try:
-        listening = httpserver.serve(
-            app, host=config.HOST, port=str(config.PORT), use_threadpool=True, start_loop=False,
-            threadpool_workers=config.THREADS, request_queue_size=64, handler=TimedHandler,
-            threadpool_options={'kill_thread_limit': 0, 'hung_thread_limit': 3600})
+        listening = FrontedPasteServer(app, config)
     except OSError as error:
         sys.exit(f'web asset server cannot start: cannot listen on {config.HOST}:{config.PORT}: '
                  f'{error.strerror or error}')

@@ -28,7 +28,13 @@ FILE_OFFLOAD = None              # 'nginx': fileget answers with X-Accel-Redirec
 OFFLOAD_PREFIX = '/protected-attachments/'  # nginx internal location that maps to BASE_DIR (see deploy/nginx.conf).
 ACCESS_LOG = True                # One line per request on standard error.
 THREADS = 20                     # Requests Paste serves at once (long downloads each hold one); at least 5.
-SOCKET_TIMEOUT = 60              # Seconds a connection may stay silent before Paste drops it (frees its thread).
+SOCKET_TIMEOUT = 60              # Seconds a connection may stay silent while a request body is read or an answer sent before it is dropped.
+REQUEST_HEAD_TIMEOUT = 20        # Seconds a client has for a request's line and headers (from connecting, or from its previous answer); trickling does not extend it. Heads are read without holding a thread. Then 408.
+REQUEST_BODY_GRACE = 20          # Seconds a request body may take before REQUEST_BODY_MIN_RATE counts.
+REQUEST_BODY_MIN_RATE = 4096     # Bytes a second a request body must average after the grace (32 kbit/s; a 1 Mbit/s upload sends 30 times as much); slower is cut off with 408.
+MAX_CONNECTIONS = 500            # Open connections at once, idle ones included; more are answered 503 at once.
+MAX_CONNECTIONS_PER_CLIENT = 50  # Open connections from one address; more are answered 503. Not applied with TRUST_PROXY_HEADERS: every connection then comes from the proxy, which limits its clients itself (deploy/nginx.conf).
+MAX_REQUESTS_PER_CLIENT = 10     # Requests one client may have in progress at once (a browser makes 6); more are answered 503. Keep it below THREADS. With TRUST_PROXY_HEADERS the client is the last address in X-Forwarded-For.
 
 # --- Storage ------------------------------------------------------------------
 

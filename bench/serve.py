@@ -86,7 +86,8 @@ def bare_paste_app():
 
 
 def throughput(work, seconds):
-    web = RunningServer(work / 'attachments', work / 'server.log', ACCESS_LOG='false', PREGENERATE_SCALE='none')
+    web = RunningServer(work / 'attachments', work / 'server.log', ACCESS_LOG='false', PREGENERATE_SCALE='none',
+                        MAX_REQUESTS_PER_CLIENT='32')     # wrk's 16 connections share one address
     bare, bare_port = bare_paste_app()
     static, static_port = static_nginx(work, work / 'attachments')
     try:

@@ -183,7 +183,9 @@ def run(seconds, concurrency=32, folder=None):
     """Run the soak: a warm-up third, a settle, the rest, a settle; return its figures."""
     folder = Path(folder or tempfile.mkdtemp(prefix='wast-soak-'))
     web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
-                        THREADS=str(concurrency + 8), THUMBNAIL_QUEUE=str(concurrency))   # every client may wait
+                        THREADS=str(concurrency + 8), THUMBNAIL_QUEUE=str(concurrency),   # every client may wait
+                        MAX_REQUESTS_PER_CLIENT=str(2 * concurrency),    # its clients share one address
+                        METADATA_WAIT='10')
     report = {'lock': threading.Lock(), 'requests': {}, 'errors': {}, 'samples': []}
     for what in ('upload', 'read original', 'read thumbnail', 'metadata', 'testkey', 'delete'):
         report['requests'][what] = report['errors'][what] = 0

@@ -74,7 +74,7 @@ class Server(RunningServer):
 
     def __init__(self, base):
         super().__init__(base, os.path.join(OUT, 'server.log'), KEY=KEY, ACCESS_LOG='false',
-                         PREGENERATE_SCALE='none', THREADS='32')
+                         PREGENERATE_SCALE='none', THREADS='32', MAX_REQUESTS_PER_CLIENT='64')
 
     def get(self, path):
         status, _headers, body = self.request('GET', path, timeout=300)

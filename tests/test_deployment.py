@@ -3,13 +3,18 @@
 uploading cross-origin."""
 
 import base64
+import http.client
 import json
 import os
 import re
+import select
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 
@@ -17,7 +22,7 @@ import pytest
 import yaml
 
 import server
-from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, multipart_body
+from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, multipart_body, wait_for
 
 pytestmark = pytest.mark.disk_only
 
@@ -112,7 +117,7 @@ def upload_through(proxy, name, data, token=None):
 def test_discovery_through_the_proxy_says_https_without_rewriting(proxied):
     proxy, _web = proxied
     body = proxy.request('GET', '/web_asset_store.xml')[2].decode()
-    assert f'<url type="read">https://127.0.0.1:{proxy.https}/fileget</url>' in body
+    assert f'<url type="read">https://{proxy.name}:{proxy.https}/fileget</url>' in body
 
 
 def test_a_200_mb_upload_passes_the_proxy(proxied):
@@ -194,6 +199,194 @@ def test_health_is_503_when_the_attachments_folder_is_gone(make_client):
     answer = client.get('/health', {}, status=503)
     assert answer.json['storage'] == 'not writable' and client.base not in answer.text
 
+
+
+# --- nginx's limits: hosts, TLS, connections, deadlines ------------------------------------------
+
+HEADER_TIMEOUT = 2      # the tuned proxy's client_header_timeout (deploy/nginx.conf says 10s)
+SITE_LIMIT = 8          # the tuned proxy's per-site connection limit (deploy/nginx.conf says 256)
+
+
+@pytest.fixture(scope='module')
+def tuned(proxied, tmp_path_factory):
+    """A second nginx from deploy/nginx.conf in front of the same server, with a short header timeout,
+    a small per-site limit and ciphers that would allow TLS 1.1, so ssl_protocols alone must refuse it."""
+    _proxy, web = proxied
+    folder = tmp_path_factory.mktemp('tuned')
+    proxy = Nginx(folder, web.port, web.base_dir, changes={
+        'client_header_timeout 10s;': f'client_header_timeout {HEADER_TIMEOUT}s;',
+        'limit_conn per_site 256;': f'limit_conn per_site {SITE_LIMIT};',
+        'ssl_reject_handshake on;': 'ssl_reject_handshake on; ssl_ciphers DEFAULT:@SECLEVEL=0;',
+        'ssl_certificate_key /etc/ssl/private/assets.museum.org.key;':
+            'ssl_certificate_key /etc/ssl/private/assets.museum.org.key; ssl_ciphers DEFAULT:@SECLEVEL=0;'})
+    yield proxy
+    proxy.stop()
+
+
+def tls_socket(proxy, source='127.0.0.1', name=None, context=None):
+    """A TLS connection to the proxy from loopback address `source`, naming `name` in the handshake."""
+    plain = socket.create_connection(('127.0.0.1', proxy.https), timeout=30, source_address=(source, 0))
+    return (context or proxy.context()).wrap_socket(plain, server_hostname=name or proxy.name)
+
+
+DELETE_BODY = b'filename=held.jpg&coll=Fish&token=0%3A0'
+
+
+def held_request(proxy, source='127.0.0.1'):
+    """A connection whose POST /filedelete header is sent and whose body is still arriving."""
+    connection = tls_socket(proxy, source)
+    connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n'
+                       b'Content-Type: application/x-www-form-urlencoded\r\n'
+                       b'Content-Length: %d\r\n\r\n' % len(DELETE_BODY) + DELETE_BODY[:10])
+    return connection
+
+
+def finished(connection):
+    """Send the rest of a held request's body; the status it is answered with."""
+    connection.sendall(DELETE_BODY[10:])
+    answer = http.client.HTTPResponse(connection)
+    answer.begin()
+    connection.close()
+    return answer.status
+
+
+def discovery_status(proxy, source):
+    """Status of GET /web_asset_store.xml from loopback address `source`."""
+    connection = tls_socket(proxy, source)
+    try:
+        connection.sendall(b'GET /web_asset_store.xml HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        return answer.status
+    finally:
+        connection.close()
+
+
+def test_one_address_gets_503_beyond_32_requests_at_once_while_the_others_are_served(proxied):
+    proxy, _web = proxied
+    held = [held_request(proxy) for _ in range(32)]
+    try:
+        assert wait_for(lambda: discovery_status(proxy, '127.0.0.1') == 503, 10)
+        assert discovery_status(proxy, '127.0.0.2') == 200               # another address is served
+        assert [finished(connection) for connection in held] == [403] * 32
+    finally:
+        for connection in held:
+            connection.close()
+    assert wait_for(lambda: discovery_status(proxy, '127.0.0.1') == 200, 10)
+
+
+def test_the_site_gets_503_beyond_its_total_of_requests_at_once_while_those_are_served(tuned):
+    held = [held_request(tuned, f'127.0.0.{2 + n}') for n in range(SITE_LIMIT)]       # one per address
+    try:
+        assert wait_for(lambda: discovery_status(tuned, '127.0.1.1') == 503, 10)
+        assert [finished(connection) for connection in held] == [403] * SITE_LIMIT
+    finally:
+        for connection in held:
+            connection.close()
+    assert wait_for(lambda: discovery_status(tuned, '127.0.1.1') == 200, 10)
+
+
+def test_a_client_trickling_its_request_header_is_cut_off_after_client_header_timeout(tuned):
+    connection = tls_socket(tuned)
+    connection.sendall(b'GET /web_asset_store.xml HTTP/1.1\r\nHost: localhost\r\nX-Padding: ')
+    start, closed = time.monotonic(), False
+    try:
+        while not closed and time.monotonic() - start < HEADER_TIMEOUT + 10:
+            if select.select([connection], [], [], 0.2)[0]:           # never silent for more than 0.2 s
+                closed = connection.recv(1024) == b''
+            else:
+                connection.sendall(b'a')
+    except (ConnectionError, ssl.SSLError):
+        closed = True
+    finally:
+        connection.close()
+    assert closed and time.monotonic() - start > HEADER_TIMEOUT * 0.9
+
+
+@pytest.mark.parametrize('port', ['https', 'http'])
+def test_a_request_naming_another_host_is_closed_without_an_answer(proxied, port):
+    proxy, _web = proxied
+    if port == 'https':
+        connection = proxy.connection(timeout=30)
+    else:
+        connection = http.client.HTTPConnection('127.0.0.1', proxy.http, timeout=30)
+    connection.request('GET', '/web_asset_store.xml', headers={'Host': 'evil.example'})
+    with pytest.raises(http.client.RemoteDisconnected):
+        connection.getresponse()
+    connection.close()
+
+
+def test_a_handshake_naming_another_host_is_refused(proxied):
+    proxy, _web = proxied
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises(ssl.SSLError, match='UNRECOGNIZED_NAME'):
+        tls_socket(proxy, name='evil.example', context=context)
+
+
+def test_plain_http_redirects_to_https_at_the_configured_name(proxied):
+    proxy, _web = proxied
+    status, headers, _ = exchange_plain(proxy, '/web_asset_store.xml?x=1')
+    assert (status, headers['Location']) == (301, f'https://{proxy.name}/web_asset_store.xml?x=1')
+
+
+def exchange_plain(proxy, path):
+    connection = http.client.HTTPConnection('127.0.0.1', proxy.http, timeout=30)
+    try:
+        connection.request('GET', path, headers={'Host': proxy.name})
+        answer = connection.getresponse()
+        return answer.status, answer.headers, answer.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize('path, expected', [('/web_asset_store.xml', 200), ('/nowhere', 404),
+                                            ('/fileget?filename=hsts.jpg&type=O', 200)])    # the last sent by nginx
+def test_every_https_answer_carries_hsts(proxied, jpeg, path, expected):
+    proxy, _web = proxied
+    upload_through(proxy, 'hsts.jpg', jpeg)
+    status, headers, _ = proxy.request('GET', path)
+    assert (status, headers['Strict-Transport-Security']) == (expected, 'max-age=63072000')
+
+
+def tls_context(proxy, version):
+    """A client context that offers only TLS `version`, at OpenSSL's lowest security level."""
+    context = proxy.context()
+    context.minimum_version = context.maximum_version = version
+    context.set_ciphers('DEFAULT:@SECLEVEL=0')
+    return context
+
+
+@pytest.mark.filterwarnings('ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning')
+def test_a_tls_1_1_handshake_is_refused(tuned):
+    with pytest.raises(ssl.SSLError, match='PROTOCOL_VERSION'):
+        tls_socket(tuned, context=tls_context(tuned, ssl.TLSVersion.TLSv1_1))
+
+
+@pytest.mark.parametrize('version', [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=['1.2', '1.3'])
+def test_tls_1_2_and_1_3_handshakes_succeed(tuned, version):
+    with tls_socket(tuned, context=tls_context(tuned, version)) as connection:
+        assert connection.version() == version.name.replace('v1_', 'v1.')
+
+
+def paced(data, rate, step=0.1):
+    """`data` in pieces sent `rate` bytes per second, like a slow link (the pause paces, it waits for nothing)."""
+    piece = int(rate * step)
+    for start in range(0, len(data), piece):
+        yield data[start:start + piece]
+        time.sleep(step)
+
+
+def test_an_upload_at_1_mbit_per_second_passes_the_proxy(proxied):
+    proxy, web = proxied
+    data = os.urandom(600 * 1024)
+    content_type, body = multipart_body([('file', 'slow.bin', data), ('store', 'slow.bin'), ('type', 'O'),
+                                         ('coll', 'Fish'), ('token', server.make_token(KEY, 'slow.bin'))])
+    start = time.monotonic()
+    status, _, answer = proxy.request('POST', '/fileupload', paced(body, 125 * 1024),
+                                      {'Content-Type': content_type, 'Content-Length': str(len(body))})
+    assert (status, answer, time.monotonic() - start > 4) == (200, b'Ok.', True)
+    assert (web.base_dir / 'originals' / 'slow.bin').read_bytes() == data
 
 # --- The offload answers themselves (nginx: X-Accel-Redirect, Apache: X-Sendfile) ----------------
 

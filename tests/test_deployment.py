@@ -3,14 +3,18 @@
 uploading cross-origin."""
 
 import base64
+import ctypes
+import errno
 import http.client
 import json
 import os
+import platform
 import re
 import select
 import shutil
 import socket
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -86,11 +90,185 @@ def test_the_readme_documents_what_the_deployment_files_do():
         assert fact in readme
 
 
+UNIT = 'deploy/web-asset-server.service'
+
+
+def unit_settings(text):
+    """{directive: [values]} of a unit's uncommented [Service] lines, in order."""
+    settings, section = {}, None
+    for line in text.split('\n'):
+        if line.startswith('['):
+            section = line
+        elif section == '[Service]' and '=' in line and not line.startswith('#'):
+            name, value = line.split('=', 1)
+            settings.setdefault(name, []).append(value)
+    return settings
+
+
 def test_the_systemd_unit_runs_server_py_from_its_folder():
-    unit = project_file('deploy/web-asset-server.service')
+    unit = project_file(UNIT)
     working = re.search(r'^WorkingDirectory=(.*)$', unit, re.M).group(1)
     assert re.search(rf'^ExecStart={re.escape(working)}/\.venv/bin/python server\.py$', unit, re.M)
-    assert re.search(r'^User=specify$', unit, re.M) and 'authbind --deep' in unit
+    assert re.search(r'^User=specify$', unit, re.M)
+
+
+def test_the_systemd_unit_offers_port_80_by_capability_and_authbind_only_without_no_new_privileges():
+    unit = project_file(UNIT)
+    capability = 'CAP_NET_BIND_SERVICE'
+    assert re.search(rf'^# AmbientCapabilities={capability}\n# CapabilityBoundingSet={capability}$', unit, re.M)
+    assert re.search(r'^# Or authbind .*NoNewPrivileges=no.*\n# ExecStart=/usr/bin/authbind --deep ', unit, re.M)
+
+
+SANDBOX = {
+    'Environment': ['HOST=127.0.0.1 PORT=8080 BASE_DIR=/home/specify/attachments'],
+    'CapabilityBoundingSet': [''], 'NoNewPrivileges': ['yes'], 'ProtectSystem': ['strict'],
+    'ProtectHome': ['read-only'], 'ReadWritePaths': ['/home/specify/attachments'], 'PrivateTmp': ['yes'],
+    'PrivateDevices': ['yes'], 'ProtectKernelTunables': ['yes'], 'ProtectKernelModules': ['yes'],
+    'ProtectKernelLogs': ['yes'], 'ProtectControlGroups': ['yes'],
+    'RestrictAddressFamilies': ['AF_INET AF_INET6 AF_UNIX'], 'RestrictNamespaces': ['yes'],
+    'LockPersonality': ['yes'], 'MemoryDenyWriteExecute': ['yes'], 'SystemCallArchitectures': ['native'],
+    'SystemCallFilter': ['@system-service', '~@privileged'],
+    'MemoryMax': ['3G'], 'TasksMax': ['256'], 'LimitNOFILE': ['4096'],
+}
+
+
+def test_the_systemd_unit_listens_on_loopback_and_sandboxes_the_server():
+    settings = unit_settings(project_file(UNIT))
+    assert {name: settings.get(name) for name in SANDBOX} == SANDBOX
+
+
+def test_the_unit_writes_only_the_folder_nginx_offloads_from():
+    settings = unit_settings(project_file(UNIT))
+    alias = re.search(r'alias (.*)/;', project_file('deploy/nginx.conf')).group(1)
+    assert settings['ReadWritePaths'] == [alias] and f'BASE_DIR={alias}' in settings['Environment'][0].split()
+
+
+def installed_unit(folder, text=None):
+    """The unit as installed here: its paths pointed at this checkout and this Python, in `folder`."""
+    text = (text or project_file(UNIT)).replace('/opt/web-asset-server/.venv/bin/python', sys.executable)
+    path = folder / 'web-asset-server.service'
+    path.write_text(text.replace('/opt/web-asset-server', PROJECT))
+    return path
+
+
+def exposure(unit):
+    """systemd-analyze's overall exposure score of a unit file (0 safest, 10 most exposed)."""
+    result = subprocess.run(['systemd-analyze', 'security', '--offline=yes', '--no-pager', str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    return float(re.search(r'Overall exposure level for .*: ([0-9.]+)', result.stdout).group(1))
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    result = subprocess.run(['systemd-analyze', 'verify', str(installed_unit(tmp_path))],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr) == (0, '')
+
+
+def test_the_systemd_unit_exposure_score_is_below_2(tmp_path):
+    assert exposure(installed_unit(tmp_path)) < 2
+
+
+def test_the_port_80_variant_of_the_unit_verifies_and_stays_below_2(tmp_path):
+    text = project_file(UNIT).replace('# AmbientCapabilities=', 'AmbientCapabilities=').replace(
+        '# CapabilityBoundingSet=CAP', 'CapabilityBoundingSet=CAP').replace('PORT=8080', 'PORT=80')
+    unit = installed_unit(tmp_path, text)
+    result = subprocess.run(['systemd-analyze', 'verify', str(unit)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr, exposure(unit) < 2) == (0, '', True)
+
+
+# MemoryDenyWriteExecute=yes as systemd 252 builds it: a seccomp filter refusing (EPERM) mmap with
+# PROT_WRITE|PROT_EXEC, mprotect/pkey_mprotect with PROT_EXEC and shmat with SHM_EXEC (x86-64 numbers;
+# the third argument's low word sits at byte 32 of seccomp_data). Installing it needs no_new_privs,
+# which is NoNewPrivileges=yes, so the server runs here under both, its children included.
+
+def seccomp_program(steps):
+    """Classic BPF bytes from (label, code, k, label if true, label if false) steps."""
+    where = {step[0]: n for n, step in enumerate(steps) if step[0]}
+    return b''.join(struct.pack('HBBI', code, where[yes] - n - 1 if yes else 0, where[no] - n - 1 if no else 0, k)
+                    for n, (_, code, k, yes, no) in enumerate(steps))
+
+
+LOAD, JEQ, AND, RET = 0x20, 0x15, 0x54, 0x06           # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_ALU|AND|K, BPF_RET|K
+NO_WRITE_EXECUTE = seccomp_program([
+    (None, LOAD, 4, None, None), (None, JEQ, 0xC000003E, None, 'allow'),     # arch x86-64, else allow
+    (None, LOAD, 0, None, None),                                             # the system call's number
+    (None, JEQ, 9, 'mmap', None), (None, JEQ, 10, 'exec', None), (None, JEQ, 329, 'exec', None),
+    (None, JEQ, 30, 'shmat', None), (None, RET, 0x7fff0000, None, None),
+    ('mmap', LOAD, 32, None, None), (None, AND, 0x6, None, None), (None, JEQ, 0x6, 'refuse', 'allow'),
+    ('exec', LOAD, 32, None, None), (None, AND, 0x4, None, None), (None, JEQ, 0x4, 'refuse', 'allow'),
+    ('shmat', LOAD, 32, None, None), (None, AND, 0o100000, None, None), (None, JEQ, 0o100000, 'refuse', 'allow'),
+    ('allow', RET, 0x7fff0000, None, None), ('refuse', RET, 0x00050000 | errno.EPERM, None, None)])
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_char_p)]
+
+
+def deny_write_execute():
+    """In a child before exec: no_new_privs (PR_SET_NO_NEW_PRIVS), then the filter (PR_SET_SECCOMP)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    program = SockFprog(len(NO_WRITE_EXECUTE) // 8, NO_WRITE_EXECUTE)
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(program), 0, 0):
+        raise OSError(ctypes.get_errno(), 'the seccomp filter was not installed')
+
+
+needs_x86_64 = pytest.mark.skipif(platform.machine() != 'x86_64', reason='the filter uses x86-64 call numbers')
+
+
+@needs_x86_64
+def test_the_write_execute_filter_refuses_writable_executable_memory():
+    result = subprocess.run([sys.executable, '-c', 'import mmap; mmap.mmap(-1, 4096, prot=7)'], capture_output=True,
+                            text=True, timeout=60, preexec_fn=deny_write_execute)
+    assert 'PermissionError: [Errno 1]' in result.stderr
+
+
+@pytest.fixture(scope='module')
+def sandboxed(tmp_path_factory):
+    """The server as the unit runs it: no_new_privs and no writable executable memory."""
+    folder = tmp_path_factory.mktemp('sandboxed')
+    web = RunningServer(folder / 'attachments', folder / 'server.log', preexec_fn=deny_write_execute,
+                        PREGENERATE_SCALE='none')
+    yield web
+    web.stop()
+
+
+def sandboxed_upload(web, name, data):
+    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
+                                         ('token', server.make_token(KEY, name))])
+    return web.request('POST', '/fileupload', body, {'Content-Type': content_type})[0]
+
+
+def source_file(kind, tmp_path, jpeg):
+    """A JPEG, a PDF made by Ghostscript or a HEIC made by libheif: each thumbnailer's input."""
+    if kind == 'jpg':
+        return jpeg
+    if kind == 'pdf':
+        (tmp_path / 'in.ps').write_text('%!PS\n1 0 0 setrgbcolor 50 50 100 100 rectfill showpage\n')
+        command = ['gs', '-q', '-dSAFER', '-dBATCH', '-dNOPAUSE', '-sDEVICE=pdfwrite', '-o', str(tmp_path / 'out.pdf'),
+                   str(tmp_path / 'in.ps')]
+        output = tmp_path / 'out.pdf'
+    else:
+        (tmp_path / 'in.jpg').write_bytes(jpeg)
+        command, output = ['heif-enc', '-q', '40', str(tmp_path / 'in.jpg'), '-o', str(tmp_path / 'out.heic')], \
+            tmp_path / 'out.heic'
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    return output.read_bytes()
+
+
+@needs_x86_64
+@pytest.mark.parametrize('kind, thumbnail_format', [('jpg', 'JPEG'), ('pdf', 'PNG'), ('heic', 'PNG')])
+def test_thumbnails_are_made_without_writable_executable_memory(sandboxed, tmp_path, jpeg, kind, thumbnail_format):
+    name = f'sandboxed.{kind}'
+    assert sandboxed_upload(sandboxed, name, source_file(kind, tmp_path, jpeg)) == 200
+    status, _, body = sandboxed.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'T', 'scale': 64}))
+    assert (status, image_info(body, tmp_path)[0]) == (200, thumbnail_format)
+
+
+@needs_x86_64
+def test_metadata_is_read_without_writable_executable_memory(sandboxed, jpeg):
+    assert sandboxed_upload(sandboxed, 'exif.jpg', jpeg) == 200
+    status, _, body = sandboxed.request('GET', '/getmetadata?' + urlencode({'filename': 'exif.jpg', 'dt': 'json'}))
+    assert (status, type(json.loads(body))) == (200, list)
 
 
 # --- nginx in front ---------------------------------------------------------------------------

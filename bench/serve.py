@@ -117,7 +117,8 @@ def testkey_latency(work, offload, seconds):
     settings = {'FILE_OFFLOAD': 'nginx'} if offload else {}
     web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
                         PREGENERATE_SCALE='none', TRUST_PROXY_HEADERS='true', **settings)
-    proxy = Nginx(folder, web.port, folder / 'attachments')
+    proxy = Nginx(folder, web.port, folder / 'attachments',      # 32 users, all from one loopback address here
+                  changes={'limit_conn per_address 32;': 'limit_conn per_address 64;'})
     downloads = []
     try:
         big = folder / 'big.bin'
@@ -126,9 +127,10 @@ def testkey_latency(work, offload, seconds):
                 f.write(os.urandom(1024 * 1024))
         (folder / 'attachments' / 'originals').mkdir(parents=True, exist_ok=True)
         os.replace(big, folder / 'attachments' / 'originals' / 'big.bin')
-        url = f'https://127.0.0.1:{proxy.https}/fileget?filename=big.bin&type=O'
+        url = f'https://{proxy.name}:{proxy.https}/fileget?filename=big.bin&type=O'
         received = [folder / f'download-{i}' for i in range(32)]
-        downloads = [subprocess.Popen(['curl', '-sk', '--limit-rate', '2M', '-o', str(path), url])
+        resolve = f'{proxy.name}:{proxy.https}:127.0.0.1'       # nginx answers only its server_name (SNI)
+        downloads = [subprocess.Popen(['curl', '-sk', '--limit-rate', '2M', '--resolve', resolve, '-o', str(path), url])
                      for path in received]
         assert wait_for(lambda: all(path.exists() and path.stat().st_size for path in received), 60), \
             'the 32 downloads did not all start'

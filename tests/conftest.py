@@ -393,25 +393,41 @@ def start_nginx(folder, name, http_block):
                             stderr=subprocess.DEVNULL)
 
 
-class Nginx:
-    """nginx on loopback with deploy/nginx.conf, its ports, certificate and folder swapped for the test's."""
+class LoopbackHTTPS(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1 that names `host` in the handshake (SNI), the Host header and the certificate check."""
 
-    def __init__(self, folder, upstream_port, attachments):
+    def connect(self):
+        self.sock = self._context.wrap_socket(socket.create_connection(('127.0.0.1', self.port), self.timeout),
+                                              server_hostname=self.host)
+
+
+class Nginx:
+    """nginx on loopback with deploy/nginx.conf, its ports, certificate, name and folder swapped for the test's.
+
+    `changes` maps more exact strings of the file to what the test runs instead (e.g. shorter timeouts)."""
+
+    name = 'localhost'
+
+    def __init__(self, folder, upstream_port, attachments, changes=None):
         self.folder = folder
         subprocess.run(['openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '1', '-subj',
-                        '/CN=127.0.0.1', '-addext', 'subjectAltName=IP:127.0.0.1', '-keyout',
+                        f'/CN={self.name}', '-addext', f'subjectAltName=DNS:{self.name}', '-keyout',
                         str(folder / 'key.pem'), '-out', str(folder / 'cert.pem')],
                        check=True, capture_output=True, timeout=60)
         with open(os.path.join(PROJECT, 'deploy', 'nginx.conf')) as example:
             template = example.read()
+        for old, new in (changes or {}).items():
+            assert old in template, f'deploy/nginx.conf no longer says {old!r}'
+            template = template.replace(old, new)
         error_log = folder / 'proxy-error.log'
 
         def launch():
             self.https, self.http = free_port(), free_port()
             site = (template
                     .replace('server 127.0.0.1:8080;', f'server 127.0.0.1:{upstream_port};')
-                    .replace('listen 443 ssl;', f'listen 127.0.0.1:{self.https} ssl;')
-                    .replace('listen 80;', f'listen 127.0.0.1:{self.http};')
+                    .replace('listen 443 ssl', f'listen 127.0.0.1:{self.https} ssl')
+                    .replace('listen 80', f'listen 127.0.0.1:{self.http}')
+                    .replace('server_name assets.museum.org;', f'server_name {self.name};')
                     .replace('/etc/ssl/certs/assets.museum.org.pem', str(folder / 'cert.pem'))
                     .replace('/etc/ssl/private/assets.museum.org.key', str(folder / 'key.pem'))
                     .replace('alias /home/specify/attachments/;', f'alias {attachments}/;'))
@@ -432,10 +448,15 @@ class Nginx:
         except OSError:
             return False
 
+    def context(self):
+        """A TLS client context that trusts this nginx's certificate."""
+        return ssl.create_default_context(cafile=str(self.folder / 'cert.pem'))
+
+    def connection(self, timeout=120):
+        return LoopbackHTTPS(self.name, self.https, context=self.context(), timeout=timeout)
+
     def request(self, method, path, body=None, headers=None):
-        context = ssl.create_default_context(cafile=str(self.folder / 'cert.pem'))
-        return exchange(http.client.HTTPSConnection('127.0.0.1', self.https, context=context, timeout=120),
-                        method, path, body, headers)
+        return exchange(self.connection(), method, path, body, headers)
 
     def stop(self):
         stop_process(self.process, patience=10)

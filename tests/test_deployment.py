@@ -3,13 +3,22 @@
 uploading cross-origin."""
 
 import base64
+import ctypes
+import errno
+import http.client
 import json
 import os
+import platform
 import re
+import select
 import shutil
+import socket
+import ssl
+import struct
 import subprocess
 import sys
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlencode
 
@@ -17,7 +26,7 @@ import pytest
 import yaml
 
 import server
-from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, multipart_body
+from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, multipart_body, wait_for
 
 pytestmark = pytest.mark.disk_only
 
@@ -81,11 +90,185 @@ def test_the_readme_documents_what_the_deployment_files_do():
         assert fact in readme
 
 
+UNIT = 'deploy/web-asset-server.service'
+
+
+def unit_settings(text):
+    """{directive: [values]} of a unit's uncommented [Service] lines, in order."""
+    settings, section = {}, None
+    for line in text.split('\n'):
+        if line.startswith('['):
+            section = line
+        elif section == '[Service]' and '=' in line and not line.startswith('#'):
+            name, value = line.split('=', 1)
+            settings.setdefault(name, []).append(value)
+    return settings
+
+
 def test_the_systemd_unit_runs_server_py_from_its_folder():
-    unit = project_file('deploy/web-asset-server.service')
+    unit = project_file(UNIT)
     working = re.search(r'^WorkingDirectory=(.*)$', unit, re.M).group(1)
     assert re.search(rf'^ExecStart={re.escape(working)}/\.venv/bin/python server\.py$', unit, re.M)
-    assert re.search(r'^User=specify$', unit, re.M) and 'authbind --deep' in unit
+    assert re.search(r'^User=specify$', unit, re.M)
+
+
+def test_the_systemd_unit_offers_port_80_by_capability_and_authbind_only_without_no_new_privileges():
+    unit = project_file(UNIT)
+    capability = 'CAP_NET_BIND_SERVICE'
+    assert re.search(rf'^# AmbientCapabilities={capability}\n# CapabilityBoundingSet={capability}$', unit, re.M)
+    assert re.search(r'^# Or authbind .*NoNewPrivileges=no.*\n# ExecStart=/usr/bin/authbind --deep ', unit, re.M)
+
+
+SANDBOX = {
+    'Environment': ['HOST=127.0.0.1 PORT=8080 BASE_DIR=/home/specify/attachments'],
+    'CapabilityBoundingSet': [''], 'NoNewPrivileges': ['yes'], 'ProtectSystem': ['strict'],
+    'ProtectHome': ['read-only'], 'ReadWritePaths': ['/home/specify/attachments'], 'PrivateTmp': ['yes'],
+    'PrivateDevices': ['yes'], 'ProtectKernelTunables': ['yes'], 'ProtectKernelModules': ['yes'],
+    'ProtectKernelLogs': ['yes'], 'ProtectControlGroups': ['yes'],
+    'RestrictAddressFamilies': ['AF_INET AF_INET6 AF_UNIX'], 'RestrictNamespaces': ['yes'],
+    'LockPersonality': ['yes'], 'MemoryDenyWriteExecute': ['yes'], 'SystemCallArchitectures': ['native'],
+    'SystemCallFilter': ['@system-service', '~@privileged'],
+    'MemoryMax': ['3G'], 'TasksMax': ['256'], 'LimitNOFILE': ['4096'],
+}
+
+
+def test_the_systemd_unit_listens_on_loopback_and_sandboxes_the_server():
+    settings = unit_settings(project_file(UNIT))
+    assert {name: settings.get(name) for name in SANDBOX} == SANDBOX
+
+
+def test_the_unit_writes_only_the_folder_nginx_offloads_from():
+    settings = unit_settings(project_file(UNIT))
+    alias = re.search(r'alias (.*)/;', project_file('deploy/nginx.conf')).group(1)
+    assert settings['ReadWritePaths'] == [alias] and f'BASE_DIR={alias}' in settings['Environment'][0].split()
+
+
+def installed_unit(folder, text=None):
+    """The unit as installed here: its paths pointed at this checkout and this Python, in `folder`."""
+    text = (text or project_file(UNIT)).replace('/opt/web-asset-server/.venv/bin/python', sys.executable)
+    path = folder / 'web-asset-server.service'
+    path.write_text(text.replace('/opt/web-asset-server', PROJECT))
+    return path
+
+
+def exposure(unit):
+    """systemd-analyze's overall exposure score of a unit file (0 safest, 10 most exposed)."""
+    result = subprocess.run(['systemd-analyze', 'security', '--offline=yes', '--no-pager', str(unit)],
+                            capture_output=True, text=True, timeout=60)
+    return float(re.search(r'Overall exposure level for .*: ([0-9.]+)', result.stdout).group(1))
+
+
+def test_the_systemd_unit_passes_systemd_analyze_verify(tmp_path):
+    result = subprocess.run(['systemd-analyze', 'verify', str(installed_unit(tmp_path))],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr) == (0, '')
+
+
+def test_the_systemd_unit_exposure_score_is_below_2(tmp_path):
+    assert exposure(installed_unit(tmp_path)) < 2
+
+
+def test_the_port_80_variant_of_the_unit_verifies_and_stays_below_2(tmp_path):
+    text = project_file(UNIT).replace('# AmbientCapabilities=', 'AmbientCapabilities=').replace(
+        '# CapabilityBoundingSet=CAP', 'CapabilityBoundingSet=CAP').replace('PORT=8080', 'PORT=80')
+    unit = installed_unit(tmp_path, text)
+    result = subprocess.run(['systemd-analyze', 'verify', str(unit)], capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout + result.stderr, exposure(unit) < 2) == (0, '', True)
+
+
+# MemoryDenyWriteExecute=yes as systemd 252 builds it: a seccomp filter refusing (EPERM) mmap with
+# PROT_WRITE|PROT_EXEC, mprotect/pkey_mprotect with PROT_EXEC and shmat with SHM_EXEC (x86-64 numbers;
+# the third argument's low word sits at byte 32 of seccomp_data). Installing it needs no_new_privs,
+# which is NoNewPrivileges=yes, so the server runs here under both, its children included.
+
+def seccomp_program(steps):
+    """Classic BPF bytes from (label, code, k, label if true, label if false) steps."""
+    where = {step[0]: n for n, step in enumerate(steps) if step[0]}
+    return b''.join(struct.pack('HBBI', code, where[yes] - n - 1 if yes else 0, where[no] - n - 1 if no else 0, k)
+                    for n, (_, code, k, yes, no) in enumerate(steps))
+
+
+LOAD, JEQ, AND, RET = 0x20, 0x15, 0x54, 0x06           # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_ALU|AND|K, BPF_RET|K
+NO_WRITE_EXECUTE = seccomp_program([
+    (None, LOAD, 4, None, None), (None, JEQ, 0xC000003E, None, 'allow'),     # arch x86-64, else allow
+    (None, LOAD, 0, None, None),                                             # the system call's number
+    (None, JEQ, 9, 'mmap', None), (None, JEQ, 10, 'exec', None), (None, JEQ, 329, 'exec', None),
+    (None, JEQ, 30, 'shmat', None), (None, RET, 0x7fff0000, None, None),
+    ('mmap', LOAD, 32, None, None), (None, AND, 0x6, None, None), (None, JEQ, 0x6, 'refuse', 'allow'),
+    ('exec', LOAD, 32, None, None), (None, AND, 0x4, None, None), (None, JEQ, 0x4, 'refuse', 'allow'),
+    ('shmat', LOAD, 32, None, None), (None, AND, 0o100000, None, None), (None, JEQ, 0o100000, 'refuse', 'allow'),
+    ('allow', RET, 0x7fff0000, None, None), ('refuse', RET, 0x00050000 | errno.EPERM, None, None)])
+
+
+class SockFprog(ctypes.Structure):
+    _fields_ = [('len', ctypes.c_ushort), ('filter', ctypes.c_char_p)]
+
+
+def deny_write_execute():
+    """In a child before exec: no_new_privs (PR_SET_NO_NEW_PRIVS), then the filter (PR_SET_SECCOMP)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    program = SockFprog(len(NO_WRITE_EXECUTE) // 8, NO_WRITE_EXECUTE)
+    if libc.prctl(38, 1, 0, 0, 0) or libc.prctl(22, 2, ctypes.byref(program), 0, 0):
+        raise OSError(ctypes.get_errno(), 'the seccomp filter was not installed')
+
+
+needs_x86_64 = pytest.mark.skipif(platform.machine() != 'x86_64', reason='the filter uses x86-64 call numbers')
+
+
+@needs_x86_64
+def test_the_write_execute_filter_refuses_writable_executable_memory():
+    result = subprocess.run([sys.executable, '-c', 'import mmap; mmap.mmap(-1, 4096, prot=7)'], capture_output=True,
+                            text=True, timeout=60, preexec_fn=deny_write_execute)
+    assert 'PermissionError: [Errno 1]' in result.stderr
+
+
+@pytest.fixture(scope='module')
+def sandboxed(tmp_path_factory):
+    """The server as the unit runs it: no_new_privs and no writable executable memory."""
+    folder = tmp_path_factory.mktemp('sandboxed')
+    web = RunningServer(folder / 'attachments', folder / 'server.log', preexec_fn=deny_write_execute,
+                        PREGENERATE_SCALE='none')
+    yield web
+    web.stop()
+
+
+def sandboxed_upload(web, name, data):
+    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
+                                         ('token', server.make_token(KEY, name))])
+    return web.request('POST', '/fileupload', body, {'Content-Type': content_type})[0]
+
+
+def source_file(kind, tmp_path, jpeg):
+    """A JPEG, a PDF made by Ghostscript or a HEIC made by libheif: each thumbnailer's input."""
+    if kind == 'jpg':
+        return jpeg
+    if kind == 'pdf':
+        (tmp_path / 'in.ps').write_text('%!PS\n1 0 0 setrgbcolor 50 50 100 100 rectfill showpage\n')
+        command = ['gs', '-q', '-dSAFER', '-dBATCH', '-dNOPAUSE', '-sDEVICE=pdfwrite', '-o', str(tmp_path / 'out.pdf'),
+                   str(tmp_path / 'in.ps')]
+        output = tmp_path / 'out.pdf'
+    else:
+        (tmp_path / 'in.jpg').write_bytes(jpeg)
+        command, output = ['heif-enc', '-q', '40', str(tmp_path / 'in.jpg'), '-o', str(tmp_path / 'out.heic')], \
+            tmp_path / 'out.heic'
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    return output.read_bytes()
+
+
+@needs_x86_64
+@pytest.mark.parametrize('kind, thumbnail_format', [('jpg', 'JPEG'), ('pdf', 'PNG'), ('heic', 'PNG')])
+def test_thumbnails_are_made_without_writable_executable_memory(sandboxed, tmp_path, jpeg, kind, thumbnail_format):
+    name = f'sandboxed.{kind}'
+    assert sandboxed_upload(sandboxed, name, source_file(kind, tmp_path, jpeg)) == 200
+    status, _, body = sandboxed.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'T', 'scale': 64}))
+    assert (status, image_info(body, tmp_path)[0]) == (200, thumbnail_format)
+
+
+@needs_x86_64
+def test_metadata_is_read_without_writable_executable_memory(sandboxed, jpeg):
+    assert sandboxed_upload(sandboxed, 'exif.jpg', jpeg) == 200
+    status, _, body = sandboxed.request('GET', '/getmetadata?' + urlencode({'filename': 'exif.jpg', 'dt': 'json'}))
+    assert (status, type(json.loads(body))) == (200, list)
 
 
 # --- nginx in front ---------------------------------------------------------------------------
@@ -112,7 +295,7 @@ def upload_through(proxy, name, data, token=None):
 def test_discovery_through_the_proxy_says_https_without_rewriting(proxied):
     proxy, _web = proxied
     body = proxy.request('GET', '/web_asset_store.xml')[2].decode()
-    assert f'<url type="read">https://127.0.0.1:{proxy.https}/fileget</url>' in body
+    assert f'<url type="read">https://{proxy.name}:{proxy.https}/fileget</url>' in body
 
 
 def test_a_200_mb_upload_passes_the_proxy(proxied):
@@ -194,6 +377,194 @@ def test_health_is_503_when_the_attachments_folder_is_gone(make_client):
     answer = client.get('/health', {}, status=503)
     assert answer.json['storage'] == 'not writable' and client.base not in answer.text
 
+
+
+# --- nginx's limits: hosts, TLS, connections, deadlines ------------------------------------------
+
+HEADER_TIMEOUT = 2      # the tuned proxy's client_header_timeout (deploy/nginx.conf says 10s)
+SITE_LIMIT = 8          # the tuned proxy's per-site connection limit (deploy/nginx.conf says 256)
+
+
+@pytest.fixture(scope='module')
+def tuned(proxied, tmp_path_factory):
+    """A second nginx from deploy/nginx.conf in front of the same server, with a short header timeout,
+    a small per-site limit and ciphers that would allow TLS 1.1, so ssl_protocols alone must refuse it."""
+    _proxy, web = proxied
+    folder = tmp_path_factory.mktemp('tuned')
+    proxy = Nginx(folder, web.port, web.base_dir, changes={
+        'client_header_timeout 10s;': f'client_header_timeout {HEADER_TIMEOUT}s;',
+        'limit_conn per_site 256;': f'limit_conn per_site {SITE_LIMIT};',
+        'ssl_reject_handshake on;': 'ssl_reject_handshake on; ssl_ciphers DEFAULT:@SECLEVEL=0;',
+        'ssl_certificate_key /etc/ssl/private/assets.museum.org.key;':
+            'ssl_certificate_key /etc/ssl/private/assets.museum.org.key; ssl_ciphers DEFAULT:@SECLEVEL=0;'})
+    yield proxy
+    proxy.stop()
+
+
+def tls_socket(proxy, source='127.0.0.1', name=None, context=None):
+    """A TLS connection to the proxy from loopback address `source`, naming `name` in the handshake."""
+    plain = socket.create_connection(('127.0.0.1', proxy.https), timeout=30, source_address=(source, 0))
+    return (context or proxy.context()).wrap_socket(plain, server_hostname=name or proxy.name)
+
+
+DELETE_BODY = b'filename=held.jpg&coll=Fish&token=0%3A0'
+
+
+def held_request(proxy, source='127.0.0.1'):
+    """A connection whose POST /filedelete header is sent and whose body is still arriving."""
+    connection = tls_socket(proxy, source)
+    connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n'
+                       b'Content-Type: application/x-www-form-urlencoded\r\n'
+                       b'Content-Length: %d\r\n\r\n' % len(DELETE_BODY) + DELETE_BODY[:10])
+    return connection
+
+
+def finished(connection):
+    """Send the rest of a held request's body; the status it is answered with."""
+    connection.sendall(DELETE_BODY[10:])
+    answer = http.client.HTTPResponse(connection)
+    answer.begin()
+    connection.close()
+    return answer.status
+
+
+def discovery_status(proxy, source):
+    """Status of GET /web_asset_store.xml from loopback address `source`."""
+    connection = tls_socket(proxy, source)
+    try:
+        connection.sendall(b'GET /web_asset_store.xml HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n')
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        return answer.status
+    finally:
+        connection.close()
+
+
+def test_one_address_gets_503_beyond_32_requests_at_once_while_the_others_are_served(proxied):
+    proxy, _web = proxied
+    held = [held_request(proxy) for _ in range(32)]
+    try:
+        assert wait_for(lambda: discovery_status(proxy, '127.0.0.1') == 503, 10)
+        assert discovery_status(proxy, '127.0.0.2') == 200               # another address is served
+        assert [finished(connection) for connection in held] == [403] * 32
+    finally:
+        for connection in held:
+            connection.close()
+    assert wait_for(lambda: discovery_status(proxy, '127.0.0.1') == 200, 10)
+
+
+def test_the_site_gets_503_beyond_its_total_of_requests_at_once_while_those_are_served(tuned):
+    held = [held_request(tuned, f'127.0.0.{2 + n}') for n in range(SITE_LIMIT)]       # one per address
+    try:
+        assert wait_for(lambda: discovery_status(tuned, '127.0.1.1') == 503, 10)
+        assert [finished(connection) for connection in held] == [403] * SITE_LIMIT
+    finally:
+        for connection in held:
+            connection.close()
+    assert wait_for(lambda: discovery_status(tuned, '127.0.1.1') == 200, 10)
+
+
+def test_a_client_trickling_its_request_header_is_cut_off_after_client_header_timeout(tuned):
+    connection = tls_socket(tuned)
+    connection.sendall(b'GET /web_asset_store.xml HTTP/1.1\r\nHost: localhost\r\nX-Padding: ')
+    start, closed = time.monotonic(), False
+    try:
+        while not closed and time.monotonic() - start < HEADER_TIMEOUT + 10:
+            if select.select([connection], [], [], 0.2)[0]:           # never silent for more than 0.2 s
+                closed = connection.recv(1024) == b''
+            else:
+                connection.sendall(b'a')
+    except (ConnectionError, ssl.SSLError):
+        closed = True
+    finally:
+        connection.close()
+    assert closed and time.monotonic() - start > HEADER_TIMEOUT * 0.9
+
+
+@pytest.mark.parametrize('port', ['https', 'http'])
+def test_a_request_naming_another_host_is_closed_without_an_answer(proxied, port):
+    proxy, _web = proxied
+    if port == 'https':
+        connection = proxy.connection(timeout=30)
+    else:
+        connection = http.client.HTTPConnection('127.0.0.1', proxy.http, timeout=30)
+    connection.request('GET', '/web_asset_store.xml', headers={'Host': 'evil.example'})
+    with pytest.raises(http.client.RemoteDisconnected):
+        connection.getresponse()
+    connection.close()
+
+
+def test_a_handshake_naming_another_host_is_refused(proxied):
+    proxy, _web = proxied
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    with pytest.raises(ssl.SSLError, match='UNRECOGNIZED_NAME'):
+        tls_socket(proxy, name='evil.example', context=context)
+
+
+def test_plain_http_redirects_to_https_at_the_configured_name(proxied):
+    proxy, _web = proxied
+    status, headers, _ = exchange_plain(proxy, '/web_asset_store.xml?x=1')
+    assert (status, headers['Location']) == (301, f'https://{proxy.name}/web_asset_store.xml?x=1')
+
+
+def exchange_plain(proxy, path):
+    connection = http.client.HTTPConnection('127.0.0.1', proxy.http, timeout=30)
+    try:
+        connection.request('GET', path, headers={'Host': proxy.name})
+        answer = connection.getresponse()
+        return answer.status, answer.headers, answer.read()
+    finally:
+        connection.close()
+
+
+@pytest.mark.parametrize('path, expected', [('/web_asset_store.xml', 200), ('/nowhere', 404),
+                                            ('/fileget?filename=hsts.jpg&type=O', 200)])    # the last sent by nginx
+def test_every_https_answer_carries_hsts(proxied, jpeg, path, expected):
+    proxy, _web = proxied
+    upload_through(proxy, 'hsts.jpg', jpeg)
+    status, headers, _ = proxy.request('GET', path)
+    assert (status, headers['Strict-Transport-Security']) == (expected, 'max-age=63072000')
+
+
+def tls_context(proxy, version):
+    """A client context that offers only TLS `version`, at OpenSSL's lowest security level."""
+    context = proxy.context()
+    context.minimum_version = context.maximum_version = version
+    context.set_ciphers('DEFAULT:@SECLEVEL=0')
+    return context
+
+
+@pytest.mark.filterwarnings('ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning')
+def test_a_tls_1_1_handshake_is_refused(tuned):
+    with pytest.raises(ssl.SSLError, match='PROTOCOL_VERSION'):
+        tls_socket(tuned, context=tls_context(tuned, ssl.TLSVersion.TLSv1_1))
+
+
+@pytest.mark.parametrize('version', [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3], ids=['1.2', '1.3'])
+def test_tls_1_2_and_1_3_handshakes_succeed(tuned, version):
+    with tls_socket(tuned, context=tls_context(tuned, version)) as connection:
+        assert connection.version() == version.name.replace('v1_', 'v1.')
+
+
+def paced(data, rate, step=0.1):
+    """`data` in pieces sent `rate` bytes per second, like a slow link (the pause paces, it waits for nothing)."""
+    piece = int(rate * step)
+    for start in range(0, len(data), piece):
+        yield data[start:start + piece]
+        time.sleep(step)
+
+
+def test_an_upload_at_1_mbit_per_second_passes_the_proxy(proxied):
+    proxy, web = proxied
+    data = os.urandom(600 * 1024)
+    content_type, body = multipart_body([('file', 'slow.bin', data), ('store', 'slow.bin'), ('type', 'O'),
+                                         ('coll', 'Fish'), ('token', server.make_token(KEY, 'slow.bin'))])
+    start = time.monotonic()
+    status, _, answer = proxy.request('POST', '/fileupload', paced(body, 125 * 1024),
+                                      {'Content-Type': content_type, 'Content-Length': str(len(body))})
+    assert (status, answer, time.monotonic() - start > 4) == (200, b'Ok.', True)
+    assert (web.base_dir / 'originals' / 'slow.bin').read_bytes() == data
 
 # --- The offload answers themselves (nginx: X-Accel-Redirect, Apache: X-Sendfile) ----------------
 

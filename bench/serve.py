@@ -116,7 +116,7 @@ def testkey_latency(work, offload, seconds):
     folder.mkdir()
     settings = {'FILE_OFFLOAD': 'nginx'} if offload else {}
     web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
-                        PREGENERATE_SCALE='none', TRUST_PROXY_HEADERS='true', **settings)
+                        PREGENERATE_SCALE='none', TRUST_PROXY_HEADERS='true', MAX_REQUESTS_PER_CLIENT='64', **settings)
     proxy = Nginx(folder, web.port, folder / 'attachments',      # 32 users, all from one loopback address here
                   changes={'limit_conn per_address 32;': 'limit_conn per_address 64;'})
     downloads = []

@@ -1522,15 +1522,12 @@ class Front:
     # --- Called from the accepting thread and from Paste's threads ---
 
     def admit(self, sock, peer):
-        """A new connection: held for its head, or refused with 503 over MAX_CONNECTIONS(_PER_CLIENT)."""
+        """A new connection: to the selector thread, or refused with 503 over MAX_CONNECTIONS."""
         connection = Connection(sock, peer)
-        per_client = None if self.config.TRUST_PROXY_HEADERS else self.config.MAX_CONNECTIONS_PER_CLIENT
         with self.lock:
-            full = self.total >= self.config.MAX_CONNECTIONS or (
-                per_client is not None and self.open[connection.peer] >= per_client)
-            if not full:
-                self.open[connection.peer] += 1
+            if self.total < self.config.MAX_CONNECTIONS:
                 self.total += 1
+                connection.state = 'new'
             elif self.refusing < REFUSALS_LINGERING:
                 self.refusing += 1
                 connection.state = 'refused'
@@ -1569,13 +1566,17 @@ class Front:
     # --- The selector thread ---
 
     def run(self):
-        """Forever: take new connections, read what arrives, act on deadlines."""
+        """Forever: read what arrives (closed connections are counted out first), take new and returning
+        connections, act on deadlines."""
         while True:
+            woken = False
             for key, _ in self.selector.select(self.seconds_to_next_deadline()):
                 if key.fileobj is self.wake_in:
-                    self.take_arrivals()
+                    woken = True
                 else:
                     self.readable(key.data)
+            if woken:
+                self.take_arrivals()
             self.expire()
 
     def seconds_to_next_deadline(self):
@@ -1599,6 +1600,8 @@ class Front:
             except (OSError, ValueError):
                 self.close(connection)
                 continue
+            if connection.state == 'new':
+                self.count_in(connection)
             if connection.state == 'head':
                 connection.deadline = now + self.config.REQUEST_HEAD_TIMEOUT
                 self.examine_head(connection)
@@ -1606,6 +1609,35 @@ class Front:
                 self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
             else:
                 self.start_lingering(connection)
+
+    def count_in(self, connection):
+        """A new connection counts against its address, or is refused over MAX_CONNECTIONS_PER_CLIENT (not
+        applied behind a trusted proxy, where every connection comes from the proxy)."""
+        cap = None if self.config.TRUST_PROXY_HEADERS else self.config.MAX_CONNECTIONS_PER_CLIENT
+        if cap is not None and self.open[connection.peer] >= cap:
+            self.close_those_closed_by(connection.peer)
+        with self.lock:
+            if cap is not None and self.open[connection.peer] >= cap:
+                self.total -= 1
+                self.refusing += 1
+                connection.state = 'refused'
+            else:
+                self.open[connection.peer] += 1
+                connection.state = 'head'
+
+    def close_those_closed_by(self, peer):
+        """Close the address's connections whose end it has closed and this thread not yet seen (under load
+        it runs behind), so that the cap counts only connections really open."""
+        for key in list(self.selector.get_map().values()):
+            if key.data and key.data.peer == peer:
+                try:
+                    ended = key.data.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
+                except BlockingIOError:
+                    ended = False
+                except OSError:
+                    ended = True
+                if ended:
+                    self.close(key.data)
 
     def readable(self, connection):
         try:
@@ -1784,6 +1816,11 @@ class SocketWriter:
 
 class RequestHandler(httpserver.WSGIHandler):
     """Paste's handler for one request whose head the front has read; the connection goes back to the front."""
+    protocol_version = 'HTTP/1.1'      # keep-alive: an idle connection costs the front a descriptor, not a thread
+
+    def handle_expect_100(self):
+        """Paste sends 100 Continue only when the body is first read, so a refusal comes before the upload."""
+        return True
 
     def setup(self):
         self.connection = self.request.sock

@@ -48,6 +48,18 @@ class Client:
     def token(self, name):
         return server.make_token(KEY, name)
 
+    def request(self, *args):
+        """One request as a well-behaved client makes it: a 503 with Retry-After is asked again (up to five
+        times) after a pause of up to Retry-After seconds, and counted."""
+        for _ in range(5):
+            status, headers, body = self.web.request(*args)
+            if status != 503 or 'Retry-After' not in headers:
+                break
+            with self.report['lock']:
+                self.report['retried'] += 1
+            time.sleep(self.random.uniform(0.5, 1) * int(headers['Retry-After']))
+        return status, headers, body
+
     def record(self, what, ok):
         with self.report['lock']:
             self.report['requests'][what] += 1
@@ -77,7 +89,7 @@ class Client:
             data = os.urandom(self.random.randint(1, 1024 * 1024))
         content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'),
                                              ('coll', 'Soak'), ('token', self.token(name))])
-        status, _, answer = self.web.request('POST', '/fileupload', body, {'Content-Type': content_type})
+        status, _, answer = self.request('POST', '/fileupload', body, {'Content-Type': content_type})
         ok = (status, answer) == (200, b'Ok.')
         if ok:
             self.files[name] = hashlib.sha256(data).hexdigest()
@@ -88,30 +100,30 @@ class Client:
 
     def read(self):
         name = self.pick()
-        status, _, body = self.web.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))
+        status, _, body = self.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))
         self.record('read original', status == 200 and hashlib.sha256(body).hexdigest() == self.files[name])
 
     def thumbnail(self):
         name = self.pick()
-        status, headers, body = self.web.request('GET', '/fileget?' + urlencode(
+        status, headers, body = self.request('GET', '/fileget?' + urlencode(
             {'filename': name, 'type': 'T', 'scale': self.random.choice([64, 123, 256])}))
         expected = 200 if name.endswith('.png') else 404
         self.record('read thumbnail', status == expected and (expected == 404 or body.startswith(b'\x89PNG')))
 
     def metadata(self):
-        status, _, body = self.web.request('GET', '/getmetadata?' + urlencode({'filename': self.pick(), 'dt': 'json'}))
+        status, _, body = self.request('GET', '/getmetadata?' + urlencode({'filename': self.pick(), 'dt': 'json'}))
         self.record('metadata', (status, body) == (200, b'[]'))
 
     def testkey(self):
         random_text = str(self.random.randint(-10**6, 10**6))
-        status, _, body = self.web.request('GET', '/testkey?' + urlencode({'random': random_text, 'token': self.token(random_text)}))
+        status, _, body = self.request('GET', '/testkey?' + urlencode({'random': random_text, 'token': self.token(random_text)}))
         self.record('testkey', (status, body) == (200, b'Ok.'))
 
     def delete(self):
         name = self.pick()
-        status, _, body = self.web.request('POST', '/filedelete', urlencode({'filename': name, 'token': self.token(name)}),
+        status, _, body = self.request('POST', '/filedelete', urlencode({'filename': name, 'token': self.token(name)}),
                                            {'Content-Type': 'application/x-www-form-urlencoded'})
-        gone = self.web.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[0]
+        gone = self.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[0]
         self.record('delete', (status, body, gone) == (200, b'Ok.', 404))
         del self.files[name]
 
@@ -184,9 +196,8 @@ def run(seconds, concurrency=32, folder=None):
     folder = Path(folder or tempfile.mkdtemp(prefix='wast-soak-'))
     web = RunningServer(folder / 'attachments', folder / 'server.log', ACCESS_LOG='false',
                         THREADS=str(concurrency + 8), THUMBNAIL_QUEUE=str(concurrency),   # every client may wait
-                        MAX_REQUESTS_PER_CLIENT=str(2 * concurrency),    # its clients share one address
-                        METADATA_WAIT='10')
-    report = {'lock': threading.Lock(), 'requests': {}, 'errors': {}, 'samples': []}
+                        MAX_REQUESTS_PER_CLIENT=str(2 * concurrency))    # its clients share one address
+    report = {'lock': threading.Lock(), 'requests': {}, 'errors': {}, 'samples': [], 'retried': 0}
     for what in ('upload', 'read original', 'read thumbnail', 'metadata', 'testkey', 'delete'):
         report['requests'][what] = report['errors'][what] = 0
     clients, crashed = [Client(web, n, report) for n in range(concurrency)], []
@@ -205,6 +216,7 @@ def run(seconds, concurrency=32, folder=None):
         'seconds': seconds, 'concurrency': concurrency,
         'requests': sum(report['requests'].values()), 'by kind': dict(report['requests']),
         'errors': sum(report['errors'].values()) + len(crashed), 'exceptions': crashed[:5],
+        'retried': report['retried'],
         'settled': warm[0] and end[0], 'seconds to settle': (warm[1], end[1]),
         'rss idle after warm-up': warm[2], 'rss idle at end': end[2],
         'rss peak under load': max(rss_under_load),
@@ -221,6 +233,7 @@ def as_table(figures):
         f"| requests served | {figures['requests']} |",
         *[f'| - {kind} | {count} |' for kind, count in figures['by kind'].items()],
         f"| unexpected answers or errors | {figures['errors']} |",
+        f"| 503 with Retry-After, asked again | {figures['retried']} |",
         f"| resident memory idle after warm-up / idle at end | {figures['rss idle after warm-up'] / 2**20:.1f} MB / "
         f"{figures['rss idle at end'] / 2**20:.1f} MB ({growth:+.1%}) |",
         f"| resident memory at its peak under load | {figures['rss peak under load'] / 2**20:.1f} MB |",

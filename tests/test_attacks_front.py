@@ -2,6 +2,8 @@
 loopback sockets: request heads read without threads, read deadlines, connection caps, lingering close."""
 
 import http.client
+import json
+import re
 import socket
 import threading
 import time
@@ -45,7 +47,7 @@ def answer_of(connection):
 
 
 def get(connection, path='/'):
-    connection.sendall(f'GET {path} HTTP/1.1\r\nHost: x\r\n\r\n'.encode())
+    connection.sendall(f'GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'.encode())
     return answer_of(connection)
 
 
@@ -53,7 +55,7 @@ def upload_request(name, data):
     """The head and body of a Specify upload of `data` as `name`."""
     content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
                                          ('token', server.make_token(KEY, name))])
-    head = (f'POST /fileupload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n'
+    head = (f'POST /fileupload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: {content_type}\r\n'
             f'Content-Length: {len(body)}\r\n\r\n').encode()
     return head, body
 
@@ -131,6 +133,60 @@ def test_the_head_timeout_counts_from_the_connection_not_from_the_last_byte(star
         status = answer_of(connection)[0]
         stop.set()
     assert status == 408 and time.monotonic() - started < 6
+
+
+# --- Kept-alive connections --------------------------------------------------------------------
+
+def test_idle_kept_alive_connections_hold_no_thread_and_each_serves_its_next_request(start):
+    web = start(THREADS='5')
+    clients = [http.client.HTTPConnection('127.0.0.1', web.port, timeout=10) for _ in range(20)]
+    for client in clients:
+        client.request('GET', '/health')
+        assert json.loads(client.getresponse().read()) == {'storage': 'ok', 'thumbnails': 'ok'}
+    sockets = [client.sock for client in clients]
+    assert None not in sockets                    # still open after the first answer
+    started = time.monotonic()
+    assert web.request('GET', '/health', timeout=20)[0] == 200
+    assert time.monotonic() - started < 2
+    for client, first in zip(clients, sockets):
+        client.request('GET', '/health')
+        assert client.getresponse().status == 200 and client.sock is first
+        client.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_request_head_timeout(start):
+    web = start(REQUEST_HEAD_TIMEOUT='2')
+    with connect(web) as connection:
+        connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+        answered = time.monotonic()
+        received = b''
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert received.startswith(b'HTTP/1.1 200 ') and received.endswith(b'"thumbnails": "ok"}')
+    assert 2 <= time.monotonic() - answered < 6
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n'
+                           b'GET /nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        received = b''
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert re.findall(rb'HTTP/1\.1 (\d{3}) ', received) == [b'200', b'404']
+
+
+def test_a_body_the_server_did_not_read_is_never_taken_for_a_next_request(start):
+    web = start()
+    smuggled = b'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'
+    with connect(web) as connection:
+        connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n'
+                           b'Content-Length: %d\r\n\r\n' % len(smuggled) + smuggled)
+        received = b''
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert re.findall(rb'HTTP/1\.1 (\d{3}) ', received) == [b'403'] and '/smuggled' not in web.output()
 
 
 # --- Request bodies ----------------------------------------------------------------------------
@@ -243,7 +299,8 @@ def test_behind_a_trusted_proxy_requests_are_counted_per_forwarded_client_and_lo
         assert wait_for(lambda: len(staged(web)) == 1, 10)
         for forwarded, expected in (('198.51.100.1', 503), ('198.51.100.2', 200)):
             with connect(web) as connection:
-                connection.sendall(f'GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: {forwarded}\r\n\r\n'.encode())
+                connection.sendall(f'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                                   f'X-Forwarded-For: {forwarded}\r\n\r\n'.encode())
                 assert answer_of(connection)[0] == expected
         assert wait_for(lambda: '198.51.100.2 GET /health 200' in web.output(), 10)
     finally:

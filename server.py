@@ -1496,7 +1496,8 @@ class Connection:
         self.sock, self.peer, self.client = sock, peer[0], peer[0]
         self.pending = bytearray()     # bytes read from the client and not yet given to a request
         self.scanned = 0               # how far `pending` is known to hold no end of a head
-        self.state = 'head'            # 'head': waiting for a request; 'linger': closing; 'refused'
+        self.state = 'new'             # 'new': not counted in yet; 'head': waiting for a request; 'linger':
+                                       # closing; 'refused': over a cap, closing; 'dropped': closed at once
         self.deadline = self.quiet_until = 0.0
         self.dropped = 0               # bytes read and dropped while lingering
 
@@ -1527,7 +1528,6 @@ class Front:
         with self.lock:
             if self.total < self.config.MAX_CONNECTIONS:
                 self.total += 1
-                connection.state = 'new'
             elif self.refusing < REFUSALS_LINGERING:
                 self.refusing += 1
                 connection.state = 'refused'
@@ -1574,10 +1574,20 @@ class Front:
                 if key.fileobj is self.wake_in:
                     woken = True
                 else:
-                    self.readable(key.data)
+                    self.guarded(self.readable, key.data)
             if woken:
-                self.take_arrivals()
-            self.expire()
+                self.guarded(self.take_arrivals)
+            self.guarded(self.expire)
+
+    def guarded(self, step, connection=None):
+        """One step of the loop; a fault costs at most the connection it concerns, never the front."""
+        try:
+            step(connection) if connection else step()
+        except Exception:
+            log.exception('The front failed on a connection')
+            if connection:
+                with contextlib.suppress(Exception):
+                    self.close(connection)
 
     def seconds_to_next_deadline(self):
         deadlines = [self.next_deadline(key.data) for key in self.selector.get_map().values() if key.data]
@@ -1592,23 +1602,25 @@ class Front:
             while self.wake_in.recv(4096):
                 pass
         while self.arrivals:
-            connection = self.arrivals.popleft()
-            now = self.clock()
-            try:
-                connection.sock.setblocking(False)
-                self.selector.register(connection.sock, selectors.EVENT_READ, connection)
-            except (OSError, ValueError):
-                self.close(connection)
-                continue
-            if connection.state == 'new':
-                self.count_in(connection)
-            if connection.state == 'head':
-                connection.deadline = now + self.config.REQUEST_HEAD_TIMEOUT
-                self.examine_head(connection)
-            elif connection.state == 'refused':
-                self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
-            else:
-                self.start_lingering(connection)
+            self.guarded(self.take, self.arrivals.popleft())
+
+    def take(self, connection):
+        """Watch a new or returning connection: count it in, then wait for its head, refuse it or linger."""
+        try:
+            connection.sock.setblocking(False)
+            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+        except (OSError, ValueError):
+            self.close(connection)
+            return
+        if connection.state == 'new':
+            self.count_in(connection)
+        if connection.state == 'head':
+            connection.deadline = self.clock() + self.config.REQUEST_HEAD_TIMEOUT
+            self.examine_head(connection)
+        elif connection.state == 'refused':
+            self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
+        elif connection.state == 'linger':
+            self.start_lingering(connection)
 
     def count_in(self, connection):
         """A new connection counts against its address, or is refused over MAX_CONNECTIONS_PER_CLIENT (not
@@ -1617,13 +1629,18 @@ class Front:
         if cap is not None and self.open[connection.peer] >= cap:
             self.close_those_closed_by(connection.peer)
         with self.lock:
-            if cap is not None and self.open[connection.peer] >= cap:
-                self.total -= 1
-                self.refusing += 1
-                connection.state = 'refused'
-            else:
+            if cap is None or self.open[connection.peer] < cap:
                 self.open[connection.peer] += 1
                 connection.state = 'head'
+                return
+            self.total -= 1
+            if self.refusing < REFUSALS_LINGERING:
+                self.refusing += 1
+                connection.state = 'refused'
+                return
+        connection.state = 'dropped'
+        self.selector.unregister(connection.sock)
+        connection.sock.close()
 
     def close_those_closed_by(self, peer):
         """Close the address's connections whose end it has closed and this thread not yet seen (under load
@@ -1740,6 +1757,7 @@ class Front:
                 self.refusing -= 1
             else:
                 self.total -= 1
+            if connection.state not in ('refused', 'new'):
                 self.open[connection.peer] -= 1
                 if not self.open[connection.peer]:
                     del self.open[connection.peer]

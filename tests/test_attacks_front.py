@@ -1,8 +1,10 @@
 """Slow and greedy clients against a real running server (`python server.py` under Paste), over raw
 loopback sockets: request heads read without threads, read deadlines, connection caps, lingering close."""
 
+import contextlib
 import http.client
 import json
+import os
 import re
 import socket
 import threading
@@ -243,6 +245,23 @@ def test_a_client_under_its_connection_cap_again_is_served(start):
         assert wait_for(lambda: get(connect(web))[0] == 200, 10)
     finally:
         for connection in held:
+            connection.close()
+
+
+def test_a_flood_of_connections_from_one_address_keeps_the_servers_descriptors_bounded(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='2')
+    baseline = len(os.listdir(f'/proc/{web.process.pid}/fd'))
+    flood = []
+    try:
+        for _ in range(400):
+            with contextlib.suppress(OSError):
+                flood.append(connect(web))
+        bound = baseline + 2 + server.REFUSALS_LINGERING + 4          # well before refusals stop lingering
+        assert wait_for(lambda: len(os.listdir(f'/proc/{web.process.pid}/fd')) <= bound, server.LINGER_QUIET_SECONDS - 2)
+        with connect(web, source='127.0.0.2') as other:
+            assert get(other)[0] == 200
+    finally:
+        for connection in flood:
             connection.close()
 
 

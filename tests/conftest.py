@@ -322,9 +322,9 @@ def stop_process(process, patience):
 
 
 class RunningServer:
-    """`python server.py` under Paste on a free loopback port, settings from the environment."""
+    """`python server.py` under Paste on a free loopback port, settings from the environment, run from `cwd`."""
 
-    def __init__(self, base_dir, log_path, preexec_fn=None, **env):
+    def __init__(self, base_dir, log_path, preexec_fn=None, cwd=None, **env):
         self.base_dir = base_dir
 
         self.log = open(log_path, 'w+b')
@@ -337,7 +337,7 @@ class RunningServer:
                                SERVER_NAME='127.0.0.1', SERVER_PORT=str(self.port), KEY=KEY)
             environment.update(env)
             environment = {name: value for name, value in environment.items() if value is not None}
-            self.process = subprocess.Popen([sys.executable, 'server.py'], cwd=PROJECT, env=environment,
+            self.process = subprocess.Popen([sys.executable, SERVER_SCRIPT], cwd=cwd or PROJECT, env=environment,
                                             stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
             return self.process, self.output
         try:
@@ -369,6 +369,7 @@ class RunningServer:
 
 
 PROJECT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SERVER_SCRIPT = os.path.join(PROJECT, 'server.py')
 
 
 def exchange(connection, method, path, body=None, headers=None):

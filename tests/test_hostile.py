@@ -1,0 +1,841 @@
+"""Hostile input against a real running server: every cheap attack of issue 12, as a client without the key
+would send it, over loopback, to `python server.py` (Paste) on disk, and on S3 (SeaweedFS) where the case is S3's.
+
+A specification in sections, one per attack family. Every attack runs through `Target.attack`, which holds the
+server to the promises every attack must keep, besides the clean answer each test names:
+  (a) meanwhile, another client's GET /health and its cached thumbnail are answered within BYSTANDER_SECONDS;
+  (b) the server's memory (its RSS and its children's, from /proc) stays below MEMORY_BOUND;
+  (c) no CPU is left busy afterwards (the server's and its children's CPU time stops growing);
+  (d) no answer is a 500: a 503 carries Retry-After, a 507 means no room, no body shows a traceback or a path;
+  (e) nothing is written outside the attachments folder: the server runs with its working folder and TMPDIR in
+      folders of their own, which stay empty, its code's folder is left as it was, and the attachments folder
+      holds only originals, thumbnails and the key file (made there on first start).
+Servers are shared by the tests of a configuration (each test uses names and bytes of its own).
+"""
+
+import collections
+import hashlib
+import itertools
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from urllib.parse import quote, urlencode
+
+import pytest
+
+import core
+import server
+from conftest import (IMAGEMAGICK, PROJECT, SERVER_SCRIPT, RunningServer, descendants, image_info, make_image,
+                      multipart_body, parent_pids, png_bytes, wait_for, with_exif)
+from test_protocol import specify6_body
+from test_reliability import NO_ROOM, fill_up, small_disk, use_every_inode  # noqa: F401 (small_disk: a fixture)
+from test_thumbnails import TWO_PAGES, gif, huge_page_pdf, nested_forms_pdf, pdf, with_fill_bytes
+
+MiB = 1024 ** 2
+MEMORY_BOUND = 350 * MiB     # twice the largest peak measured (171 MiB, Ghostscript on a huge page): the unfixed
+                             # server reached 934 MiB (a PNG) and 2.8 GiB (a TIFF's metadata)
+BYSTANDER_SECONDS = 2        # what another client may wait, while the server is attacked, for an answer needing no work
+KEY_FILE = '.web-asset-server.key'
+TOO_LARGE = "This file's metadata is too large or too complex to read."
+
+
+# === The harness ==================================================================================================
+
+Answer = collections.namedtuple('Answer', 'status headers body seconds')
+
+
+def ask(web, method, path, body=None, headers=None, timeout=60):
+    """One request on a fresh connection, as an Answer with the seconds it took."""
+    started = time.monotonic()
+    status, headers, body = web.request(method, path, body, headers, timeout=timeout)
+    return Answer(status, headers, body, time.monotonic() - started)
+
+
+def raw_exchange(port, request, seconds=10):
+    """The Answer to these exact bytes, read until the server closes the connection."""
+    started = time.monotonic()
+    with socket.create_connection(('127.0.0.1', port), timeout=seconds) as connection:
+        connection.sendall(request)
+        received = b''
+        while chunk := connection.recv(65536):
+            received += chunk
+    head, _, body = received.partition(b'\r\n\r\n')
+    status_line, *lines = head.decode('latin-1').split('\r\n')
+    headers = dict(line.split(': ', 1) for line in lines)
+    return Answer(int(status_line.split()[1]), headers, body, time.monotonic() - started)
+
+
+def unique(name):
+    """`name` made this test's own, so tests sharing a server never see each other's files."""
+    root, ext = os.path.splitext(name)
+    return f'{root}-{secrets.token_hex(4)}{ext}'
+
+
+def project_files():
+    """(path, mtime, size) of every file of the server's code folder, but the caches Python and test tools keep."""
+    skip = {'.git', '__pycache__', '.pytest_cache', '.hypothesis'}
+    found = set()
+    for folder, dirs, files in os.walk(PROJECT):
+        dirs[:] = [name for name in dirs if name not in skip]
+        for name in files:
+            info = os.lstat(os.path.join(folder, name))
+            found.add((os.path.join(folder, name), info.st_mtime_ns, info.st_size))
+    return found
+
+
+def rss(pid):
+    """Resident bytes of one process (0 once it is gone)."""
+    try:
+        with open(f'/proc/{pid}/statm') as statm:
+            return int(statm.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+    except OSError:
+        return 0
+
+
+class PeakMemory:
+    """Largest RSS of a process and its descendants together, sampled until stopped."""
+
+    def __init__(self, pid):
+        self.pid, self.peak, self.done = pid, 0, threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+
+    def _sample(self):
+        while True:
+            self.peak = max(self.peak, self.now())
+            if self.done.wait(0.02):
+                return
+
+    def now(self):
+        return rss(self.pid) + sum(map(rss, descendants(self.pid)))
+
+    def stop(self):
+        """The peak, sampled once more now (an attack may end between two samples)."""
+        self.done.set()
+        self.thread.join()
+        return max(self.peak, self.now())
+
+
+def cpu_seconds(pid):
+    """CPU time of a process, the children it has reaped and its live descendants."""
+    def own(one, reaped):
+        try:
+            with open(f'/proc/{one}/stat', 'rb') as stat:
+                fields = stat.read().rsplit(b')', 1)[1].split()
+        except OSError:
+            return 0
+        return sum(int(value) for value in fields[11:15 if reaped else 13]) / os.sysconf('SC_CLK_TCK')
+    return own(pid, True) + sum(own(child, False) for child in descendants(pid))
+
+
+def cpu_goes_quiet(pid, seconds=20):
+    """True once the server and its children use less than a tenth of a CPU over half a second."""
+    def quiet():
+        before = cpu_seconds(pid)
+        time.sleep(0.5)                   # the measuring interval, not a synchronization
+        return cpu_seconds(pid) - before < 0.05
+    return wait_for(quiet, seconds)
+
+
+class Background:
+    """job() run in a thread of its own; joined() gives its result, or raises its error, in the test's thread."""
+
+    def __init__(self, job):
+        self.job, self.outcome = job, {}
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        try:
+            self.outcome['result'] = self.job()
+        except BaseException as error:        # handed to the joining test
+            self.outcome['error'] = error
+
+    def running(self):
+        return self.thread.is_alive()
+
+    def joined(self, seconds=120):
+        self.thread.join(seconds)
+        assert not self.thread.is_alive(), 'the request did not end'
+        if 'error' in self.outcome:
+            raise self.outcome['error']
+        return self.outcome['result']
+
+
+def answers_in(result):
+    """The Answers in what an attack returned: one, or any found in its lists, tuples and dicts."""
+    if isinstance(result, Answer):
+        return [result]
+    if isinstance(result, dict):
+        result = list(result.values())
+    if isinstance(result, (list, tuple)):
+        return [answer for item in result for answer in answers_in(item)]
+    return []
+
+
+class Target:
+    """A real `python server.py` in folders of its own: the attachments folder (where it makes its key file), its
+    working folder and its TMPDIR; it keeps a bystander photo whose thumbnail is cached, for promise (a)."""
+
+    def __init__(self, root, bystander, **settings):
+        self.root, self.attachments, self.cwd, self.tmp = root, root / 'attachments', root / 'cwd', root / 'tmp'
+        self.s3 = settings.get('STORAGE') == 's3'
+        for folder in (self.cwd, self.tmp):
+            folder.mkdir(parents=True, exist_ok=True)
+        environment = {'ACCESS_LOG': 'false', 'PREGENERATE_SCALE': 'none', 'KEY': None, 'TMPDIR': str(self.tmp),
+                       **settings}
+        self.web = RunningServer(self.attachments, root / 'server.log', cwd=self.cwd, **environment)
+        self.pid = self.web.process.pid
+        try:
+            self.key = settings.get('KEY') or (self.attachments / KEY_FILE).read_text().strip()
+            self.project = project_files()
+            self.stored('bystander.jpg', bystander)
+            self.bystander = self.bystanders_thumbnail()
+            assert self.bystander.status == 200
+        except BaseException:
+            self.web.stop()
+            raise
+
+    def stop(self):
+        """Stop the server, and any child of its left running (a reader or a conversion it failed to end)."""
+        children = descendants(self.pid)
+        self.web.stop()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    # --- Requests as Specify sends them ---
+
+    def token(self, name):
+        return server.make_token(self.key, name)
+
+    def upload(self, name, data, coll='Fish'):
+        content_type, body = multipart_body([('store', name), ('type', 'O'), ('coll', coll),
+                                             ('token', self.token(name)), ('file', 'blob', data)])
+        return ask(self.web, 'POST', '/fileupload', body, {'Content-Type': content_type})
+
+    def stored(self, name, data):
+        """Upload a file the test needs stored."""
+        assert self.upload(name, data)[::2] == (200, b'Ok.')
+
+    def bystanders_thumbnail(self):
+        """What the bystander asks for: its photo's cached thumbnail (signed, in case reads need the key)."""
+        return self.fileget('bystander.jpg', 'T', scale=64, token=self.token('bystander.jpg'))
+
+    def fileget(self, name, kind='O', headers=None, **params):
+        query = urlencode({'filename': name, 'type': kind, 'coll': 'Fish', **params})
+        return ask(self.web, 'GET', '/fileget?' + query, headers=headers)
+
+    def thumbnail(self, name, scale=123):
+        return self.fileget(name, 'T', scale=scale)
+
+    def getmetadata(self, name, dt='json'):
+        """GET /getmetadata as Specify 6 sends it (no token)."""
+        return ask(self.web, 'GET', '/getmetadata?' + urlencode({'filename': name, 'coll': 'Fish', 'dt': dt}))
+
+    # --- The promises ---
+
+    def attack(self, request, busy=None, memory_bound=MEMORY_BOUND):
+        """Run request() (the attack) and hold the server to promises (a)-(e); returns what request() returned.
+        `busy`: a condition that shows the attack is under way, before the bystander asks."""
+        memory = PeakMemory(self.pid)
+        try:
+            attack = Background(request)
+            try:
+                if busy is not None:
+                    assert wait_for(busy, 30), 'the attack never got under way'
+                self.assert_bystander_served()
+            finally:
+                result = attack.joined()
+        finally:
+            peak = memory.stop()
+        for answer in answers_in(result):
+            self.assert_clean(answer)
+        assert 0 < peak < memory_bound, f'the server and its children held {peak / MiB:.0f} MiB'
+        assert cpu_goes_quiet(self.pid), 'the server keeps a CPU busy after the attack'
+        self.assert_nothing_written_outside()
+        return result
+
+    def assert_bystander_served(self):
+        """(a) Another client's health check and cached thumbnail are answered at once, as before."""
+        health = ask(self.web, 'GET', '/health')
+        thumbnail = self.bystanders_thumbnail()
+        assert (health.status, health.seconds < BYSTANDER_SECONDS) == (200, True), health
+        assert (thumbnail.status, thumbnail.body == self.bystander.body,
+                thumbnail.seconds < BYSTANDER_SECONDS) == (200, True, True), thumbnail[::3]
+
+    def assert_clean(self, answer):
+        """(d) A status a client can act on, and a body that tells an attacker nothing of the machine."""
+        assert answer.status < 500 or answer.status in (503, 507), answer
+        if answer.status == 503:
+            assert (answer.headers.get('Retry-After') or '0').isdigit() and int(answer.headers['Retry-After']) > 0, \
+                'a 503 without Retry-After'
+        if answer.status == 507:
+            assert answer.body.startswith(b'The server has no room to'), answer.body
+        for secret in (b'Traceback', b'File "', str(self.root).encode(), PROJECT.encode(), sys.prefix.encode()):
+            assert secret not in answer.body, answer.body[:300]
+
+    def strays(self):
+        """Files in the attachments folder that are neither originals, thumbnails, the key file nor planted by
+        the test itself (named planted-*); temporaries left behind count as strays. On S3 only the key file."""
+        found = []
+        for folder, _dirs, files in os.walk(self.attachments):
+            for name in files:
+                parts = os.path.relpath(os.path.join(folder, name), self.attachments).split(os.sep)
+                stored = (not self.s3 and len(parts) in (2, 3) and parts[-2] in ('originals', 'thumbnails')
+                          and not name.startswith(core.TEMP_PREFIX))
+                if not (stored or parts == [KEY_FILE] or parts[0].startswith('planted-')):
+                    found.append('/'.join(parts))
+        return found
+
+    def assert_nothing_written_outside(self):
+        """(e) The working folder and TMPDIR stay empty, the code's folder as it was, the attachments folder ours."""
+        assert (sorted(os.listdir(self.cwd)), sorted(os.listdir(self.tmp))) == ([], [])
+        assert project_files() == self.project
+        assert wait_for(lambda: not self.strays(), 10), self.strays()
+
+
+def start_target(request, folder, bystander, storage='disk', **settings):
+    """A Target on disk, or on S3 (the session's SeaweedFS, a fresh prefix)."""
+    if storage == 's3':
+        settings = {**request.getfixturevalue('seaweed').settings(prefix='hostile-' + secrets.token_hex(6)),
+                    **settings}
+    return Target(folder, bystander, **settings)
+
+
+@pytest.fixture(scope='module')
+def launch(request, tmp_path_factory, jpeg):
+    """launch(storage='disk', **settings): the module's one server of that configuration, started on first use."""
+    started = {}
+
+    def get(storage='disk', **settings):
+        configuration = (storage, tuple(sorted(settings.items())))
+        if configuration not in started:
+            started[configuration] = start_target(request, tmp_path_factory.mktemp('hostile'), jpeg, storage,
+                                                  **settings)
+        return started[configuration]
+    yield get
+    for target in started.values():
+        target.stop()
+
+
+@pytest.fixture
+def fresh(request, tmp_path, jpeg):
+    """fresh(storage='disk', folder=None, **settings): a server of this test's own, stopped after it."""
+    started = []
+
+    def start(storage='disk', folder=None, **settings):
+        started.append(start_target(request, folder or tmp_path / f'server{len(started)}', jpeg, storage,
+                                    **settings))
+        return started[-1]
+    yield start
+    for target in started:
+        target.stop()
+
+
+STORAGES = pytest.mark.parametrize('store', ['disk', 's3'])
+
+
+# === Metadata bombs: getmetadata needs no token ===================================================================
+
+def looping_heic(marker=b''):
+    """104 bytes: an ftyp box, then a box whose 64-bit size is 0, so exifread seeks back to it forever."""
+    ftyp = struct.pack('>I', 24) + b'ftypheic' + struct.pack('>I', 0) + b'mif1heic'
+    loop = struct.pack('>I', 1) + b'free' + struct.pack('>Q', 0)
+    return (ftyp + loop + marker).ljust(104, b'\0')
+
+
+def amplifying_tiff(tags=1500, block=900_000):
+    """A ~1 MB TIFF whose IFD0 has `tags` ASCII entries that all point at one `block`-byte text."""
+    data_at = 8 + 2 + 12 * tags + 4
+    entries = b''.join(struct.pack('<HHII', 0x8000 + i, 2, block, data_at) for i in range(tags))
+    return (b'II*\0' + struct.pack('<I', 8) + struct.pack('<H', tags) + entries + struct.pack('<I', 0)
+            + b'A' * (block - 1) + b'\0')
+
+
+def own_heic():
+    """A looping HEIC no other test uploads (the server remembers files beyond the limits by their bytes)."""
+    return looping_heic(secrets.token_bytes(8))
+
+
+def own_tiff():
+    """An amplifying TIFF of a size no other test's has (the server remembers files by size and first bytes)."""
+    return amplifying_tiff(tags=1400 + secrets.randbelow(200))
+
+
+@STORAGES
+def test_a_looping_heic_is_answered_422_within_seconds(launch, store):
+    target = launch(store)
+    name = unique('loop.heic')
+    target.stored(name, own_heic())
+    answer = target.attack(lambda: target.getmetadata(name))    # GET /getmetadata?filename=loop.heic&dt=json
+    assert (answer.status, answer.body.decode()) == (422, TOO_LARGE)
+    assert answer.seconds < 15                  # METADATA_TIMEOUT is 5 s; the rest is a child's start under load
+
+
+@STORAGES
+def test_an_amplifying_tiff_is_answered_422_with_a_short_answer(launch, store):
+    target = launch(store)
+    name = unique('amplified.tif')
+    target.stored(name, own_tiff())
+    answer = target.attack(lambda: target.getmetadata(name))      # held under MEMORY_BOUND by the harness
+    assert (answer.status, answer.body.decode()) == (422, TOO_LARGE)
+    assert answer.seconds < 15
+
+
+@STORAGES
+def test_asking_again_for_a_file_found_beyond_the_limits_is_answered_at_once(launch, store):
+    target = launch(store)
+    name = unique('loop.heic')
+    target.stored(name, own_heic())
+    assert target.getmetadata(name).status == 422
+    answer = target.attack(lambda: target.getmetadata(name))
+    assert (answer.status, answer.body.decode()) == (422, TOO_LARGE)
+    assert answer.seconds < 1
+
+
+def signed_testkey(target):
+    random = secrets.token_hex(4)
+    return ask(target.web, 'GET', '/testkey?' + urlencode({'random': random, 'token': target.token(random)}))
+
+
+@STORAGES
+def test_while_hostile_files_are_read_at_once_other_clients_are_served(launch, store, jpeg):
+    target = launch(store, METADATA_WORKERS='3', METADATA_TIMEOUT='8')   # a reader each: loop, TIFF, photo
+    loop, tiff, photo = unique('loop.heic'), unique('amplified.tif'), unique('photo.jpg')
+    target.stored(loop, own_heic())
+    target.stored(tiff, own_tiff())
+    target.stored(photo, with_exif(jpeg, date='2023:04:05 06:07:08'))
+
+    def attack():
+        answers, sent = {}, time.monotonic()
+
+        def asked(label, name):
+            answers[label] = target.getmetadata(name), time.monotonic()
+        attackers = [threading.Thread(target=asked, args=(f'{name} {i}', name)) for name in (loop, tiff)
+                     for i in range(3)]
+        for thread in attackers:
+            thread.start()
+        answers['testkey'] = signed_testkey(target), time.monotonic()
+        asked('photo', photo)
+        for thread in attackers:
+            thread.join(60)
+        return answers, sent
+    answers, sent = target.attack(attack)
+    served = answers['photo'][1]
+    assert served - sent < 10
+    assert answers['testkey'][0][::2] == (200, b'Ok.')
+    assert answers['photo'][0].status == 200
+    assert {group['Name'] for group in json.loads(answers['photo'][0].body)} == {'Image', 'EXIF', 'GPS'}
+    assert all(answers[f'{loop} {i}'][1] > served for i in range(3))      # the photo was served meanwhile
+    assert {label: (answer.status, answer.body) for label, (answer, _at) in answers.items()
+            if label not in ('photo', 'testkey')} == {
+        f'{name} {i}': (422, TOO_LARGE.encode()) for name in (loop, tiff) for i in range(3)}
+
+
+def readers_of(pid):
+    """Pids of the metadata readers (children) of process `pid`."""
+    def command(child):
+        try:
+            with open(f'/proc/{child}/cmdline', 'rb') as cmdline:
+                return cmdline.read()
+        except OSError:
+            return b''
+    return [child for child, parent in parent_pids().items() if parent == pid and b'metadata_child' in command(child)]
+
+
+def cpu_limit(pid):
+    """The soft 'Max cpu time' of a process: a reader sets it when it starts on a file."""
+    try:
+        with open(f'/proc/{pid}/limits') as table:
+            return [line.split()[3] for line in table if line.startswith('Max cpu time')][0]
+    except OSError:
+        return None
+
+
+def gone(pid):
+    """True once the process has ended (a zombie counts: it runs no more)."""
+    try:
+        with open(f'/proc/{pid}/stat', 'rb') as stat:
+            return stat.read().rsplit(b')', 1)[1].split()[0] == b'Z'
+    except OSError:
+        return True
+
+
+def test_a_server_killed_while_a_reader_spins_leaves_no_reader_behind(fresh):
+    target = fresh(METADATA_TIMEOUT='5')
+    target.stored('loop.heic', looping_heic())
+    asking = threading.Thread(target=lambda: pytest.raises(OSError, target.getmetadata, 'loop.heic'), daemon=True)
+    asking.start()
+    assert wait_for(lambda: readers_of(target.pid), 30)
+    reader = readers_of(target.pid)[0]
+    assert wait_for(lambda: cpu_limit(reader) not in (None, 'unlimited'), 30)     # it has the file: spinning
+    target.web.process.send_signal(signal.SIGKILL)
+    target.web.process.wait(10)
+    try:
+        assert wait_for(lambda: gone(reader), 120)          # its CPU limit ends it, orphaned as it is
+    finally:
+        if not gone(reader):
+            os.kill(reader, signal.SIGKILL)
+    asking.join(30)
+
+
+# === Conversion starvation: hostile PDFs, remembered failures, the bounded queue ==================================
+
+BOUNDED = {'THREADS': '8', 'THUMBNAIL_WORKERS': '1', 'THUMBNAIL_QUEUE': '2', 'THUMBNAIL_QUEUE_WAIT': '2',
+           'THUMBNAIL_TIMEOUT': '6'}
+TOOLS = {os.path.realpath(IMAGEMAGICK), os.path.realpath(shutil.which('gs'))}
+
+
+def is_tool(pid):
+    try:
+        return os.path.realpath(f'/proc/{pid}/exe') in TOOLS
+    except OSError:
+        return False
+
+
+def conversions_running(target):
+    """Ghostscript or ImageMagick processes the server has running."""
+    return [pid for pid in descendants(target.pid) if is_tool(pid)]
+
+
+def test_a_pdf_with_a_huge_mediabox_is_thumbnailed_at_a_bounded_size_in_seconds(launch, tmp_path):
+    target = launch(THUMBNAIL_TIMEOUT='20')
+    name = unique('poster.pdf')
+    target.stored(name, huge_page_pdf())            # a 200 000 pt page: 4e10 pixels at 72 dpi
+    answer = target.attack(lambda: target.thumbnail(name))
+    assert (answer.status, answer.headers['Content-Type']) == (200, 'image/png')
+    assert answer.seconds < 10
+    assert image_info(answer.body, tmp_path) == ('PNG', 123, 123)
+
+
+def test_hostile_pdfs_beyond_the_queue_are_answered_503_with_retry_after_while_others_are_served(launch):
+    target = launch(**BOUNDED)
+    names = [unique(f'forms{i}.pdf') for i in range(10)]
+    for name in names:
+        target.stored(name, nested_forms_pdf())
+
+    def attack():
+        asking = [Background(lambda name=name: target.thumbnail(name)) for name in names]
+        return [one.joined(60) for one in asking]
+    started = time.monotonic()
+    answers = target.attack(attack, busy=lambda: conversions_running(target))   # the bystander asks meanwhile
+    assert collections.Counter(answer.status for answer in answers) == {503: 9, 404: 1}   # one converts; two wait
+    assert all(answer.headers['Retry-After'] == '5' for answer in answers if answer.status == 503)   # 2 s; 7: full
+    assert [answer.body for answer in answers if answer.status == 404] == [b'Making the thumbnail took too long.']
+    assert time.monotonic() - started < 20
+
+
+def test_a_second_request_for_a_failed_file_is_answered_at_once_with_the_same_reason(launch):
+    target = launch(THUMBNAIL_TIMEOUT='3')
+    name = unique('forms.pdf')
+    target.stored(name, nested_forms_pdf())
+    first = target.attack(lambda: target.thumbnail(name))
+    second = target.attack(lambda: target.thumbnail(name))
+    assert (first.status, first.body) == (second.status, second.body) == (404, b'Making the thumbnail took too long.')
+    assert first.seconds >= 3
+    assert second.seconds < 0.5
+
+
+def test_a_reupload_clears_the_remembered_failure(launch, tmp_path):
+    target = launch(THUMBNAIL_TIMEOUT='3')
+    name = unique('notebook.pdf')
+    target.stored(name, nested_forms_pdf())
+    assert target.thumbnail(name).status == 404
+    target.stored(name, pdf(tmp_path, TWO_PAGES))
+    answer = target.attack(lambda: target.thumbnail(name))
+    assert (answer.status, answer.headers['Content-Type']) == (200, 'image/png')
+
+
+# === Conversion memory: estimates, the address-space limit, sizes sniffed robustly ================================
+
+def interlaced_png(width, height):
+    """A black 16-bit RGBA Adam7 PNG, made without ImageMagick: decoders hold it whole (8 bytes a pixel)."""
+    passes = [(0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2)]
+    packer = zlib.compressobj(1)
+    data = []
+    for x0, y0, dx, dy in passes:
+        columns, rows = (width - x0 + dx - 1) // dx, (height - y0 + dy - 1) // dy
+        if columns > 0 and rows > 0:
+            row = bytes(1 + 8 * columns)
+            data.extend(packer.compress(row) for _ in range(rows))
+    data.append(packer.flush())
+
+    def chunk(kind, body):
+        return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 16, 6, 0, 0, 1))
+            + chunk(b'IDAT', b''.join(data)) + chunk(b'IEND', b''))
+
+
+@pytest.fixture(scope='module')
+def deep_png():
+    return interlaced_png(11_000, 11_000)           # 968 MB decoded whole
+
+
+def peak_memory_of_tools(target, request):
+    """Run `request` in a thread; its result and the largest VmPeak and VmHWM (bytes) of the server's ImageMagick
+    and Ghostscript children meanwhile (not a child forked but not yet turned into one: that is the server's copy)."""
+    peaks = {'VmPeak': 0, 'VmHWM': 0}
+    asking = Background(request)
+    while asking.running():
+        for pid in conversions_running(target):
+            try:
+                with open(f'/proc/{pid}/status') as status:
+                    for line in status:
+                        key, _, value = line.partition(':')
+                        if key in peaks:
+                            peaks[key] = max(peaks[key], int(value.split()[0]) * 1024)
+            except OSError:
+                pass
+        time.sleep(0.005)           # the sampling interval
+    return asking.joined(), peaks
+
+
+def test_a_deep_png_is_refused_by_its_memory_estimate_before_any_conversion_runs(launch, deep_png):
+    target = launch()
+    name = unique('deep.png')
+    target.stored(name, deep_png)
+    answer, peaks = target.attack(lambda: peak_memory_of_tools(target, lambda: target.thumbnail(name)))
+    assert (answer.status, answer.body) == (404, b'The image would need too much memory to thumbnail.')
+    assert peaks == {'VmPeak': 0, 'VmHWM': 0}
+
+
+def test_a_conversion_past_the_estimate_stays_under_the_address_space_limit(launch, deep_png):
+    limit = 512 * MiB
+    target = launch(THUMBNAIL_MEMORY_LIMIT=str(4 * 1024 ** 3), THUMBNAIL_ADDRESS_SPACE_LIMIT=str(limit),
+                    THUMBNAIL_TIMEOUT='30')                           # the estimate passes it to ImageMagick
+    name = unique('deep.png')
+    target.stored(name, deep_png)
+    answer, peaks = target.attack(lambda: peak_memory_of_tools(target, lambda: target.thumbnail(name)),
+                                  memory_bound=MEMORY_BOUND + limit)
+    assert (answer.status, answer.body) == (404, b'This file could not be thumbnailed.')
+    assert 0 < peaks['VmPeak'] <= limit
+
+
+def test_a_jpeg_with_a_fill_byte_before_its_frame_is_refused_by_the_pixel_cap(launch, tmp_path):
+    target = launch(THUMBNAIL_MAX_PIXELS='1000000')
+    name = unique('filled.jpg')
+    target.stored(name, with_fill_bytes(make_image(tmp_path, 'plasma:', '2000x1000', 'jpg')))
+    answer = target.attack(lambda: target.thumbnail(name))
+    assert (answer.status, answer.body) == (404, b'The image has too many pixels to thumbnail.')
+
+
+def test_a_gif_frame_larger_than_its_one_pixel_screen_is_refused_by_the_pixel_cap(launch):
+    target = launch(THUMBNAIL_MAX_PIXELS='1000000')
+    name = unique('screen.gif')
+    target.stored(name, gif((1, 1), [(0, 0, 10_000, 10_000)]))
+    answer = target.attack(lambda: target.thumbnail(name))
+    assert (answer.status, answer.body) == (404, b'The image has too many pixels to thumbnail.')
+
+
+# === S3: a read pinned to one version ============================================================================
+
+def etag_of(data):
+    return '"%s"' % hashlib.md5(data).hexdigest()
+
+
+def test_a_file_reuploaded_while_it_is_read_is_answered_whole_as_exactly_one_version(launch):
+    target = launch('s3')
+    name = unique('swap.tif')
+    versions = {etag_of(data): data for data in (os.urandom(512 * 1024), os.urandom(512 * 1024))}  # the same size
+    first, second = versions.values()
+    target.stored(name, first)
+
+    def reads_during_reuploads():          # GET /fileget?filename=swap.tif&type=O while another client re-uploads
+        stop, reuploads = threading.Event(), []
+
+        def reupload():
+            for data in itertools.cycle((second, first)):
+                if stop.is_set():
+                    return reuploads
+                reuploads.append(target.upload(name, data).status)
+        uploader, answers, deadline = Background(reupload), [], time.monotonic() + 30
+        try:                               # at least 40 reads while the file changed at least 10 times
+            while (len(answers) < 40 or len(reuploads) < 10) and time.monotonic() < deadline:
+                answers.append(target.fileget(name))
+        finally:
+            stop.set()
+        return answers, uploader.joined(60)
+    answers, reuploads = target.attack(reads_during_reuploads)
+    assert len(reuploads) >= 10 and set(reuploads) == {200}      # the file really changed while it was read
+    assert [(answer.status, versions.get(answer.headers['ETag']) == answer.body) for answer in answers] == [
+        (200, True)] * len(answers)
+
+
+# === Conditional requests ========================================================================================
+
+@STORAGES
+def test_a_mismatching_if_none_match_wins_over_a_recent_if_modified_since(launch, store, jpeg):
+    target = launch(store)
+    name = unique('photo.jpg')
+    target.stored(name, jpeg)
+    last_modified = target.fileget(name).headers['Last-Modified']
+    answer = target.attack(lambda: target.fileget(name, headers={'If-None-Match': '"an-older-version"',
+                                                                 'If-Modified-Since': last_modified}))
+    assert (answer.status, answer.body) == (200, jpeg)
+
+
+# === No room: a full disk, no inodes left ========================================================================
+
+def test_an_upload_to_a_disk_already_full_is_507_and_leaves_nothing(fresh, tmp_path, small_disk):
+    attachments = small_disk(tmp_path / 'full' / 'attachments', '1m')
+    target = fresh(folder=tmp_path / 'full')
+    fill_up(attachments / 'planted-filler')
+    answer = target.attack(lambda: target.upload(unique('small.png'), png_bytes(10, 10)))   # below the write buffer
+    assert (answer.status, answer.body.decode()) == (507, NO_ROOM)
+    assert 'X-Timestamp' in answer.headers
+
+
+def test_an_upload_that_fills_the_disk_is_507_and_the_room_is_free_again(fresh, tmp_path, small_disk):
+    small_disk(tmp_path / 'small' / 'attachments', '1m')
+    target = fresh(folder=tmp_path / 'small')
+    answer = target.attack(lambda: target.upload(unique('scan.tif'), os.urandom(3 * MiB)))
+    assert (answer.status, answer.body.decode()) == (507, NO_ROOM)
+    assert target.upload(unique('small.png'), png_bytes(10, 10)).body == b'Ok.'
+
+
+def test_a_thumbnail_asked_for_when_the_disk_has_no_inodes_left_is_507(fresh, tmp_path, small_disk):
+    attachments = small_disk(tmp_path / 'few' / 'attachments', '8m', inodes=64)
+    target = fresh(folder=tmp_path / 'few')
+    target.stored('a.png', png_bytes(40, 30))
+    planted = attachments / 'planted-inodes'
+    planted.mkdir()
+    use_every_inode(planted)
+    answer = target.attack(lambda: target.thumbnail('a.png', 10))
+    assert (answer.status, answer.body) == (507, b'The server has no room to make this thumbnail.')
+    assert 'X-Timestamp' in answer.headers
+
+
+# === Offload: names no header may carry ==========================================================================
+
+@pytest.mark.parametrize('name', ['a\r\nX-Injected: 1.jpg', 'a\nb.jpg', 'a\x1bb.jpg'])
+def test_apache_offload_of_a_name_with_a_control_character_is_served_by_the_server_itself(launch, name):
+    target = launch(FILE_OFFLOAD='apache')
+    name = unique(name)
+    target.stored(name, b'\xff\xd8\xff bytes')
+    answer = target.attack(lambda: target.fileget(name))      # GET /fileget?filename=a%0D%0AX-Injected...
+    assert (answer.status, answer.body) == (200, b'\xff\xd8\xff bytes')
+    assert 'X-Sendfile' not in answer.headers and 'X-Injected' not in answer.headers
+
+
+# === Paste's own answers, before the application sees a request ==================================================
+
+MALFORMED = {
+    'a request line of one word': (b'GARBAGE\r\n\r\n', 400),
+    'a request line of four words': (b'GET / HTTP/1.1 more\r\n\r\n', 400),
+    'an unreadable HTTP version': (b'GET / HTTP/x.y\r\n\r\n', 400),
+    'a header line over 64 KiB': (b'GET / HTTP/1.1\r\nX-Long: ' + b'a' * 70_000 + b'\r\n\r\n', 431),
+    'over 100 header lines': (b'GET / HTTP/1.1\r\n' + b''.join(b'X-%d: 1\r\n' % i for i in range(120)) + b'\r\n',
+                              431),
+}
+
+
+@pytest.mark.parametrize('case', sorted(MALFORMED))
+def test_pastes_own_error_answers_carry_x_timestamp_and_cors_and_no_traceback(launch, case):
+    target = launch()
+    request, expected = MALFORMED[case]
+    before = int(time.time())
+    answer = target.attack(lambda: raw_exchange(target.web.port, request))
+    assert answer.status == expected
+    assert before <= int(answer.headers['X-Timestamp']) <= time.time()
+    assert answer.headers['Access-Control-Allow-Origin'] == '*'
+    assert answer.headers['Content-Type'] == 'text/plain; charset=UTF-8'
+    assert b'Traceback' not in answer.body and b'<' not in answer.body
+
+
+def test_a_request_line_over_64_kib_is_414_with_x_timestamp(launch):
+    target = launch()
+    answer = target.attack(lambda: raw_exchange(target.web.port, b'GET /' + b'a' * 70_000 + b' HTTP/1.1\r\n\r\n'))
+    assert (answer.status, answer.body) == (414, b'Request-URI Too Long.')
+    assert 'X-Timestamp' in answer.headers
+
+
+def test_a_method_with_nul_and_escape_reaches_the_access_log_escaped(launch):
+    target = launch(ACCESS_LOG='true')
+    marker = secrets.token_hex(4)
+    answer = target.attack(lambda: raw_exchange(target.web.port, b'GET\x1b[2J\x00%s / HTTP/1.1\r\nHost: a\r\n'
+                                                                 b'Connection: close\r\n\r\n' % marker.encode()))
+    assert answer.status == 405
+    assert wait_for(lambda: f'GET\\x1b[2J\\x00{marker} / 405 ' in target.web.output(), 10), target.web.output()[-500:]
+    assert '\x1b' not in target.web.output() and '\x00' not in target.web.output()
+
+
+# === Reading with REQUIRE_KEY_FOR_GET, and /static ===============================================================
+
+def test_the_getfileref_url_of_a_thumbnail_with_require_key_for_get_serves_it_with_the_originals_token(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('a.jpg')
+    target.stored(name, jpeg)
+    made = target.fileget(name, 'T', scale=64, token=target.token(name))
+    assert made.status == 200
+
+    def static_thumbnail():
+        url = ask(target.web, 'GET', '/getfileref?' + urlencode({'filename': name, 'coll': 'Fish', 'type': 'T',
+                                                                 'scale': 64, 'token': target.token(name)}))
+        return url, ask(target.web, 'GET', '/' + url.body.decode().split('/', 3)[3])
+    url, answer = target.attack(static_thumbnail)
+    assert url.status == 200
+    assert (answer.status, answer.headers['Content-Type'], answer.body) == (200, 'image/jpeg', made.body)
+
+
+@STORAGES
+def test_static_answers_a_pdfs_thumbnail_with_an_image_type(launch, store, tmp_path):
+    target = launch(store)
+    name = unique('notebook.pdf')
+    target.stored(name, pdf(tmp_path, TWO_PAGES))
+    assert target.thumbnail(name, 64).status == 200
+    answer = target.attack(lambda: ask(target.web, 'GET', '/static/thumbnails/' + quote(core.thumbnail_name(name, 64))))
+    assert (answer.status, answer.headers['Content-Type'], answer.body[:8]) == (200, 'image/png', b'\x89PNG\r\n\x1a\n')
+
+
+# === Specify 6's own uploads ======================================================================================
+
+def test_specify6_uploads_to_a_collection_named_in_iso_8859_1(launch, jpeg):
+    target = launch(COLLECTION_DIRS='{"Fish": "fish", "Colección Peces": "peces"}')
+    name = unique('sp6123.att.jpg')
+    content_type, body = specify6_body([('store', name), ('type', 'O'), ('coll', 'Colección Peces'),
+                                        ('token', target.token(name)), ('disp', 'Ictiología'), ('div', 'Zoología'),
+                                        ('inst', 'Museo')], 'foto.jpg', jpeg)
+    answer = target.attack(lambda: ask(target.web, 'POST', '/fileupload', body, {'Content-Type': content_type}))
+    assert (answer.status, answer.body) == (200, b'Ok.')
+    assert (target.attachments / 'peces' / 'originals' / name).read_bytes() == jpeg
+
+
+# === Start-up ====================================================================================================
+
+def test_an_empty_key_file_stops_the_start_with_one_line_naming_it(tmp_path):
+    attachments, work = tmp_path / 'attachments', tmp_path / 'cwd'
+    attachments.mkdir()
+    work.mkdir()
+    (attachments / KEY_FILE).write_text('\n')
+    environment = {name: value for name, value in os.environ.items() if name not in ('KEY', 'ASSET_SERVER_KEY')}
+    started = subprocess.run([sys.executable, SERVER_SCRIPT], cwd=work, capture_output=True, timeout=60,
+                             env={**environment, 'BASE_DIR': str(attachments), 'HOST': '127.0.0.1', 'PORT': '1'})
+    lines = (started.stdout + started.stderr).decode().splitlines()
+    assert started.returncode == 1
+    assert lines == [f'web asset server cannot start: the key file {attachments / KEY_FILE} is empty: put the '
+                     'attachment key Specify uses into it, or remove the file to have a new key made (then give '
+                     'Specify the new key)']
+    assert (attachments / KEY_FILE).read_text() == '\n'
+
+
+def test_upload_temporaries_a_crash_left_over_an_hour_ago_are_swept_at_start_on_s3(fresh, tmp_path):
+    attachments = tmp_path / 'swept' / 'attachments'
+    attachments.mkdir(parents=True)
+    for name in ('old.part', 'fresh.part'):
+        (attachments / (core.TEMP_PREFIX + name)).write_bytes(b'staged')
+    two_hours_ago = time.time() - 7200
+    os.utime(attachments / (core.TEMP_PREFIX + 'old.part'), (two_hours_ago, two_hours_ago))
+    fresh('s3', folder=tmp_path / 'swept')
+    assert sorted(os.listdir(attachments)) == sorted([core.TEMP_PREFIX + 'fresh.part', KEY_FILE])

@@ -217,7 +217,7 @@ def find_ghostscript(setting):
 
 
 INTERACTIVE, BACKGROUND = 'interactive', 'background'
-RETRY_AFTER = 5                  # Seconds a client told 503 (conversions busy) is asked to wait.
+RETRY_AFTER = 5                  # Seconds a client told 503 (conversions busy, storage unavailable) is asked to wait.
 PAGE_QUERY = ('(in) (r) file runpdfbegin 1 pdfgetpage dup /CropBox pget not { dup /MediaBox pget pop } if == '
               'dup /Rotate pget { == } { 0 == } ifelse /UserUnit pget { == } { 1 == } ifelse quit')
 
@@ -1300,7 +1300,8 @@ def answer_storage_faults(callback):
         try:
             return callback(*args, **kwargs)
         except StorageUnavailable as error:
-            refuse(503, f'The storage is unavailable: {error}')
+            raise bottle.HTTPError(503, f'The storage is unavailable: {error}',
+                                   **{'Retry-After': str(RETRY_AFTER)}) from None
         except ThumbnailsBusy:
             raise bottle.HTTPError(503, 'Too many thumbnails are being made: try again shortly.',
                                    **{'Retry-After': str(RETRY_AFTER)}) from None

@@ -71,7 +71,7 @@ def test_a_store_that_goes_away_answers_503_quickly_never_falls_back_to_disk_and
         answer = request()
         assert time.time() - started < 10
         assert answer.content_type == 'text/plain' and 'unavailable' in answer.text
-        assert 'X-Timestamp' in answer.headers
+        assert 'X-Timestamp' in answer.headers and answer.headers['Retry-After'] == str(server.RETRY_AFTER)
     assert client.leftovers() == []
     assert [name for _, _, files in os.walk(client.base) for name in files     # no silent fall-back to disk
             if name != '.web-asset-server.key'] == []

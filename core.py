@@ -399,13 +399,18 @@ class KeyedLocks:
         self._locks = {}
 
     @contextlib.contextmanager
-    def __call__(self, key):
+    def __call__(self, key, timeout=None):
+        """Hold the key's lock; TimeoutError when it is not free within `timeout` seconds (None: wait)."""
         with self._guard:
             entry = self._locks.setdefault(key, [threading.Lock(), 0])
             entry[1] += 1
         try:
-            with entry[0]:
+            if not entry[0].acquire(timeout=-1 if timeout is None else timeout):
+                raise TimeoutError(f'{key!r} stayed locked')
+            try:
                 yield
+            finally:
+                entry[0].release()
         finally:
             with self._guard:
                 entry[1] -= 1
@@ -497,13 +502,23 @@ class Layout:
             raise ThumbnailError('The file name is too long to name its thumbnail.')
         if self.thumbnail_is_fresh(coll, name, scale):
             return
-        with thumbnailer.admitted(), self.thumbnail_locks((coll, name, scale)):   # others wait for this conversion
+        with thumbnailer.admitted(), self.turn_at(coll, name, scale, thumbnailer):   # others wait for this conversion
             for _attempt in range(3):
                 if self.thumbnail_is_fresh(coll, name, scale):
                     return
                 if self.make_thumbnail(coll, name, scale, thumbnailer):
                     return
             raise ThumbnailError('The file kept changing while its thumbnail was made.')
+
+    @contextlib.contextmanager
+    def turn_at(self, coll, name, scale, thumbnailer):
+        """Hold the lock of one thumbnail; ThumbnailsBusy when a client would wait for it longer than its turn."""
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.thumbnail_locks((coll, name, scale), thumbnailer.turn_wait()))
+            except TimeoutError:
+                raise ThumbnailsBusy() from None
+            yield
 
 
 ###############################################################################

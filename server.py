@@ -217,6 +217,7 @@ def find_ghostscript(setting):
 
 
 INTERACTIVE, BACKGROUND = 'interactive', 'background'
+ROOM_NEEDED = 1024 ** 2          # Free bytes below which a failed conversion counts as the disk's fault (507).
 RETRY_AFTER = 5                  # Seconds a client told 503 (conversions busy, storage unavailable) is asked to wait.
 PAGE_QUERY = ('(in) (r) file runpdfbegin 1 pdfgetpage dup /CropBox pget not { dup /MediaBox pget pop } if == '
               'dup /Rotate pget { == } { 0 == } ifelse /UserUnit pget { == } { 1 == } ifelse quit')
@@ -346,7 +347,8 @@ class Thumbnailer:
                        '-limit', 'thread', '1',      # its own time limit, counted in whole seconds,
                        '-limit', 'time', str(config.THUMBNAIL_TIMEOUT + 1)]   # only backs up our timer
         self.admission = Admission(min(config.THUMBNAIL_WORKERS + config.THUMBNAIL_QUEUE, max(1, config.THREADS - 5)))
-        self.slots = ConversionSlots(config.THUMBNAIL_WORKERS, config.THUMBNAIL_QUEUE_WAIT)
+        self.queue_wait = config.THUMBNAIL_QUEUE_WAIT
+        self.slots = ConversionSlots(config.THUMBNAIL_WORKERS, self.queue_wait)
         self.failures = FailureMemory(config.THUMBNAIL_FAILURES_REMEMBERED)
         self.backlog = queue.Queue(maxsize=1000)
         self.background = None
@@ -354,6 +356,11 @@ class Thumbnailer:
     def admitted(self):
         """Held by a request from before it waits for another's conversion of the same thumbnail to its end."""
         return self.admission(self.work)
+
+    def turn_wait(self):
+        """Seconds this work may wait for another's conversion of the same thumbnail (which may itself be
+        background work waiting for a slot); None: as long as it takes."""
+        return None if self.work == BACKGROUND else self.queue_wait
 
     def raise_remembered_failure(self, identity, scale):
         """ThumbnailError with the reason of an earlier failure of these bytes at this scale, if any."""
@@ -483,6 +490,8 @@ class Thumbnailer:
                 log.warning('thumbnail conversion killed after %s s (THUMBNAIL_TIMEOUT)', self.timeout)
                 raise ThumbnailError('Making the thumbnail took too long.') from None
             log.info('thumbnail failed: %s', error.stderr.decode('utf-8', 'replace').strip()[:500])
+            if out_of_room(scratch):
+                raise OSError(errno.ENOSPC, 'no room for the tool to write its output') from None
             failure = PassingFailure if isinstance(error, sh.SignalException) else ThumbnailError
             raise failure('This file could not be thumbnailed.') from None
         finally:
@@ -519,6 +528,13 @@ class Thumbnailer:
                 job(self.as_background())
             except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, OSError, bottle.HTTPError):
                 pass
+
+
+def out_of_room(folder):
+    """True when the file system holding `folder` has (nearly) no space or inodes left: a tool that failed
+    then is not remembered as the file's failure, and the client is told 507."""
+    room = os.statvfs(folder)
+    return room.f_bavail * room.f_frsize < ROOM_NEEDED or (room.f_files and room.f_favail < 16)
 
 
 def within_hard_limit(which, wanted):

@@ -717,6 +717,22 @@ def test_a_thumbnail_asked_for_when_the_disk_has_no_inodes_left_is_507(fresh, tm
     assert 'X-Timestamp' in answer.headers
 
 
+def test_a_thumbnail_whose_output_finds_the_disk_full_is_507_and_made_once_there_is_room(fresh, tmp_path,
+                                                                                          small_disk):
+    attachments = small_disk(tmp_path / 'tight' / 'attachments', '16m')
+    target = fresh(folder=tmp_path / 'tight')
+    noise = make_image(tmp_path, 'plasma:', '1000x750', 'png')      # its 1000 px thumbnail: itself, 1-2 MB
+    target.stored('noise.png', noise)
+    filler = attachments / 'planted-filler'
+    fill_up(filler)
+    os.truncate(filler, filler.stat().st_size - 64 * 1024)          # room for the scratch folder, not the output
+    answer = target.attack(lambda: target.thumbnail('noise.png', 1000))
+    assert (answer.status, answer.body) == (507, b'The server has no room to make this thumbnail.')
+    filler.unlink()
+    again = target.thumbnail('noise.png', 1000)                     # not remembered as the file's failure
+    assert again.status == 200 and again.body.startswith(b'\x89PNG')
+
+
 # === Offload: names no header may carry ==========================================================================
 
 @pytest.mark.parametrize('name', ['a\r\nX-Injected: 1.jpg', 'a\nb.jpg', 'a\x1bb.jpg'])

@@ -1627,7 +1627,7 @@ class Front:
         applied behind a trusted proxy, where every connection comes from the proxy)."""
         cap = None if self.config.TRUST_PROXY_HEADERS else self.config.MAX_CONNECTIONS_PER_CLIENT
         if cap is not None and self.open[connection.peer] >= cap:
-            self.close_those_closed_by(connection.peer)
+            self.close_those_closed_by(connection.peer, connection)
         with self.lock:
             if cap is None or self.open[connection.peer] < cap:
                 self.open[connection.peer] += 1
@@ -1642,11 +1642,12 @@ class Front:
         self.selector.unregister(connection.sock)
         connection.sock.close()
 
-    def close_those_closed_by(self, peer):
+    def close_those_closed_by(self, peer, arriving):
         """Close the address's connections whose end it has closed and this thread not yet seen (under load
-        it runs behind), so that the cap counts only connections really open."""
+        it runs behind), so that the cap counts only connections really open. Not the arriving one, which
+        is not counted in yet: it is refused or counted in, then closed when its end is read."""
         for key in list(self.selector.get_map().values()):
-            if key.data and key.data.peer == peer:
+            if key.data and key.data.peer == peer and key.data is not arriving:
                 try:
                     ended = key.data.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
                 except BlockingIOError:

@@ -1,0 +1,118 @@
+"""A review of the HTTP front as an attacker would probe it, against a real running server (`python
+server.py` under Paste) over raw loopback sockets: connection accounting after resets, keep-alive after
+HEAD and 304, Expect: 100-continue with real curl, chunked bodies, slow readers, stopping, odd heads."""
+
+import http.client
+import re
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+import server
+from conftest import KEY, RunningServer, multipart_body, wait_for
+
+pytestmark = pytest.mark.disk_only
+
+
+@pytest.fixture
+def start(tmp_path):
+    """start(**settings) runs a server for this test; all are stopped after it."""
+    running = []
+
+    def launch(**env):
+        web = RunningServer(tmp_path / f'attachments-{len(running)}', tmp_path / f'server-{len(running)}.log',
+                            PREGENERATE_SCALE='none', **env)
+        running.append(web)
+        return web
+    yield launch
+    for web in running:
+        web.stop()
+
+
+def connect(web, source='127.0.0.1'):
+    return socket.create_connection(('127.0.0.1', web.port), timeout=30, source_address=(source, 0))
+
+
+def reset(connection):
+    """Close with SO_LINGER 0: the kernel sends a TCP reset, not a FIN."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    connection.close()
+
+
+def read_all(connection):
+    received = b''
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def statuses(received):
+    return [int(code) for code in re.findall(rb'HTTP/1\.1 (\d{3}) ', received)]
+
+
+def health(connection):
+    """One GET /health on a kept-alive connection: its status, or None when refused or closed."""
+    connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+    answer = http.client.HTTPResponse(connection)
+    try:
+        answer.begin()
+        answer.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    return answer.status
+
+
+def serves_a_full_cap(web, cap, source='127.0.0.1'):
+    """True when `cap` connections at once from one address are each answered 200."""
+    held = []
+    try:
+        held = [connect(web, source) for _ in range(cap)]
+        return all(health(connection) == 200 for connection in held)
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def upload_request(name, data, extra=''):
+    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
+                                         ('token', server.make_token(KEY, name))])
+    head = (f'POST /fileupload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{extra}'
+            f'Content-Length: {len(body)}\r\n\r\n').encode()
+    return head, body
+
+
+# --- Accounting ----------------------------------------------------------------------------------
+
+def test_connections_reset_at_once_by_a_client_at_its_cap_leave_it_its_full_cap_afterwards(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='3')
+    for _ in range(300):
+        held = [connect(web) for _ in range(3)]
+        for connection in held:
+            reset(connection)
+    assert wait_for(lambda: serves_a_full_cap(web, 3), 10)
+
+
+def test_connections_reset_at_once_by_a_client_at_its_cap_do_not_lift_max_connections(start):
+    web = start(MAX_CONNECTIONS='4', MAX_CONNECTIONS_PER_CLIENT='2')
+    held = [connect(web) for _ in range(2)]
+    assert all(health(connection) == 200 for connection in held)
+    for _ in range(200):
+        reset(connect(web))
+
+    def served_and_held(source):
+        connection = connect(web, source)
+        if health(connection) == 200:
+            held.append(connection)
+            return True
+        connection.close()
+        return False
+    try:
+        assert wait_for(lambda: served_and_held('127.0.0.2'), 10) and wait_for(lambda: served_and_held('127.0.0.3'), 10)
+        with connect(web, '127.0.0.4') as fifth:
+            assert health(fifth) == 503
+    finally:
+        for connection in held:
+            connection.close()

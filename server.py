@@ -1702,7 +1702,7 @@ class Front:
             self.answer_and_linger(connection, 503, extra=(('Retry-After', '1'),))
             return
         self.selector.unregister(connection.sock)
-        connection.sock.setblocking(True)
+        connection.sock.settimeout(self.config.SOCKET_TIMEOUT)    # bounds a silent client, reading or sending
         connection.scanned = 0
         self.run_request(connection)
 

@@ -3,6 +3,7 @@ server.py` under Paste) over raw loopback sockets: connection accounting after r
 HEAD and 304, Expect: 100-continue with real curl, chunked bodies, slow readers, stopping, odd heads."""
 
 import http.client
+import os
 import re
 import socket
 import struct
@@ -116,3 +117,38 @@ def test_connections_reset_at_once_by_a_client_at_its_cap_do_not_lift_max_connec
     finally:
         for connection in held:
             connection.close()
+
+
+# --- Slow readers ----------------------------------------------------------------------------------
+
+def holds_connection(web, connection):
+    """True while the server process still has a descriptor for its end of `connection` (Linux)."""
+    port = connection.getsockname()[1]
+    with open('/proc/net/tcp') as rows:
+        inodes = {f'socket:[{fields[9]}]' for fields in map(str.split, rows)
+                  if fields[1].endswith(f':{web.port:04X}') and fields[2].endswith(f':{port:04X}')}
+    try:
+        return any(os.readlink(f'/proc/{web.process.pid}/fd/{fd}') in inodes
+                   for fd in os.listdir(f'/proc/{web.process.pid}/fd'))
+    except FileNotFoundError:       # a descriptor closed while we looked
+        return holds_connection(web, connection)
+
+
+def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(start, jpeg):
+    web = start(SOCKET_TIMEOUT='2')
+    data = jpeg + bytes(30 * 1024 ** 2)
+    head, body = upload_request('large.jpg', data, extra='Connection: close\r\n')
+    with connect(web) as uploading:
+        uploading.sendall(head + body)
+        assert statuses(read_all(uploading)) == [200]
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.settimeout(30)
+    reader.connect(('127.0.0.1', web.port))
+    with reader:
+        reader.sendall(b'GET /fileget?coll=Fish&type=O&filename=large.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        assert reader.recv(12) == b'HTTP/1.1 200'                       # then it reads no more
+        started = time.monotonic()
+        assert wait_for(lambda: not holds_connection(web, reader), 2 + 10)
+        assert time.monotonic() - started >= 1
+        assert len(read_all(reader)) < len(data)

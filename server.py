@@ -1851,17 +1851,26 @@ class RequestHandler(httpserver.WSGIHandler):
         self.close_connection = True
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if self.parse_request():
-                self.body_end = self.rfile.delivered + self.declared_length()
-                if self.headers.get('Transfer-Encoding'):
-                    self.close_connection = True
-                self.wsgi_execute(environ={'wast.client': self.request.client})
+            if not self.parse_request():
+                return
+            refusal = self.framing_refusal()
+            if refusal:
+                self.send_error(refusal)
+                return
+            self.body_end = self.rfile.delivered + int(self.headers.get('Content-Length', '0'))
+            self.wsgi_execute(environ={'wast.client': self.request.client})
         except (OSError, ValueError):
             self.close_connection = True
 
-    def declared_length(self):
-        length = self.headers.get('Content-Length', '0')
-        return int(length) if length.isdigit() else 0
+    def framing_refusal(self):
+        """411 for a chunked body (Paste reads Content-Length only), 400 for a Content-Length that is not
+        one number: the end of either body is unknown here, so its bytes could be taken for a next request."""
+        if 'Transfer-Encoding' in self.headers:
+            return 411
+        lengths = self.headers.get_all('Content-Length', [])
+        if len(lengths) > 1 or not all(re.fullmatch(r'[0-9]+', length) for length in lengths):
+            return 400
+        return None
 
     def body_read(self):
         return self.body_end is not None and self.rfile.delivered >= self.body_end

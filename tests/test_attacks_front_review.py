@@ -152,3 +152,33 @@ def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(
         assert wait_for(lambda: not holds_connection(web, reader), 2 + 10)
         assert time.monotonic() - started >= 1
         assert len(read_all(reader)) < len(data)
+
+
+# --- Request framing ------------------------------------------------------------------------------
+
+SMUGGLED = b'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'
+
+
+@pytest.mark.parametrize('lengths', [[b'0', b'%d' % len(SMUGGLED)], [b'0, %d' % len(SMUGGLED)], ['\xb2'.encode('latin-1')]],
+                         ids=['two headers', 'a list', 'a latin-1 digit'])
+def test_a_content_length_that_is_not_one_number_is_answered_400_and_its_body_never_taken_for_a_request(start, lengths):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n'
+                           + b''.join(b'Content-Length: %s\r\n' % length for length in lengths) + b'\r\n' + SMUGGLED)
+        connection.shutdown(socket.SHUT_WR)
+        received = read_all(connection)
+    assert statuses(received) == [400] and received.endswith(b'Bad Request.')
+    assert '/smuggled' not in web.output()
+
+
+def test_a_chunked_request_body_is_answered_411_length_required_and_never_taken_for_a_request(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+                           + b'%x\r\n%s\r\n0\r\n\r\n' % (len(SMUGGLED), SMUGGLED) + SMUGGLED)
+        connection.shutdown(socket.SHUT_WR)
+        received = read_all(connection)
+    assert statuses(received) == [411] and received.endswith(b'Length Required.')
+    assert '/smuggled' not in web.output()
+

@@ -1875,6 +1875,13 @@ class RequestHandler(httpserver.WSGIHandler):
     def body_read(self):
         return self.body_end is not None and self.rfile.delivered >= self.body_end
 
+    def end_headers(self):
+        """An answer given before the body was read whole says the connection closes (RFC 9110 §10.1.1), so a
+        client that held the body back after Expect: 100-continue sends no next request into the lingering."""
+        if not self.close_connection and not self.body_read():
+            self.send_header('Connection', 'close')
+        super().end_headers()
+
     def wsgi_connection_drop(self, exce, environ=None):
         self.close_connection = True
 

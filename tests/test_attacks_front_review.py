@@ -7,6 +7,7 @@ import os
 import re
 import socket
 import struct
+import subprocess
 import threading
 import time
 
@@ -182,3 +183,44 @@ def test_a_chunked_request_body_is_answered_411_length_required_and_never_taken_
     assert statuses(received) == [411] and received.endswith(b'Length Required.')
     assert '/smuggled' not in web.output()
 
+
+
+# --- Expect: 100-continue ----------------------------------------------------------------------------
+
+def curl_upload(web, path, name):
+    """Real curl uploading `path` as Specify does (it sends Expect: 100-continue for more than 1 MB): its
+    verbose trace and the figures it reports."""
+    done = subprocess.run(['curl', '-sS', '-v', '-w', r'\n%{http_code} %{size_upload}', '-F', f'file=@{path}',
+                           '-F', f'store={name}', '-F', 'type=O', '-F', 'coll=Fish', '-F',
+                           f'token={server.make_token(KEY, name)}', f'http://127.0.0.1:{web.port}/fileupload'],
+                          capture_output=True, text=True, timeout=60)
+    status, uploaded = done.stdout.rsplit('\n', 1)[1].split()
+    return done.stderr, int(status), int(uploaded)
+
+
+def test_curl_uploading_3_mb_is_sent_100_continue_once_and_stored(start, jpeg, tmp_path):
+    web = start()
+    data = jpeg + bytes(3 * 1024 ** 2)
+    (tmp_path / 'three.jpg').write_bytes(data)
+    trace, status, uploaded = curl_upload(web, tmp_path / 'three.jpg', 'three.jpg')
+    assert '> Expect: 100-continue' in trace and trace.count('< HTTP/1.1 100 Continue') == 1
+    assert status == 200 and uploaded > len(data)
+    assert web.request('GET', '/fileget?coll=Fish&type=O&filename=three.jpg')[2] == data
+
+
+def test_curl_uploading_over_max_upload_size_is_answered_413_before_it_sends_the_body(start, jpeg, tmp_path):
+    web = start(MAX_UPLOAD_SIZE=str(2 * 1024 ** 2))
+    (tmp_path / 'large.jpg').write_bytes(jpeg + bytes(8 * 1024 ** 2))
+    trace, status, uploaded = curl_upload(web, tmp_path / 'large.jpg', 'large.jpg')
+    assert '> Expect: 100-continue' in trace and '100 Continue' not in trace.replace('> Expect: 100-continue', '')
+    assert (status, uploaded) == (413, 0)
+
+
+def test_an_answer_given_before_the_body_was_read_says_the_connection_closes(start):
+    web = start(MAX_UPLOAD_SIZE='1000')
+    head, _ = upload_request('large.jpg', bytes(100_000), extra='Expect: 100-continue\r\n')
+    with connect(web) as connection:
+        connection.sendall(head)
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        assert (answer.status, answer.getheader('Connection')) == (413, 'close')

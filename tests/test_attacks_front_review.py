@@ -224,3 +224,30 @@ def test_an_answer_given_before_the_body_was_read_says_the_connection_closes(sta
         answer = http.client.HTTPResponse(connection)
         answer.begin()
         assert (answer.status, answer.getheader('Connection')) == (413, 'close')
+
+
+def test_after_a_storm_of_resets_at_every_stage_a_client_is_again_served_a_full_cap(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='4', MAX_UPLOAD_SIZE='1000', THREADS='5')
+    head, body = upload_request('a.jpg', b'\xff\xd8' + bytes(50_000))
+    stages = [b'GET /health HTTP/1.1\r\nHost: x\r\n',                                  # mid-head
+              head + body[:20_000],                                                    # mid-body (413, lingering)
+              b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n' * 3,                           # pipelined, kept alive
+              b'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',            # answered and closed
+              b'POST /filedelete HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n' + bytes(30_000)]
+
+    def storm(stage):
+        for _ in range(40):
+            try:
+                connection = connect(web)
+                connection.sendall(stage)
+                if stage.endswith(b'\r\n\r\n'):
+                    connection.recv(100)
+                reset(connection)
+            except OSError:
+                pass
+    threads = [threading.Thread(target=storm, args=(stage,)) for stage in stages * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert wait_for(lambda: serves_a_full_cap(web, 4), 15)

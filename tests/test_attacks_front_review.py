@@ -135,6 +135,16 @@ def holds_connection(web, connection):
         return holds_connection(web, connection)
 
 
+def unread_by_server(web, connection):
+    """Bytes the client sent on `connection` that the server has not read yet (its receive queue), or None."""
+    port = connection.getsockname()[1]
+    with open('/proc/net/tcp') as rows:
+        for fields in map(str.split, rows):
+            if fields[1].endswith(f':{web.port:04X}') and fields[2].endswith(f':{port:04X}'):
+                return int(fields[4].split(':')[1], 16)
+    return None
+
+
 def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(start, jpeg):
     web = start(SOCKET_TIMEOUT='2')
     data = jpeg + bytes(30 * 1024 ** 2)
@@ -251,3 +261,35 @@ def test_after_a_storm_of_resets_at_every_stage_a_client_is_again_served_a_full_
     for thread in threads:
         thread.join(60)
     assert wait_for(lambda: serves_a_full_cap(web, 4), 15)
+
+
+# --- Request heads as they arrive ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('split', [b'\r', b'\r\n', b'\r\n\r'], ids=['before LF', 'between the lines', 'before the last LF'])
+def test_a_head_whose_end_arrives_split_across_reads_is_answered(start, split):
+    web = start()
+    head = b'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+    first = head[:head.rindex(b'\r\n\r\n') + len(split)]
+    with connect(web) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.sendall(first)
+        assert wait_for(lambda: unread_by_server(web, connection) == 0, 10)     # read apart from the rest
+        connection.sendall(head[len(first):])
+        assert statuses(read_all(connection)) == [200]
+
+
+def test_a_head_with_bare_lf_line_ends_is_answered(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'GET /health HTTP/1.1\nHost: x\nConnection: close\n\n')
+        assert statuses(read_all(connection)) == [200]
+
+
+def test_a_head_request_leaves_a_kept_alive_connection_in_step_for_the_next_request(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n'
+                           b'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        received = read_all(connection)
+    assert statuses(received) == [200, 200] and received.endswith(b'"thumbnails": "ok"}')
+    assert received.count(b'"storage"') == 1

@@ -1644,7 +1644,7 @@ class Front:
         applied behind a trusted proxy, where every connection comes from the proxy)."""
         cap = None if self.config.TRUST_PROXY_HEADERS else self.config.MAX_CONNECTIONS_PER_CLIENT
         if cap is not None and self.open[connection.peer] >= cap:
-            self.close_those_closed_by(connection.peer)
+            self.close_those_closed_by(connection.peer, connection)
         with self.lock:
             if cap is None or self.open[connection.peer] < cap:
                 self.open[connection.peer] += 1
@@ -1659,11 +1659,12 @@ class Front:
         self.selector.unregister(connection.sock)
         connection.sock.close()
 
-    def close_those_closed_by(self, peer):
+    def close_those_closed_by(self, peer, arriving):
         """Close the address's connections whose end it has closed and this thread not yet seen (under load
-        it runs behind), so that the cap counts only connections really open."""
+        it runs behind), so that the cap counts only connections really open. Not the arriving one, which
+        is not counted in yet: it is refused or counted in, then closed when its end is read."""
         for key in list(self.selector.get_map().values()):
-            if key.data and key.data.peer == peer:
+            if key.data and key.data.peer == peer and key.data is not arriving:
                 try:
                     ended = key.data.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
                 except BlockingIOError:
@@ -1718,7 +1719,7 @@ class Front:
             self.answer_and_linger(connection, 503, extra=(('Retry-After', '1'),))
             return
         self.selector.unregister(connection.sock)
-        connection.sock.setblocking(True)
+        connection.sock.settimeout(self.config.SOCKET_TIMEOUT)    # bounds a silent client, reading or sending
         connection.scanned = 0
         self.run_request(connection)
 
@@ -1867,20 +1868,36 @@ class RequestHandler(httpserver.WSGIHandler):
         self.close_connection = True
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if self.parse_request():
-                self.body_end = self.rfile.delivered + self.declared_length()
-                if self.headers.get('Transfer-Encoding'):
-                    self.close_connection = True
-                self.wsgi_execute(environ={'wast.client': self.request.client})
+            if not self.parse_request():
+                return
+            refusal = self.framing_refusal()
+            if refusal:
+                self.send_error(refusal)
+                return
+            self.body_end = self.rfile.delivered + int(self.headers.get('Content-Length', '0'))
+            self.wsgi_execute(environ={'wast.client': self.request.client})
         except (OSError, ValueError):
             self.close_connection = True
 
-    def declared_length(self):
-        length = self.headers.get('Content-Length', '0')
-        return int(length) if length.isdigit() else 0
+    def framing_refusal(self):
+        """411 for a chunked body (Paste reads Content-Length only), 400 for a Content-Length that is not
+        one number: the end of either body is unknown here, so its bytes could be taken for a next request."""
+        if 'Transfer-Encoding' in self.headers:
+            return 411
+        lengths = self.headers.get_all('Content-Length', [])
+        if len(lengths) > 1 or not all(re.fullmatch(r'[0-9]+', length) for length in lengths):
+            return 400
+        return None
 
     def body_read(self):
         return self.body_end is not None and self.rfile.delivered >= self.body_end
+
+    def end_headers(self):
+        """An answer given before the body was read whole says the connection closes (RFC 9110 §10.1.1), so a
+        client that held the body back after Expect: 100-continue sends no next request into the lingering."""
+        if not self.close_connection and not self.body_read():
+            self.send_header('Connection', 'close')
+        super().end_headers()
 
     def wsgi_connection_drop(self, exce, environ=None):
         self.close_connection = True

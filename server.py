@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import queue
 import re
 import resource
@@ -37,7 +38,7 @@ import threading
 import time
 from email.utils import formatdate
 from http import HTTPStatus
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlsplit
 
 import bottle
 import exifread
@@ -57,6 +58,7 @@ MAX_REQUEST_HEAD = 128 * 1024    # Longest request line and headers together; mo
 LINGER_SECONDS = 30              # After a connection's last answer, what the client still sends is read and dropped
 LINGER_QUIET_SECONDS = 5         # for up to this long (until it is quiet this long or has sent LINGER_MAX_BYTES),
 LINGER_MAX_BYTES = 1024 ** 3     # so that it reads an early answer (413) instead of a TCP reset, as nginx does.
+WRITE_PIECE = 16 * 1024          # Bytes an answer is sent in, each piece within SOCKET_TIMEOUT (273 B/s at 60 s).
 REFUSALS_LINGERING = 64          # Connections refused over the caps that linger at once; beyond, they are just closed.
 
 log = logging.getLogger('web_asset_server')
@@ -1098,8 +1100,19 @@ DEFAULT_PORTS = {'http': '80', 'https': '443'}
 
 
 def printable(text):
-    """Text for a log line: control characters escaped, so a request cannot forge lines."""
-    return re.sub(r'[\x00-\x1f\x7f]', lambda m: f'\\x{ord(m.group()):02x}', text)
+    """Text for a log line: control characters (C0, C1 and the Unicode line separators) escaped, so a
+    request cannot forge lines."""
+    return re.sub(r'[\x00-\x1f\x7f-\x9f\u2028\u2029]', lambda m: f'\\x{ord(m.group()):02x}'
+                  if ord(m.group()) < 256 else f'\\u{ord(m.group()):04x}', text)
+
+
+def is_utf8_path(path):
+    """Whether a WSGI path (bytes as latin-1) is UTF-8; Bottle would drop the bytes that are not."""
+    try:
+        path.encode('latin-1').decode('utf-8')
+        return True
+    except UnicodeError:
+        return False
 
 
 def unescape_query(query):
@@ -1196,6 +1209,9 @@ class AssetServer(bottle.Bottle):
         if not re.fullmatch(r'[0-9]*', environ.get('CONTENT_LENGTH') or ''):
             start_stamped('400 Bad Request', [('Content-Type', 'text/plain; charset=UTF-8')])
             return [b'Bad Content-Length.']
+        if not is_utf8_path(environ.get('PATH_INFO', '')):
+            start_stamped('400 Bad Request', [('Content-Type', 'text/plain; charset=UTF-8')])
+            return [b'The path is not UTF-8.']
         return super().wsgi(environ, start_stamped)
 
     def default_error_handler(self, error):
@@ -1513,6 +1529,7 @@ class Connection:
         self.sock, self.peer, self.client = sock, peer[0], peer[0]
         self.pending = bytearray()     # bytes read from the client and not yet given to a request
         self.scanned = 0               # how far `pending` is known to hold no end of a head
+        self.line_ended = False        # whether `pending` holds the request line's end
         self.state = 'new'             # 'new': not counted in yet; 'head': waiting for a request; 'linger':
                                        # closing; 'refused': over a cap, closing; 'dropped': closed at once
         self.deadline = self.quiet_until = 0.0
@@ -1575,6 +1592,7 @@ class Front:
             self.wake_out.send(b'.')
 
     def release(self, client):
+        """One request of this client is over."""
         with self.lock:
             self.busy[client] -= 1
             if not self.busy[client]:
@@ -1607,14 +1625,17 @@ class Front:
                     self.close(connection)
 
     def seconds_to_next_deadline(self):
+        """How long select may sleep: until the soonest deadline of a connection held (None: no deadline)."""
         deadlines = [self.next_deadline(key.data) for key in self.selector.get_map().values() if key.data]
         return max(0.0, min(deadlines) - self.clock()) if deadlines else None
 
     @staticmethod
     def next_deadline(connection):
+        """When a connection waiting for its head, or lingering (at most until quiet), is given up."""
         return min(connection.deadline, connection.quiet_until) if connection.state != 'head' else connection.deadline
 
     def take_arrivals(self):
+        """Take every connection handed over since the last wake-up."""
         with contextlib.suppress(BlockingIOError):
             while self.wake_in.recv(4096):
                 pass
@@ -1675,6 +1696,7 @@ class Front:
                     self.close(key.data)
 
     def readable(self, connection):
+        """Read what came: more of a head, or bytes to drop while lingering; the client's end closes it."""
         try:
             data = connection.sock.recv(CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -1694,12 +1716,16 @@ class Front:
                 self.close(connection)
 
     def examine_head(self, connection):
-        """Dispatch a whole head; answer 414/431 for one too long. Each byte is searched once."""
+        """Dispatch a whole head; answer 414/431 for one too long. Empty lines before a request line are
+        dropped (RFC 9112 §2.2). Each byte is searched once for the line's end and once for the head's."""
         pending = connection.pending
+        if not connection.scanned and pending[:1] in (b'\r', b'\n'):
+            del pending[:len(pending) - len(pending.lstrip(b'\r\n'))]
         end = HEAD_END.search(pending, max(0, connection.scanned - 3))
+        if not connection.line_ended:
+            connection.line_ended = pending.find(b'\n', connection.scanned, MAX_REQUEST_LINE + 1) >= 0
         connection.scanned = len(pending)
-        line_end = pending.find(b'\n', 0, MAX_REQUEST_LINE + 1)
-        if line_end < 0 and len(pending) > MAX_REQUEST_LINE:
+        if not connection.line_ended and len(pending) > MAX_REQUEST_LINE:
             self.answer_and_linger(connection, 414)
         elif (end.end() if end else len(pending)) > MAX_REQUEST_HEAD:
             self.answer_and_linger(connection, 431)
@@ -1720,7 +1746,7 @@ class Front:
             return
         self.selector.unregister(connection.sock)
         connection.sock.settimeout(self.config.SOCKET_TIMEOUT)    # bounds a silent client, reading or sending
-        connection.scanned = 0
+        connection.scanned, connection.line_ended = 0, False
         self.run_request(connection)
 
     def client_of(self, connection, head):
@@ -1734,6 +1760,7 @@ class Front:
         return connection.peer
 
     def answer_and_linger(self, connection, code, extra=()):
+        """Send one of the front's own small answers (it fits the socket's buffer), then close lingering."""
         with contextlib.suppress(OSError):
             connection.sock.send(plain_answer(code, extra=extra))
         self.start_lingering(connection)
@@ -1751,6 +1778,7 @@ class Front:
             self.close(connection)
 
     def expire(self):
+        """Act on passed deadlines: a partial head gets 408, a silent or lingering connection is closed."""
         now = self.clock()
         for key in list(self.selector.get_map().values()):
             connection = key.data
@@ -1763,6 +1791,7 @@ class Front:
                     self.close(connection)
 
     def close(self, connection):
+        """Stop watching a connection, close it and count it out."""
         with contextlib.suppress(KeyError, ValueError):
             self.selector.unregister(connection.sock)
         connection.sock.close()
@@ -1792,6 +1821,7 @@ class RequestReader:
         self.closed = False
 
     def read(self, size=-1):
+        """Up to `size` bytes (what is buffered, else one read of the socket); all to the end for -1."""
         if size is None or size < 0:
             while self.fill():
                 pass
@@ -1801,6 +1831,7 @@ class RequestReader:
         return self.take(min(size, len(self.buffer)))
 
     def readline(self, size=-1):
+        """One line, at most `size` bytes."""
         limit = size if size is not None and size >= 0 else sys.maxsize
         while b'\n' not in self.buffer[:limit] and len(self.buffer) < limit and self.fill():
             pass
@@ -1808,6 +1839,7 @@ class RequestReader:
         return self.take(min(limit, len(self.buffer)) if end < 0 else end + 1)
 
     def take(self, count):
+        """Hand out the first `count` buffered bytes, counting them as delivered."""
         data = bytes(self.buffer[:count])
         del self.buffer[:count]
         self.delivered += count
@@ -1830,17 +1862,22 @@ class RequestReader:
         return self.buffer
 
     def close(self):
+        """Paste closes the request's files at its end; the connection itself stays with the front."""
         self.closed = True
 
 
 class SocketWriter:
-    """The handler's output: each write sent whole, nothing buffered."""
+    """The handler's output: each write sent whole, nothing buffered, in pieces of WRITE_PIECE bytes, each
+    with SOCKET_TIMEOUT of its own (sendall's timeout covers its whole call), so that only a client silent
+    for that long, not merely a slow one, is dropped."""
 
     def __init__(self, sock):
         self.sock, self.closed = sock, False
 
     def write(self, data):
-        self.sock.sendall(data)
+        view = memoryview(data)
+        for start in range(0, len(view), WRITE_PIECE):
+            self.sock.sendall(view[start:start + WRITE_PIECE])
         return len(data)
 
     def flush(self):
@@ -1859,12 +1896,14 @@ class RequestHandler(httpserver.WSGIHandler):
         return True
 
     def setup(self):
+        """The request's files over the connection the front handed over (it owns the socket)."""
         self.connection = self.request.sock
         self.rfile = RequestReader(self.request, self.server.config)
         self.wfile = SocketWriter(self.connection)
         self.body_end = None
 
     def handle(self):
+        """One request only: a kept-alive connection waits for its next head in the front, not here."""
         self.close_connection = True
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
@@ -1889,7 +1928,16 @@ class RequestHandler(httpserver.WSGIHandler):
             return 400
         return None
 
+    def wsgi_setup(self, environ=None):
+        """Paste's environ, with PATH_INFO as PEP 3333 has it: the path's bytes read as latin-1 (Paste reads
+        them as UTF-8, which made a path with a character beyond latin-1 a 500 in Bottle)."""
+        super().wsgi_setup(environ)
+        path = unquote(urlsplit(self.path).path, encoding='latin-1')
+        normal = posixpath.normpath(path) if path else '/'
+        self.wsgi_environ['PATH_INFO'] = normal + '/' if path.endswith('/') and normal != '/' else normal
+
     def body_read(self):
+        """Whether the request was read to the end its Content-Length declares."""
         return self.body_end is not None and self.rfile.delivered >= self.body_end
 
     def end_headers(self):
@@ -1900,6 +1948,7 @@ class RequestHandler(httpserver.WSGIHandler):
         super().end_headers()
 
     def wsgi_connection_drop(self, exce, environ=None):
+        """The client went away while answered: nothing to keep alive."""
         self.close_connection = True
 
     def send_error(self, code, message=None, explain=None):

@@ -10,14 +10,19 @@ server to the promises every attack must keep, besides the clean answer each tes
   (e) nothing is written outside the attachments folder: the server runs with its working folder and TMPDIR in
       folders of their own, which stay empty, its code's folder is left as it was, and the attachments folder
       holds only originals, thumbnails and the key file (made there on first start).
-Servers are shared by the tests of a configuration (each test uses names and bytes of its own).
+Servers are shared by the tests of a configuration (each test uses names and bytes of its own). The last two
+sections attack connections rather than files (slow and greedy clients, framing, resets) on plain servers of
+their own, each with the settings it needs, and check what the client and a bystander see.
 """
 
 import collections
+import contextlib
 import hashlib
+import http.client
 import itertools
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -34,7 +39,7 @@ import pytest
 
 import core
 import server
-from conftest import (IMAGEMAGICK, PROJECT, SERVER_SCRIPT, RunningServer, descendants, image_info, make_image,
+from conftest import (IMAGEMAGICK, KEY, PROJECT, SERVER_SCRIPT, RunningServer, descendants, image_info, make_image,
                       multipart_body, parent_pids, png_bytes, wait_for, with_exif)
 from test_protocol import specify6_body
 from test_reliability import NO_ROOM, fill_up, small_disk, use_every_inode  # noqa: F401 (small_disk: a fixture)
@@ -855,3 +860,634 @@ def test_upload_temporaries_a_crash_left_over_an_hour_ago_are_swept_at_start_on_
     os.utime(attachments / (core.TEMP_PREFIX + 'old.part'), (two_hours_ago, two_hours_ago))
     fresh('s3', folder=tmp_path / 'swept')
     assert sorted(os.listdir(attachments)) == sorted([core.TEMP_PREFIX + 'fresh.part', KEY_FILE])
+
+
+# === Slow and greedy clients: request heads, bodies, connection caps, keep-alive, lingering close ===============
+# These run on plain servers (conftest's RunningServer) of their own: each needs settings of its own, and the
+# attacks are on connections, before any application work.
+
+@pytest.fixture
+def start(tmp_path):
+    """start(**settings) runs a plain server for this test (no harness: these attacks are on connections, and
+    each needs settings of its own); all are stopped after it."""
+    running = []
+
+    def launch(**env):
+        web = RunningServer(tmp_path / f'attachments-{len(running)}', tmp_path / f'server-{len(running)}.log',
+                            PREGENERATE_SCALE='none', **env)
+        running.append(web)
+        return web
+    yield launch
+    for web in running:
+        web.stop()
+
+
+def connect(web, source='127.0.0.1'):
+    """A raw connection to the server from one loopback address (any of 127/8 reaches it)."""
+    return socket.create_connection(('127.0.0.1', web.port), timeout=30, source_address=(source, 0))
+
+
+def answer_of(connection):
+    """(status, headers, body) read until the server closes."""
+    received = b''
+    while chunk := connection.recv(65536):
+        received += chunk
+    head, _, body = received.partition(b'\r\n\r\n')
+    status_line, *lines = head.decode('latin-1').split('\r\n')
+    return int(status_line.split()[1]), dict(line.split(': ', 1) for line in lines), body
+
+
+def get(connection, path='/'):
+    connection.sendall(f'GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'.encode())
+    return answer_of(connection)
+
+
+def upload_request(name, data, extra=''):
+    """The head and body of a Specify upload of `data` as `name`, with `extra` header lines."""
+    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
+                                         ('token', server.make_token(KEY, name))])
+    head = (f'POST /fileupload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{extra}'
+            f'Content-Length: {len(body)}\r\n\r\n').encode()
+    return head, body
+
+
+def send_paced(connection, data, rate, stop):
+    """Send `data` at about `rate` bytes a second in 1/20 s steps, until done, stopped or refused."""
+    step, started, sent = max(1, rate // 20), time.monotonic(), 0
+    try:
+        while sent < len(data) and not stop.is_set():
+            connection.sendall(data[sent:sent + step])
+            sent += step
+            ahead = started + sent / rate - time.monotonic()
+            if ahead > 0:
+                stop.wait(ahead)
+    except OSError:
+        pass
+
+
+def in_background(target, *args):
+    thread = threading.Thread(target=target, args=args, daemon=True)
+    thread.start()
+    return thread
+
+
+def staged(web):
+    """Uploads in progress: the server's temporary files."""
+    return [path for path in web.base_dir.rglob(server.TEMP_PREFIX + '*') if path.is_file()]
+
+
+# --- Request heads -----------------------------------------------------------------------------
+
+def test_clients_trickling_request_heads_hold_no_thread_so_others_are_served_at_once(start):
+    web = start(THREADS='5')
+    stop = threading.Event()
+    tricklers = [connect(web) for _ in range(40)]
+    try:
+        for connection in tricklers:
+            in_background(send_paced, connection, b'GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ' + b'a' * 1000, 2, stop)
+        started = time.monotonic()
+        assert web.request('GET', '/health', timeout=20)[0] == 200
+        assert time.monotonic() - started < 2
+    finally:
+        stop.set()
+        for connection in tricklers:
+            connection.close()
+
+
+def test_a_head_still_incomplete_after_request_head_timeout_is_answered_408_and_closed(start):
+    web = start(REQUEST_HEAD_TIMEOUT='2')
+    stop = threading.Event()
+    with connect(web) as connection:
+        started = time.monotonic()
+        in_background(send_paced, connection, b'GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ' + b'a' * 1000, 5, stop)
+        status, headers, body = answer_of(connection)
+        stop.set()
+    assert (status, body) == (408, b'Request Timeout.')
+    assert 'X-Timestamp' in headers
+    assert 2 <= time.monotonic() - started < 6
+
+
+def test_empty_lines_before_a_request_line_are_ignored(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'\r\n\r\nGET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        assert answer_of(connection)[0] == 200
+
+
+def test_a_path_with_c1_controls_and_line_separators_is_escaped_in_the_access_log(start):
+    web = start()
+    with connect(web) as connection:
+        get(connection, '/a%C2%85b%E2%80%A8c')           # U+0085 (NEL) and U+2028 split lines for str.splitlines
+    assert wait_for(lambda: 'GET /a\\x85b\\u2028c 404' in web.output(), 10), web.output()[-500:]
+
+
+def test_a_path_that_is_not_utf8_is_400_rather_than_routed_without_its_bad_bytes(start):
+    web = start()
+    with connect(web) as connection:
+        status, _, body = get(connection, '/fileget%FF?filename=a.jpg')
+    assert (status, body) == (400, b'The path is not UTF-8.')
+
+
+def test_a_path_with_a_character_beyond_latin_1_is_routed_not_a_500(start):
+    web = start()
+    with connect(web) as connection:
+        assert get(connection, '/a%E2%80%A8c')[0] == 404
+
+
+def test_static_serves_a_file_whose_name_has_a_non_ascii_letter(start, jpeg):
+    web = start()
+    head, body = upload_request('Colección.jpg', jpeg, 'Connection: close\r\n')
+    with connect(web) as connection:
+        connection.sendall(head + body)
+        assert answer_of(connection)[2] == b'Ok.'
+    assert web.request('GET', '/static/originals/Colecci%C3%B3n.jpg')[::2] == (200, jpeg)
+
+
+def test_a_connection_that_sends_nothing_is_closed_without_an_answer_after_request_head_timeout(start):
+    web = start(REQUEST_HEAD_TIMEOUT='2')
+    with connect(web) as connection:
+        started = time.monotonic()
+        assert connection.recv(1024) == b''
+    assert 2 <= time.monotonic() - started < 6
+
+
+def test_the_head_timeout_counts_from_the_connection_not_from_the_last_byte(start):
+    web = start(REQUEST_HEAD_TIMEOUT='2', SOCKET_TIMEOUT='60')
+    stop = threading.Event()
+    with connect(web) as connection:
+        started = time.monotonic()
+        in_background(send_paced, connection, b'GET / HTTP/1.1\r\n' + b'X-A: b\r\n' * 100, 20, stop)
+        status = answer_of(connection)[0]
+        stop.set()
+    assert status == 408 and time.monotonic() - started < 6
+
+
+# --- Kept-alive connections --------------------------------------------------------------------
+
+def test_idle_kept_alive_connections_hold_no_thread_and_each_serves_its_next_request(start):
+    web = start(THREADS='5')
+    clients = [http.client.HTTPConnection('127.0.0.1', web.port, timeout=10) for _ in range(20)]
+    for client in clients:
+        client.request('GET', '/health')
+        assert json.loads(client.getresponse().read()) == {'storage': 'ok', 'thumbnails': 'ok'}
+    sockets = [client.sock for client in clients]
+    assert None not in sockets                    # still open after the first answer
+    started = time.monotonic()
+    assert web.request('GET', '/health', timeout=20)[0] == 200
+    assert time.monotonic() - started < 2
+    for client, first in zip(clients, sockets):
+        client.request('GET', '/health')
+        assert client.getresponse().status == 200 and client.sock is first
+        client.close()
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_request_head_timeout(start):
+    web = start(REQUEST_HEAD_TIMEOUT='2')
+    with connect(web) as connection:
+        connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+        answered = time.monotonic()
+        received = b''
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert received.startswith(b'HTTP/1.1 200 ') and received.endswith(b'"thumbnails": "ok"}')
+    assert 2 <= time.monotonic() - answered < 6
+
+
+def test_pipelined_requests_are_answered_in_order_on_one_connection(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n'
+                           b'GET /nothing-here HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        received = b''
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert re.findall(rb'HTTP/1\.1 (\d{3}) ', received) == [b'200', b'404']
+
+
+def test_a_body_the_server_did_not_read_is_never_taken_for_a_next_request(start):
+    web = start()
+    smuggled = b'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'
+    with connect(web) as connection:
+        connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n'
+                           b'Content-Length: %d\r\n\r\n' % len(smuggled) + smuggled)
+        received = b''
+        while chunk := connection.recv(65536):
+            received += chunk
+    assert re.findall(rb'HTTP/1\.1 (\d{3}) ', received) == [b'403'] and '/smuggled' not in web.output()
+
+
+# --- Request bodies ----------------------------------------------------------------------------
+
+def test_an_upload_at_1_mbit_per_second_succeeds_past_the_grace_with_the_default_minimum_rate(start, jpeg):
+    web = start(REQUEST_BODY_GRACE='1')
+    data = jpeg + bytes(375_000 - len(jpeg))            # 3 s at 125 000 bytes a second
+    head, body = upload_request('modem.jpg', data, 'Connection: close\r\n')
+    with connect(web) as connection:
+        connection.sendall(head)
+        send_paced(connection, body, 125_000, threading.Event())
+        status, _, answer = answer_of(connection)
+    assert (status, answer) == (200, b'Ok.')
+    assert web.request('GET', '/fileget?' + 'coll=Fish&type=O&filename=modem.jpg')[2] == data
+
+
+def test_an_upload_slower_than_request_body_min_rate_is_cut_off_with_408_and_nothing_kept(start, jpeg):
+    web = start(REQUEST_BODY_GRACE='1', REQUEST_BODY_MIN_RATE='4096')
+    head, body = upload_request('trickle.jpg', jpeg + bytes(200_000))
+    stop = threading.Event()
+    with connect(web) as connection:
+        started = time.monotonic()
+        connection.sendall(head)
+        in_background(send_paced, connection, body, 1024, stop)
+        status, _, answer = answer_of(connection)
+        stop.set()
+    assert (status, answer) == (408, b'The upload arrived too slowly.')
+    assert time.monotonic() - started < 10
+    assert wait_for(lambda: staged(web) == [], 10)
+    assert web.request('GET', '/fileget?coll=Fish&type=O&filename=trickle.jpg')[0] == 404
+
+
+# --- Connection caps ---------------------------------------------------------------------------
+
+def test_connections_beyond_max_connections_per_client_are_answered_503_with_retry_after(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='3')
+    held = [connect(web) for _ in range(3)]
+    try:
+        with connect(web) as extra:
+            status, headers, body = get(extra)
+        assert (status, headers['Retry-After'], body) == (503, '5', b'Service Unavailable.')
+        with connect(web, source='127.0.0.2') as other:
+            assert get(other)[0] == 200
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_a_client_under_its_connection_cap_again_is_served(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='3')
+    held = [connect(web) for _ in range(3)]
+    held.pop().close()
+    try:
+        assert wait_for(lambda: get(connect(web))[0] == 200, 10)
+    finally:
+        for connection in held:
+            connection.close()
+
+
+def test_a_flood_of_connections_from_one_address_keeps_the_servers_descriptors_bounded(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='2')
+    baseline = len(os.listdir(f'/proc/{web.process.pid}/fd'))
+    flood = []
+    try:
+        for _ in range(400):
+            with contextlib.suppress(OSError):
+                flood.append(connect(web))
+        bound = baseline + 2 + server.REFUSALS_LINGERING + 4          # well before refusals stop lingering
+        assert wait_for(lambda: len(os.listdir(f'/proc/{web.process.pid}/fd')) <= bound, server.LINGER_QUIET_SECONDS - 2)
+        with connect(web, source='127.0.0.2') as other:
+            assert get(other)[0] == 200
+    finally:
+        for connection in flood:
+            connection.close()
+
+
+def test_connections_beyond_max_connections_are_answered_503_whoever_opens_them(start):
+    web = start(MAX_CONNECTIONS='4', MAX_CONNECTIONS_PER_CLIENT='50')
+    held = [connect(web, source=f'127.0.0.{2 + i}') for i in range(4)]
+    try:
+        with connect(web, source='127.0.0.9') as extra:
+            assert get(extra)[0] == 503
+    finally:
+        for connection in held:
+            connection.close()
+    assert wait_for(lambda: get(connect(web, source='127.0.0.9'))[0] == 200, 10)
+
+
+def hold_requests(web, count, source='127.0.0.1', forwarded_for=None):
+    """`count` uploads in progress (their bodies still arriving slowly) from one address."""
+    stop, held = threading.Event(), []
+    for index in range(count):
+        head, body = upload_request(f'held{index}.jpg', b'\xff\xd8' + bytes(400_000))
+        if forwarded_for:
+            head = head.replace(b'Host: x\r\n', f'Host: x\r\nX-Forwarded-For: {forwarded_for}\r\n'.encode())
+        connection = connect(web, source)
+        connection.sendall(head + body[:1000])
+        in_background(send_paced, connection, body[1000:], 20_000, stop)
+        held.append(connection)
+    return stop, held
+
+
+def release(stop, held):
+    stop.set()
+    for connection in held:
+        connection.close()
+
+
+def test_requests_beyond_max_requests_per_client_in_progress_are_answered_503_and_others_served(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='2')
+    stop, held = hold_requests(web, 2)
+    try:
+        assert wait_for(lambda: len(staged(web)) == 2, 10)
+        with connect(web) as extra:
+            status, headers, _ = get(extra, '/health')
+        assert (status, headers['Retry-After']) == (503, '1')
+        with connect(web, source='127.0.0.2') as other:
+            assert get(other, '/health')[0] == 200
+    finally:
+        release(stop, held)
+
+
+def test_behind_a_trusted_proxy_requests_are_counted_per_forwarded_client_and_logged_under_it(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='1', TRUST_PROXY_HEADERS='true')
+    stop, held = hold_requests(web, 1, forwarded_for='203.0.113.7, 198.51.100.1')
+    try:
+        assert wait_for(lambda: len(staged(web)) == 1, 10)
+        for forwarded, expected in (('198.51.100.1', 503), ('198.51.100.2', 200)):
+            with connect(web) as connection:
+                connection.sendall(f'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
+                                   f'X-Forwarded-For: {forwarded}\r\n\r\n'.encode())
+                assert answer_of(connection)[0] == expected
+        assert wait_for(lambda: '198.51.100.2 GET /health 200' in web.output(), 10)
+    finally:
+        release(stop, held)
+
+
+# --- Lingering close -------------------------------------------------------------------------
+
+@pytest.mark.parametrize('megabytes', [3, 8, 30])
+def test_an_upload_over_max_upload_size_is_answered_413_that_the_client_reads(start, megabytes):
+    web = start(MAX_UPLOAD_SIZE=str(2 * 1024 ** 2))
+    head, body = upload_request('large.jpg', b'\xff\xd8' + bytes(megabytes * 1024 ** 2))
+    client = http.client.HTTPConnection('127.0.0.1', web.port, timeout=30)      # sends it all, then reads
+    for _ in range(3):
+        client.request('POST', '/fileupload', body, dict(line.split(': ', 1) for line in
+                                                         head.decode().split('\r\n')[1:] if line))
+        answer = client.getresponse()
+        assert (answer.status, answer.read()) == (413, f'The upload is larger than this server accepts '
+                                                       f'({2 * 1024 ** 2} bytes).'.encode())
+        client.close()
+
+
+def test_a_client_that_stops_sending_after_an_early_answer_is_closed_within_the_quiet_time(start):
+    web = start(MAX_UPLOAD_SIZE='1000')
+    head, body = upload_request('large.jpg', b'\xff\xd8' + bytes(100_000))
+    with connect(web) as connection:
+        connection.sendall(head + body[:5000])
+        status = int(connection.recv(100).split()[1])
+        started = time.monotonic()
+        while connection.recv(65536):
+            pass
+    assert status == 413
+    assert time.monotonic() - started < server.LINGER_QUIET_SECONDS + 3
+
+
+# === The front probed as an attacker would: accounting after resets, framing, Expect, slow readers ==============
+
+def reset(connection):
+    """Close with SO_LINGER 0: the kernel sends a TCP reset, not a FIN."""
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+    connection.close()
+
+
+def read_all(connection):
+    received = b''
+    while chunk := connection.recv(65536):
+        received += chunk
+    return received
+
+
+def statuses(received):
+    return [int(code) for code in re.findall(rb'HTTP/1\.1 (\d{3}) ', received)]
+
+
+def health(connection):
+    """One GET /health on a kept-alive connection: its status, or None when refused or closed."""
+    connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n')
+    answer = http.client.HTTPResponse(connection)
+    try:
+        answer.begin()
+        answer.read()
+    except (OSError, http.client.HTTPException):
+        return None
+    return answer.status
+
+
+def serves_a_full_cap(web, cap, source='127.0.0.1'):
+    """True when `cap` connections at once from one address are each answered 200."""
+    held = []
+    try:
+        held = [connect(web, source) for _ in range(cap)]
+        return all(health(connection) == 200 for connection in held)
+    finally:
+        for connection in held:
+            connection.close()
+
+
+
+
+# --- Accounting ----------------------------------------------------------------------------------
+
+def test_connections_reset_at_once_by_a_client_at_its_cap_leave_it_its_full_cap_afterwards(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='3')
+    for _ in range(300):
+        held = [connect(web) for _ in range(3)]
+        for connection in held:
+            reset(connection)
+    assert wait_for(lambda: serves_a_full_cap(web, 3), 10)
+
+
+def test_connections_reset_at_once_by_a_client_at_its_cap_do_not_lift_max_connections(start):
+    web = start(MAX_CONNECTIONS='4', MAX_CONNECTIONS_PER_CLIENT='2')
+    held = [connect(web) for _ in range(2)]
+    assert all(health(connection) == 200 for connection in held)
+    for _ in range(server.REFUSALS_LINGERING - 10):       # fewer than are answered 503 at once
+        reset(connect(web))
+
+    def served_and_held(source):
+        connection = connect(web, source)
+        if health(connection) == 200:
+            held.append(connection)
+            return True
+        connection.close()
+        return False
+    try:
+        assert wait_for(lambda: served_and_held('127.0.0.2'), 10) and wait_for(lambda: served_and_held('127.0.0.3'), 10)
+        with connect(web, '127.0.0.4') as fifth:
+            assert health(fifth) == 503
+    finally:
+        for connection in held:
+            connection.close()
+
+
+# --- Slow readers ----------------------------------------------------------------------------------
+
+def holds_connection(web, connection):
+    """True while the server process still has a descriptor for its end of `connection` (Linux)."""
+    port = connection.getsockname()[1]
+    with open('/proc/net/tcp') as rows:
+        inodes = {f'socket:[{fields[9]}]' for fields in map(str.split, rows)
+                  if fields[1].endswith(f':{web.port:04X}') and fields[2].endswith(f':{port:04X}')}
+    try:
+        return any(os.readlink(f'/proc/{web.process.pid}/fd/{fd}') in inodes
+                   for fd in os.listdir(f'/proc/{web.process.pid}/fd'))
+    except FileNotFoundError:       # a descriptor closed while we looked
+        return holds_connection(web, connection)
+
+
+def unread_by_server(web, connection):
+    """Bytes the client sent on `connection` that the server has not read yet (its receive queue), or None."""
+    port = connection.getsockname()[1]
+    with open('/proc/net/tcp') as rows:
+        for fields in map(str.split, rows):
+            if fields[1].endswith(f':{web.port:04X}') and fields[2].endswith(f':{port:04X}'):
+                return int(fields[4].split(':')[1], 16)
+    return None
+
+
+def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(start, jpeg):
+    web = start(SOCKET_TIMEOUT='2')
+    data = jpeg + bytes(30 * 1024 ** 2)
+    head, body = upload_request('large.jpg', data, extra='Connection: close\r\n')
+    with connect(web) as uploading:
+        uploading.sendall(head + body)
+        assert statuses(read_all(uploading)) == [200]
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.settimeout(30)
+    reader.connect(('127.0.0.1', web.port))
+    with reader:
+        reader.sendall(b'GET /fileget?coll=Fish&type=O&filename=large.jpg HTTP/1.1\r\nHost: x\r\n\r\n')
+        assert reader.recv(12) == b'HTTP/1.1 200'                       # then it reads no more
+        started = time.monotonic()
+        assert wait_for(lambda: not holds_connection(web, reader), 2 + 10)
+        assert time.monotonic() - started >= 1
+        assert len(read_all(reader)) < len(data)
+
+
+# --- Request framing ------------------------------------------------------------------------------
+
+SMUGGLED = b'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'
+
+
+@pytest.mark.parametrize('lengths', [[b'0', b'%d' % len(SMUGGLED)], [b'0, %d' % len(SMUGGLED)], ['\xb2'.encode('latin-1')]],
+                         ids=['two headers', 'a list', 'a latin-1 digit'])
+def test_a_content_length_that_is_not_one_number_is_answered_400_and_its_body_never_taken_for_a_request(start, lengths):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n'
+                           + b''.join(b'Content-Length: %s\r\n' % length for length in lengths) + b'\r\n' + SMUGGLED)
+        connection.shutdown(socket.SHUT_WR)
+        received = read_all(connection)
+    assert statuses(received) == [400] and received.endswith(b'Bad Request.')
+    assert '/smuggled' not in web.output()
+
+
+def test_a_chunked_request_body_is_answered_411_length_required_and_never_taken_for_a_request(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'POST /filedelete HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
+                           + b'%x\r\n%s\r\n0\r\n\r\n' % (len(SMUGGLED), SMUGGLED) + SMUGGLED)
+        connection.shutdown(socket.SHUT_WR)
+        received = read_all(connection)
+    assert statuses(received) == [411] and received.endswith(b'Length Required.')
+    assert '/smuggled' not in web.output()
+
+
+
+# --- Expect: 100-continue ----------------------------------------------------------------------------
+
+def curl_upload(web, path, name):
+    """Real curl uploading `path` as Specify does (it sends Expect: 100-continue for more than 1 MB): its
+    verbose trace and the figures it reports."""
+    done = subprocess.run(['curl', '-sS', '-v', '-w', r'\n%{http_code} %{size_upload}', '-F', f'file=@{path}',
+                           '-F', f'store={name}', '-F', 'type=O', '-F', 'coll=Fish', '-F',
+                           f'token={server.make_token(KEY, name)}', f'http://127.0.0.1:{web.port}/fileupload'],
+                          capture_output=True, text=True, timeout=60)
+    status, uploaded = done.stdout.rsplit('\n', 1)[1].split()
+    return done.stderr, int(status), int(uploaded)
+
+
+def test_curl_uploading_3_mb_is_sent_100_continue_once_and_stored(start, jpeg, tmp_path):
+    web = start()
+    data = jpeg + bytes(3 * 1024 ** 2)
+    (tmp_path / 'three.jpg').write_bytes(data)
+    trace, status, uploaded = curl_upload(web, tmp_path / 'three.jpg', 'three.jpg')
+    assert '> Expect: 100-continue' in trace and trace.count('< HTTP/1.1 100 Continue') == 1
+    assert status == 200 and uploaded > len(data)
+    assert web.request('GET', '/fileget?coll=Fish&type=O&filename=three.jpg')[2] == data
+
+
+def test_curl_uploading_over_max_upload_size_is_answered_413_before_it_sends_the_body(start, jpeg, tmp_path):
+    web = start(MAX_UPLOAD_SIZE=str(2 * 1024 ** 2))
+    (tmp_path / 'large.jpg').write_bytes(jpeg + bytes(8 * 1024 ** 2))
+    trace, status, uploaded = curl_upload(web, tmp_path / 'large.jpg', 'large.jpg')
+    assert '> Expect: 100-continue' in trace and '100 Continue' not in trace.replace('> Expect: 100-continue', '')
+    assert (status, uploaded) == (413, 0)
+
+
+def test_an_answer_given_before_the_body_was_read_says_the_connection_closes(start):
+    web = start(MAX_UPLOAD_SIZE='1000')
+    head, _ = upload_request('large.jpg', bytes(100_000), extra='Expect: 100-continue\r\n')
+    with connect(web) as connection:
+        connection.sendall(head)
+        answer = http.client.HTTPResponse(connection)
+        answer.begin()
+        assert (answer.status, answer.getheader('Connection')) == (413, 'close')
+
+
+def test_after_a_storm_of_resets_at_every_stage_a_client_is_again_served_a_full_cap(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='4', MAX_UPLOAD_SIZE='1000', THREADS='5')
+    head, body = upload_request('a.jpg', b'\xff\xd8' + bytes(50_000))
+    stages = [b'GET /health HTTP/1.1\r\nHost: x\r\n',                                  # mid-head
+              head + body[:20_000],                                                    # mid-body (413, lingering)
+              b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n' * 3,                           # pipelined, kept alive
+              b'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n',            # answered and closed
+              b'POST /filedelete HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\n' + bytes(30_000)]
+
+    def storm(stage):
+        for _ in range(40):
+            try:
+                connection = connect(web)
+                connection.sendall(stage)
+                if stage.endswith(b'\r\n\r\n'):
+                    connection.recv(100)
+                reset(connection)
+            except OSError:
+                pass
+    threads = [threading.Thread(target=storm, args=(stage,)) for stage in stages * 2]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert wait_for(lambda: serves_a_full_cap(web, 4), 15)
+
+
+# --- Request heads as they arrive ----------------------------------------------------------------------
+
+@pytest.mark.parametrize('split', [b'\r', b'\r\n', b'\r\n\r'], ids=['before LF', 'between the lines', 'before the last LF'])
+def test_a_head_whose_end_arrives_split_across_reads_is_answered(start, split):
+    web = start()
+    head = b'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+    first = head[:head.rindex(b'\r\n\r\n') + len(split)]
+    with connect(web) as connection:
+        connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        connection.sendall(first)
+        assert wait_for(lambda: unread_by_server(web, connection) == 0, 10)     # read apart from the rest
+        connection.sendall(head[len(first):])
+        assert statuses(read_all(connection)) == [200]
+
+
+def test_a_head_with_bare_lf_line_ends_is_answered(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'GET /health HTTP/1.1\nHost: x\nConnection: close\n\n')
+        assert statuses(read_all(connection)) == [200]
+
+
+def test_a_head_request_leaves_a_kept_alive_connection_in_step_for_the_next_request(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'HEAD /health HTTP/1.1\r\nHost: x\r\n\r\n'
+                           b'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        received = read_all(connection)
+    assert statuses(received) == [200, 200] and received.endswith(b'"thumbnails": "ok"}')
+    assert received.count(b'"storage"') == 1

@@ -33,6 +33,13 @@ mimetypes.add_type('image/heic', '.heic')
 mimetypes.add_type('image/heif', '.heif')
 
 
+def printable(text):
+    """Text for a log line: control characters (C0, C1 and the Unicode line separators) escaped, so a
+    request cannot forge lines."""
+    return re.sub(r'[\x00-\x1f\x7f-\x9f\u2028\u2029]', lambda m: f'\\x{ord(m.group()):02x}'
+                  if ord(m.group()) < 256 else f'\\u{ord(m.group()):04x}', text)
+
+
 def refuse(status, reason):
     """Stop the request with a short plain-text answer."""
     raise bottle.HTTPError(status, reason)

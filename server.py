@@ -5,9 +5,10 @@ each request with an HMAC-MD5 token over a shared key (see README.md). One
 Bottle application; run it with `python server.py` (Paste serves it).
 
 Imports run one way: settings.py -> core.py (shared pieces) -> s3storage.py
-(object storage) -> server.py (this, the application) -> migrate.py (an
-administration command). Sections: the key, tokens, thumbnails, disk storage,
-uploads, metadata, the web application, start-up.
+(object storage) -> front.py (connections before Paste's threads) -> server.py
+(this, the application) -> migrate.py (an administration command). Sections:
+the key, tokens, thumbnails, disk storage, uploads, metadata, the web
+application, start-up.
 """
 
 import collections
@@ -22,44 +23,32 @@ import io
 import json
 import logging
 import os
-import posixpath
 import queue
 import re
 import resource
 import secrets
 import select
-import selectors
 import shutil
-import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
-from email.utils import formatdate
-from http import HTTPStatus
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote
 
 import bottle
 import exifread
 import multipart
 import sh
-from paste import httpserver
 
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
                   ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
-                  kind_of, load_config, make_temp_file, may_run_scripts, refuse, remove_quietly,
+                  kind_of, load_config, make_temp_file, may_run_scripts, printable, refuse, remove_quietly,
                   sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
+from front import FrontedPasteServer
 
 VIEWS_DIR = os.path.join(HERE, 'views')
 MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
-MAX_REQUEST_LINE = 64 * 1024     # Longest request line read (as http.server reads); Paste alone has no bound.
-MAX_REQUEST_HEAD = 128 * 1024    # Longest request line and headers together; more is 431.
-LINGER_SECONDS = 30              # After a connection's last answer, what the client still sends is read and dropped
-LINGER_QUIET_SECONDS = 5         # for up to this long (until it is quiet this long or has sent LINGER_MAX_BYTES),
-LINGER_MAX_BYTES = 1024 ** 3     # so that it reads an early answer (413) instead of a TCP reset, as nginx does.
-WRITE_PIECE = 16 * 1024          # Bytes an answer is sent in, each piece within SOCKET_TIMEOUT (273 B/s at 60 s).
-REFUSALS_LINGERING = 64          # Connections refused over the caps that linger at once; beyond, they are just closed.
 
 log = logging.getLogger('web_asset_server')
 logging.getLogger('exifread').setLevel(logging.CRITICAL)
@@ -1099,13 +1088,6 @@ HOST_PORT = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?')
 DEFAULT_PORTS = {'http': '80', 'https': '443'}
 
 
-def printable(text):
-    """Text for a log line: control characters (C0, C1 and the Unicode line separators) escaped, so a
-    request cannot forge lines."""
-    return re.sub(r'[\x00-\x1f\x7f-\x9f\u2028\u2029]', lambda m: f'\\x{ord(m.group()):02x}'
-                  if ord(m.group()) < 256 else f'\\u{ord(m.group()):04x}', text)
-
-
 def is_utf8_path(path):
     """Whether a WSGI path (bytes as latin-1) is UTF-8; Bottle would drop the bytes that are not."""
     try:
@@ -1501,490 +1483,6 @@ def create_app(config):
     for path in {route.rule for route in app.routes}:
         app.route(path, 'OPTIONS', preflight)
     return app
-
-
-###############################################################################
-# The HTTP front: request heads without threads, connection caps, deadlines ##
-###############################################################################
-
-HEAD_END = re.compile(rb'\r?\n\r?\n')
-FORWARDED_FOR = re.compile(rb'^x-forwarded-for:[ \t]*([^\r\n]*)', re.I | re.M)
-
-
-def plain_answer(code, with_body=True, extra=()):
-    """A whole closing answer that names its status only, stamped like the app's answers."""
-    phrase = HTTPStatus(code).phrase
-    body = f'{phrase}.'.encode()
-    headers = [('Date', formatdate(usegmt=True)), ('Content-Type', 'text/plain; charset=UTF-8'),
-               ('Content-Length', str(len(body))), ('Connection', 'close'), ('X-Timestamp', str(int(time.time()))),
-               ('Access-Control-Allow-Origin', '*'), *extra]
-    head = f'HTTP/1.1 {code} {phrase}\r\n' + ''.join(f'{name}: {value}\r\n' for name, value in headers) + '\r\n'
-    return head.encode('latin-1') + (body if with_body else b'')
-
-
-class Connection:
-    """One client connection as the front holds it between requests."""
-
-    def __init__(self, sock, peer):
-        self.sock, self.peer, self.client = sock, peer[0], peer[0]
-        self.pending = bytearray()     # bytes read from the client and not yet given to a request
-        self.scanned = 0               # how far `pending` is known to hold no end of a head
-        self.line_ended = False        # whether `pending` holds the request line's end
-        self.state = 'new'             # 'new': not counted in yet; 'head': waiting for a request; 'linger':
-                                       # closing; 'refused': over a cap, closing; 'dropped': closed at once
-        self.deadline = self.quiet_until = 0.0
-        self.dropped = 0               # bytes read and dropped while lingering
-
-
-class Front:
-    """Reads every request's line and headers in one selector thread, so a client trickling them holds no
-    worker thread; caps connections per address and in total, and requests in progress per client; lingers
-    on close. Only whole request heads reach Paste's threads."""
-
-    def __init__(self, config, run_request, clock=time.monotonic):
-        self.config, self.run_request, self.clock = config, run_request, clock
-        self.selector = selectors.DefaultSelector()
-        self.wake_in, self.wake_out = socket.socketpair()
-        self.wake_in.setblocking(False)
-        self.selector.register(self.wake_in, selectors.EVENT_READ)
-        self.arrivals = collections.deque()
-        self.lock = threading.Lock()
-        self.open = collections.Counter()      # open connections per peer address
-        self.busy = collections.Counter()      # requests in progress per client
-        self.total = self.refusing = 0
-        threading.Thread(target=self.run, name='front', daemon=True).start()
-
-    # --- Called from the accepting thread and from Paste's threads ---
-
-    def admit(self, sock, peer):
-        """A new connection: to the selector thread, or refused with 503 over MAX_CONNECTIONS."""
-        connection = Connection(sock, peer)
-        with self.lock:
-            if self.total < self.config.MAX_CONNECTIONS:
-                self.total += 1
-            elif self.refusing < REFUSALS_LINGERING:
-                self.refusing += 1
-                connection.state = 'refused'
-            else:
-                connection.state = 'dropped'
-        if connection.state == 'dropped':
-            sock.close()
-        else:
-            self.hand_over(connection)
-
-    def request_done(self, connection, keep_alive, read_whole):
-        """A request's answer is sent: wait for the next head on this connection, or close it; lingering,
-        as nginx does, only when the client may still be sending (its request was not read whole)."""
-        self.release(connection.client)
-        if keep_alive:
-            self.hand_over(connection)
-        elif read_whole and not connection.pending:
-            connection.sock.close()
-            self.forget(connection)
-        else:
-            connection.state = 'linger'
-            self.hand_over(connection)
-
-    def hand_over(self, connection):
-        """Give a connection to the selector thread."""
-        self.arrivals.append(connection)
-        with contextlib.suppress(OSError):
-            self.wake_out.send(b'.')
-
-    def release(self, client):
-        """One request of this client is over."""
-        with self.lock:
-            self.busy[client] -= 1
-            if not self.busy[client]:
-                del self.busy[client]
-
-    # --- The selector thread ---
-
-    def run(self):
-        """Forever: read what arrives (closed connections are counted out first), take new and returning
-        connections, act on deadlines."""
-        while True:
-            woken = False
-            for key, _ in self.selector.select(self.seconds_to_next_deadline()):
-                if key.fileobj is self.wake_in:
-                    woken = True
-                else:
-                    self.guarded(self.readable, key.data)
-            if woken:
-                self.guarded(self.take_arrivals)
-            self.guarded(self.expire)
-
-    def guarded(self, step, connection=None):
-        """One step of the loop; a fault costs at most the connection it concerns, never the front."""
-        try:
-            step(connection) if connection else step()
-        except Exception:
-            log.exception('The front failed on a connection')
-            if connection:
-                with contextlib.suppress(Exception):
-                    self.close(connection)
-
-    def seconds_to_next_deadline(self):
-        """How long select may sleep: until the soonest deadline of a connection held (None: no deadline)."""
-        deadlines = [self.next_deadline(key.data) for key in self.selector.get_map().values() if key.data]
-        return max(0.0, min(deadlines) - self.clock()) if deadlines else None
-
-    @staticmethod
-    def next_deadline(connection):
-        """When a connection waiting for its head, or lingering (at most until quiet), is given up."""
-        return min(connection.deadline, connection.quiet_until) if connection.state != 'head' else connection.deadline
-
-    def take_arrivals(self):
-        """Take every connection handed over since the last wake-up."""
-        with contextlib.suppress(BlockingIOError):
-            while self.wake_in.recv(4096):
-                pass
-        while self.arrivals:
-            self.guarded(self.take, self.arrivals.popleft())
-
-    def take(self, connection):
-        """Watch a new or returning connection: count it in, then wait for its head, refuse it or linger."""
-        try:
-            connection.sock.setblocking(False)
-            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
-        except (OSError, ValueError):
-            self.close(connection)
-            return
-        if connection.state == 'new':
-            self.count_in(connection)
-        if connection.state == 'head':
-            connection.deadline = self.clock() + self.config.REQUEST_HEAD_TIMEOUT
-            self.examine_head(connection)
-        elif connection.state == 'refused':
-            self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
-        elif connection.state == 'linger':
-            self.start_lingering(connection)
-
-    def count_in(self, connection):
-        """A new connection counts against its address, or is refused over MAX_CONNECTIONS_PER_CLIENT (not
-        applied behind a trusted proxy, where every connection comes from the proxy)."""
-        cap = None if self.config.TRUST_PROXY_HEADERS else self.config.MAX_CONNECTIONS_PER_CLIENT
-        if cap is not None and self.open[connection.peer] >= cap:
-            self.close_those_closed_by(connection.peer, connection)
-        with self.lock:
-            if cap is None or self.open[connection.peer] < cap:
-                self.open[connection.peer] += 1
-                connection.state = 'head'
-                return
-            self.total -= 1
-            if self.refusing < REFUSALS_LINGERING:
-                self.refusing += 1
-                connection.state = 'refused'
-                return
-        connection.state = 'dropped'
-        self.selector.unregister(connection.sock)
-        connection.sock.close()
-
-    def close_those_closed_by(self, peer, arriving):
-        """Close the address's connections whose end it has closed and this thread not yet seen (under load
-        it runs behind), so that the cap counts only connections really open. Not the arriving one, which
-        is not counted in yet: it is refused or counted in, then closed when its end is read."""
-        for key in list(self.selector.get_map().values()):
-            if key.data and key.data.peer == peer and key.data is not arriving:
-                try:
-                    ended = key.data.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
-                except BlockingIOError:
-                    ended = False
-                except OSError:
-                    ended = True
-                if ended:
-                    self.close(key.data)
-
-    def readable(self, connection):
-        """Read what came: more of a head, or bytes to drop while lingering; the client's end closes it."""
-        try:
-            data = connection.sock.recv(CHUNK)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b''
-        if connection.state == 'head':
-            if not data:
-                self.close(connection)
-            else:
-                connection.pending += data
-                self.examine_head(connection)
-        else:
-            connection.dropped += len(data)
-            connection.quiet_until = self.clock() + LINGER_QUIET_SECONDS
-            if not data or connection.dropped >= LINGER_MAX_BYTES:
-                self.close(connection)
-
-    def examine_head(self, connection):
-        """Dispatch a whole head; answer 414/431 for one too long. Empty lines before a request line are
-        dropped (RFC 9112 §2.2). Each byte is searched once for the line's end and once for the head's."""
-        pending = connection.pending
-        if not connection.scanned and pending[:1] in (b'\r', b'\n'):
-            del pending[:len(pending) - len(pending.lstrip(b'\r\n'))]
-        end = HEAD_END.search(pending, max(0, connection.scanned - 3))
-        if not connection.line_ended:
-            connection.line_ended = pending.find(b'\n', connection.scanned, MAX_REQUEST_LINE + 1) >= 0
-        connection.scanned = len(pending)
-        if not connection.line_ended and len(pending) > MAX_REQUEST_LINE:
-            self.answer_and_linger(connection, 414)
-        elif (end.end() if end else len(pending)) > MAX_REQUEST_HEAD:
-            self.answer_and_linger(connection, 431)
-        elif end:
-            self.dispatch(connection, pending[:end.end()])
-
-    def dispatch(self, connection, head):
-        """A whole head: to Paste's pool, unless its client already has MAX_REQUESTS_PER_CLIENT in progress."""
-        connection.client = self.client_of(connection, head)
-        with self.lock:
-            allowed = self.busy[connection.client] < self.config.MAX_REQUESTS_PER_CLIENT
-            if allowed:
-                self.busy[connection.client] += 1
-        if not allowed:
-            log.warning('%s has %d requests in progress; one more is refused with 503', printable(connection.client),
-                        self.config.MAX_REQUESTS_PER_CLIENT)
-            self.answer_and_linger(connection, 503, extra=(('Retry-After', '1'),))
-            return
-        self.selector.unregister(connection.sock)
-        connection.sock.settimeout(self.config.SOCKET_TIMEOUT)    # bounds a silent client, reading or sending
-        connection.scanned, connection.line_ended = 0, False
-        self.run_request(connection)
-
-    def client_of(self, connection, head):
-        """Who limits count a request under: the peer, or behind a trusted proxy the address it saw."""
-        if self.config.TRUST_PROXY_HEADERS:
-            forwarded = FORWARDED_FOR.findall(bytes(head))
-            if forwarded:
-                last = forwarded[-1].split(b',')[-1].strip().decode('latin-1')
-                if last:
-                    return last[:64]
-        return connection.peer
-
-    def answer_and_linger(self, connection, code, extra=()):
-        """Send one of the front's own small answers (it fits the socket's buffer), then close lingering."""
-        with contextlib.suppress(OSError):
-            connection.sock.send(plain_answer(code, extra=extra))
-        self.start_lingering(connection)
-
-    def start_lingering(self, connection):
-        """Stop sending, then drop what the client still sends for a bounded time before closing."""
-        if connection.state == 'head':
-            connection.state = 'linger'
-        now = self.clock()
-        connection.deadline = now + (LINGER_QUIET_SECONDS if connection.state == 'refused' else LINGER_SECONDS)
-        connection.quiet_until = now + LINGER_QUIET_SECONDS
-        try:
-            connection.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.close(connection)
-
-    def expire(self):
-        """Act on passed deadlines: a partial head gets 408, a silent or lingering connection is closed."""
-        now = self.clock()
-        for key in list(self.selector.get_map().values()):
-            connection = key.data
-            if connection and now >= self.next_deadline(connection):
-                if connection.state != 'head':
-                    self.close(connection)
-                elif connection.pending:
-                    self.answer_and_linger(connection, 408)
-                else:
-                    self.close(connection)
-
-    def close(self, connection):
-        """Stop watching a connection, close it and count it out."""
-        with contextlib.suppress(KeyError, ValueError):
-            self.selector.unregister(connection.sock)
-        connection.sock.close()
-        self.forget(connection)
-
-    def forget(self, connection):
-        """A closed connection no longer counts against its client or the total."""
-        with self.lock:
-            if connection.state == 'refused':
-                self.refusing -= 1
-            else:
-                self.total -= 1
-            if connection.state not in ('refused', 'new'):
-                self.open[connection.peer] -= 1
-                if not self.open[connection.peer]:
-                    del self.open[connection.peer]
-
-
-class RequestReader:
-    """What a request handler reads: the head the front read, then the body from the socket, which
-    must average REQUEST_BODY_MIN_RATE bytes a second once REQUEST_BODY_GRACE seconds have passed."""
-
-    def __init__(self, connection, config, clock=time.monotonic):
-        self.connection, self.config, self.clock = connection, config, clock
-        self.buffer, connection.pending = connection.pending, bytearray()
-        self.started, self.received, self.delivered = clock(), 0, 0
-        self.closed = False
-
-    def read(self, size=-1):
-        """Up to `size` bytes (what is buffered, else one read of the socket); all to the end for -1."""
-        if size is None or size < 0:
-            while self.fill():
-                pass
-            size = len(self.buffer)
-        elif not self.buffer:
-            self.fill()
-        return self.take(min(size, len(self.buffer)))
-
-    def readline(self, size=-1):
-        """One line, at most `size` bytes."""
-        limit = size if size is not None and size >= 0 else sys.maxsize
-        while b'\n' not in self.buffer[:limit] and len(self.buffer) < limit and self.fill():
-            pass
-        end = self.buffer.find(b'\n', 0, limit)
-        return self.take(min(limit, len(self.buffer)) if end < 0 else end + 1)
-
-    def take(self, count):
-        """Hand out the first `count` buffered bytes, counting them as delivered."""
-        data = bytes(self.buffer[:count])
-        del self.buffer[:count]
-        self.delivered += count
-        return data
-
-    def fill(self):
-        """Read once more from the socket; False at its end. TimeoutError when the client is too slow."""
-        allowed = self.config.REQUEST_BODY_GRACE + self.received / self.config.REQUEST_BODY_MIN_RATE
-        remaining = self.started + allowed - self.clock()
-        if remaining <= 0:
-            raise TimeoutError('the request arrives slower than REQUEST_BODY_MIN_RATE')
-        self.connection.sock.settimeout(min(remaining, self.config.SOCKET_TIMEOUT))
-        data = self.connection.sock.recv(CHUNK)
-        self.received += len(data)
-        self.buffer += data
-        return bool(data)
-
-    def leftover(self):
-        """Bytes read past this request (a pipelined next one), for the front."""
-        return self.buffer
-
-    def close(self):
-        """Paste closes the request's files at its end; the connection itself stays with the front."""
-        self.closed = True
-
-
-class SocketWriter:
-    """The handler's output: each write sent whole, nothing buffered, in pieces of WRITE_PIECE bytes, each
-    with SOCKET_TIMEOUT of its own (sendall's timeout covers its whole call), so that only a client silent
-    for that long, not merely a slow one, is dropped."""
-
-    def __init__(self, sock):
-        self.sock, self.closed = sock, False
-
-    def write(self, data):
-        view = memoryview(data)
-        for start in range(0, len(view), WRITE_PIECE):
-            self.sock.sendall(view[start:start + WRITE_PIECE])
-        return len(data)
-
-    def flush(self):
-        pass
-
-    def close(self):
-        self.closed = True
-
-
-class RequestHandler(httpserver.WSGIHandler):
-    """Paste's handler for one request whose head the front has read; the connection goes back to the front."""
-    protocol_version = 'HTTP/1.1'      # keep-alive: an idle connection costs the front a descriptor, not a thread
-
-    def handle_expect_100(self):
-        """Paste sends 100 Continue only when the body is first read, so a refusal comes before the upload."""
-        return True
-
-    def setup(self):
-        """The request's files over the connection the front handed over (it owns the socket)."""
-        self.connection = self.request.sock
-        self.rfile = RequestReader(self.request, self.server.config)
-        self.wfile = SocketWriter(self.connection)
-        self.body_end = None
-
-    def handle(self):
-        """One request only: a kept-alive connection waits for its next head in the front, not here."""
-        self.close_connection = True
-        try:
-            self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
-            if not self.parse_request():
-                return
-            refusal = self.framing_refusal()
-            if refusal:
-                self.send_error(refusal)
-                return
-            self.body_end = self.rfile.delivered + int(self.headers.get('Content-Length', '0'))
-            self.wsgi_execute(environ={'wast.client': self.request.client})
-        except (OSError, ValueError):
-            self.close_connection = True
-
-    def framing_refusal(self):
-        """411 for a chunked body (Paste reads Content-Length only), 400 for a Content-Length that is not
-        one number: the end of either body is unknown here, so its bytes could be taken for a next request."""
-        if 'Transfer-Encoding' in self.headers:
-            return 411
-        lengths = self.headers.get_all('Content-Length', [])
-        if len(lengths) > 1 or not all(re.fullmatch(r'[0-9]+', length) for length in lengths):
-            return 400
-        return None
-
-    def wsgi_setup(self, environ=None):
-        """Paste's environ, with PATH_INFO as PEP 3333 has it: the path's bytes read as latin-1 (Paste reads
-        them as UTF-8, which made a path with a character beyond latin-1 a 500 in Bottle)."""
-        super().wsgi_setup(environ)
-        path = unquote(urlsplit(self.path).path, encoding='latin-1')
-        normal = posixpath.normpath(path) if path else '/'
-        self.wsgi_environ['PATH_INFO'] = normal + '/' if path.endswith('/') and normal != '/' else normal
-
-    def body_read(self):
-        """Whether the request was read to the end its Content-Length declares."""
-        return self.body_end is not None and self.rfile.delivered >= self.body_end
-
-    def end_headers(self):
-        """An answer given before the body was read whole says the connection closes (RFC 9110 §10.1.1), so a
-        client that held the body back after Expect: 100-continue sends no next request into the lingering."""
-        if not self.close_connection and not self.body_read():
-            self.send_header('Connection', 'close')
-        super().end_headers()
-
-    def wsgi_connection_drop(self, exce, environ=None):
-        """The client went away while answered: nothing to keep alive."""
-        self.close_connection = True
-
-    def send_error(self, code, message=None, explain=None):
-        """Paste's own answers (a bad request line, headers too long) are stamped like ours: plain text
-        naming the status only (never the request's bytes), with X-Timestamp and CORS."""
-        self.close_connection = True
-        self.wfile.write(plain_answer(code, with_body=self.command != 'HEAD'))
-
-
-class FrontedPasteServer(httpserver.WSGIThreadPoolServer):
-    """Paste's thread-pool server with the front before it: Paste accepts, the front reads heads and
-    enforces the caps, Paste's threads run whole requests."""
-
-    def __init__(self, app, config):
-        self.config = config
-        self.address_family = socket.AF_INET6 if ':' in config.HOST else socket.AF_INET
-        super().__init__(app, (config.HOST, config.PORT), RequestHandler, nworkers=config.THREADS,
-                         request_queue_size=64, threadpool_options={'kill_thread_limit': 0,
-                                                                    'hung_thread_limit': 3600})
-        self.front = Front(config, lambda connection: self.thread_pool.add_task(
-            lambda: self.serve_request(connection)))
-
-    def process_request(self, request, client_address):
-        self.front.admit(request, client_address)
-
-    def serve_request(self, connection):
-        """Run one request in this pool thread, then give the connection back to the front."""
-        keep_alive = read_whole = False
-        try:
-            handler = self.RequestHandlerClass(connection, (connection.peer, 0), self)
-            read_whole = handler.body_read()
-            keep_alive = read_whole and not handler.close_connection
-            connection.pending = handler.rfile.leftover()
-        except Exception:
-            log.exception('A request failed outside the application')
-        self.front.request_done(connection, keep_alive, read_whole)
 
 
 ###############################################################################

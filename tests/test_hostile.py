@@ -38,6 +38,7 @@ from urllib.parse import quote, urlencode
 import pytest
 
 import core
+import front
 import server
 from conftest import (IMAGEMAGICK, KEY, PROJECT, SERVER_SCRIPT, RunningServer, descendants, image_info, make_image,
                       multipart_body, parent_pids, png_bytes, wait_for, with_exif)
@@ -1108,57 +1109,59 @@ def test_an_upload_slower_than_request_body_min_rate_is_cut_off_with_408_and_not
 
 # --- Connection caps ---------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def held_open(connections):
+    """The connections, closed when the test is done with them."""
+    try:
+        yield connections
+    finally:
+        for connection in connections:
+            connection.close()
+
+
+def connections_opened(web, count):
+    """Up to `count` connections from 127.0.0.1 (those the server refused at once left out)."""
+    opened = []
+    for _ in range(count):
+        with contextlib.suppress(OSError):
+            opened.append(connect(web))
+    return opened
+
+
 def test_connections_beyond_max_connections_per_client_are_answered_503_with_retry_after(start):
     web = start(MAX_CONNECTIONS_PER_CLIENT='3')
-    held = [connect(web) for _ in range(3)]
-    try:
+    with held_open([connect(web) for _ in range(3)]):
         with connect(web) as extra:
             status, headers, body = get(extra)
         assert (status, headers['Retry-After'], body) == (503, '5', b'Service Unavailable.')
         with connect(web, source='127.0.0.2') as other:
             assert get(other)[0] == 200
-    finally:
-        for connection in held:
-            connection.close()
 
 
 def test_a_client_under_its_connection_cap_again_is_served(start):
     web = start(MAX_CONNECTIONS_PER_CLIENT='3')
     held = [connect(web) for _ in range(3)]
     held.pop().close()
-    try:
+    with held_open(held):
         assert wait_for(lambda: get(connect(web))[0] == 200, 10)
-    finally:
-        for connection in held:
-            connection.close()
 
 
 def test_a_flood_of_connections_from_one_address_keeps_the_servers_descriptors_bounded(start):
     web = start(MAX_CONNECTIONS_PER_CLIENT='2')
     baseline = len(os.listdir(f'/proc/{web.process.pid}/fd'))
-    flood = []
-    try:
-        for _ in range(400):
-            with contextlib.suppress(OSError):
-                flood.append(connect(web))
-        bound = baseline + 2 + server.REFUSALS_LINGERING + 4          # well before refusals stop lingering
-        assert wait_for(lambda: len(os.listdir(f'/proc/{web.process.pid}/fd')) <= bound, server.LINGER_QUIET_SECONDS - 2)
+    with held_open(connections_opened(web, 400)):
+        bound = baseline + 2 + front.REFUSALS_LINGERING + 4          # well before refusals stop lingering
+        assert wait_for(lambda: len(os.listdir(f'/proc/{web.process.pid}/fd')) <= bound,
+                        front.LINGER_QUIET_SECONDS - 2)
         with connect(web, source='127.0.0.2') as other:
             assert get(other)[0] == 200
-    finally:
-        for connection in flood:
-            connection.close()
 
 
 def test_connections_beyond_max_connections_are_answered_503_whoever_opens_them(start):
     web = start(MAX_CONNECTIONS='4', MAX_CONNECTIONS_PER_CLIENT='50')
-    held = [connect(web, source=f'127.0.0.{2 + i}') for i in range(4)]
-    try:
+    with held_open([connect(web, source=f'127.0.0.{2 + i}') for i in range(4)]):
         with connect(web, source='127.0.0.9') as extra:
             assert get(extra)[0] == 503
-    finally:
-        for connection in held:
-            connection.close()
     assert wait_for(lambda: get(connect(web, source='127.0.0.9'))[0] == 200, 10)
 
 
@@ -1237,7 +1240,7 @@ def test_a_client_that_stops_sending_after_an_early_answer_is_closed_within_the_
         while connection.recv(65536):
             pass
     assert status == 413
-    assert time.monotonic() - started < server.LINGER_QUIET_SECONDS + 3
+    assert time.monotonic() - started < front.LINGER_QUIET_SECONDS + 3
 
 
 # === The front probed as an attacker would: accounting after resets, framing, Expect, slow readers ==============
@@ -1299,7 +1302,7 @@ def test_connections_reset_at_once_by_a_client_at_its_cap_do_not_lift_max_connec
     web = start(MAX_CONNECTIONS='4', MAX_CONNECTIONS_PER_CLIENT='2')
     held = [connect(web) for _ in range(2)]
     assert all(health(connection) == 200 for connection in held)
-    for _ in range(server.REFUSALS_LINGERING - 10):       # fewer than are answered 503 at once
+    for _ in range(front.REFUSALS_LINGERING - 10):       # fewer than are answered 503 at once
         reset(connect(web))
 
     def served_and_held(source):

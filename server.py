@@ -327,7 +327,6 @@ class Thumbnailer:
         self.timeout = config.THUMBNAIL_TIMEOUT
         self.max_pixels = config.THUMBNAIL_MAX_PIXELS
         self.max_held = config.THUMBNAIL_MEMORY_LIMIT
-        self.max_page_side = 2 * config.MAX_THUMBNAIL_SCALE      # pixels of a rendered PDF page
         self.disk_limit = within_hard_limit(resource.RLIMIT_FSIZE, config.THUMBNAIL_DISK_LIMIT)
         self.address_space = within_hard_limit(resource.RLIMIT_AS, config.THUMBNAIL_ADDRESS_SPACE_LIMIT)
         self.limits = ['-limit', 'memory', str(config.THUMBNAIL_MEMORY_LIMIT),
@@ -410,22 +409,26 @@ class Thumbnailer:
         deadline = time.monotonic() + self.timeout
         source = 'in'
         if kind == 'application/pdf':
-            self._remembering(identity, None, lambda: self._render_page(scratch, deadline))
+            render = functools.partial(self._render_page, scratch, scale, deadline)
+            self._remembering(identity, None, render)     # a page that fails does so at every scale
             source = 'page.png'
         hint = []
-        if kind == 'image/jpeg' and size and min(size.width, size.height) >= 2 * scale:   # libjpeg would upscale a smaller one
-            hint = ['-define', f'jpeg:size={2 * scale}x{2 * scale}']
+        if kind == 'image/jpeg' and size:
+            needed = fitted(size.width, size.height, scale)
+            if needed[0] * 2 <= size.width:          # libjpeg decodes at the smallest 1/8 step still as large
+                hint = ['-define', 'jpeg:size={}x{}'.format(*needed)]
         flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
         self._remembering(identity, scale, lambda: self._run(
             self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
             '-auto-orient', '-thumbnail', f'{scale}x{scale}>', '+repage', *flatten,
             '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch, deadline=deadline))
 
-    def _render_page(self, scratch, deadline):
-        """Ghostscript renders the first page at 72 dpi, fitted into a page of its shape at most max_page_side points long."""
+    def _render_page(self, scratch, scale, deadline):
+        """Ghostscript renders the first page so that its long side is `scale` pixels: a page of its shape
+        `scale` points long, at 72 dpi (vector text is drawn at that size, never enlarged from 72 dpi)."""
         width, height = self._page_size(scratch, deadline)
-        shrink = min(1, self.max_page_side / max(width, height))
-        width, height = max(1, width * shrink), max(1, height * shrink)
+        fit = scale / max(width, height)
+        width, height = max(1, width * fit), max(1, height * fit)
         self._run(self.gs, '-dSAFER', '-dBATCH', '-dNOPAUSE', '-dQUIET', '-dNOPROMPT',
                   '-sDEVICE=png16m', '-r72', '-dFirstPage=1', '-dLastPage=1', '-dUseCropBox',
                   f'-dDEVICEWIDTHPOINTS={width:.2f}', f'-dDEVICEHEIGHTPOINTS={height:.2f}', '-dFIXEDMEDIA',
@@ -519,6 +522,15 @@ class Thumbnailer:
                 job(self.as_background())
             except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, OSError, bottle.HTTPError):
                 pass
+
+
+def fitted(width, height, scale):
+    """The size of a `scale` thumbnail of a width x height image: its long side `scale`, never enlarged."""
+    if max(width, height) <= scale:
+        return width, height
+    if width >= height:
+        return scale, max(1, round(height * scale / width))
+    return max(1, round(width * scale / height)), scale
 
 
 def out_of_room(folder):

@@ -2,6 +2,7 @@
 
 import functools
 import io
+import math
 import os
 import resource
 import shutil
@@ -149,6 +150,80 @@ def test_thumbnails_carry_no_metadata(client, tmp_path):
     answer = thumbnail(client, 'tagged.jpg', original)
     assert exifread.process_file(io.BytesIO(answer.body), details=False) == {}
 
+
+
+# --- Previews: decode no more than the output needs ---------------------------------------
+
+@pytest.fixture(scope='session')
+def detailed_jpeg(tmp_path_factory):
+    """A 2400x1800 JPEG with fine detail everywhere (fractal plasma) and a line of small text."""
+    folder = tmp_path_factory.mktemp('detailed')
+    subprocess.run([IMAGEMAGICK, '-size', '2400x1800', 'plasma:fractal', '-fill', 'black', '-pointsize', '12',
+                    '-annotate', '+60+120', 'Quercus robur L. 1897, coll. J. Smith 0123456789', '-quality', '92',
+                    str(folder / 'sheet.jpg')], check=True, timeout=120)
+    return (folder / 'sheet.jpg').read_bytes()
+
+
+def rgb_samples(data, tmp_path):
+    """An image's pixels as 8-bit RGB bytes, decoded by ImageMagick."""
+    (tmp_path / 'samples').write_bytes(data)
+    return subprocess.run([IMAGEMAGICK, str(tmp_path / 'samples') + '[0]', '-depth', '8', 'rgb:-'],
+                          check=True, capture_output=True, timeout=60).stdout
+
+
+def psnr(first, second, tmp_path):
+    """Peak signal-to-noise ratio of two images of one size, in dB (8-bit RGB, all channels)."""
+    a, b = rgb_samples(first, tmp_path), rgb_samples(second, tmp_path)
+    assert len(a) == len(b)
+    squared = sum((x - y) * (x - y) for x, y in zip(a, b)) / len(a)
+    return float('inf') if squared == 0 else 10 * math.log10(255 ** 2 / squared)
+
+
+def full_decode_thumbnail(data, scale, tmp_path, extension='jpg'):
+    """What a plain ImageMagick makes from the whole decoded image: the quality to match."""
+    (tmp_path / 'whole').write_bytes(data)
+    out = tmp_path / f'reference.{extension}'
+    subprocess.run([IMAGEMAGICK, str(tmp_path / 'whole') + '[0]', '-auto-orient', '-thumbnail', f'{scale}x{scale}>',
+                    '-strip', str(out)], check=True, timeout=120)
+    return out.read_bytes()
+
+
+def test_a_jpeg_preview_decoded_at_reduced_size_matches_one_from_the_full_decode_within_35_db(
+        client, tmp_path, detailed_jpeg):
+    answer = thumbnail(client, 'sheet.jpg', detailed_jpeg, scale=600)
+    assert decoded(answer.body, tmp_path)[:3] == ('JPEG', 600, 450)
+    assert psnr(answer.body, full_decode_thumbnail(detailed_jpeg, 600, tmp_path), tmp_path) >= 35
+
+
+@pytest.mark.parametrize('size, scale, expected', [('2400x1800', 600, '600x450'), ('1801x1201', 900, '900x600'),
+                                                   ('300x4000', 1000, '75x1000')])
+def test_a_jpeg_is_decoded_at_exactly_the_thumbnails_size_so_never_smaller(client, tmp_path, size, scale, expected):
+    runs = run_counter(client.app.thumbnailer)
+    answer = thumbnail(client, 'photo.jpg', make_image(tmp_path, 'plasma:', size, 'jpg'), scale=scale)
+    assert 'x'.join(map(str, decoded(answer.body, tmp_path)[1:3])) == expected
+    assert f'jpeg:size={expected}' in runs[-1]          # libjpeg then picks the smallest 1/8 step at least as large
+
+
+A4 = ('%!PS\n<< /PageSize [595 842] >> setpagedevice /Helvetica findfont 7 scalefont setfont\n'
+      + ''.join(f'40 {800 - 12 * line} moveto (Field notebook, station {line}: Quercus robur, 3 specimens) show\n'
+                for line in range(60)) + 'showpage\n')
+
+
+@pytest.mark.parametrize('scale, expected', [(1000, (707, 1000)), (123, (87, 123)), (2000, (1413, 2000))])
+def test_a_pdf_preview_has_its_long_side_at_the_scale_asked(client, tmp_path, scale, expected):
+    answer = thumbnail(client, 'notebook.pdf', pdf(tmp_path, A4), scale=scale)
+    assert decoded(answer.body, tmp_path)[1:3] == expected
+
+
+def test_a_pdf_preview_is_rendered_at_its_size_so_its_text_matches_ghostscripts_own_render(client, tmp_path):
+    document = pdf(tmp_path, A4)
+    answer = thumbnail(client, 'notebook.pdf', document, scale=1000)
+    subprocess.run(['gs', '-q', '-dSAFER', '-dBATCH', '-dNOPAUSE', '-sDEVICE=png16m', f'-r{72 * 1000 / 842}',
+                    '-dTextAlphaBits=4', '-dGraphicsAlphaBits=4', '-o', str(tmp_path / 'direct.png'),
+                    str(tmp_path / 'out.pdf')], check=True, timeout=60)
+    direct = (tmp_path / 'direct.png').read_bytes()
+    assert decoded(direct, tmp_path)[1:3] == decoded(answer.body, tmp_path)[1:3]
+    assert psnr(answer.body, direct, tmp_path) >= 35
 
 @pytest.mark.parametrize('fmt', ['jpg', 'png', 'gif', 'tif'])
 @pytest.mark.parametrize('scale', [123, 256])

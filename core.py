@@ -52,7 +52,8 @@ def refuse(status, reason):
 
 ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
 OPTIONAL_TYPES = {'SERVER_PORT': int, 'THUMBNAIL_WORKERS': int, 'TIME_TOLERANCE': int,
-                  'PREGENERATE_SCALE': int, 'COLLECTION_DIRS': json.loads}   # the rest: text
+                  'COLLECTION_DIRS': json.loads}   # the rest: text
+SCALE_LISTS = {'PREGENERATE_SCALE'}   # a number, a JSON list or numbers separated by commas
 TRUE_WORDS, FALSE_WORDS = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
 
 
@@ -71,6 +72,8 @@ def parse_setting(name, raw, default):
         kind = type(default) if default is not None else OPTIONAL_TYPES.get(name, str)
         if text.lower() in ('', 'none', 'null'):
             return None
+        if name in SCALE_LISTS:
+            return json.loads(text) if text.startswith('[') else [int(part) for part in text.split(',')]
         if kind in (list, dict, set):
             return json.loads(text)
         return kind(text)
@@ -114,6 +117,7 @@ def check_config(config):
                  'REQUEST_BODY_MIN_RATE', 'MAX_CONNECTIONS', 'MAX_CONNECTIONS_PER_CLIENT', 'MAX_REQUESTS_PER_CLIENT'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
+    config.PREGENERATE_SCALES = pregenerated_scales(config)
     if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:
         raise ConfigError('setting THUMBNAIL_QUEUE must be a whole number, 0 or more')
     if config.THREADS < 5:
@@ -128,6 +132,15 @@ def check_config(config):
         raise ConfigError('setting FILE_OFFLOAD must be none, nginx or apache')
     if config.FILE_OFFLOAD and config.STORAGE != 'disk':
         raise ConfigError('setting FILE_OFFLOAD works with disk storage only')
+
+def pregenerated_scales(config):
+    """PREGENERATE_SCALE as a list, largest first (each smaller one is then made from it)."""
+    chosen = config.PREGENERATE_SCALE
+    scales = [] if chosen is None else chosen if isinstance(chosen, list) else [chosen]
+    if not all(type(scale) is int and 1 <= scale <= config.MAX_THUMBNAIL_SCALE for scale in scales):
+        raise ConfigError(f'setting PREGENERATE_SCALE must be scales from 1 to MAX_THUMBNAIL_SCALE '
+                          f'({config.MAX_THUMBNAIL_SCALE}), or none')
+    return sorted(set(scales), reverse=True)
 
 ###############################################################################
 # Names #######################################################################
@@ -461,6 +474,11 @@ class Layout:
         self.orig_dir, self.thumb_dir = config.ORIG_DIR, config.THUMB_DIR
         self.staging = config.BASE_DIR
         self.thumbnail_locks = KeyedLocks()
+        self.ladder = sorted(config.PREGENERATE_SCALES)      # cached scales a smaller thumbnail may be made from
+
+    def larger_scales(self, scale):
+        """The configured scales above `scale`, smallest first: where to look for a source smaller than the original."""
+        return [larger for larger in self.ladder if larger > scale]
 
     def folder_parts(self, coll):
         """The collection's folder as path parts; 404 for a collection COLLECTION_DIRS does not name."""

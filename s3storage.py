@@ -190,7 +190,8 @@ class S3Storage(Layout):
         return bool(original) and made_from(thumbnail, original)
 
     def make_thumbnail(self, coll, name, scale, thumbnailer):
-        """Fetch the original, convert it locally, store the result; False if the original changed meanwhile."""
+        """Fetch the smallest fresh stored larger thumbnail if there is one, else the original; convert it
+        locally, store the result; False if the original changed meanwhile."""
         original_key = self.key(self.original_parts(coll, name))
         thumbnail_key = self.key(self.thumbnail_parts(coll, name, scale))
         head = self.head(original_key)
@@ -198,21 +199,43 @@ class S3Storage(Layout):
             raise ThumbnailError('No such file.')
         identity = (tuple(self.original_parts(coll, name)), head['ETag'], head['LastModified'])
         thumbnailer.raise_remembered_failure(identity, scale)      # before the download
+        larger = self.larger_fresh_thumbnail(coll, name, scale, head)
+        try:
+            self._convert_and_store(thumbnailer, larger or original_key, scale, thumbnail_key, head,
+                                    None if larger else identity)
+        except (ThumbnailError, FileNotFoundError):            # the stored source may have just gone
+            if not larger:
+                raise
+            self._convert_and_store(thumbnailer, original_key, scale, thumbnail_key, head, identity)
+        now = self.head(original_key)
+        if now is None or now['ETag'] != head['ETag']:
+            with store_errors():
+                self.client.delete_object(Bucket=self.bucket, Key=thumbnail_key)
+            return False
+        return True
+
+    def larger_fresh_thumbnail(self, coll, name, scale, original):
+        """The key of the smallest stored thumbnail of a configured larger scale made from the original's
+        current bytes, or None."""
+        for larger in self.larger_scales(scale):
+            key = self.key(self.thumbnail_parts(coll, name, larger))
+            stored = self.head(key)
+            if stored and made_from(stored, original):
+                return key
+        return None
+
+    def _convert_and_store(self, thumbnailer, source_key, scale, thumbnail_key, original, remembered):
+        """Fetch `source_key`, convert it locally and store the result as made from the original's bytes; a
+        failure is remembered only for the original itself (`remembered`): a stored source may just have gone."""
         local, handle = make_temp_file(self.staging_folder())
         handle.close()
         try:
             with store_errors():
-                self.client.download_file(self.bucket, original_key, local, Config=TRANSFER)
-            with thumbnailer.converted(local, scale, self.staging_folder(), identity) as made, store_errors():
+                self.client.download_file(self.bucket, source_key, local, Config=TRANSFER)
+            with thumbnailer.converted(local, scale, self.staging_folder(), remembered) as made, store_errors():
                 self.client.upload_file(made, self.bucket, thumbnail_key, Config=TRANSFER, ExtraArgs={
                     'ContentType': sniff_kind(made) or 'application/octet-stream',
-                    'Metadata': {SOURCE_ETAG: head['ETag']}})
-            now = self.head(original_key)
-            if now is None or now['ETag'] != head['ETag']:
-                with store_errors():
-                    self.client.delete_object(Bucket=self.bucket, Key=thumbnail_key)
-                return False
-            return True
+                    'Metadata': {SOURCE_ETAG: original['ETag']}})
         finally:
             remove_quietly(local)
 

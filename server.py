@@ -653,19 +653,40 @@ class DiskStorage(Layout):
             return False
 
     def make_thumbnail(self, coll, name, scale, thumbnailer):
-        """Convert and rename into place; False if the original changed meanwhile."""
+        """Convert (from the smallest fresh cached larger thumbnail if there is one, else the original) and
+        rename into place; False if the original changed meanwhile."""
         original = self.original_path(coll, name)
         target = self.path(self.thumbnail_parts(coll, name, scale))
         try:
             identity = file_identity(original)
-            with thumbnailer.converted(original, scale, os.path.dirname(target),
-                                       (tuple(self.original_parts(coll, name)), identity)) as made:
-                with FILE_LOCKS(original):
-                    if file_identity(original) != identity:
-                        return False
-                    os.replace(made, target)
+            remembered = (tuple(self.original_parts(coll, name)), identity)
+            larger = self.larger_fresh_thumbnail(coll, name, scale)
+            try:
+                return self._convert_into_place(thumbnailer, larger or original, scale, target, original, identity,
+                                                None if larger else remembered)
+            except (ThumbnailError, FileNotFoundError):        # the cached source may have just gone
+                if not larger:
+                    raise
+                return self._convert_into_place(thumbnailer, original, scale, target, original, identity, remembered)
         except FileNotFoundError:
             raise ThumbnailError('No such file.') from None
+
+    def larger_fresh_thumbnail(self, coll, name, scale):
+        """The path of the smallest cached thumbnail of a configured larger scale that is still fresh, or None."""
+        for larger in self.larger_scales(scale):
+            if self.thumbnail_is_fresh(coll, name, larger):
+                return self.path(self.thumbnail_parts(coll, name, larger))
+        return None
+
+    @staticmethod
+    def _convert_into_place(thumbnailer, source, scale, target, original, identity, remembered):
+        """One conversion of `source`, renamed to `target` only if the original is still `identity`. A failure
+        is remembered only for the original itself (`remembered`): a cached source may just have gone."""
+        with thumbnailer.converted(source, scale, os.path.dirname(target), remembered) as made:
+            with FILE_LOCKS(original):
+                if file_identity(original) != identity:
+                    return False
+                os.replace(made, target)
         return True
 
     def health(self):
@@ -1365,8 +1386,8 @@ def fileupload():
     if not upload.staged:
         refuse(400, 'The upload has no file part.')
     coll = param('coll')
-    scale = app.settings.PREGENERATE_SCALE
-    pregenerate = bool(scale) and sniff_kind(upload.staged) in app.thumbnailer.kinds
+    scales = app.settings.PREGENERATE_SCALES
+    pregenerate = bool(scales) and sniff_kind(upload.staged) in app.thumbnailer.kinds
     try:
         app.storage.save(coll, name, upload.staged)
     except OSError as error:
@@ -1376,8 +1397,14 @@ def fileupload():
     upload.staged = None
     app.thumbnailer.failures.forget(tuple(app.storage.original_parts(coll, name)))
     if pregenerate:
-        app.thumbnailer.in_background(functools.partial(app.storage.ensure_thumbnail, coll, name, scale))
+        app.thumbnailer.in_background(functools.partial(pregenerate_thumbnails, app.storage, coll, name, scales))
     return 'Ok.'
+
+
+def pregenerate_thumbnails(storage, coll, name, scales, thumbnailer):
+    """Make each pregenerated scale, largest first, so that each smaller one is made from the one before."""
+    for scale in scales:
+        storage.ensure_thumbnail(coll, name, scale, thumbnailer)
 
 
 def fileget():

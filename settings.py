@@ -74,7 +74,7 @@ THUMBNAIL_MEMORY_LIMIT = 256 * 1024 ** 2  # ImageMagick's memory limit for one c
 THUMBNAIL_DISK_LIMIT = 2 * 1024 ** 3    # Largest file one conversion may write (ImageMagick's disk cache included), in bytes.
 THUMBNAIL_ADDRESS_SPACE_LIMIT = 1024 ** 3  # Address space (RLIMIT_AS) of each ImageMagick or Ghostscript process, in bytes (1 GiB; the largest real thumbnail measured needs 456 MiB).
 THUMBNAIL_FAILURES_REMEMBERED = 10_000   # Failed conversions remembered (per original's bytes and scale), so a failing file costs one conversion, not one per request.
-PREGENERATE_SCALE = 123          # Scale made in the background right after an upload so the first view is instant; None turns it off.
+PREGENERATE_SCALE = 123          # Scale, or list of scales (e.g. [1000, 123]; in the environment 1000,123), made in the background right after an upload so the first view is instant: the largest first, each smaller one from it. None turns it off.
 
 # --- Metadata (getmetadata) -----------------------------------------------------
 

@@ -6,6 +6,7 @@ import stat
 
 import pytest
 
+import core
 import server
 from conftest import KEY
 
@@ -195,3 +196,16 @@ def test_access_log_escapes_control_characters_in_the_method(make_client, caplog
     client.unlinted.request('/', method='GET\x1b[2J\x00', expect_errors=True)
     assert 'GET\\x1b[2J\\x00 / ' in caplog.text
     assert '\x1b' not in caplog.text and '\x00' not in caplog.text
+
+
+@pytest.mark.parametrize('text, scales', [('1000,123', [1000, 123]), ('[123, 1000]', [1000, 123]), ('123', [123]),
+                                          ('none', [])])
+def test_pregenerate_scale_takes_a_number_or_a_list_largest_first(tmp_path, text, scales):
+    config = server.load_config(environ={'PREGENERATE_SCALE': text, 'BASE_DIR': str(tmp_path)})
+    assert config.PREGENERATE_SCALES == scales
+
+
+@pytest.mark.parametrize('text', ['0', '1000,3000', '[1.5]', 'big'])
+def test_a_pregenerate_scale_outside_1_to_max_thumbnail_scale_stops_the_start(tmp_path, text):
+    with pytest.raises(core.ConfigError, match='PREGENERATE_SCALE'):
+        server.load_config(environ={'PREGENERATE_SCALE': text, 'BASE_DIR': str(tmp_path)})

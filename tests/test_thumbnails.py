@@ -204,6 +204,71 @@ def test_a_jpeg_is_decoded_at_exactly_the_thumbnails_size_so_never_smaller(clien
     assert f'jpeg:size={expected}' in runs[-1]          # libjpeg then picks the smallest 1/8 step at least as large
 
 
+# --- The derivative ladder: a smaller thumbnail from a cached larger one -----------------------
+
+def record_sources(thumbnailer):
+    """The size (width, height) of every source a thumbnailer converts, in order."""
+    sizes = []
+    real = thumbnailer.converted
+
+    def recording(source, *args, **kwargs):
+        found = server.image_size(source, server.sniff_kind(source))
+        sizes.append((found.width, found.height) if found else None)
+        return real(source, *args, **kwargs)
+    thumbnailer.converted = recording
+    return sizes
+
+
+def ladder_client(make_client, scales):
+    """A client whose server climbs down from `scales`, its uploads not pregenerated (the test asks itself)."""
+    client = make_client(PREGENERATE_SCALE=scales)
+    client.app.thumbnailer.in_background = lambda job: None
+    return client
+
+
+def test_a_smaller_thumbnail_is_made_from_the_cached_larger_scale(make_client, tmp_path, detailed_jpeg):
+    client = ladder_client(make_client, [600])
+    client.upload('sheet.jpg', detailed_jpeg)
+    assert client.fileget('sheet.jpg', 'T', scale='600').status_int == 200
+    sources = record_sources(client.app.thumbnailer)
+    answer = client.fileget('sheet.jpg', 'T', scale='123')
+    assert sources == [(600, 450)]                       # the cached 600, not the 2400x1800 original
+    kind, width, height = decoded(answer.body, tmp_path)[:3]
+    assert (kind, width) == ('JPEG', 123) and abs(height - 92) <= 1     # 92 from the original: 1800 * 123 / 2400
+
+
+def test_a_cached_larger_thumbnail_of_replaced_bytes_is_not_used(make_client, tmp_path, detailed_jpeg):
+    client = ladder_client(make_client, [600])
+    client.upload('sheet.jpg', detailed_jpeg)
+    assert client.fileget('sheet.jpg', 'T', scale='600').status_int == 200
+    client.upload('sheet.jpg', make_image(tmp_path, 'plasma:', '900x1200', 'jpg'))
+    sources = record_sources(client.app.thumbnailer)
+    client.fileget('sheet.jpg', 'T', scale='123')
+    assert sources == [(900, 1200)]
+
+
+def test_a_cached_larger_thumbnail_that_cannot_be_read_falls_back_to_the_original_without_a_remembered_failure(
+        make_client, tmp_path, jpeg):
+    client = ladder_client(make_client, [600])
+    client.upload('photo.jpg', jpeg)
+    client.upload('garbage.jpg', b'\xff\xd8 not a picture')
+    storage = client.app.storage
+    garbage = storage.original_parts('Fish', 'garbage.jpg')
+    broken = storage.key(garbage) if hasattr(storage, 'key') else storage.path(garbage)
+    storage.larger_fresh_thumbnail = lambda *args: broken
+    answer = client.fileget('photo.jpg', 'T', scale='123')
+    assert decoded(answer.body, tmp_path)[:3] == ('JPEG', 123, 82)
+
+
+def test_pregenerated_scales_are_made_largest_first_each_from_the_one_before(make_client, detailed_jpeg):
+    client = make_client(PREGENERATE_SCALE=[123, 600])
+    sources = record_sources(client.app.thumbnailer)
+    client.upload('sheet.jpg', detailed_jpeg)
+    assert wait_for(lambda: len(sources) == 2, 60)
+    assert sources == [(2400, 1800), (600, 450)]
+    assert client.fileget('sheet.jpg', 'T', scale='123').status_int == 200
+
+
 A4 = ('%!PS\n<< /PageSize [595 842] >> setpagedevice /Helvetica findfont 7 scalefont setfont\n'
       + ''.join(f'40 {800 - 12 * line} moveto (Field notebook, station {line}: Quercus robur, 3 specimens) show\n'
                 for line in range(60)) + 'showpage\n')

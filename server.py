@@ -413,10 +413,9 @@ class Thumbnailer:
             self._remembering(identity, None, render)     # a page that fails does so at every scale
             source = 'page.png'
         hint = []
-        if kind == 'image/jpeg' and size:
-            needed = fitted(size.width, size.height, scale)
-            if needed[0] * 2 <= size.width:          # libjpeg decodes at the smallest 1/8 step still as large
-                hint = ['-define', 'jpeg:size={}x{}'.format(*needed)]
+        shrink = kind == 'image/jpeg' and size and jpeg_shrink(size.width, size.height, scale)
+        if shrink:
+            hint = ['-define', f'jpeg:size={size.width // shrink}x{size.height // shrink}']
         flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
         self._remembering(identity, scale, lambda: self._run(
             self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
@@ -531,6 +530,18 @@ def fitted(width, height, scale):
     if width >= height:
         return scale, max(1, round(height * scale / width))
     return max(1, round(width * scale / height)), scale
+
+
+def jpeg_shrink(width, height, scale):
+    """The largest factor (8, 4 or 2; None: none) libjpeg may decode a JPEG smaller by for a `scale` thumbnail:
+    the decoded image is still at least the thumbnail's size, never smaller, and its sides are exact (both
+    divisible), so the thumbnail's size comes out as from the whole image, to the pixel."""
+    needed_width, needed_height = fitted(width, height, scale)
+    for factor in (8, 4, 2):
+        if (width % factor == height % factor == 0 and width // factor >= needed_width
+                and height // factor >= needed_height):
+            return factor
+    return None
 
 
 def out_of_room(folder):

@@ -195,13 +195,17 @@ def test_a_jpeg_preview_decoded_at_reduced_size_matches_one_from_the_full_decode
     assert psnr(answer.body, full_decode_thumbnail(detailed_jpeg, 600, tmp_path), tmp_path) >= 35
 
 
-@pytest.mark.parametrize('size, scale, expected', [('2400x1800', 600, '600x450'), ('1801x1201', 900, '900x600'),
-                                                   ('300x4000', 1000, '75x1000')])
-def test_a_jpeg_is_decoded_at_exactly_the_thumbnails_size_so_never_smaller(client, tmp_path, size, scale, expected):
+@pytest.mark.parametrize('size, scale, expected, hint', [
+    ('2400x1800', 600, '600x450', 'jpeg:size=600x450'),     # a quarter: still the thumbnail's size
+    ('1000x750', 123, '123x92', 'jpeg:size=500x375'),       # an eighth or a quarter would not divide 750
+    ('300x4000', 1000, '75x1000', 'jpeg:size=75x1000'),
+    ('1801x1201', 900, '900x600', None)])                   # odd sides: decoded whole
+def test_a_jpeg_is_decoded_reduced_only_to_exact_sides_at_least_its_thumbnails_size(client, tmp_path, size, scale,
+                                                                                     expected, hint):
     runs = run_counter(client.app.thumbnailer)
     answer = thumbnail(client, 'photo.jpg', make_image(tmp_path, 'plasma:', size, 'jpg'), scale=scale)
-    assert 'x'.join(map(str, decoded(answer.body, tmp_path)[1:3])) == expected
-    assert f'jpeg:size={expected}' in runs[-1]          # libjpeg then picks the smallest 1/8 step at least as large
+    assert 'x'.join(map(str, decoded(answer.body, tmp_path)[1:3])) == expected     # as from the whole image
+    assert [arg for arg in runs[-1] if arg.startswith('jpeg:size=')] == ([hint] if hint else [])
 
 
 # --- The derivative ladder: a smaller thumbnail from a cached larger one -----------------------

@@ -1132,13 +1132,16 @@ HOST_PORT = re.compile(r'(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(?::([0-9]{1,5}))?')
 DEFAULT_PORTS = {'http': '80', 'https': '443'}
 
 
-def is_utf8_path(path):
-    """Whether a WSGI path (bytes as latin-1) is UTF-8; Bottle would drop the bytes that are not."""
+def unroutable(environ):
+    """Why a request cannot reach Bottle (a Content-Length that is not a number; a path, as WSGI's latin-1
+    bytes, that is not UTF-8, whose bad bytes Bottle would drop), or None."""
+    if not re.fullmatch(r'[0-9]*', environ.get('CONTENT_LENGTH') or ''):
+        return b'Bad Content-Length.'
     try:
-        path.encode('latin-1').decode('utf-8')
-        return True
+        environ.get('PATH_INFO', '').encode('latin-1').decode('utf-8')
     except UnicodeError:
-        return False
+        return b'The path is not UTF-8.'
+    return None
 
 
 def unescape_query(query):
@@ -1232,12 +1235,10 @@ class AssetServer(bottle.Bottle):
                          printable(environ.get('REQUEST_METHOD', '')), printable(environ.get('PATH_INFO', '')),
                          status.split(' ', 1)[0], 1000 * (time.time() - started))
             return start_response(status, headers, exc_info)
-        if not re.fullmatch(r'[0-9]*', environ.get('CONTENT_LENGTH') or ''):
+        problem = unroutable(environ)
+        if problem:
             start_stamped('400 Bad Request', [('Content-Type', 'text/plain; charset=UTF-8')])
-            return [b'Bad Content-Length.']
-        if not is_utf8_path(environ.get('PATH_INFO', '')):
-            start_stamped('400 Bad Request', [('Content-Type', 'text/plain; charset=UTF-8')])
-            return [b'The path is not UTF-8.']
+            return [problem]
         return super().wsgi(environ, start_stamped)
 
     def default_error_handler(self, error):

@@ -1,5 +1,6 @@
 """Thumbnails of every collection format: right kind and size (decoded, not guessed), bounded, never half-made."""
 
+import contextlib
 import functools
 import io
 import math
@@ -778,20 +779,28 @@ def test_a_thumbnail_request_beyond_the_queue_is_answered_503_with_retry_after_a
     assert statuses == [200, 200]
 
 
-def test_a_thumbnail_request_that_waits_longer_than_the_queue_wait_is_answered_503(make_client, jpeg):
-    client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE_WAIT=1)
+@contextlib.contextmanager
+def the_one_slot_held(client, jpeg):
+    """Upload a.jpg and b.jpg, and hold a conversion of a.jpg (at scale 100) in the one slot until the block ends;
+    yields the list that then holds that request's status."""
     client.upload('a.jpg', jpeg)
     client.upload('b.jpg', jpeg)
     seen = gate_conversions(client.app.thumbnailer)
-    held = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int)
+    held, statuses = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int), []
     try:
         assert wait_for(lambda: seen['running'] == 1, 30)
+        yield statuses
+    finally:
+        seen['gate'].set()
+        statuses.extend(joined(*held))
+
+
+def test_a_thumbnail_request_that_waits_longer_than_the_queue_wait_is_answered_503(make_client, jpeg):
+    client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE_WAIT=1)
+    with the_one_slot_held(client, jpeg):
         started = time.monotonic()
         answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503))
         waited = time.monotonic() - started
-    finally:
-        seen['gate'].set()
-        joined(*held)
     assert answer.headers['Retry-After'] == '5'
     assert 1 <= waited < 5
 
@@ -854,35 +863,19 @@ def test_interactive_work_waiting_goes_ahead_of_background_work():
 def test_a_request_waits_for_a_background_conversion_of_its_thumbnail_no_longer_than_thumbnail_queue_wait(
         make_client, jpeg):
     client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE_WAIT=1)
-    client.upload('a.jpg', jpeg)
-    client.upload('b.jpg', jpeg)
-    seen = gate_conversions(client.app.thumbnailer)
     locks = client.app.storage.thumbnail_locks = Arrivals(client.app.storage.thumbnail_locks)
-    held = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int)   # holds the one slot
-    try:
-        assert wait_for(lambda: seen['running'] == 1, 30)
+    with the_one_slot_held(client, jpeg):
         client.app.thumbnailer.in_background(            # as an upload's pregeneration: b's lock, waiting for a slot
             functools.partial(client.app.storage.ensure_thumbnail, 'Fish', 'b.jpg', 100))
         assert wait_for(lambda: locks.count == 2, 30)
         started = time.monotonic()
         answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503), seconds=10)
         waited = time.monotonic() - started
-    finally:
-        seen['gate'].set()
-        joined(*held)
     assert answer.headers['Retry-After'] == '5' and 1 <= waited < 5
 
 
 def test_conversions_leave_five_of_the_threads_to_other_requests(make_client, jpeg):
     client = make_client(THREADS=6, THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE=16)     # one may wait or convert
-    client.upload('a.jpg', jpeg)
-    client.upload('b.jpg', jpeg)
-    seen = gate_conversions(client.app.thumbnailer)
-    held = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int)
-    try:
-        assert wait_for(lambda: seen['running'] == 1, 30)
+    with the_one_slot_held(client, jpeg) as statuses:
         answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503))
-    finally:
-        seen['gate'].set()
-        statuses = joined(*held)
     assert (answer.headers['Retry-After'], statuses) == ('5', [200])

@@ -6,6 +6,7 @@ it imports none of them. Sections: configuration, names, file kinds, errors, dur
 the storage interface, answers for stored files, a seekable reader.
 """
 
+import collections
 import contextlib
 import email.utils
 import io
@@ -114,7 +115,8 @@ def check_config(config):
                  'THUMBNAIL_ADDRESS_SPACE_LIMIT', 'THUMBNAIL_FAILURES_REMEMBERED', 'METADATA_WORKERS',
                  'METADATA_WAIT', 'METADATA_TIMEOUT', 'METADATA_MEMORY_LIMIT', 'METADATA_MAX_READ',
                  'METADATA_MAX_VALUE', 'METADATA_MAX_ANSWER', 'REQUEST_HEAD_TIMEOUT', 'REQUEST_BODY_GRACE',
-                 'REQUEST_BODY_MIN_RATE', 'MAX_CONNECTIONS', 'MAX_CONNECTIONS_PER_CLIENT', 'MAX_REQUESTS_PER_CLIENT'):
+                 'REQUEST_BODY_MIN_RATE', 'MAX_CONNECTIONS', 'MAX_CONNECTIONS_PER_CLIENT', 'MAX_REQUESTS_PER_CLIENT',
+                 'THUMBNAIL_OTHER_SCALES', 'THUMBNAIL_OTHER_SCALES_ORIGINALS'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
     config.PREGENERATE_SCALES = pregenerated_scales(config)
@@ -176,26 +178,37 @@ def valid_scale(text, bound):
     return int(text)
 
 
-def thumbnail_name(name, scale):
-    """The upstream cache name of a thumbnail: <root>_<scale><ext>."""
+def thumbnail_name(name, scale, webp=False):
+    """The upstream cache name of a thumbnail: <root>_<scale><ext>; <root>_<scale>_webp<ext> for the
+    one answered to browsers that accept WebP (no upstream name ends so: their scale is digits)."""
     root, ext = os.path.splitext(name)
-    return f'{root}_{scale}{ext}'
+    return f'{root}_{scale}{WEBP_MARK if webp else ""}{ext}'
+
+
+WEBP_MARK = '_webp'
+
+
+def parse_thumbnail_name(candidate):
+    """(original name, scale, webp) of the thumbnail cache name `candidate` (thumbnail_name undone), or None."""
+    root, ext = os.path.splitext(candidate)
+    match = re.fullmatch(r'(.*)_([0-9]+)(' + WEBP_MARK + ')?', root, re.DOTALL)
+    if match is None:
+        return None
+    source, scale, webp = match.group(1) + ext, int(match.group(2)), bool(match.group(3))
+    return (source, scale, webp) if thumbnail_name(source, scale, webp) == candidate else None
 
 
 def thumbnail_source(candidate):
-    """The original name whose thumbnail cache name `candidate` is (thumbnail_name undone), or None."""
-    root, ext = os.path.splitext(candidate)
-    match = re.fullmatch(r'(.*)_([0-9]+)', root, re.DOTALL)
-    if match is None:
-        return None
-    source = match.group(1) + ext
-    return source if thumbnail_name(source, int(match.group(2))) == candidate else None
+    """The original name whose thumbnail cache name `candidate` is, or None."""
+    parsed = parse_thumbnail_name(candidate)
+    return parsed and parsed[0]
 
 
 def is_thumbnail_of(candidate, name):
     """True when `candidate` is the cache name of one of `name`'s thumbnails."""
     root, ext = os.path.splitext(name)
-    return re.fullmatch(re.escape(root) + r'_[0-9]+' + re.escape(ext), candidate) is not None
+    pattern = re.escape(root) + r'_[0-9]+(?:' + WEBP_MARK + ')?' + re.escape(ext)
+    return re.fullmatch(pattern, candidate, re.DOTALL) is not None
 
 
 ###############################################################################
@@ -226,6 +239,8 @@ def kind_of(head):
         return 'image/tiff'
     if head.startswith(b'%PDF-'):          # not merely inside: Ghostscript would run PostScript
         return 'application/pdf'
+    if head[:4] == b'RIFF' and head[8:12] == b'WEBP':
+        return 'image/webp'
     if head[4:8] == b'ftyp' and head[8:12] in HEIF_BRANDS:
         return 'image/heic' if head[8:12].startswith(b'he') else 'image/heif'
     return None
@@ -437,6 +452,27 @@ class KeyedLocks:
                 if not entry[1]:
                     del self._locks[key]
 
+class OtherScales:
+    """The cached thumbnails of scales that are not configured, per original, newest last: each original keeps
+    at most `per_original`, and at most `originals` originals are followed (the least recently added to is
+    dropped, its thumbnails with it), so no client can fill the cache by asking for every scale."""
+
+    def __init__(self, per_original, originals):
+        self.per_original, self.originals = per_original, originals
+        self.kept, self.lock = collections.OrderedDict(), threading.Lock()
+
+    def added(self, owner, cache_name):
+        """Note a thumbnail just stored for `owner`; return the (owner, cache name)s to remove now."""
+        with self.lock:
+            names = [kept for kept in self.kept.pop(owner, []) if kept != cache_name] + [cache_name]
+            self.kept[owner] = names[-self.per_original:]
+            removed = [(owner, old) for old in names[:-self.per_original]]
+            while len(self.kept) > self.originals:
+                dropped, old_names = self.kept.popitem(last=False)
+                removed += [(dropped, old) for old in old_names]
+            return removed
+
+
 def sweep_folder(folder, cutoff):
     """Remove our temporary files and folders in `folder` last touched before `cutoff`."""
     try:
@@ -466,7 +502,7 @@ class Layout:
 
     Keys and paths are <collection folder>/<originals|thumbnails>/<name>, the collection
     folder only when COLLECTION_DIRS maps collections to folders. A storage adds save,
-    delete, exists, open, send, send_thumbnail, send_static and two thumbnail steps.
+    delete, exists, open, send, send_thumbnail, send_static, remove_thumbnail and two thumbnail steps.
     """
 
     def __init__(self, config):
@@ -475,6 +511,7 @@ class Layout:
         self.staging = config.BASE_DIR
         self.thumbnail_locks = KeyedLocks()
         self.ladder = sorted(config.PREGENERATE_SCALES)      # cached scales a smaller thumbnail may be made from
+        self.other_scales = OtherScales(config.THUMBNAIL_OTHER_SCALES, config.THUMBNAIL_OTHER_SCALES_ORIGINALS)
 
     def larger_scales(self, scale):
         """The configured scales above `scale`, smallest first: where to look for a source smaller than the original."""
@@ -491,8 +528,8 @@ class Layout:
     def original_parts(self, coll, name):
         return [*self.folder_parts(coll), self.orig_dir, name]
 
-    def thumbnail_parts(self, coll, name, scale):
-        return [*self.folder_parts(coll), self.thumb_dir, thumbnail_name(name, scale)]
+    def thumbnail_parts(self, coll, name, scale, webp=False):
+        return [*self.folder_parts(coll), self.thumb_dir, thumbnail_name(name, scale, webp)]
 
     def owns_thumbnail(self, coll, name):
         """A test for the cache names of `name`'s thumbnails: <root>_<scale><ext>, and for a PDF also
@@ -521,26 +558,34 @@ class Layout:
         """Remove temporaries left by a crash (not touched for an hour) in the staging folder."""
         sweep_folder(self.staging, time.time() - older_than)
 
-    def ensure_thumbnail(self, coll, name, scale, thumbnailer):
+    def ensure_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
         """Make the thumbnail of `name` at `scale` unless a fresh one is stored; one conversion at a time."""
-        if len(thumbnail_name(name, scale).encode('utf-8', 'surrogatepass')) > 255:
+        if len(thumbnail_name(name, scale, webp).encode('utf-8', 'surrogatepass')) > 255:
             raise ThumbnailError('The file name is too long to name its thumbnail.')
-        if self.thumbnail_is_fresh(coll, name, scale):
+        if self.thumbnail_is_fresh(coll, name, scale, webp):
             return
-        with thumbnailer.admitted(), self.turn_at(coll, name, scale, thumbnailer):   # others wait for this conversion
+        with thumbnailer.admitted(), self.turn_at(coll, name, scale, webp, thumbnailer):   # others wait for it
             for _attempt in range(3):
-                if self.thumbnail_is_fresh(coll, name, scale):
+                if self.thumbnail_is_fresh(coll, name, scale, webp):
                     return
-                if self.make_thumbnail(coll, name, scale, thumbnailer):
+                if self.make_thumbnail(coll, name, scale, thumbnailer, webp):
+                    self.keep_within_bounds(coll, name, scale, webp)
                     return
             raise ThumbnailError('The file kept changing while its thumbnail was made.')
 
+    def keep_within_bounds(self, coll, name, scale, webp):
+        """After storing a thumbnail of a scale that is not configured, remove what OtherScales says is too many."""
+        if scale in self.ladder:
+            return
+        for (old_coll, _old_name), cache_name in self.other_scales.added((coll, name), thumbnail_name(name, scale, webp)):
+            self.remove_thumbnail(old_coll, cache_name)
+
     @contextlib.contextmanager
-    def turn_at(self, coll, name, scale, thumbnailer):
+    def turn_at(self, coll, name, scale, webp, thumbnailer):
         """Hold the lock of one thumbnail; ThumbnailsBusy when a client would wait for it longer than its turn."""
         with contextlib.ExitStack() as held:
             try:
-                held.enter_context(self.thumbnail_locks((coll, name, scale), thumbnailer.turn_wait()))
+                held.enter_context(self.thumbnail_locks((coll, name, scale, webp), thumbnailer.turn_wait()))
             except TimeoutError:
                 raise ThumbnailsBusy() from None
             yield

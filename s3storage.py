@@ -11,12 +11,14 @@ StorageUnavailable (503), as does an object that keeps changing while it is read
 """
 
 import contextlib
+import functools
 import io
 import logging
 import os
 
 import boto3
 import bottle
+from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
@@ -66,6 +68,9 @@ def store_errors():
     except BotoCoreError as error:
         log.warning('object store unreachable: %s', error)
         raise StorageUnavailable('the object store cannot be reached') from None
+    except (S3UploadFailedError, S3TransferFailedError) as error:     # boto3's transfers wrap the store's errors
+        log.warning('object store transfer failed: %s', error)
+        raise StorageUnavailable('the object store failed a transfer') from None
 
 
 class S3Storage(Layout):
@@ -138,8 +143,13 @@ class S3Storage(Layout):
     def send(self, coll, name, headers=None):
         return self.send_object(self.key(self.original_parts(coll, name)), headers)
 
-    def send_thumbnail(self, coll, name, scale, headers=None):
-        return self.send_object(self.key(self.thumbnail_parts(coll, name, scale)), headers)
+    def send_thumbnail(self, coll, name, scale, headers=None, webp=False):
+        return self.send_object(self.key(self.thumbnail_parts(coll, name, scale, webp)), headers)
+
+    def remove_thumbnail(self, coll, cache_name):
+        with store_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=self.key([*self.folder_parts(coll), self.thumb_dir,
+                                                                        cache_name]))
 
     def send_static(self, parts):
         if not self.is_static_parts(parts):
@@ -183,30 +193,31 @@ class S3Storage(Layout):
         return file_answer(size, found['ETag'], found['LastModified'].timestamp(),
                            found.get('ContentType') or 'application/octet-stream', headers, body_for)
 
-    def thumbnail_is_fresh(self, coll, name, scale):
+    def thumbnail_is_fresh(self, coll, name, scale, webp=False):
         """A stored thumbnail counts when it was made from the original's current bytes."""
-        thumbnail = self.head(self.key(self.thumbnail_parts(coll, name, scale)))
+        thumbnail = self.head(self.key(self.thumbnail_parts(coll, name, scale, webp)))
         original = thumbnail and self.head(self.key(self.original_parts(coll, name)))
         return bool(original) and made_from(thumbnail, original)
 
-    def make_thumbnail(self, coll, name, scale, thumbnailer):
+    def make_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
         """Fetch the smallest fresh stored larger thumbnail if there is one, else the original; convert it
         locally, store the result; False if the original changed meanwhile."""
         original_key = self.key(self.original_parts(coll, name))
-        thumbnail_key = self.key(self.thumbnail_parts(coll, name, scale))
+        thumbnail_key = self.key(self.thumbnail_parts(coll, name, scale, webp))
         head = self.head(original_key)
         if head is None:
             raise ThumbnailError('No such file.')
         identity = (tuple(self.original_parts(coll, name)), head['ETag'], head['LastModified'])
         thumbnailer.raise_remembered_failure(identity, scale)      # before the download
         larger = self.larger_fresh_thumbnail(coll, name, scale, head)
+        convert = functools.partial(self._convert_and_store, thumbnailer, scale=scale, webp=webp,
+                                    thumbnail_key=thumbnail_key, original=head)
         try:
-            self._convert_and_store(thumbnailer, larger or original_key, scale, thumbnail_key, head,
-                                    None if larger else identity)
+            convert(larger or original_key, remembered=None if larger else identity)
         except (ThumbnailError, FileNotFoundError):            # the stored source may have just gone
             if not larger:
                 raise
-            self._convert_and_store(thumbnailer, original_key, scale, thumbnail_key, head, identity)
+            convert(original_key, remembered=identity)
         now = self.head(original_key)
         if now is None or now['ETag'] != head['ETag']:
             with store_errors():
@@ -224,7 +235,7 @@ class S3Storage(Layout):
                 return key
         return None
 
-    def _convert_and_store(self, thumbnailer, source_key, scale, thumbnail_key, original, remembered):
+    def _convert_and_store(self, thumbnailer, source_key, *, scale, webp, thumbnail_key, original, remembered):
         """Fetch `source_key`, convert it locally and store the result as made from the original's bytes; a
         failure is remembered only for the original itself (`remembered`): a stored source may just have gone."""
         local, handle = make_temp_file(self.staging_folder())
@@ -232,7 +243,7 @@ class S3Storage(Layout):
         try:
             with store_errors():
                 self.client.download_file(self.bucket, source_key, local, Config=TRANSFER)
-            with thumbnailer.converted(local, scale, self.staging_folder(), remembered) as made, store_errors():
+            with thumbnailer.converted(local, scale, self.staging_folder(), remembered, webp) as made, store_errors():
                 self.client.upload_file(made, self.bucket, thumbnail_key, Config=TRANSFER, ExtraArgs={
                     'ContentType': sniff_kind(made) or 'application/octet-stream',
                     'Metadata': {SOURCE_ETAG: original['ETag']}})

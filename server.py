@@ -153,6 +153,7 @@ INPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif',
                 'image/tiff': 'tiff', 'image/heic': 'heic', 'image/heif': 'heic',
                 'application/pdf': 'png'}          # PDFs reach ImageMagick as Ghostscript's PNG
 OUTPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif'}  # the rest become PNG
+WEBP_QUALITY = 80               # libwebp's quality for thumbnails answered as WebP (transparency kept)
 
 
 def executables_named(name):
@@ -359,8 +360,9 @@ class Thumbnailer:
             raise ThumbnailError(reason)
 
     @contextlib.contextmanager
-    def converted(self, source, scale, folder, identity=None):
-        """Yield the path of `source`'s thumbnail, made in a scratch folder inside `folder` and removed after.
+    def converted(self, source, scale, folder, identity=None, webp=False):
+        """Yield the path of `source`'s thumbnail (WebP if `webp`, unless it is a GIF), made in a scratch folder
+        inside `folder` and removed after.
 
         `identity` names the original's current bytes: a failure is remembered under it and
         answered again without converting.
@@ -374,7 +376,7 @@ class Thumbnailer:
         try:
             os.symlink(source, os.path.join(scratch, 'in'))
             with self.slots(self.work):      # at most THUMBNAIL_WORKERS conversions at once
-                self._convert(kind, scale, size, scratch, identity)
+                self._convert(kind, scale, size, scratch, identity, webp)
             made = os.path.join(scratch, 'out')
             with open(made, 'rb') as out:
                 os.fsync(out.fileno())
@@ -404,7 +406,7 @@ class Thumbnailer:
                 self.failures.remember(identity, scale, str(error))
             raise
 
-    def _convert(self, kind, scale, size, scratch, identity):
+    def _convert(self, kind, scale, size, scratch, identity, webp=False):
         """Run the tools with file names of our own (scratch/in -> scratch/out), never a client's."""
         deadline = time.monotonic() + self.timeout
         source = 'in'
@@ -417,10 +419,13 @@ class Thumbnailer:
         if shrink:
             hint = ['-define', f'jpeg:size={size.width // shrink}x{size.height // shrink}']
         flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
+        output = [f'{OUTPUT_CODERS.get(kind, "png")}:out']
+        if webp and output != ['gif:out']:
+            output = ['-quality', str(WEBP_QUALITY), 'webp:out']
         self._remembering(identity, scale, lambda: self._run(
             self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
             '-auto-orient', '-thumbnail', f'{scale}x{scale}>', '+repage', *flatten,
-            '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch, deadline=deadline))
+            '-strip', *output, scratch=scratch, deadline=deadline))
 
     def _render_page(self, scratch, scale, deadline):
         """Ghostscript renders the first page so that its long side is `scale` pixels: a page of its shape
@@ -515,12 +520,15 @@ class Thumbnailer:
         return view
 
     def _work_backlog(self):
+        """Work the backlog for the server's lifetime: a job's failure is that job's, never the worker's end."""
         while True:
             job = self.backlog.get()
             try:
                 job(self.as_background())
             except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, OSError, bottle.HTTPError):
                 pass
+            except Exception:
+                log.exception('pregeneration failed')
 
 
 def fitted(width, height, scale):
@@ -645,8 +653,11 @@ class DiskStorage(Layout):
             refuse(404, 'No such file.')
         return send_file(path, content_type(path, name), headers)
 
-    def send_thumbnail(self, coll, name, scale, headers=None):
-        return send_file(self.path(self.thumbnail_parts(coll, name, scale)), None, headers)
+    def send_thumbnail(self, coll, name, scale, headers=None, webp=False):
+        return send_file(self.path(self.thumbnail_parts(coll, name, scale, webp)), None, headers)
+
+    def remove_thumbnail(self, coll, cache_name):
+        remove_quietly(self.path([*self.folder_parts(coll), self.thumb_dir, cache_name]))
 
     def send_static(self, parts):
         """An original with the type of its name, a thumbnail (PNG for a PDF, TIFF or HEIC) with its bytes'."""
@@ -655,30 +666,31 @@ class DiskStorage(Layout):
             refuse(404, 'No such file.')
         return send_file(path, None if parts[-2] == self.thumb_dir else content_type(path, parts[-1]))
 
-    def thumbnail_is_fresh(self, coll, name, scale):
+    def thumbnail_is_fresh(self, coll, name, scale, webp=False):
         """A cached thumbnail counts when it is not older than its original."""
         try:
-            thumbnail = os.stat(self.path(self.thumbnail_parts(coll, name, scale)))
+            thumbnail = os.stat(self.path(self.thumbnail_parts(coll, name, scale, webp)))
             return thumbnail.st_mtime_ns >= os.stat(self.original_path(coll, name)).st_mtime_ns
         except FileNotFoundError:
             return False
 
-    def make_thumbnail(self, coll, name, scale, thumbnailer):
+    def make_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
         """Convert (from the smallest fresh cached larger thumbnail if there is one, else the original) and
         rename into place; False if the original changed meanwhile."""
         original = self.original_path(coll, name)
-        target = self.path(self.thumbnail_parts(coll, name, scale))
+        target = self.path(self.thumbnail_parts(coll, name, scale, webp))
+        convert = functools.partial(self._convert_into_place, thumbnailer, scale=scale, webp=webp, target=target,
+                                    original=original)
         try:
             identity = file_identity(original)
             remembered = (tuple(self.original_parts(coll, name)), identity)
             larger = self.larger_fresh_thumbnail(coll, name, scale)
             try:
-                return self._convert_into_place(thumbnailer, larger or original, scale, target, original, identity,
-                                                None if larger else remembered)
+                return convert(larger or original, identity=identity, remembered=None if larger else remembered)
             except (ThumbnailError, FileNotFoundError):        # the cached source may have just gone
                 if not larger:
                     raise
-                return self._convert_into_place(thumbnailer, original, scale, target, original, identity, remembered)
+                return convert(original, identity=identity, remembered=remembered)
         except FileNotFoundError:
             raise ThumbnailError('No such file.') from None
 
@@ -690,10 +702,10 @@ class DiskStorage(Layout):
         return None
 
     @staticmethod
-    def _convert_into_place(thumbnailer, source, scale, target, original, identity, remembered):
+    def _convert_into_place(thumbnailer, source, *, scale, webp, target, original, identity, remembered):
         """One conversion of `source`, renamed to `target` only if the original is still `identity`. A failure
         is remembered only for the original itself (`remembered`): a cached source may just have gone."""
-        with thumbnailer.converted(source, scale, os.path.dirname(target), remembered) as made:
+        with thumbnailer.converted(source, scale, os.path.dirname(target), remembered, webp) as made:
             with FILE_LOCKS(original):
                 if file_identity(original) != identity:
                     return False
@@ -1338,12 +1350,12 @@ def require_original(coll, name):
         refuse(404, 'No such file.')
 
 
-def ensure_thumbnail(coll, name, scale):
+def ensure_thumbnail(coll, name, scale, webp=False):
     """Make the thumbnail a request asks for: 404 when it cannot be made, 507 when the disk has no room
     (no space or no inode) for it or its scratch folder."""
     app = bottle.request.app
     try:
-        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer)
+        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer, webp)
     except ThumbnailError as error:
         refuse(404, str(error))
     except OSError as error:
@@ -1430,8 +1442,21 @@ def fileget():
         if downloadname else None
     if kind == 'O':
         return app.storage.send(coll, name, headers)
-    ensure_thumbnail(coll, name, scale)     # 404 without an original
-    return app.storage.send_thumbnail(coll, name, scale, headers)
+    webp = app.settings.WEBP_THUMBNAILS and accepts_webp(bottle.request.headers.get('Accept', ''))
+    ensure_thumbnail(coll, name, scale, webp)     # 404 without an original
+    if app.settings.WEBP_THUMBNAILS:
+        headers = dict(headers or {}, Vary='Accept')
+    return app.storage.send_thumbnail(coll, name, scale, headers, webp)
+
+
+def accepts_webp(accept):
+    """Whether an Accept header names image/webp with a quality above 0 (`*/*` does not count: Java's default has it)."""
+    for item in accept.split(','):
+        media_type, *parameters = [part.strip().lower() for part in item.split(';')]
+        if media_type == 'image/webp':
+            quality = [p[2:].strip() for p in parameters if p.startswith('q=')]
+            return not quality or not re.fullmatch(r'0(\.0{0,3})?', quality[0])
+    return False
 
 
 def filedelete():

@@ -13,6 +13,7 @@ import threading
 import time
 from urllib.parse import urlencode
 
+import boto3
 import pytest
 from botocore.response import StreamingBody
 
@@ -512,3 +513,27 @@ def test_a_1_gb_upload_to_s3_keeps_the_server_under_150_mb(tmp_path, seaweed):
         assert int(headers['Content-Length']) == size
     finally:
         web.stop()
+
+
+def failing_transfers(storage):
+    """Make every upload to the store fail as boto3 reports a PutObject that kept answering InternalError."""
+    def fail(*_args, **_kwargs):
+        raise boto3.exceptions.S3UploadFailedError('Failed to upload: An error occurred (InternalError) when calling '
+                                                   'the PutObject operation (reached max retries: 2)')
+    storage.client.upload_file = fail
+
+
+def test_an_upload_the_store_fails_to_take_answers_503(tmp_path, seaweed, jpeg):
+    client = s3_client(tmp_path, seaweed, 'put-fails')
+    failing_transfers(client.app.storage)
+    answer = client.upload('a.jpg', jpeg, status=503)
+    assert 'unavailable' in answer.text and answer.headers['Retry-After'] == str(server.RETRY_AFTER)
+
+
+def test_a_thumbnail_the_store_fails_to_take_answers_503(tmp_path, seaweed, jpeg):
+    client = s3_client(tmp_path, seaweed, 'thumbnail-put-fails')
+    client.upload('a.jpg', jpeg)
+    failing_transfers(client.app.storage)
+    answer = client.fileget('a.jpg', 'T', scale='64', status=503)
+    assert answer.headers['Retry-After'] == str(server.RETRY_AFTER)
+

@@ -78,9 +78,16 @@ def test_a_thumbnail_cache_name_puts_the_scale_between_the_last_root_and_the_ext
     assert core.thumbnail_name('noext', 64) == 'noext_64'
 
 
+def test_a_webp_thumbnails_cache_name_marks_it_after_the_scale():
+    assert core.thumbnail_name('a.b.jpg', 64, webp=True) == 'a.b_64_webp.jpg'
+    assert core.thumbnail_name('noext', 64, webp=True) == 'noext_64_webp'
+
+
 @pytest.mark.parametrize('candidate, owned', [('a_64.jpg', True), ('a_0.jpg', True), ('a_.jpg', False),
                                               ('a_6x.jpg', False), ('ab_64.jpg', False), ('a_64.jpgx', False),
-                                              ('xa_64.jpg', False), ('a_64.png', False), ('a.jpg', False)])
+                                              ('xa_64.jpg', False), ('a_64.png', False), ('a.jpg', False),
+                                              ('a_64_webp.jpg', True), ('a_webp.jpg', False), ('a_64_webpx.jpg', False),
+                                              ('a_64_webp_webp.jpg', False), ('a_64.jpg_webp', False)])
 def test_a_thumbnail_of_a_jpg_is_named_root_underscore_digits_jpg_and_nothing_else(candidate, owned):
     assert core.is_thumbnail_of(candidate, 'a.jpg') is owned
 
@@ -284,9 +291,17 @@ def test_a_token_over_an_original_does_not_read_an_original_named_like_its_thumb
 @pytest.mark.parametrize('name', ['a.jpg', 'a_64.jpg', 'noext', '.hidden', 'a.b.c', 'a.', 'x\n_1.jpg', '_1.jpg'])
 def test_a_thumbnails_cache_name_leads_back_to_its_original_and_only_to_it(name):
     assert [core.thumbnail_source(core.thumbnail_name(name, scale)) for scale in (1, 64, 2000)] == [name] * 3
+    assert [core.parse_thumbnail_name(core.thumbnail_name(name, 64, webp)) for webp in (False, True)] == [
+        (name, 64, False), (name, 64, True)]
 
 
-@pytest.mark.parametrize('candidate', ['a.jpg', '_64.jpg', 'a_064.jpg', 'a_.jpg', 'a_6x.jpg', 'a.b_64', ''])
+def test_the_webp_thumbnail_of_a_name_without_extension_is_not_the_thumbnail_of_its_webp_namesake():
+    assert core.thumbnail_name('a', 64, webp=True) != core.thumbnail_name('a.webp', 64)
+    assert not core.is_thumbnail_of(core.thumbnail_name('a', 64, webp=True), 'a.webp')
+
+
+@pytest.mark.parametrize('candidate', ['a.jpg', '_64.jpg', 'a_064.jpg', 'a_.jpg', 'a_6x.jpg', 'a.b_64', '',
+                                       'a_webp.jpg', 'a_064_webp.jpg', '_64_webp.jpg'])
 def test_a_name_no_original_has_as_a_thumbnail_leads_to_none(candidate):
     assert core.thumbnail_source(candidate) is None
 

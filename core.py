@@ -9,8 +9,11 @@ the storage interface, answers for stored files, a seekable reader.
 import collections
 import contextlib
 import email.utils
+import heapq
 import io
 import json
+import logging
+import math
 import mimetypes
 import os
 import re
@@ -25,6 +28,8 @@ import typing
 import bottle
 
 import settings
+
+log = logging.getLogger('web_asset_server')
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMP_PREFIX = '.~wast-'          # Our temporary files and folders; clients may not use such names.
@@ -53,7 +58,7 @@ def refuse(status, reason):
 
 ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
 OPTIONAL_TYPES = {'SERVER_PORT': int, 'THUMBNAIL_WORKERS': int, 'TIME_TOLERANCE': int,
-                  'COLLECTION_DIRS': json.loads}   # the rest: text
+                  'THUMBNAIL_CACHE_MAX_BYTES': int, 'COLLECTION_DIRS': json.loads}   # the rest: text
 SCALE_LISTS = {'PREGENERATE_SCALE'}   # a number, a JSON list or numbers separated by commas
 TRUE_WORDS, FALSE_WORDS = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
 
@@ -120,6 +125,9 @@ def check_config(config):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
     config.PREGENERATE_SCALES = pregenerated_scales(config)
+    bound = config.THUMBNAIL_CACHE_MAX_BYTES
+    if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool) or bound < 1):
+        raise ConfigError('setting THUMBNAIL_CACHE_MAX_BYTES must be a whole number of bytes above 0, or None')
     if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:
         raise ConfigError('setting THUMBNAIL_QUEUE must be a whole number, 0 or more')
     if config.THREADS < 5:
@@ -473,6 +481,31 @@ class OtherScales:
             return removed
 
 
+class CacheSize:
+    """The cached thumbnails' total size against THUMBNAIL_CACHE_MAX_BYTES: unknown until a sweep has counted it,
+    then added to as thumbnails are stored; over the bound, a sweep is due, at most one every `sweep_every` seconds."""
+
+    def __init__(self, bound, sweep_every=60):
+        self.bound, self.sweep_every = bound, sweep_every
+        self.total, self.sweeping, self.last_sweep = None, False, -math.inf
+        self.lock = threading.Lock()
+
+    def sweep_due(self, added=0):
+        """Count `added` bytes; True when a sweep should start now (the caller then runs it and calls swept)."""
+        with self.lock:
+            if self.total is not None:
+                self.total += added
+            over = self.total is None or self.total > self.bound
+            if not over or self.sweeping or time.monotonic() - self.last_sweep < self.sweep_every:
+                return False
+            self.sweeping = True
+            return True
+
+    def swept(self, total):
+        with self.lock:
+            self.total, self.sweeping, self.last_sweep = total, False, time.monotonic()
+
+
 def sweep_folder(folder, cutoff):
     """Remove our temporary files and folders in `folder` last touched before `cutoff`."""
     try:
@@ -502,7 +535,8 @@ class Layout:
 
     Keys and paths are <collection folder>/<originals|thumbnails>/<name>, the collection
     folder only when COLLECTION_DIRS maps collections to folders. A storage adds save,
-    delete, exists, open, send, send_thumbnail, send_static, remove_thumbnail and two thumbnail steps.
+    delete, exists, open, send, send_thumbnail, send_static, two thumbnail steps and the listing
+    (thumbnails, remove_thumbnail, stored_size) that keeps the cache within its bounds.
     """
 
     def __init__(self, config):
@@ -512,6 +546,7 @@ class Layout:
         self.thumbnail_locks = KeyedLocks()
         self.ladder = sorted(config.PREGENERATE_SCALES)      # cached scales a smaller thumbnail may be made from
         self.other_scales = OtherScales(config.THUMBNAIL_OTHER_SCALES, config.THUMBNAIL_OTHER_SCALES_ORIGINALS)
+        self.cache_size = config.THUMBNAIL_CACHE_MAX_BYTES and CacheSize(config.THUMBNAIL_CACHE_MAX_BYTES)
 
     def larger_scales(self, scale):
         """The configured scales above `scale`, smallest first: where to look for a source smaller than the original."""
@@ -574,11 +609,52 @@ class Layout:
             raise ThumbnailError('The file kept changing while its thumbnail was made.')
 
     def keep_within_bounds(self, coll, name, scale, webp):
-        """After storing a thumbnail of a scale that is not configured, remove what OtherScales says is too many."""
-        if scale in self.ladder:
-            return
-        for (old_coll, _old_name), cache_name in self.other_scales.added((coll, name), thumbnail_name(name, scale, webp)):
-            self.remove_thumbnail(old_coll, cache_name)
+        """After storing a thumbnail: remove what OtherScales says is too many of other scales, and start a sweep
+        in the background when the cache is over THUMBNAIL_CACHE_MAX_BYTES."""
+        if scale not in self.ladder:
+            for (old_coll, _), cache_name in self.other_scales.added((coll, name), thumbnail_name(name, scale, webp)):
+                self.remove_thumbnail(old_coll, cache_name)
+        if self.cache_size:
+            self.start_cache_sweep(self.stored_size(self.thumbnail_parts(coll, name, scale, webp)))
+
+    def start_cache_sweep(self, added=0):
+        """Count `added` bytes of new thumbnail; when a sweep is due, run one in a thread of its own."""
+        if self.cache_size.sweep_due(added):
+            threading.Thread(target=self.sweep_cache, daemon=True, name='thumbnail-cache-sweep').start()
+
+    def sweep_cache(self):
+        """Count the cached thumbnails and, over the bound, remove the least recently made down to 90% of it, those
+        of scales not configured first; two listings, holding only what is to be removed."""
+        try:
+            total = sum(size for *_, size, _modified in self.cached_thumbnails())
+            excess = total - self.cache_size.bound * 9 // 10
+            if total > self.cache_size.bound:
+                for coll, cache_name, size in self._oldest_covering(excess):
+                    self.remove_thumbnail(coll, cache_name)
+                    total -= size
+        except Exception:          # a store that failed is counted again at the next sweep
+            log.exception('thumbnail cache sweep failed')
+            total = None
+        self.cache_size.swept(total)
+
+    def _oldest_covering(self, excess):
+        """The fewest thumbnails, first in removal order (other scales, then the least recently made), whose sizes
+        add up to at least `excess`."""
+        newest_first, covered = [], 0          # a heap whose top is the last in removal order
+        for coll, cache_name, size, modified in self.cached_thumbnails():
+            configured = parse_thumbnail_name(cache_name)[1] in self.ladder
+            heapq.heappush(newest_first, (-configured, -modified, coll, cache_name, size))
+            covered += size
+            while covered - newest_first[0][4] >= excess:
+                covered -= heapq.heappop(newest_first)[4]
+        return [(coll, cache_name, size) for *_, coll, cache_name, size in newest_first]
+
+    def cached_thumbnails(self):
+        """(collection, cache name, size, modification time) of every cached thumbnail, in every collection folder."""
+        collections = {folder: coll for coll, folder in (self.collections or {None: None}).items()}
+        for coll in collections.values():
+            for cache_name, size, modified in self.thumbnails(coll):
+                yield coll, cache_name, size, modified
 
     @contextlib.contextmanager
     def turn_at(self, coll, name, scale, webp, thumbnailer):

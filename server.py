@@ -659,6 +659,9 @@ class DiskStorage(Layout):
     def remove_thumbnail(self, coll, cache_name):
         remove_quietly(self.path([*self.folder_parts(coll), self.thumb_dir, cache_name]))
 
+    def stored_size(self, parts):
+        return os.path.getsize(self.path(parts))
+
     def send_static(self, parts):
         """An original with the type of its name, a thumbnail (PNG for a PDF, TIFF or HEIC) with its bytes'."""
         path = self.path(parts)
@@ -1538,6 +1541,8 @@ def create_app(config):
     os.makedirs(config.BASE_DIR, exist_ok=True)
     storage = make_storage(config)
     storage.sweep_temporaries()
+    if storage.cache_size:
+        storage.start_cache_sweep()           # counts the cache, in the background
     app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
     app.metadata = MetadataReader(config)
     app.install(answer_storage_faults)

@@ -7,6 +7,7 @@ import threading
 
 import pytest
 
+import core
 import server
 from conftest import make_image, wait_for
 from test_thumbnails import decoded
@@ -83,6 +84,63 @@ def test_a_kept_other_scale_asked_again_is_served_from_the_cache(make_client, jp
 def test_other_scale_settings_out_of_range_are_refused_at_start(setting, value, tmp_path):
     with pytest.raises(server.ConfigError, match=setting):
         server.load_config({'BASE_DIR': str(tmp_path), setting: value}, environ={})
+
+
+def cached_bytes(client):
+    return sum(size for *_, size, _modified in client.app.storage.cached_thumbnails())
+
+
+def test_a_sweep_over_the_size_bound_removes_other_scales_before_configured_ones_down_to_90_percent(
+        make_client, tmp_path):
+    client = make_client(PREGENERATE_SCALE=[300], THUMBNAIL_OTHER_SCALES=5)
+    for name in ('a.jpg', 'b.jpg'):
+        client.upload(name, make_image(tmp_path, 'plasma:', '600x400', 'jpg'))
+        preview(client, name, 300)
+    configured = cached_bytes(client)
+    for scale in (250, 260, 270):
+        preview(client, 'a.jpg', scale)
+    storage = client.app.storage
+    storage.cache_size = core.CacheSize(bound=configured * 10 // 9 + 1)
+    storage.sweep_cache()
+    assert cached_thumbnails(client) == ['a_300.jpg', 'b_300.jpg']
+    assert storage.cache_size.total == configured
+
+
+def test_a_sweep_removes_configured_scales_least_recently_made_first_when_they_alone_are_over(make_client, tmp_path):
+    client = make_client(PREGENERATE_SCALE=[300])
+    storage = client.app.storage
+    for name in ('a.jpg', 'b.jpg', 'c.jpg'):
+        client.upload(name, make_image(tmp_path, 'plasma:', '600x400', 'jpg'))
+        preview(client, name, 300)
+        ages = wait_for(lambda: len({modified for *_, modified in storage.cached_thumbnails()}) == len(
+            list(storage.cached_thumbnails())), 5)          # distinct times (S3 counts whole seconds)
+        assert ages
+    sizes = {cache_name: size for _, cache_name, size, _ in storage.cached_thumbnails()}
+    storage.cache_size = core.CacheSize(bound=(sizes['b_300.jpg'] + sizes['c_300.jpg']) * 10 // 9 + 1)
+    storage.sweep_cache()
+    assert cached_thumbnails(client) == ['b_300.jpg', 'c_300.jpg']
+
+
+def test_storing_a_thumbnail_over_the_size_bound_starts_a_sweep(make_client, jpeg):
+    client = make_client(THUMBNAIL_CACHE_MAX_BYTES=1, THUMBNAIL_OTHER_SCALES=5)
+    client.upload('a.jpg', jpeg)
+    assert wait_for(lambda: client.app.storage.cache_size.total == 0, 30)       # the count at start
+    client.app.storage.cache_size.sweep_every = 0
+    preview(client, 'a.jpg', 100)
+    assert wait_for(lambda: cached_thumbnails(client) == [], 30)
+
+
+def test_sweeps_start_at_most_once_a_sweep_interval():
+    size = core.CacheSize(bound=100, sweep_every=60)
+    first = size.sweep_due()
+    size.swept(500)
+    assert (first, size.sweep_due(added=10), size.total) == (True, False, 510)
+
+
+@pytest.mark.parametrize('value', [0, -5, 'big', True])
+def test_a_size_bound_that_is_not_a_positive_number_of_bytes_is_refused_at_start(value, tmp_path):
+    with pytest.raises(server.ConfigError, match='THUMBNAIL_CACHE_MAX_BYTES'):
+        server.load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})
 
 
 def counted_conversions(thumbnailer):

@@ -24,7 +24,7 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core import (CHUNK, Layout, SeekableReader, StorageUnavailable, ThumbnailError, content_type, file_answer,
-                  make_temp_file, refuse, remove_quietly, sniff_kind)
+                  make_temp_file, name_problem, refuse, remove_quietly, sniff_kind, thumbnail_source)
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
@@ -253,6 +253,43 @@ class S3Storage(Layout):
                     'Metadata': {SOURCE_ETAG: original['ETag']}})
         finally:
             remove_quietly(local)
+
+    # --- Listing: what derivatives.py walks and the cache bound weighs -----------------------
+
+    def originals(self, coll):
+        """The names of the collection's originals (coll: a COLLECTION_DIRS key, or None without them)."""
+        return (name for name, _modified in self.originals_modified(coll))
+
+    def originals_modified(self, coll):
+        """(name, LastModified in epoch seconds) of each original, a page of the listing at a time."""
+        for name, _size, modified in self._listed(coll, self.orig_dir):
+            yield name, modified
+
+    def thumbnails(self, coll):
+        """(cache name, size in bytes, LastModified in epoch seconds) of each stored thumbnail: only names
+        that are thumbnail cache names, a page of the listing at a time."""
+        for listed in self._listed(coll, self.thumb_dir):
+            if thumbnail_source(listed[0]) is not None:
+                yield listed
+
+    def remove_thumbnail(self, coll, cache_name):
+        """Remove one stored thumbnail; ValueError for a name that is not a thumbnail cache name."""
+        if name_problem(cache_name) or thumbnail_source(cache_name) is None:
+            raise ValueError(f'not a thumbnail cache name: {cache_name!r}')
+        with store_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=self.key([*self.folder_parts(coll), self.thumb_dir,
+                                                                         cache_name]))
+
+    def _listed(self, coll, folder):
+        """(name, size, LastModified in epoch seconds) of the objects right in one of the collection's folders."""
+        start = self.key([*self.folder_parts(coll), folder]) + '/'
+        pages = self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=start)
+        with store_errors():
+            for page in pages:
+                for item in page.get('Contents', []):
+                    name = item['Key'][len(start):]
+                    if not name_problem(name):
+                        yield name, item['Size'], item['LastModified'].timestamp()
 
 
 def made_from(thumbnail, original):

@@ -43,8 +43,8 @@ import sh
 
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
                   ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
-                  kind_of, load_config, make_temp_file, may_run_scripts, printable, refuse, remove_quietly,
-                  sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
+                  kind_of, load_config, make_temp_file, may_run_scripts, name_problem, printable, refuse,
+                  remove_quietly, sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
 from front import FrontedPasteServer
 
 VIEWS_DIR = os.path.join(HERE, 'views')
@@ -725,6 +725,45 @@ class DiskStorage(Layout):
         for folder in folders:
             for sub in (folder, os.path.join(folder, self.orig_dir), os.path.join(folder, self.thumb_dir)):
                 sweep_folder(sub, cutoff)
+
+    # --- Listing: what derivatives.py walks and the cache bound weighs -----------------------
+
+    def originals(self, coll):
+        """The names of the collection's originals (coll: a COLLECTION_DIRS key, or None without them)."""
+        return (name for name, _modified in self.originals_modified(coll))
+
+    def originals_modified(self, coll):
+        """(name, modification time in epoch seconds) of each original, the time thumbnails are judged fresh by."""
+        for entry, info in self._listed(coll, self.orig_dir, follow=True):
+            yield entry.name, info.st_mtime
+
+    def thumbnails(self, coll):
+        """(cache name, size in bytes, modification time in epoch seconds) of each cached thumbnail: only
+        names that are thumbnail cache names, never a temporary, a link or anything else in the folder."""
+        for entry, info in self._listed(coll, self.thumb_dir, follow=False):
+            if thumbnail_source(entry.name) is not None:
+                yield entry.name, info.st_size, info.st_mtime
+
+    def remove_thumbnail(self, coll, cache_name):
+        """Remove one cached thumbnail; ValueError for a name that is not a thumbnail cache name."""
+        if name_problem(cache_name) or thumbnail_source(cache_name) is None:
+            raise ValueError(f'not a thumbnail cache name: {cache_name!r}')
+        remove_quietly(self.path([*self.folder_parts(coll), self.thumb_dir, cache_name]))
+
+    def _listed(self, coll, folder, follow):
+        """(entry, stat) of the regular files (through a link when `follow`) of one of the collection's
+        folders, read once; a file gone meanwhile is left out."""
+        try:
+            entries = os.scandir(self.path([*self.folder_parts(coll), folder]))
+        except FileNotFoundError:
+            return
+        with entries:
+            for entry in entries:
+                try:
+                    if not name_problem(entry.name) and entry.is_file(follow_symlinks=follow):
+                        yield entry, entry.stat(follow_symlinks=follow)
+                except FileNotFoundError:
+                    continue
 
 
 def make_storage(config):

@@ -146,15 +146,6 @@ class S3Storage(Layout):
     def send_thumbnail(self, coll, name, scale, headers=None, webp=False):
         return self.send_object(self.key(self.thumbnail_parts(coll, name, scale, webp)), headers)
 
-    def stored_size(self, parts):
-        head = self.head(self.key(parts))
-        return head['ContentLength'] if head else 0
-
-    def remove_thumbnail(self, coll, cache_name):
-        with store_errors():
-            self.client.delete_object(Bucket=self.bucket, Key=self.key([*self.folder_parts(coll), self.thumb_dir,
-                                                                        cache_name]))
-
     def send_static(self, parts):
         if not self.is_static_parts(parts):
             refuse(404, 'No such file.')
@@ -279,6 +270,10 @@ class S3Storage(Layout):
         with store_errors():
             self.client.delete_object(Bucket=self.bucket, Key=self.key([*self.folder_parts(coll), self.thumb_dir,
                                                                          cache_name]))
+
+    def stored_size(self, parts):
+        head = self.head(self.key(parts))
+        return head['ContentLength'] if head else 0
 
     def _listed(self, coll, folder):
         """(name, size, LastModified in epoch seconds) of the objects right in one of the collection's folders."""

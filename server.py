@@ -656,11 +656,6 @@ class DiskStorage(Layout):
     def send_thumbnail(self, coll, name, scale, headers=None, webp=False):
         return send_file(self.path(self.thumbnail_parts(coll, name, scale, webp)), None, headers)
 
-    def remove_thumbnail(self, coll, cache_name):
-        remove_quietly(self.path([*self.folder_parts(coll), self.thumb_dir, cache_name]))
-
-    def stored_size(self, parts):
-        return os.path.getsize(self.path(parts))
 
     def send_static(self, parts):
         """An original with the type of its name, a thumbnail (PNG for a PDF, TIFF or HEIC) with its bytes'."""
@@ -749,6 +744,9 @@ class DiskStorage(Layout):
         if name_problem(cache_name) or thumbnail_source(cache_name) is None:
             raise ValueError(f'not a thumbnail cache name: {cache_name!r}')
         remove_quietly(self.path([*self.folder_parts(coll), self.thumb_dir, cache_name]))
+
+    def stored_size(self, parts):
+        return os.path.getsize(self.path(parts))
 
     def _listed(self, coll, folder, follow):
         """(entry, stat) of the regular files (through a link when `follow`) of one of the collection's

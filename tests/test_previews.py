@@ -106,19 +106,17 @@ def test_a_sweep_over_the_size_bound_removes_other_scales_before_configured_ones
     assert storage.cache_size.total == configured
 
 
-def test_a_sweep_removes_configured_scales_least_recently_made_first_when_they_alone_are_over(make_client, tmp_path):
-    client = make_client(PREGENERATE_SCALE=[300])
-    storage = client.app.storage
-    for name in ('a.jpg', 'b.jpg', 'c.jpg'):
-        client.upload(name, make_image(tmp_path, 'plasma:', '600x400', 'jpg'))
-        preview(client, name, 300)
-        ages = wait_for(lambda: len({modified for *_, modified in storage.cached_thumbnails()}) == len(
-            list(storage.cached_thumbnails())), 5)          # distinct times (S3 counts whole seconds)
-        assert ages
-    sizes = {cache_name: size for _, cache_name, size, _ in storage.cached_thumbnails()}
-    storage.cache_size = core.CacheSize(bound=(sizes['b_300.jpg'] + sizes['c_300.jpg']) * 10 // 9 + 1)
-    storage.sweep_cache()
-    assert cached_thumbnails(client) == ['b_300.jpg', 'c_300.jpg']
+def test_a_sweep_removes_the_least_recently_made_first_other_scales_before_configured_ones(tmp_path):
+    storage = server.DiskStorage(server.load_config({'BASE_DIR': str(tmp_path), 'PREGENERATE_SCALE': [300]},
+                                                    environ={}))
+    listing = [(None, 'new_300.jpg', 40, 3000.0), (None, 'old_300.jpg', 40, 1000.0), (None, 'mid_300.jpg', 40, 2000.0),
+               (None, 'newest_64.jpg', 10, 9000.0)]
+    storage.cached_thumbnails = lambda: iter(listing)
+    storage.cache_size = core.CacheSize(bound=100)
+    removed = []
+    storage.remove_thumbnail = lambda coll, cache_name: removed.append(cache_name)
+    storage.sweep_cache()                   # 130 bytes, 90 to be left: 40 to go
+    assert (sorted(removed), storage.cache_size.total) == (['newest_64.jpg', 'old_300.jpg'], 80)
 
 
 def test_storing_a_thumbnail_over_the_size_bound_starts_a_sweep(make_client, jpeg):

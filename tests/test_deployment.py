@@ -692,3 +692,13 @@ def test_a_browser_uploads_cross_origin_sees_the_thumbnail_and_a_403_as_403(tmp_
     finally:
         site.shutdown()
         web.stop()
+
+
+def test_an_offloaded_webp_preview_is_sent_by_nginx_as_webp_with_vary_accept(proxied, tmp_path, jpeg):
+    proxy, web = proxied
+    upload_through(proxy, 'gallery.jpg', jpeg)
+    query = '/fileget?' + urlencode({'filename': 'gallery.jpg', 'type': 'T', 'scale': 123})
+    status, headers, body = proxy.request('GET', query, headers={'Accept': 'image/webp,*/*'})
+    assert (status, image_info(body, tmp_path), headers['Content-Type']) == (200, ('WEBP', 123, 82), 'image/webp')
+    assert headers['Vary'] == 'Accept'
+    assert headers['ETag'] == nginx_etag(web.base_dir / 'thumbnails' / 'gallery_123_webp.jpg')

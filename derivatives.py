@@ -12,7 +12,8 @@ after an upload. Conversions run in parallel (--jobs, default one per CPU), at a
 (--nice, default 10, which the conversions inherit) and with a rest after each (--pause), so a live
 server on the same machine stays responsive. It can be stopped at any moment and started again:
 an original whose configured scales are all fresh is skipped without converting, decided from one
-listing of its thumbnails folder (no check per file). A file that cannot be thumbnailed (broken,
+listing of its thumbnails folder (no check per file), and a killed run's scratch folders are removed
+once they are an hour old, as the server does when it starts. A file that cannot be thumbnailed (broken,
 of a kind with no thumbnail, gone meanwhile) is named on standard error, counted and passed over.
 
 prune removes the thumbnails of scales that are not configured and those whose original is gone,
@@ -281,6 +282,8 @@ def main(argv=None, environ=None):
         if args.action == 'prune':
             print(prune(storage, colls, config.PREGENERATE_SCALES, args.dry_run))
         else:
+            if not args.dry_run:
+                storage.sweep_temporaries()         # a killed run's scratch folders, once an hour old (as at start-up)
             thumbnailer = thumbnailer_for(config, args.jobs, args.pause)
             print(generate(storage, thumbnailer, colls, config.PREGENERATE_SCALES, args.jobs, args.dry_run))
     except core.ConfigError as error:

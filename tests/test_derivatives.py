@@ -177,6 +177,19 @@ def test_a_run_killed_with_sigkill_is_finished_by_a_rerun_that_converts_none_twi
     assert {name: after[name] for name in before} == before          # none made again
 
 
+@pytest.mark.disk_only
+def test_generate_removes_the_scratch_folders_a_killed_run_left_once_they_are_an_hour_old(store, photo):
+    store.put_original('a.jpg', photo)
+    thumbnails = os.path.join(store.environ['BASE_DIR'], 'thumbnails')
+    old, recent = (os.path.join(thumbnails, core.TEMP_PREFIX + tag) for tag in ('0123456789abcdef', 'fedcba9876543210'))
+    for scratch, age in ((old, 7200), (recent, 60)):
+        os.makedirs(scratch)
+        open(os.path.join(scratch, 'out'), 'wb').close()
+        os.utime(scratch, (time.time() - age, time.time() - age))
+    assert store.run('generate') == 0
+    assert (os.path.exists(old), os.path.exists(recent)) == (False, True)
+
+
 def test_a_broken_file_and_one_of_a_kind_without_thumbnails_are_named_and_passed_over(
         store, photo, conversions, capsys):
     store.put_original('good.jpg', photo)

@@ -163,7 +163,7 @@ def test_a_run_killed_with_sigkill_is_finished_by_a_rerun_that_converts_none_twi
         store.put_original(name, photo)
     command = store.command('generate', '--jobs', '1', '--pause', '1', '--nice', '0')
     try:        # killed when an original has its 400 px but not yet its 64 px (the pause after each conversion)
-        assert wait_for(lambda: len(store.thumbnail_times()) in (3, 5), 120), command.stderr.read()
+        assert wait_for(lambda: len(store.thumbnail_times()) in (3, 5, 7, 9, 11, 13), 120), command.stderr.read()
         os.killpg(command.pid, signal.SIGKILL)
     finally:
         command.wait(30)

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-storage bench-serve soak mutation packages test-packages venv
+.PHONY: run test bench bench-storage bench-serve bench-backfill soak mutation packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -16,6 +16,9 @@ bench: packages test-packages venv
 
 bench-storage: packages test-packages venv
 	$(PY) bench/storage.py
+
+bench-backfill: packages test-packages venv
+	$(PY) bench/backfill.py
 
 bench-serve: packages test-packages venv
 	sh deploy/install-packages.sh bench/packages.txt

@@ -12,7 +12,8 @@ after an upload. Conversions run in parallel (--jobs, default one per CPU), at a
 (--nice, default 10, which the conversions inherit) and with a rest after each (--pause), so a live
 server on the same machine stays responsive. It can be stopped at any moment and started again:
 an original whose configured scales are all fresh is skipped without converting, decided from one
-listing of its thumbnails folder (no check per file). A file that cannot be thumbnailed (broken,
+listing of its thumbnails folder (no check per file), and a killed run's scratch folders are removed
+once they are an hour old, as the server does when it starts. A file that cannot be thumbnailed (broken,
 of a kind with no thumbnail, gone meanwhile) is named on standard error, counted and passed over.
 
 prune removes the thumbnails of scales that are not configured and those whose original is gone,
@@ -66,9 +67,12 @@ def label(coll, name):
     return core.printable(name if coll is None else f'{coll}/{name}')
 
 
-def cache_scale(cache_name):
-    """The scale in a thumbnail cache name <root>_<scale><ext> (one that core.thumbnail_source accepts)."""
-    return int(os.path.splitext(cache_name)[0].rsplit('_', 1)[1])
+def owner_and_scale(cache_name):
+    """(original's name, scale) of a thumbnail cache name <root>_<scale><ext> that a storage listed (one
+    core.thumbnail_source accepts: taken apart here without checking it again, 10^6 of them)."""
+    root, ext = os.path.splitext(cache_name)
+    owner, _, scale = root.rpartition('_')
+    return owner + ext, int(scale)
 
 
 def missing_scales(storage, coll, scales):
@@ -77,9 +81,9 @@ def missing_scales(storage, coll, scales):
     position = {scale: at for at, scale in enumerate(scales)}
     made = {}               # original's name -> the times of its thumbnails at the configured scales
     for cache, _size, modified in storage.thumbnails(coll):
-        at = position.get(cache_scale(cache))
-        if at is not None:
-            made.setdefault(core.thumbnail_source(cache), [None] * len(scales))[at] = modified
+        owner, scale = owner_and_scale(cache)
+        if scale in position:
+            made.setdefault(owner, [None] * len(scales))[position[scale]] = modified
     shared = {}             # one tuple per combination of scales: a long to-do list holds names, not copies
     for name, modified in storage.originals_modified(coll):
         times = made.pop(name, None) or [None] * len(scales)
@@ -230,10 +234,10 @@ def prune(storage, colls, scales, dry_run):
     for coll in colls:
         originals = set(storage.originals(coll))
         for cache, size, _modified in storage.thumbnails(coll):
-            source = core.thumbnail_source(cache)
-            if cache_scale(cache) not in wanted:
+            owner, scale = owner_and_scale(cache)
+            if scale not in wanted:
                 why = 'of scales not configured'
-            elif source not in originals and not storage.exists(coll, source):    # not stored since the listing
+            elif owner not in originals and not storage.exists(coll, owner):    # not stored since the listing
                 why = 'orphans'
             else:
                 continue
@@ -278,6 +282,8 @@ def main(argv=None, environ=None):
         if args.action == 'prune':
             print(prune(storage, colls, config.PREGENERATE_SCALES, args.dry_run))
         else:
+            if not args.dry_run:
+                storage.sweep_temporaries()         # a killed run's scratch folders, once an hour old (as at start-up)
             thumbnailer = thumbnailer_for(config, args.jobs, args.pause)
             print(generate(storage, thumbnailer, colls, config.PREGENERATE_SCALES, args.jobs, args.dry_run))
     except core.ConfigError as error:

@@ -68,11 +68,12 @@ def label(coll, name):
 
 
 def owner_and_scale(cache_name):
-    """(original's name, scale) of a thumbnail cache name <root>_<scale><ext> that a storage listed (one
-    core.thumbnail_source accepts: taken apart here without checking it again, 10^6 of them)."""
+    """(original's name, scale, webp) of a thumbnail cache name <root>_<scale>[_webp]<ext> that a storage listed
+    (one core.thumbnail_source accepts: taken apart here without checking it again, 10^6 of them)."""
     root, ext = os.path.splitext(cache_name)
-    owner, _, scale = root.rpartition('_')
-    return owner + ext, int(scale)
+    webp = root.endswith(core.WEBP_MARK)
+    owner, _, scale = (root[:-len(core.WEBP_MARK)] if webp else root).rpartition('_')
+    return owner + ext, int(scale), webp
 
 
 def missing_scales(storage, coll, scales):
@@ -81,8 +82,8 @@ def missing_scales(storage, coll, scales):
     position = {scale: at for at, scale in enumerate(scales)}
     made = {}               # original's name -> the times of its thumbnails at the configured scales
     for cache, _size, modified in storage.thumbnails(coll):
-        owner, scale = owner_and_scale(cache)
-        if scale in position:
+        owner, scale, webp = owner_and_scale(cache)
+        if scale in position and not webp:          # a WebP is made when a browser first asks
             made.setdefault(owner, [None] * len(scales))[position[scale]] = modified
     shared = {}             # one tuple per combination of scales: a long to-do list holds names, not copies
     for name, modified in storage.originals_modified(coll):
@@ -234,7 +235,7 @@ def prune(storage, colls, scales, dry_run):
     for coll in colls:
         originals = set(storage.originals(coll))
         for cache, size, _modified in storage.thumbnails(coll):
-            owner, scale = owner_and_scale(cache)
+            owner, scale, _webp = owner_and_scale(cache)
             if scale not in wanted:
                 why = 'of scales not configured'
             elif owner not in originals and not storage.exists(coll, owner):    # not stored since the listing

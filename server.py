@@ -6,7 +6,8 @@ Bottle application; run it with `python server.py` (Paste serves it).
 
 Imports run one way: settings.py -> core.py (shared pieces) -> s3storage.py
 (object storage) -> front.py (connections before Paste's threads) -> server.py
-(this, the application) -> migrate.py (an administration command). Sections:
+(this, the application) -> migrate.py and derivatives.py (administration
+commands: disk <-> S3, thumbnails of stored collections). Sections:
 the key, tokens, thumbnails, disk storage, uploads, metadata, the web
 application, start-up.
 """

@@ -111,8 +111,8 @@ def conversions(monkeypatch):
     made = []
     convert = server.Thumbnailer._convert
 
-    def counted(self, kind, scale, size, scratch, identity):
-        convert(self, kind, scale, size, scratch, identity)
+    def counted(self, kind, scale, size, scratch, *rest):
+        convert(self, kind, scale, size, scratch, *rest)
         made.append((scale, size.width))
     monkeypatch.setattr(server.Thumbnailer, '_convert', counted)
     return made
@@ -324,3 +324,20 @@ def test_prune_dry_run_removes_nothing_and_says_what_it_would_free(cluttered, ca
     assert cluttered.run('prune', '--dry-run') == 0
     assert 'would remove 2 thumbnails, 3345 bytes' in capsys.readouterr().out
     assert cluttered.files() == files
+
+
+def test_prune_keeps_the_webp_of_a_configured_scale_and_removes_the_webp_of_another(store, photo, capsys):
+    store.put_original('a.jpg', photo)
+    store.put_thumbnail('a_400_webp.jpg', b'w' * 10)
+    store.put_thumbnail('a_200_webp.jpg', b'w' * 20)
+    assert store.run('prune') == 0
+    assert 'removed 1 thumbnails, 20 bytes' in capsys.readouterr().out
+    assert {'thumbnails/a_400_webp.jpg'} & set(store.files()) == {'thumbnails/a_400_webp.jpg'}
+
+
+def test_a_webp_of_a_configured_scale_does_not_count_as_that_scale_made(store, photo, conversions):
+    store.put_original('a.jpg', photo)
+    store.put_thumbnail('a_400_webp.jpg', b'w' * 10)
+    store.put_thumbnail('a_64_webp.jpg', b'w' * 10)
+    assert store.run('generate') == 0
+    assert [scale for scale, _width in conversions] == [400, 64]

@@ -419,7 +419,7 @@ class Thumbnailer:
         flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
         self._remembering(identity, scale, lambda: self._run(
             self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
-            '-auto-orient', '-thumbnail', f'{scale}x{scale}>', '+repage', *flatten,
+            '-auto-orient', '-resize', f'{scale}x{scale}>', '+repage', *flatten,
             '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch, deadline=deadline))
 
     def _render_page(self, scratch, scale, deadline):
@@ -534,12 +534,13 @@ def fitted(width, height, scale):
 
 def jpeg_shrink(width, height, scale):
     """The largest factor (8, 4 or 2; None: none) libjpeg may decode a JPEG smaller by for a `scale` thumbnail:
-    the decoded image is still at least the thumbnail's size, never smaller, and its sides are exact (both
-    divisible), so the thumbnail's size comes out as from the whole image, to the pixel."""
+    the decoded image is still twice the thumbnail's size, as vipsthumbnail leaves it (libjpeg's reduced decode
+    is a block filter that aliases fine detail when the resize is left little to do), and its sides are exact
+    (both divisible), so the thumbnail's size comes out as from the whole image, to the pixel."""
     needed_width, needed_height = fitted(width, height, scale)
     for factor in (8, 4, 2):
-        if (width % factor == height % factor == 0 and width // factor >= needed_width
-                and height // factor >= needed_height):
+        if (width % factor == height % factor == 0 and width // factor >= 2 * needed_width
+                and height // factor >= 2 * needed_height):
             return factor
     return None
 

@@ -44,7 +44,7 @@ import sh
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
                   ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
                   kind_of, load_config, make_temp_file, may_run_scripts, printable, refuse, remove_quietly,
-                  sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
+                  sniff_kind, sweep_folder, thumbnail_source, tiff_pages, valid_name, valid_scale)
 from front import FrontedPasteServer
 
 VIEWS_DIR = os.path.join(HERE, 'views')
@@ -412,14 +412,19 @@ class Thumbnailer:
             render = functools.partial(self._render_page, scratch, scale, deadline)
             self._remembering(identity, None, render)     # a page that fails does so at every scale
             source = 'page.png'
-        hint = []
+        hint, page, exact, resize = [], 0, [], ['-thumbnail', f'{scale}x{scale}>']    # a whole image: sampled first
         shrink = kind == 'image/jpeg' and size and jpeg_shrink(size.width, size.height, scale)
         if shrink:
             hint = ['-define', f'jpeg:size={size.width // shrink}x{size.height // shrink}']
+            resize = ['-resize', f'{scale}x{scale}>']        # little left to do: the filter alone, no aliasing
+        if kind == 'image/tiff' and size:
+            page = reduced_page(tiff_pages(os.path.join(scratch, 'in')), scale)
+            if page:                     # the whole image's thumbnail size to the pixel, in its stored orientation
+                exact, resize = ['-resize', '{}x{}!'.format(*fitted(size.width, size.height, scale))], []
         flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
         self._remembering(identity, scale, lambda: self._run(
-            self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
-            '-auto-orient', '-resize', f'{scale}x{scale}>', '+repage', *flatten,
+            self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[{page}]', *exact,
+            '-auto-orient', *resize, '+repage', *flatten,
             '-strip', f'{OUTPUT_CODERS.get(kind, "png")}:out', scratch=scratch, deadline=deadline))
 
     def _render_page(self, scratch, scale, deadline):
@@ -530,6 +535,22 @@ def fitted(width, height, scale):
     if width >= height:
         return scale, max(1, round(height * scale / width))
     return max(1, round(width * scale / height)), scale
+
+
+def reduced_page(pages, scale):
+    """The index of the smallest page of a pyramid TIFF that still makes the `scale` thumbnail of its first page
+    (0: the first itself): only a reduced-resolution version counts (NewSubfileType bit 1, the first page's
+    shape to a pixel), never another page of a multi-page scan, and never one smaller than the thumbnail."""
+    if not pages or not pages[0][0] or not pages[0][1]:
+        return 0
+    width, height, _ = pages[0]
+    needed_width, needed_height = fitted(width, height, scale)
+    chosen = 0
+    for index, (page_width, page_height, subfile_type) in enumerate(pages[1:], 1):
+        if (subfile_type & 1 and needed_width <= page_width < pages[chosen][0] and page_height >= needed_height
+                and abs(page_width * height - page_height * width) <= max(width, height)):
+            chosen = index
+    return chosen
 
 
 def jpeg_shrink(width, height, scale):

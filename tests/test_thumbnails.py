@@ -21,6 +21,7 @@ import zlib
 import exifread
 import pytest
 
+import core
 import server
 from conftest import IMAGEMAGICK, make_image, parent_pids, wait_for, with_exif
 
@@ -290,6 +291,77 @@ def test_a_jpeg_is_decoded_reduced_only_to_exact_sides_at_least_twice_its_thumbn
     answer = thumbnail(client, 'photo.jpg', make_image(tmp_path, 'plasma:', size, 'jpg'), scale=scale)
     assert 'x'.join(map(str, decoded(answer.body, tmp_path)[1:3])) == expected     # as from the whole image
     assert [arg for arg in runs[-1] if arg.startswith('jpeg:size=')] == ([hint] if hint else [])
+
+
+# --- TIFF: a pyramid's reduced-resolution page ----------------------------------------------
+
+def tiff_of_pages(pages):
+    """An uncompressed little-endian RGB TIFF, one directory per (width, height, colour, NewSubfileType)."""
+    out = bytearray(b'II*\0\0\0\0\0')
+    link = 4                                     # where the offset of the next directory goes
+    for width, height, colour, subfile_type in pages:
+        pixels = len(out)
+        out += bytes(colour) * (width * height)
+        bits = len(out)
+        out += struct.pack('<3H', 8, 8, 8)
+        entries = [(254, 4, 1, subfile_type), (256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, bits),
+                   (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, pixels), (277, 3, 1, 3), (278, 4, 1, height),
+                   (279, 4, 1, 3 * width * height), (284, 3, 1, 1)]
+        struct.pack_into('<I', out, link, len(out))
+        out += struct.pack('<H', len(entries))
+        for tag, kind, count, value in entries:
+            packed = struct.pack('<I', value) if kind == 4 or count > 1 else struct.pack('<HH', value, 0)
+            out += struct.pack('<HHI', tag, kind, count) + packed
+        link = len(out)
+        out += b'\0\0\0\0'
+    return bytes(out)
+
+
+RED, GREEN, BLUE, YELLOW, CYAN = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)
+
+
+@pytest.fixture(scope='session')
+def pyramid_tiff():
+    """A 2000x1500 red scan with reduced-resolution pages (NewSubfileType 1) of halving size, each its own colour."""
+    return tiff_of_pages([(2000, 1500, RED, 0), (1000, 750, GREEN, 1), (500, 375, BLUE, 1),
+                          (250, 187, YELLOW, 1), (125, 93, CYAN, 1)])
+
+
+def colour_name(rgb):
+    """A colour as ImageMagick names a pixel's."""
+    return 'srgb({},{},{})'.format(*rgb)
+
+
+@pytest.mark.disk_only
+@pytest.mark.parametrize('scale, colour, size', [
+    (1000, GREEN, (1000, 750)), (600, GREEN, (600, 450)), (400, BLUE, (400, 300)), (123, CYAN, (123, 92)),
+    (124, CYAN, (124, 93)),          # from 125x93 ImageMagick alone would make 124x92: the size is the scan's
+    (1500, RED, (1500, 1125))])      # no reduced page is large enough
+def test_a_pyramid_tiff_thumbnail_is_made_from_its_smallest_reduced_page_still_as_large_at_the_scans_size(
+        client, tmp_path, pyramid_tiff, scale, colour, size):
+    answer = thumbnail(client, 'scan.tif', pyramid_tiff, scale=scale)
+    assert decoded(answer.body, tmp_path)[:3] == ('PNG', *size)
+    assert pixel(answer.body, tmp_path, size[0] // 2, size[1] // 2) == colour_name(colour)
+
+
+@pytest.mark.disk_only
+def test_a_multipage_document_tiff_is_thumbnailed_from_its_first_page_though_a_later_smaller_one_has_its_shape(
+        client, tmp_path):
+    document = tiff_of_pages([(1000, 750, RED, 0), (500, 375, GREEN, 0), (250, 187, BLUE, 0)])
+    answer = thumbnail(client, 'letters.tif', document, scale=123)
+    assert pixel(answer.body, tmp_path, 60, 45) == colour_name(RED)
+
+
+@pytest.mark.disk_only
+def test_a_reduced_page_of_another_shape_is_not_used_for_a_tiffs_thumbnail(client, tmp_path):
+    scan = tiff_of_pages([(1000, 750, RED, 0), (500, 500, GREEN, 1)])
+    answer = thumbnail(client, 'scan.tif', scan, scale=123)
+    assert pixel(answer.body, tmp_path, 60, 45) == colour_name(RED)
+
+
+def test_a_tiffs_pages_are_read_only_up_to_the_bound(tmp_path):
+    (tmp_path / 'many.tif').write_bytes(tiff_of_pages([(8, 6, RED, 1)] * (core.TIFF_PAGES_READ + 4)))
+    assert core.tiff_pages(tmp_path / 'many.tif') == [(8, 6, 1)] * core.TIFF_PAGES_READ
 
 
 # --- The derivative ladder: a smaller thumbnail from a cached larger one -----------------------

@@ -356,8 +356,44 @@ def jpeg_size(f):
         f.seek(length - 2, os.SEEK_CUR)
 
 
-TIFF_TAGS = {256: 'width', 257: 'height', 258: 'bits', 277: 'samples', 278: 'rows_per_strip',
+TIFF_TAGS = {254: 'subfile_type', 256: 'width', 257: 'height', 258: 'bits', 277: 'samples', 278: 'rows_per_strip',
              322: 'tile_width', 323: 'tile_height'}
+
+
+TIFF_PAGES_READ = 16           # directories read for reduced-resolution pages: a pyramid of 64K px has 16
+TIFF_ENTRIES_READ = 64         # entries read of each: the tags looked for are among the lowest numbered
+
+
+def tiff_directory(f, order, entries=None):
+    """The looked-for tags of the directory at f's position (of its first `entries` entries; all: None) and the
+    offset of the next directory (0: none)."""
+    start, found = f.tell(), {}
+    count = struct.unpack(order + 'H', f.read(2))[0]
+    for _ in range(count if entries is None else min(count, entries)):
+        tag, kind, _count, value = struct.unpack(order + 'HHI4s', f.read(12))
+        if tag in TIFF_TAGS and kind in (3, 4):      # a list (BitsPerSample) gives its first value or offset
+            found[TIFF_TAGS[tag]] = struct.unpack(order + ('H' if kind == 3 else 'I'), value[:2 if kind == 3 else 4])[0]
+    f.seek(start + 2 + 12 * count)
+    following = f.read(4)
+    return found, struct.unpack(order + 'I', following)[0] if len(following) == 4 else 0
+
+
+def tiff_pages(path):
+    """(width, height, NewSubfileType) of a TIFF's first TIFF_PAGES_READ directories, read from their entries
+    alone (at most TIFF_ENTRIES_READ each); [] when the header cannot be read."""
+    pages = []
+    try:
+        with open(path, 'rb') as f:
+            order = '<' if f.read(2) == b'II' else '>'
+            f.seek(4)
+            offset = struct.unpack(order + 'I', f.read(4))[0]
+            while offset and len(pages) < TIFF_PAGES_READ:
+                f.seek(offset)
+                found, offset = tiff_directory(f, order, TIFF_ENTRIES_READ)
+                pages.append((found.get('width', 0), found.get('height', 0), found.get('subfile_type', 0)))
+    except (OSError, struct.error):
+        return []
+    return pages
 
 
 def tiff_size(f):
@@ -365,11 +401,7 @@ def tiff_size(f):
     order = '<' if f.read(2) == b'II' else '>'
     f.seek(4)
     f.seek(struct.unpack(order + 'I', f.read(4))[0])
-    found = {}
-    for _ in range(struct.unpack(order + 'H', f.read(2))[0]):
-        tag, kind, _count, value = struct.unpack(order + 'HHI4s', f.read(12))
-        if tag in TIFF_TAGS and kind in (3, 4):      # a list (BitsPerSample) gives its first value or offset
-            found[TIFF_TAGS[tag]] = struct.unpack(order + ('H' if kind == 3 else 'I'), value[:2 if kind == 3 else 4])[0]
+    found = tiff_directory(f, order)[0]
     if 'width' not in found or 'height' not in found:
         return None
     width, height = found['width'], found['height']

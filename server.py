@@ -45,7 +45,7 @@ import sh
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
                   ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
                   kind_of, load_config, make_temp_file, may_run_scripts, name_problem, printable, refuse,
-                  remove_quietly, sniff_kind, sweep_folder, thumbnail_source, valid_name, valid_scale)
+                  remove_quietly, sniff_kind, sweep_folder, thumbnail_source, tiff_pages, valid_name, valid_scale)
 from front import FrontedPasteServer
 
 VIEWS_DIR = os.path.join(HERE, 'views')
@@ -415,18 +415,22 @@ class Thumbnailer:
             render = functools.partial(self._render_page, scratch, scale, deadline)
             self._remembering(identity, None, render)     # a page that fails does so at every scale
             source = 'page.png'
-        hint = []
+        hint, page, exact, resize = [], 0, [], ['-thumbnail', f'{scale}x{scale}>']    # a whole image: sampled first
         shrink = kind == 'image/jpeg' and size and jpeg_shrink(size.width, size.height, scale)
         if shrink:
             hint = ['-define', f'jpeg:size={size.width // shrink}x{size.height // shrink}']
+            resize = ['-resize', f'{scale}x{scale}>']        # little left to do: the filter alone, no aliasing
+        if kind == 'image/tiff' and size:
+            page = reduced_page(tiff_pages(os.path.join(scratch, 'in')), scale)
+            if page:                     # the whole image's thumbnail size to the pixel, in its stored orientation
+                exact, resize = ['-resize', '{}x{}!'.format(*fitted(size.width, size.height, scale))], []
         flatten = [] if kind in OUTPUT_CODERS else ['-colorspace', 'sRGB', '-depth', '8']
         output = [f'{OUTPUT_CODERS.get(kind, "png")}:out']
         if webp and output != ['gif:out']:
             output = ['-quality', str(WEBP_QUALITY), 'webp:out']
         self._remembering(identity, scale, lambda: self._run(
-            self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[0]',
-            '-auto-orient', '-thumbnail', f'{scale}x{scale}>', '+repage', *flatten,
-            '-strip', *output, scratch=scratch, deadline=deadline))
+            self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[{page}]', *exact,
+            '-auto-orient', *resize, '+repage', *flatten, '-strip', *output, scratch=scratch, deadline=deadline))
 
     def _render_page(self, scratch, scale, deadline):
         """Ghostscript renders the first page so that its long side is `scale` pixels: a page of its shape
@@ -541,14 +545,31 @@ def fitted(width, height, scale):
     return max(1, round(width * scale / height)), scale
 
 
+def reduced_page(pages, scale):
+    """The index of the smallest page of a pyramid TIFF that still makes the `scale` thumbnail of its first page
+    (0: the first itself): only a reduced-resolution version counts (NewSubfileType bit 1, the first page's
+    shape to a pixel), never another page of a multi-page scan, and never one smaller than the thumbnail."""
+    if not pages or not pages[0][0] or not pages[0][1]:
+        return 0
+    width, height, _ = pages[0]
+    needed_width, needed_height = fitted(width, height, scale)
+    chosen = 0
+    for index, (page_width, page_height, subfile_type) in enumerate(pages[1:], 1):
+        if (subfile_type & 1 and needed_width <= page_width < pages[chosen][0] and page_height >= needed_height
+                and abs(page_width * height - page_height * width) <= max(width, height)):
+            chosen = index
+    return chosen
+
+
 def jpeg_shrink(width, height, scale):
     """The largest factor (8, 4 or 2; None: none) libjpeg may decode a JPEG smaller by for a `scale` thumbnail:
-    the decoded image is still at least the thumbnail's size, never smaller, and its sides are exact (both
-    divisible), so the thumbnail's size comes out as from the whole image, to the pixel."""
+    the decoded image is still twice the thumbnail's size, as vipsthumbnail leaves it (libjpeg's reduced decode
+    is a block filter that aliases fine detail when the resize is left little to do), and its sides are exact
+    (both divisible), so the thumbnail's size comes out as from the whole image, to the pixel."""
     needed_width, needed_height = fitted(width, height, scale)
     for factor in (8, 4, 2):
-        if (width % factor == height % factor == 0 and width // factor >= needed_width
-                and height // factor >= needed_height):
+        if (width % factor == height % factor == 0 and width // factor >= 2 * needed_width
+                and height // factor >= 2 * needed_height):
             return factor
     return None
 

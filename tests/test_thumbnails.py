@@ -2,21 +2,26 @@
 
 import contextlib
 import functools
+import hashlib
 import io
 import math
 import os
+import pathlib
 import resource
 import shutil
 import signal
 import struct
 import subprocess
+import sys
 import threading
 import time
+import zipfile
 import zlib
 
 import exifread
 import pytest
 
+import core
 import server
 from conftest import IMAGEMAGICK, make_image, parent_pids, wait_for, with_exif
 
@@ -181,10 +186,11 @@ def psnr(first, second, tmp_path):
 
 
 def full_decode_thumbnail(data, scale, tmp_path, extension='jpg'):
-    """What a plain ImageMagick makes from the whole decoded image: the quality to match."""
+    """The whole decoded image resized by ImageMagick's filter: the quality to match (not `-thumbnail`,
+    which point-samples a large image down to five times the size first and so aliases itself)."""
     (tmp_path / 'whole').write_bytes(data)
     out = tmp_path / f'reference.{extension}'
-    subprocess.run([IMAGEMAGICK, str(tmp_path / 'whole') + '[0]', '-auto-orient', '-thumbnail', f'{scale}x{scale}>',
+    subprocess.run([IMAGEMAGICK, str(tmp_path / 'whole') + '[0]', '-auto-orient', '-resize', f'{scale}x{scale}>',
                     '-strip', str(out)], check=True, timeout=120)
     return out.read_bytes()
 
@@ -196,17 +202,166 @@ def test_a_jpeg_preview_decoded_at_reduced_size_matches_one_from_the_full_decode
     assert psnr(answer.body, full_decode_thumbnail(detailed_jpeg, 600, tmp_path), tmp_path) >= 35
 
 
+SKIMAGE_WHEEL = ('scikit-image==0.25.2', 'scikit_image-0.25.2-cp311-cp311-manylinux_2_17_x86_64.manylinux2014_x86_64.whl',
+                 '24cc986e1f4187a12aa319f777b36008764e856e5013666a4a83f8df083c2641')
+WHEEL_CACHE = pathlib.Path(__file__).parent / '.cache'
+UPSCALED = ['astronaut.png', 'coffee.png', 'chelsea.png', 'rocket.jpg']     # soft at 4000 px, as many phone photos
+TILED = ['motorcycle_left.png', 'grass.png']     # repeated at their own resolution: detail down to the pixel
+
+
+def sample_photographs():
+    """scikit-image's sample photographs by name, read out of its wheel: fetched once with pip (never
+    installed) into tests/.cache and checked against a pinned sha256."""
+    spec, name, digest = SKIMAGE_WHEEL
+    wheel = WHEEL_CACHE / name
+    if not wheel.exists() or hashlib.sha256(wheel.read_bytes()).hexdigest() != digest:
+        download = WHEEL_CACHE / f'download-{os.getpid()}'
+        download.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, '-m', 'pip', 'download', '-q', '--no-deps', '--only-binary=:all:',
+                        '--platform', 'manylinux_2_17_x86_64', '--python-version', '3.11', '--implementation', 'cp',
+                        '--abi', 'cp311', '-d', str(download), spec],
+                       check=True, stdin=subprocess.DEVNULL, timeout=600)
+        fetched = download / name
+        assert hashlib.sha256(fetched.read_bytes()).hexdigest() == digest
+        os.replace(fetched, wheel)
+        shutil.rmtree(download)
+    with zipfile.ZipFile(wheel) as archive:
+        return {photo: archive.read('skimage/data/' + photo) for photo in UPSCALED + TILED}
+
+
+def large_jpeg(folder, photo, data, how):
+    """`photo` made a 4000 px (long side) JPEG at quality 90, both sides divisible by 8 so that libjpeg may
+    decode it reduced: upscaled ('resize') or repeated at its own resolution ('tile')."""
+    (folder / photo).write_bytes(data)
+    width, height = map(int, subprocess.run([IMAGEMAGICK, str(folder / photo), '-format', '%w %h', 'info:'],
+                                            check=True, capture_output=True, text=True, timeout=60).stdout.split())
+    width, height = ((4000, 4000 * height // width // 8 * 8) if width >= height else
+                     (4000 * width // height // 8 * 8, 4000))
+    out = folder / (photo + '.jpg')
+    source = (['-size', f'{width}x{height}', f'tile:{folder / photo}'] if how == 'tile' else
+              [str(folder / photo), '-resize', f'{width}x{height}!'])
+    subprocess.run([IMAGEMAGICK, *source, '-colorspace', 'sRGB', '-type', 'TrueColor', '-quality', '90', str(out)],
+                   check=True, timeout=120)
+    return out.read_bytes()
+
+
+def text_sheet(folder):
+    """A 4000x3000 scanned label sheet: 110 lines of 18 px text (strokes two pixels wide), JPEG quality 90."""
+    lines = []
+    for row in range(110):
+        lines += ['-annotate', f'+40+{40 + 26 * row}', f'Quercus robur L. {1800 + row} coll. J. Smith no. '
+                  f'{row * 7919 % 100000:05d} Herb. Mus. Nat. Hist. det. A. B. Cde 2024, loc. 48.{row:03d}N '
+                  f'11.{row * 37 % 1000:03d}E alt. {row * 13} m, Quercus petraea']
+    subprocess.run([IMAGEMAGICK, '-size', '4000x3000', 'xc:white', '-fill', 'black', '-pointsize', '18', *lines,
+                    '-quality', '90', str(folder / 'labels.jpg')], check=True, timeout=120)
+    return (folder / 'labels.jpg').read_bytes()
+
+
+@pytest.fixture(scope='session')
+def large_pictures(tmp_path_factory):
+    """Large JPEGs by name: real photographs (upscaled, and tiled at their own resolution) and a text sheet."""
+    folder = tmp_path_factory.mktemp('photographs')
+    photos = sample_photographs()
+    pictures = {photo: large_jpeg(folder, photo, photos[photo], 'resize') for photo in UPSCALED}
+    pictures.update({photo: large_jpeg(folder, photo, photos[photo], 'tile') for photo in TILED})
+    pictures['labels'] = text_sheet(folder)
+    return pictures
+
+
+@pytest.mark.disk_only
+@pytest.mark.parametrize('scale', [1000, 500, 256, 123])
+@pytest.mark.parametrize('picture', UPSCALED + TILED + ['labels'])
+def test_a_preview_of_a_large_photograph_or_text_sheet_matches_one_from_the_full_decode_within_35_db(
+        client, tmp_path, large_pictures, picture, scale):
+    original = large_pictures[picture]
+    answer = thumbnail(client, 'photo.jpg', original, scale=scale)
+    reference = full_decode_thumbnail(original, scale, tmp_path)
+    assert decoded(answer.body, tmp_path)[1:3] == decoded(reference, tmp_path)[1:3]
+    assert psnr(answer.body, reference, tmp_path) >= 35
+
+
 @pytest.mark.parametrize('size, scale, expected, hint', [
-    ('2400x1800', 600, '600x450', 'jpeg:size=600x450'),     # a quarter: still the thumbnail's size
+    ('2400x1800', 600, '600x450', 'jpeg:size=1200x900'),    # a half: twice the thumbnail's size, a quarter is not
     ('1000x750', 123, '123x92', 'jpeg:size=500x375'),       # an eighth or a quarter would not divide 750
-    ('300x4000', 1000, '75x1000', 'jpeg:size=75x1000'),
+    ('300x4000', 1000, '75x1000', 'jpeg:size=150x2000'),
     ('1801x1201', 900, '900x600', None)])                   # odd sides: decoded whole
-def test_a_jpeg_is_decoded_reduced_only_to_exact_sides_at_least_its_thumbnails_size(client, tmp_path, size, scale,
-                                                                                     expected, hint):
+def test_a_jpeg_is_decoded_reduced_only_to_exact_sides_at_least_twice_its_thumbnails_size(
+        client, tmp_path, size, scale, expected, hint):
     runs = run_counter(client.app.thumbnailer)
     answer = thumbnail(client, 'photo.jpg', make_image(tmp_path, 'plasma:', size, 'jpg'), scale=scale)
     assert 'x'.join(map(str, decoded(answer.body, tmp_path)[1:3])) == expected     # as from the whole image
     assert [arg for arg in runs[-1] if arg.startswith('jpeg:size=')] == ([hint] if hint else [])
+
+
+# --- TIFF: a pyramid's reduced-resolution page ----------------------------------------------
+
+def tiff_of_pages(pages):
+    """An uncompressed little-endian RGB TIFF, one directory per (width, height, colour, NewSubfileType)."""
+    out = bytearray(b'II*\0\0\0\0\0')
+    link = 4                                     # where the offset of the next directory goes
+    for width, height, colour, subfile_type in pages:
+        pixels = len(out)
+        out += bytes(colour) * (width * height)
+        bits = len(out)
+        out += struct.pack('<3H', 8, 8, 8)
+        entries = [(254, 4, 1, subfile_type), (256, 4, 1, width), (257, 4, 1, height), (258, 3, 3, bits),
+                   (259, 3, 1, 1), (262, 3, 1, 2), (273, 4, 1, pixels), (277, 3, 1, 3), (278, 4, 1, height),
+                   (279, 4, 1, 3 * width * height), (284, 3, 1, 1)]
+        struct.pack_into('<I', out, link, len(out))
+        out += struct.pack('<H', len(entries))
+        for tag, kind, count, value in entries:
+            packed = struct.pack('<I', value) if kind == 4 or count > 1 else struct.pack('<HH', value, 0)
+            out += struct.pack('<HHI', tag, kind, count) + packed
+        link = len(out)
+        out += b'\0\0\0\0'
+    return bytes(out)
+
+
+RED, GREEN, BLUE, YELLOW, CYAN = (255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)
+
+
+@pytest.fixture(scope='session')
+def pyramid_tiff():
+    """A 2000x1500 red scan with reduced-resolution pages (NewSubfileType 1) of halving size, each its own colour."""
+    return tiff_of_pages([(2000, 1500, RED, 0), (1000, 750, GREEN, 1), (500, 375, BLUE, 1),
+                          (250, 187, YELLOW, 1), (125, 93, CYAN, 1)])
+
+
+def colour_name(rgb):
+    """A colour as ImageMagick names a pixel's."""
+    return 'srgb({},{},{})'.format(*rgb)
+
+
+@pytest.mark.disk_only
+@pytest.mark.parametrize('scale, colour, size', [
+    (1000, GREEN, (1000, 750)), (600, GREEN, (600, 450)), (400, BLUE, (400, 300)), (123, CYAN, (123, 92)),
+    (124, CYAN, (124, 93)),          # from 125x93 ImageMagick alone would make 124x92: the size is the scan's
+    (1500, RED, (1500, 1125))])      # no reduced page is large enough
+def test_a_pyramid_tiff_thumbnail_is_made_from_its_smallest_reduced_page_still_as_large_at_the_scans_size(
+        client, tmp_path, pyramid_tiff, scale, colour, size):
+    answer = thumbnail(client, 'scan.tif', pyramid_tiff, scale=scale)
+    assert decoded(answer.body, tmp_path)[:3] == ('PNG', *size)
+    assert pixel(answer.body, tmp_path, size[0] // 2, size[1] // 2) == colour_name(colour)
+
+
+@pytest.mark.disk_only
+def test_a_multipage_document_tiff_is_thumbnailed_from_its_first_page_though_a_later_smaller_one_has_its_shape(
+        client, tmp_path):
+    document = tiff_of_pages([(1000, 750, RED, 0), (500, 375, GREEN, 0), (250, 187, BLUE, 0)])
+    answer = thumbnail(client, 'letters.tif', document, scale=123)
+    assert pixel(answer.body, tmp_path, 60, 45) == colour_name(RED)
+
+
+@pytest.mark.disk_only
+def test_a_reduced_page_of_another_shape_is_not_used_for_a_tiffs_thumbnail(client, tmp_path):
+    scan = tiff_of_pages([(1000, 750, RED, 0), (500, 500, GREEN, 1)])
+    answer = thumbnail(client, 'scan.tif', scan, scale=123)
+    assert pixel(answer.body, tmp_path, 60, 45) == colour_name(RED)
+
+
+def test_a_tiffs_pages_are_read_only_up_to_the_bound(tmp_path):
+    (tmp_path / 'many.tif').write_bytes(tiff_of_pages([(8, 6, RED, 1)] * (core.TIFF_PAGES_READ + 4)))
+    assert core.tiff_pages(tmp_path / 'many.tif') == [(8, 6, 1)] * core.TIFF_PAGES_READ
 
 
 # --- The derivative ladder: a smaller thumbnail from a cached larger one -----------------------

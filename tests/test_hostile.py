@@ -1366,6 +1366,47 @@ def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(
         assert len(read_all(reader)) < len(data)
 
 
+class TricklingSocket:
+    """A socket stand-in whose kernel takes `per_send` bytes a call, each call `seconds` long on a fake clock."""
+
+    def __init__(self, per_send, seconds, clock):
+        self.per_send, self.seconds, self.clock, self.timeout, self.calls = per_send, seconds, clock, 1.0, 0
+
+    def gettimeout(self):
+        return self.timeout
+
+    def settimeout(self, timeout):
+        self.timeout = timeout
+
+    def send(self, view):
+        self.calls += 1
+        self.clock[0] += self.seconds
+        return min(len(view), self.per_send)
+
+    def sendall(self, view):
+        """As the kernel would, for a writer that hands it a piece at a time."""
+        sent = 0
+        while sent < len(view):
+            sent += self.send(view[sent:])
+
+
+def test_an_answer_the_kernel_takes_at_once_is_sent_in_one_call(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(front.time, 'monotonic', lambda: clock[0])
+    sock = TricklingSocket(10 ** 9, 0, clock)
+    assert front.SocketWriter(sock).write(bytes(5 * front.WRITE_PIECE)) == 5 * front.WRITE_PIECE
+    assert sock.calls == 1
+
+
+def test_a_client_taking_less_than_a_piece_per_socket_timeout_is_dropped_though_never_silent(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(front.time, 'monotonic', lambda: clock[0])
+    sock = TricklingSocket(1, 0.01, clock)          # 100 B/s, a piece a second would be 16 KiB/s
+    with pytest.raises(TimeoutError):
+        front.SocketWriter(sock).write(bytes(front.WRITE_PIECE))
+    assert clock[0] <= 1.0 + 0.01 and sock.timeout == 1.0     # given up at the piece's deadline, timeout restored
+
+
 # --- Request framing ------------------------------------------------------------------------------
 
 SMUGGLED = b'GET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n'

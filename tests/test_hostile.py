@@ -1366,6 +1366,16 @@ def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(
         assert len(read_all(reader)) < len(data)
 
 
+def test_a_connection_the_front_admits_sends_its_segments_without_waiting_for_acks(tmp_path):
+    front_ = front.Front(server.load_config({'BASE_DIR': str(tmp_path), 'KEY': KEY}, environ={}), lambda _: None)
+    with socket.create_server(('127.0.0.1', 0)) as listener, front_.wake_in, front_.wake_out, \
+            socket.create_connection(listener.getsockname()):
+        accepted, peer = listener.accept()
+        with accepted:
+            front_.admit(accepted, peer)        # a GET's answer: its head, then a body shorter than a segment
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+
+
 class TricklingSocket:
     """A socket stand-in whose kernel takes `per_send` bytes a call, each call `seconds` long on a fake clock."""
 

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-storage bench-serve bench-backfill soak mutation packages test-packages venv
+.PHONY: run test bench bench-storage bench-serve bench-previews bench-backfill soak mutation packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -23,6 +23,10 @@ bench-backfill: packages test-packages venv
 bench-serve: packages test-packages venv
 	sh deploy/install-packages.sh bench/packages.txt
 	$(PY) bench/serve.py
+
+bench-previews: packages test-packages venv
+	sh deploy/install-packages.sh bench/packages.txt
+	$(PY) bench/previews.py
 
 soak: packages test-packages venv
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -s tests/test_reliability.py

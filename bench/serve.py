@@ -16,7 +16,6 @@ Run with `make bench-serve` (it installs wrk and curl from bench/packages.txt). 
 
 import argparse
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -25,43 +24,14 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
-
+from common import bare_paste_app, upload as upload_as, wrk  # noqa: E402  (puts the project on sys.path)
 import server  # noqa: E402
 from conftest import (KEY, Nginx, RunningServer, free_port, holds_listener, make_image,  # noqa: E402
-                      multipart_body, start_nginx, started, wait_for)
-
-BARE_APP = '''
-import sys
-from paste import httpserver
-def app(environ, start_response):
-    start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', '3')])
-    return [b'Ok.']
-httpserver.serve(app, host='127.0.0.1', port=sys.argv[1], use_threadpool=True, threadpool_workers=20)
-'''
-
-
-def wrk(url, seconds):
-    """(requests per second, problems) wrk measures for `url`; problems name any answer not 2xx."""
-    first = subprocess.run(['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', url],
-                           capture_output=True, text=True, timeout=60).stdout
-    out = subprocess.run(['wrk', '-t2', '-c16', f'-d{seconds}s', url], capture_output=True, text=True,
-                         timeout=seconds + 60).stdout
-    problems = [] if first == '200' else [f'a single request answered {first or "nothing"}']
-    rejected = re.search(r'Non-2xx or 3xx responses:\s*(\d+)', out)      # wrk counts answers of 400 and above
-    if rejected:
-        problems.append(f'{rejected.group(1)} answers of 400 or above')
-    broken = re.search(r'Socket errors:.*', out)
-    if broken:
-        problems.append(broken.group(0))
-    return float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1)), problems
+                      start_nginx, started, wait_for)
 
 
 def upload(web, name, data):
-    content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'),
-                                         ('token', server.make_token(KEY, name))])
-    assert web.request('POST', '/fileupload', body, {'Content-Type': content_type})[2] == b'Ok.'
+    upload_as(web, KEY, name, data)
 
 
 def static_nginx(folder, root):
@@ -70,17 +40,6 @@ def static_nginx(folder, root):
         launch.port = free_port()
         process = start_nginx(folder, 'static', f'sendfile on; server {{ listen 127.0.0.1:{launch.port}; root {root}; }}')
         return process, lambda: ''
-    process = started(launch, lambda p: holds_listener(p.pid, launch.port), 20)
-    return process, launch.port
-
-
-def bare_paste_app():
-    """The baseline: a constant WSGI app under Paste, on a free loopback port (retried if taken)."""
-    def launch():
-        launch.port = free_port()
-        process = subprocess.Popen([sys.executable, '-c', BARE_APP, str(launch.port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        return process, lambda: process.stderr.read().decode('utf-8', 'replace') if process.poll() is not None else ''
     process = started(launch, lambda p: holds_listener(p.pid, launch.port), 20)
     return process, launch.port
 

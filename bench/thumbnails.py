@@ -15,35 +15,18 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
-import threading
 import time
 from urllib.parse import urlencode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PROJECT = os.path.dirname(HERE)
-OUT = os.path.join(HERE, 'out')
+from common import CONVERT, OUT, PeakMemory, make, timed, upload  # noqa: E402  (puts the project on sys.path)
+from conftest import RunningServer  # noqa: E402
+
 KEY = 'benchmark-key'
 RUNS = 3
-sys.path.insert(0, PROJECT)
-sys.path.insert(0, os.path.join(PROJECT, 'tests'))
-
-import server  # noqa: E402
-from conftest import RunningServer, descendants, multipart_body, parent_pids  # noqa: E402
-
-CONVERT = server.find_imagemagick(None)
 
 PAGE = ('<< /PageSize [612 792] >> setpagedevice\n/Times-Roman findfont 14 scalefont setfont\n'
         '0 1 40 {{ /i exch def 72 740 i 16 mul sub moveto (Field notebook page {page}, line ) show '
         'i 10 string cvs show }} for\n0.2 0.5 0.2 setrgbcolor 300 100 200 200 rectfill showpage\n')
-
-
-def make(name, *command):
-    """Make one input file with the given command unless bench/out already has it."""
-    path = os.path.join(OUT, name)
-    if not os.path.exists(path):
-        subprocess.run([arg.replace('{out}', path) for arg in command], check=True, capture_output=True)
-    return path
 
 
 def make_inputs():
@@ -82,57 +65,12 @@ class Server(RunningServer):
 
     def upload(self, name, path):
         with open(path, 'rb') as f:
-            data = f.read()
-        content_type, body = multipart_body([('store', name), ('type', 'O'),
-                                             ('token', server.make_token(KEY, name)), ('file', name, data)])
-        status, _headers, answer = self.request('POST', '/fileupload', body, {'Content-Type': content_type},
-                                                timeout=300)
-        assert answer == b'Ok.', (status, answer[:200])
+            upload(self, KEY, name, f.read())
 
     def thumbnail(self, name, scale=123):
         status, body = self.get('/fileget?' + urlencode({'filename': name, 'type': 'T', 'scale': scale}))
         assert status == 200, (status, body[:200])
         return body
-
-
-def tree_rss(roots):
-    """Resident memory in bytes of some processes and all their descendants (from /proc)."""
-    parents = parent_pids()
-    total = 0
-    for pid in {tree_pid for root in roots for tree_pid in [root, *descendants(root, parents)]}:
-        try:
-            with open(f'/proc/{pid}/statm') as f:
-                total += int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
-        except OSError:
-            pass
-    return total
-
-
-class PeakMemory:
-    """Samples the resident memory of some processes' trees every 20 ms while in use."""
-
-    def __init__(self, *pids):
-        self.pids, self.peak, self.running = pids, 0, True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, tree_rss(self.pids))
-            time.sleep(0.02)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
-
-
-def timed(action):
-    started = time.perf_counter()
-    action()
-    return time.perf_counter() - started
 
 
 def plain_convert(path, out):

@@ -79,21 +79,27 @@ class Server(RunningServer):
         settings = {'KEY': KEY, 'PREGENERATE_SCALE': 'none', 'MAX_REQUESTS_PER_CLIENT': '32', **settings}
         super().__init__(os.path.join(OUT, 'previews'), os.path.join(OUT, log_name), **settings)
 
-    def thumbnail(self, name, scale):
+    def thumbnail(self, name, scale, accept=None):
         query = urlencode({'filename': name, 'type': 'T', 'scale': scale})
-        status, _headers, body = self.request('GET', '/fileget?' + query, timeout=300)
+        status, headers, body = self.request('GET', '/fileget?' + query, headers={'Accept': accept} if accept else None,
+                                             timeout=300)
         assert status == 200, (status, body[:200])
+        assert accept is None or headers['Content-Type'] == 'image/webp', headers
         return body
 
     def thumbnail_url(self, name, scale):
         return f'http://127.0.0.1:{self.port}/fileget?' + urlencode({'filename': name, 'type': 'T', 'scale': scale})
 
 
+BROWSER = 'image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8'     # Chrome's Accept for images
+
+
 def forget_thumbnails(paths, scale):
     """Remove the cached thumbnails of some originals at one scale, so the next requests for them are cold."""
     for path in paths:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(OUT, 'previews', 'thumbnails', thumbnail_name(os.path.basename(path), scale)))
+        for webp in (False, True):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(OUT, 'previews', 'thumbnails', thumbnail_name(os.path.basename(path), scale, webp)))
 
 
 def long_side(data):
@@ -134,6 +140,10 @@ def gallery(web, sheets):
         with concurrent.futures.ThreadPoolExecutor(GALLERY) as pool:
             wall = timed(lambda: previews.extend(pool.map(lambda name: web.thumbnail(name, 1000), names)))
     sides = {long_side(preview) for preview in previews}
+    webp = []
+    with PeakMemory(web.process.pid) as webp_memory:
+        with concurrent.futures.ThreadPoolExecutor(GALLERY) as pool:
+            webp_wall = timed(lambda: webp.extend(pool.map(lambda name: web.thumbnail(name, 1000, BROWSER), names)))
     vips_out = os.path.join(OUT, 'vips')
     shutil.rmtree(vips_out, ignore_errors=True)
     os.makedirs(vips_out)
@@ -147,6 +157,8 @@ def gallery(web, sheets):
     print('|---|---:|---:|---:|---:|---:|')
     print(f'| server, {GALLERY} requests at a time (process and children) | {wall:.2f} s | {count / wall:.1f} '
           f'| {vips_wall / wall:.2f} | {mb(ours.peak)} | {sum(map(len, previews)) / 1e6:.2f} MB |')
+    print(f'| the same as WebP (a browser\'s Accept), cold | {webp_wall:.2f} s | {count / webp_wall:.1f} '
+          f'| {vips_wall / webp_wall:.2f} | {mb(webp_memory.peak)} | {sum(map(len, webp)) / 1e6:.2f} MB |')
     print(f'| vipsthumbnail --size 1000, {VIPS_PARALLEL} at a time (its processes) | {vips_wall:.2f} s '
           f'| {count / vips_wall:.1f} | 1 | {mb(theirs.peak)} | {vips_bytes / 1e6:.2f} MB |')
     print(f'\nLong side of the server\'s previews: {", ".join(map(str, sorted(sides)))} px. '

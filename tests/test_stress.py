@@ -1,10 +1,12 @@
-"""Many conversions at once inside the threaded Paste server: no hang, no error, nothing half-made."""
+"""Many conversions at once inside the threaded Paste server: no hang, no error, nothing half-made, the cache bound kept."""
 
+import collections
 import concurrent.futures
 import os
 import time
 from urllib.parse import urlencode
 
+import core
 import server
 from conftest import KEY, RunningServer, make_image, multipart_body
 
@@ -38,6 +40,8 @@ def test_500_conversions_at_concurrency_16_all_finish(tmp_path):
         assert [status for status, _ in results] == [200] * len(jobs)
         assert all(size > 0 for _, size in results)
         thumbnails = os.listdir(tmp_path / 'attachments' / 'thumbnails')
-        assert len(thumbnails) == len(jobs) and not [n for n in thumbnails if n.startswith(server.TEMP_PREFIX)]
+        assert not [n for n in thumbnails if n.startswith(server.TEMP_PREFIX)]
+        per_original = collections.Counter(core.thumbnail_source(n) for n in thumbnails)
+        assert per_original == {name: 3 for name in names}       # THUMBNAIL_OTHER_SCALES: these scales are not configured
     finally:
         web.stop()

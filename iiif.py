@@ -78,7 +78,7 @@ class IIIFError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """The largest output served: maxWidth, maxHeight (maxWidth when only that is given) and maxArea; None is no bound."""
+    """The largest output served: maxWidth, maxHeight (maxWidth when only that is given), maxArea; None: no bound."""
     max_width: int = None
     max_height: int = None
     max_area: int = None
@@ -220,6 +220,8 @@ def parse_size(version, text, rw, rh, limits):
         return out if limits.upscaling or (out[0] <= rw and out[1] <= rh) else refuse_upscaling(version)
     if version == 2 and body == 'full':
         return explicit(version, rw, rh, False, rw, rh, limits)
+    if version == 3 and not upscale and body.startswith('pct:') and decimal(body[4:], 'size') > 100:
+        raise IIIFError(400, 'Bad size: pct:n may not exceed 100; prefix it with ^ to upscale.')
     return explicit(version, *requested(body, rw, rh), upscale, rw, rh, limits)
 
 
@@ -303,7 +305,7 @@ def parse_rotation(text):
 
 
 def parse_quality_format(text):
-    """(quality, format) of `quality.format`; `default` is DEFAULT_QUALITY. Unsupported ones are a 400, as both versions say."""
+    """(quality, format) of `quality.format`, `default` read as DEFAULT_QUALITY; unsupported: a 400 (both versions)."""
     parts = text.split('.')
     if len(parts) != 2 or parts[0] not in QUALITIES:
         raise bad('quality')
@@ -361,7 +363,7 @@ def tile_description(version, tile_size, scale_factors, limits):
 
 
 def size_descriptions(sizes, width, height, limits):
-    """{'sizes': [...]} (nothing for no sizes): each (w, h) no larger than the image (3.0 serves w,h only so), within the limits."""
+    """{'sizes': [...]}, or {} for none: each (w, h) within the image (3.0 serves w,h only so) and within the limits."""
     for w, h in sizes:
         if not (type(w) is int and type(h) is int and 1 <= w <= width and 1 <= h <= height and limits.allow(w, h)):
             raise ValueError('sizes must be within the image and within maxWidth, maxHeight and maxArea')
@@ -394,7 +396,9 @@ def name_for(identifier, collections):
     except (binascii.Error, ValueError):
         raise unknown() from None
     coll, nul, name = text.rpartition('\0')
-    if not nul or coll not in collections or name_problem(name) or identifier_for(coll, name, collections) != identifier:
+    if not nul or coll not in collections or name_problem(name):
+        raise unknown()
+    if identifier_for(coll, name, collections) != identifier:      # padding, unused bits: another spelling
         raise unknown()
     return coll, name
 

@@ -258,6 +258,12 @@ def test_an_extreme_aspect_ratio_still_gets_at_least_one_pixel_at_max():
     assert parse(3, image=(100000, 1), limits=Limits(max_width=1000)).size == (1000, 1)
 
 
+@BOTH
+def test_max_width_alone_bounds_the_height_too(version):
+    """/full/max/0/default.jpg of a 200 x 300 image, maxWidth 200: "clients should infer that maxHeight = maxWidth"."""
+    assert parse(version, image=(200, 300), limits=Limits(max_width=200)).size == (133, 200)
+
+
 def test_a_limits_object_with_max_height_and_no_max_width_is_refused():
     """3.0 section 5.2: "maxWidth MUST be specified if maxHeight is specified"."""
     with pytest.raises(ValueError):
@@ -463,18 +469,19 @@ def test_info_json_takes_extra_properties_but_not_in_place_of_its_own(version):
 
 
 @BOTH
-@pytest.mark.parametrize('sizes', [[(6001, 4000)], [(6000, 4001)], [(0, 1)], [(1025, 683)]])
-def test_info_json_refuses_to_advertise_a_size_it_would_not_serve(version, sizes):
+@pytest.mark.parametrize('sizes, limits', [([(6001, 4000)], NONE), ([(6000, 4001)], NONE), ([(0, 1)], NONE),
+                                           ([(1025, 683)], TILED)])
+def test_info_json_refuses_to_advertise_a_size_it_would_not_serve(version, sizes, limits):
     """A size beyond the image would need upscaling (3.0 w,h without ^); 1025 wide is beyond maxWidth 1024."""
     with pytest.raises(ValueError):
-        info(version, sizes=sizes)
+        info(version, sizes=sizes, limits=limits)
 
 
 @BOTH
 def test_info_json_refuses_tiles_beyond_the_limits(version):
     """"Servers MUST ensure that sizes specified by any sizes or tiles properties are within any size limits"."""
     with pytest.raises(ValueError):
-        info(version, tile_size=512, limits=Limits(max_width=256))
+        info(version, tile_size=512, sizes=[], limits=Limits(max_width=256))
 
 
 def tile_requests(width, height, tw, th, factors):

@@ -376,14 +376,16 @@ def grammar_like():
     return st.one_of(st.text(max_size=40), joined, words, numbers)
 
 
-LIMITS = st.one_of(st.just(NONE), st.builds(Limits, max_width=st.one_of(st.none(), st.integers(1, 5000)),
-                                            max_area=st.one_of(st.none(), st.integers(1, 10 ** 7))),
-                   st.builds(Limits, max_width=st.integers(1, 5000), max_height=st.integers(1, 5000)))
+SIDES = st.one_of(st.integers(1, 10), st.integers(1, 100000))        # small ones reach the one-pixel edges
+LIMITS = st.one_of(st.just(NONE), st.builds(Limits, max_width=st.one_of(st.none(), SIDES),
+                                            max_area=st.one_of(st.none(), st.integers(1, 100),
+                                                               st.integers(1, 10 ** 7))),
+                   st.builds(Limits, max_width=SIDES, max_height=SIDES))
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(version=st.sampled_from([3, 2]), region=grammar_like(), size=grammar_like(), rotation=grammar_like(),
-       quality_format=grammar_like(), image=st.tuples(st.integers(1, 100000), st.integers(1, 100000)), limits=LIMITS)
+       quality_format=grammar_like(), image=st.tuples(SIDES, SIDES), limits=LIMITS)
 def test_any_parameters_give_a_plan_within_the_image_and_limits_or_the_error_class(
         version, region, size, rotation, quality_format, image, limits):
     try:
@@ -391,12 +393,35 @@ def test_any_parameters_give_a_plan_within_the_image_and_limits_or_the_error_cla
     except IIIFError as refused:
         assert refused.status in ({400, 501} if version == 3 else {400, 404, 501})
         return
+    assert_within(plan, image, limits)
+    assert 0 <= plan.rotation < 360 and plan.format in iiif.FORMATS
+
+
+def assert_within(plan, image, limits):
+    """The region lies in the image; the size is at least a pixel, within the limits, upscaled only if offered."""
     x, y, rw, rh = plan.region
     w, h = plan.size
     assert 0 <= x < x + rw <= image[0] and 0 <= y < y + rh <= image[1]
     assert w >= 1 and h >= 1 and limits.allow(w, h)
     assert limits.upscaling or (w <= rw and h <= rh)
-    assert 0 <= plan.rotation < 360 and plan.format in iiif.FORMATS
+
+
+SIZE_FORMS = st.builds(lambda caret, form, w, h, n: caret + form.format(w=w, h=h, n=n),
+                       st.sampled_from(['', '^']),
+                       st.sampled_from(['max', '!{w},{h}', '{w},', ',{h}', '{w},{h}', 'pct:{n}']),
+                       SIDES, SIDES, st.decimals(0, 1000, places=2, allow_nan=False))
+
+
+@settings(max_examples=600, deadline=None)
+@given(version=st.sampled_from([3, 2]), image=st.tuples(SIDES, SIDES), size=SIZE_FORMS, limits=LIMITS)
+def test_any_size_of_the_grammar_gives_a_size_within_the_limits_or_the_error_class(version, image, size, limits):
+    """The size arithmetic (fit to a box, to maxArea, at extreme aspect ratios) on the full region of any image."""
+    try:
+        plan = iiif.parse_request(version, 'full', size, '0', 'default.jpg', *image, limits)
+    except IIIFError as refused:
+        assert refused.status in ({400, 501} if version == 3 else {400, 404, 501})
+        return
+    assert_within(plan, image, limits)
 
 
 # info.json (3.0 section 5, 2.1 section 5) ###########################################################

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = ['settings', 'core', 's3storage', 'front', 'server', 'migrate', 'derivatives']    # each may import only those before it
+LAYERS = ['settings', 'core', 's3storage', 'front', 'iiif', 'server', 'migrate', 'derivatives']    # each may import only those before it
 
 
 def project_imports(module):

@@ -259,6 +259,12 @@ def test_an_extreme_aspect_ratio_still_gets_at_least_one_pixel_at_max():
 
 
 @BOTH
+def test_a_max_area_below_the_aspect_ratio_still_gets_one_pixel_high_at_max(version):
+    """/full/max/0/default.jpg of a 100 x 1 image with maxArea 5: 5 x 1."""
+    assert parse(version, image=(100, 1), limits=Limits(max_area=5)).size == (5, 1)
+
+
+@BOTH
 def test_max_width_alone_bounds_the_height_too(version):
     """/full/max/0/default.jpg of a 200 x 300 image, maxWidth 200: "clients should infer that maxHeight = maxWidth"."""
     assert parse(version, image=(200, 300), limits=Limits(max_width=200)).size == (133, 200)

@@ -467,10 +467,11 @@ WEED = os.path.join(os.path.dirname(sys.executable), 'weed')
 
 
 def free_ports(count):
-    """Free loopback ports below 55536 whose +10000 (SeaweedFS's gRPC port) is free too."""
+    """Free loopback ports whose +10000 (SeaweedFS's gRPC port) is free too, both below the ephemeral ports
+    (32768 on): a readiness probe of a port nobody listens on yet could otherwise connect to itself."""
     ports, draw = [], random.SystemRandom()      # not the seeded `random`: pytest-randomly makes it repeat
     while len(ports) < count:
-        port = draw.randint(20000, 45000)
+        port = draw.randint(20000, 22700)
         try:
             for candidate in (port, port + 10000):
                 with socket.socket() as probe:

@@ -183,7 +183,8 @@ class Server:
         self.container, self.volume, self.log_path = container, volume, log_path
         self.command = (container.config.get('Entrypoint') or []) + container.config['Cmd']
         for _attempt in range(5):
-            self.port = random.randint(20000, 45000)
+            self.port = random.randint(20000, 32000)    # below the ephemeral ports: a probe of a port nobody
+                                                        # listens on yet can then never connect to itself
             self.env = {'HOST': '127.0.0.1', **env, 'PORT': str(self.port)}
             self.log = open(log_path, 'w+b')
             self.process = subprocess.Popen(
@@ -201,7 +202,7 @@ class Server:
         """True once this server (its SERVER_NAME) answers discovery: not merely something on the port."""
         try:
             return self.env['SERVER_NAME'].encode() in self.request('GET', '/web_asset_store.xml', timeout=5)[2]
-        except OSError:
+        except (OSError, http.client.HTTPException):      # not listening yet, or not an HTTP server
             return False
 
     def answers_or_ended(self):

@@ -19,7 +19,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
@@ -30,6 +29,7 @@ OUT = os.path.join(HERE, 'out')
 sys.path[:0] = [PROJECT, os.path.join(PROJECT, 'tests')]
 
 import server  # noqa: E402
+from common import InBackground  # noqa: E402
 from conftest import RunningServer, SeaweedFS, multipart_body  # noqa: E402
 
 CONVERT = server.find_imagemagick(None)
@@ -89,29 +89,21 @@ def store_s3(seaweed, prefix, files):
         client.upload_file(path, seaweed.bucket, f'{prefix}/originals/{name}')
 
 
-class Poller:
+class Poller(InBackground):
     """Fetches one URL of a live server again and again, one request at a time, `interval` s apart (a client
     browsing, not a load test that would itself take a CPU from the backfill); the latency of each, in s."""
 
     def __init__(self, web, path, interval):
-        self.web, self.path, self.interval, self.times, self.running = web, path, interval, [], True
-        self.thread = threading.Thread(target=self.poll, daemon=True)
+        super().__init__()
+        self.web, self.path, self.interval, self.times = web, path, interval, []
 
-    def poll(self):
+    def run(self):
         while self.running:
             started = time.perf_counter()
             status, _headers, _body = self.web.request('GET', self.path, timeout=120)
             assert status == 200, status
             self.times.append(time.perf_counter() - started)
             time.sleep(self.interval)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.running = False
-        self.thread.join()
 
 
 def percentile(values, share):

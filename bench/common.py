@@ -70,18 +70,12 @@ def tree_rss(roots):
     return total
 
 
-class PeakMemory:
-    """Samples the resident memory of some processes' trees every 20 ms while in use. `pids` is a set the
-    caller may change meanwhile (processes started and ended one after another)."""
+class InBackground:
+    """A `with` block during which a thread runs self.run(), which loops while self.running."""
 
-    def __init__(self, *pids):
-        self.pids, self.peak, self.running = set(pids), 0, True
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-
-    def sample(self):
-        while self.running:
-            self.peak = max(self.peak, tree_rss(list(self.pids)))
-            time.sleep(0.02)
+    def __init__(self):
+        self.running = True
+        self.thread = threading.Thread(target=self.run, daemon=True)
 
     def __enter__(self):
         self.thread.start()
@@ -90,6 +84,20 @@ class PeakMemory:
     def __exit__(self, *exc):
         self.running = False
         self.thread.join()
+
+
+class PeakMemory(InBackground):
+    """Samples the resident memory of some processes' trees every 20 ms while in use. `pids` is a set the
+    caller may change meanwhile (processes started and ended one after another)."""
+
+    def __init__(self, *pids):
+        super().__init__()
+        self.pids, self.peak = set(pids), 0
+
+    def run(self):
+        while self.running:
+            self.peak = max(self.peak, tree_rss(list(self.pids)))
+            time.sleep(0.02)
 
 
 def upload(web, key, name, data):

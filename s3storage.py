@@ -140,6 +140,18 @@ class S3Storage(Layout):
             raise FileNotFoundError(key)
         return io.BufferedReader(RangeReader(self, key, head['ContentLength'], head['ETag']), 64 * 1024)
 
+    @contextlib.contextmanager
+    def local_original(self, coll, name):
+        """A local copy of the original, removed after (FileNotFoundError when there is none)."""
+        local, handle = make_temp_file(self.staging_folder())
+        handle.close()
+        try:
+            with store_errors():
+                self.client.download_file(self.bucket, self.key(self.original_parts(coll, name)), local, Config=TRANSFER)
+            yield local
+        finally:
+            remove_quietly(local)
+
     def send(self, coll, name, headers=None):
         return self.send_object(self.key(self.original_parts(coll, name)), headers)
 

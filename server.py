@@ -47,6 +47,7 @@ from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, See
                   kind_of, load_config, make_temp_file, may_run_scripts, name_problem, printable, refuse,
                   remove_quietly, sniff_kind, sweep_folder, thumbnail_source, tiff_pages, valid_name, valid_scale)
 from front import FrontedPasteServer
+import iiif
 
 VIEWS_DIR = os.path.join(HERE, 'views')
 MAX_FIELD_SIZE = 64 * 1024       # Largest text field of an upload.
@@ -155,6 +156,10 @@ INPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif',
                 'application/pdf': 'png'}          # PDFs reach ImageMagick as Ghostscript's PNG
 OUTPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif'}  # the rest become PNG
 WEBP_QUALITY = 80               # libwebp's quality for thumbnails answered as WebP (transparency kept)
+IIIF_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff', 'image/heic', 'image/heif'}   # PDFs: later
+IIIF_QUALITIES = {'color': ['-colorspace', 'sRGB'], 'gray': ['-grayscale', 'Rec601Luma'],   # luma as most tools
+                  'bitonal': ['-grayscale', 'Rec601Luma', '-threshold', '50%', '-type', 'Bilevel']}
+IIIF_TILE = 512                 # the tile size info.json offers
 
 
 def executables_named(name):
@@ -371,19 +376,63 @@ class Thumbnailer:
         self.raise_remembered_failure(identity, scale)
         kind = sniff_kind(source)
         size = self._remembering(identity, None, lambda: self._check_header(source, kind))
-        os.makedirs(folder, exist_ok=True)
-        scratch = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
-        os.mkdir(scratch)
-        try:
-            os.symlink(source, os.path.join(scratch, 'in'))
+        with self.scratch_for(source, folder) as scratch:
             with self.slots(self.work):      # at most THUMBNAIL_WORKERS conversions at once
                 self._convert(kind, scale, size, scratch, identity, webp)
             made = os.path.join(scratch, 'out')
             with open(made, 'rb') as out:
                 os.fsync(out.fileno())
             yield made
+
+    @staticmethod
+    @contextlib.contextmanager
+    def scratch_for(source, folder):
+        """A scratch folder of our own inside `folder`, `source` linked in it as `in`; removed after."""
+        os.makedirs(folder, exist_ok=True)
+        scratch = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
+        os.mkdir(scratch)
+        try:
+            os.symlink(source, os.path.join(scratch, 'in'))
+            yield scratch
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def displayed_size(self, source):
+        """(width, height) of an image as shown (EXIF orientation applied), from its header: what IIIF serves."""
+        kind = sniff_kind(source)
+        if kind not in IIIF_KINDS or kind not in self.kinds:
+            raise ThumbnailError('This file is not an image that can be viewed.')
+        self._check_header(source, kind)
+        with self.scratch_for(source, os.path.dirname(source)) as scratch:
+            shown = self._run(self.convert, *self.limits, '-ping', f'{INPUT_CODERS[kind]}:in[0]', '-format',
+                              '%w %h %[EXIF:Orientation]', 'info:', scratch=scratch,
+                              deadline=time.monotonic() + self.timeout).split()
+        if len(shown) < 2 or not all(part.isdigit() for part in shown):
+            raise ThumbnailError('This file is not an image that can be viewed.')
+        width, height = int(shown[0]), int(shown[1])
+        return (height, width) if shown[2:] and shown[2] in ('5', '6', '7', '8') else (width, height)
+
+    @contextlib.contextmanager
+    def iiif_rendered(self, source, plan, folder):
+        """Yield the path of the image an IIIF plan asks of `source` (cropped as shown, scaled, mirrored, rotated,
+        its quality), made in a conversion slot like a thumbnail and removed after; the caller holds admitted()."""
+        kind = sniff_kind(source)
+        if kind not in IIIF_KINDS or kind not in self.kinds:
+            raise ThumbnailError('This file is not an image that can be viewed.')
+        self._check_header(source, kind)
+        x, y, w, h = plan.region
+        steps = ['-auto-orient', '-crop', f'{w}x{h}+{x}+{y}', '+repage', '-resize', '{}x{}!'.format(*plan.size)]
+        if plan.mirror:
+            steps.append('-flop')
+        if plan.rotation:
+            steps += ['-background', 'white' if plan.format == 'jpg' else 'none', '-rotate', f'{plan.rotation:g}']
+        steps += IIIF_QUALITIES[plan.quality]
+        coder = iiif.FORMATS[plan.format].magick
+        with self.scratch_for(source, folder) as scratch:
+            with self.slots(self.work):
+                self._run(self.convert, *self.limits, f'{INPUT_CODERS[kind]}:in[0]', *steps, '+repage', '-strip',
+                          f'{coder}:out', scratch=scratch, deadline=time.monotonic() + self.timeout)
+            yield os.path.join(scratch, 'out')
 
     def _check_header(self, source, kind):
         """The image's size from its header, once its kind, pixels and decoder's memory are within bounds."""
@@ -668,6 +717,14 @@ class DiskStorage(Layout):
     def open(self, coll, name):
         """The original opened for reading (FileNotFoundError when there is none)."""
         return open(self.original_path(coll, name), 'rb')
+
+    @contextlib.contextmanager
+    def local_original(self, coll, name):
+        """The original's path on this machine (FileNotFoundError when there is none)."""
+        path = self.original_path(coll, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        yield path
 
     def send(self, coll, name, headers=None):
         path = self.original_path(coll, name)
@@ -1595,6 +1652,89 @@ def static(path):
     return app.storage.send_static(parts)
 
 
+# --- IIIF Image API (deep zoom) ------------------------------------------------
+
+def iiif_original(identifier):
+    """(collection, name) of the original an IIIF identifier names: 404 for none, 403 without a token it needs."""
+    app = bottle.request.app
+    try:
+        coll, name = iiif.name_for(identifier, app.settings.COLLECTION_DIRS)
+    except iiif.IIIFError as error:
+        refuse(error.status, error.reason)
+    if app.settings.REQUIRE_KEY_FOR_GET:
+        require_token(name)
+    return coll, name
+
+
+@contextlib.contextmanager
+def viewable(coll, name):
+    """The original's local path and its size as shown: 404 for a missing file or one that is no viewable image."""
+    app = bottle.request.app
+    try:
+        with app.thumbnailer.admitted(), app.storage.local_original(coll, name) as path:    # bounds local copies too
+            yield path, app.thumbnailer.displayed_size(path)
+    except FileNotFoundError:
+        refuse(404, 'No such file.')
+    except ThumbnailError as error:
+        refuse(404, str(error))
+
+
+def iiif_limits():
+    most = bottle.request.app.settings.IIIF_MAX_SIZE
+    return iiif.Limits(max_width=most, max_height=most)
+
+
+def iiif_base(version, coll, name):
+    """The image service's id: under the same public base URL as web_asset_store.xml."""
+    identifier = iiif.identifier_for(coll, name, bottle.request.app.settings.COLLECTION_DIRS)
+    return f'{public_base_url()}/iiif/{version}/{identifier}'
+
+
+def iiif_redirect(version, identifier):
+    coll, name = iiif_original(identifier)
+    bottle.redirect(iiif_base(version, coll, name) + '/info.json', 303)
+
+
+def iiif_info(version, identifier):
+    """info.json; JSON-LD when the client's Accept asks for it, else plain JSON, as the specification says."""
+    version = int(version)
+    coll, name = iiif_original(identifier)
+    with viewable(coll, name) as (_path, (width, height)):
+        pass
+    limits = iiif_limits()
+    tile = min(IIIF_TILE, limits.max_width)
+    factors = [1]                       # down to the scale where the whole image is one tile
+    while max(width, height) > tile * factors[-1]:
+        factors.append(2 * factors[-1])
+    sizes = sorted({(-(-width // f), -(-height // f)) for f in factors})
+    document = iiif.info_document(version, iiif_base(version, coll, name), width, height, tile, factors,
+                                  [size for size in sizes if limits.allow(*size)], limits)
+    linked = 'application/ld+json' in bottle.request.headers.get('Accept', '')
+    bottle.response.content_type = (f'application/ld+json;profile="{iiif.CONTEXT[version]}"' if linked
+                                    else 'application/json')
+    return json.dumps(document)
+
+
+def iiif_image(version, identifier, region, size, rotation, quality_format):
+    """One image request: the original cropped, scaled, mirrored, rotated and in the quality and format asked."""
+    app = bottle.request.app
+    coll, name = iiif_original(identifier)
+    with viewable(coll, name) as (path, (width, height)):
+        try:
+            plan = iiif.parse_request(int(version), region, size, rotation, quality_format, width, height,
+                                      iiif_limits())
+        except iiif.IIIFError as error:
+            refuse(error.status, error.reason)
+        try:
+            with app.thumbnailer.iiif_rendered(path, plan, app.storage.staging_folder()) as made:
+                with open(made, 'rb') as out:
+                    body = out.read()
+        except ThumbnailError as error:
+            refuse(404, str(error))
+    bottle.response.content_type = plan.content_type
+    return body
+
+
 def create_app(config):
     """The WSGI application for one configuration."""
     os.makedirs(config.BASE_DIR, exist_ok=True)
@@ -1620,6 +1760,10 @@ def create_app(config):
     if config.ALLOW_STATIC_FILE_ACCESS:
         app.route('/getfileref', 'GET', getfileref, signed='filename', read=True)
         app.route('/static/<path:path>', 'GET', static)
+    iiif_path = '/iiif/<version:re:[23]>/<identifier>'
+    app.route(iiif_path, 'GET', iiif_redirect)
+    app.route(iiif_path + '/info.json', 'GET', iiif_info)
+    app.route(iiif_path + '/<region>/<size>/<rotation>/<quality_format>', 'GET', iiif_image)
     for path in {route.rule for route in app.routes}:
         app.route(path, 'OPTIONS', preflight)
     return app

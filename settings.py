@@ -80,6 +80,10 @@ THUMBNAIL_OTHER_SCALES_ORIGINALS = 10_000  # Originals whose other-scale thumbna
 THUMBNAIL_CACHE_MAX_BYTES = None  # Total bytes of cached thumbnails. Over it, a sweep in the background (at most one a minute) removes the least recently made, those of other scales first, down to 90%. None: no bound beyond THUMBNAIL_OTHER_SCALES.
 WEBP_THUMBNAILS = True            # A thumbnail request whose Accept header names image/webp (browsers', not Specify 6's) is answered with a WebP thumbnail (GIF stays GIF), cached beside the other; every thumbnail answer says Vary: Accept.
 
+# --- IIIF (deep zoom) -------------------------------------------------------------
+
+IIIF_MAX_SIZE = 4096             # Largest width and height of an IIIF image answer (info.json's maxWidth/maxHeight); larger requests are refused, `max` is fitted within it.
+
 # --- Metadata (getmetadata) -----------------------------------------------------
 
 METADATA_WORKERS = 2             # EXIF extractions run at once, each in a child process of its own; as many more requests may wait for one, the rest get 503 at once.

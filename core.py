@@ -517,8 +517,8 @@ class CacheSize:
     """The cached thumbnails' total size against THUMBNAIL_CACHE_MAX_BYTES: unknown until a sweep has counted it,
     then added to as thumbnails are stored; over the bound, a sweep is due, at most one every `sweep_every` seconds."""
 
-    def __init__(self, bound, sweep_every=60):
-        self.bound, self.sweep_every = bound, sweep_every
+    def __init__(self, bound, sweep_every=60, spare_newer_than=60):
+        self.bound, self.sweep_every, self.spare_newer_than = bound, sweep_every, spare_newer_than
         self.total, self.sweeping, self.last_sweep = None, False, -math.inf
         self.lock = threading.Lock()
 
@@ -671,9 +671,12 @@ class Layout:
 
     def _oldest_covering(self, excess):
         """The fewest thumbnails, first in removal order (other scales, then the least recently made), whose sizes
-        add up to at least `excess`."""
+        add up to at least `excess`; never one made in the last `spare_newer_than` seconds (it may be being sent)."""
         newest_first, covered = [], 0          # a heap whose top is the last in removal order
+        spared_from = time.time() - self.cache_size.spare_newer_than
         for coll, cache_name, size, modified in self.cached_thumbnails():
+            if modified > spared_from:
+                continue
             configured = parse_thumbnail_name(cache_name)[1] in self.ladder
             heapq.heappush(newest_first, (-configured, -modified, coll, cache_name, size))
             covered += size

@@ -100,7 +100,7 @@ def test_a_sweep_over_the_size_bound_removes_other_scales_before_configured_ones
     for scale in (250, 260, 270):
         preview(client, 'a.jpg', scale)
     storage = client.app.storage
-    storage.cache_size = core.CacheSize(bound=configured * 10 // 9 + 1)
+    storage.cache_size = core.CacheSize(bound=configured * 10 // 9 + 1, spare_newer_than=0)
     storage.sweep_cache()
     assert cached_thumbnails(client) == ['a_300.jpg', 'b_300.jpg']
     assert storage.cache_size.total == configured
@@ -119,13 +119,31 @@ def test_a_sweep_removes_the_least_recently_made_first_other_scales_before_confi
     assert (sorted(removed), storage.cache_size.total) == (['newest_64.jpg', 'old_300.jpg'], 80)
 
 
-def test_storing_a_thumbnail_over_the_size_bound_starts_a_sweep(make_client, jpeg):
-    client = make_client(THUMBNAIL_CACHE_MAX_BYTES=1, THUMBNAIL_OTHER_SCALES=5)
+def test_storing_a_thumbnail_over_the_size_bound_starts_a_sweep_that_spares_the_one_just_made(make_client, jpeg):
+    client = make_client(THUMBNAIL_CACHE_MAX_BYTES=10 ** 9, THUMBNAIL_OTHER_SCALES=5)
+    storage = client.app.storage
     client.upload('a.jpg', jpeg)
-    assert wait_for(lambda: client.app.storage.cache_size.total == 0, 30)       # the count at start
-    client.app.storage.cache_size.sweep_every = 0
+    client.upload('b.jpg', jpeg)
+    assert wait_for(lambda: storage.cache_size.total == 0, 30)                  # the count at start
+    preview(client, 'b.jpg', 100)          # the older, removed (on S3 the same second: then the name decides)
+    storage.cache_size.spare_newer_than = 0
+    newer = preview(client, 'a.jpg', 99)
+    new_size = len(newer.body)
+    storage.cache_size.bound = new_size * 10 // 9 + 1      # both are over it; a_99 alone is within 90%
+    storage.cache_size.sweep_every = 0
+    storage.cache_size.total = None                          # counted again by the sweep
+    storage.start_cache_sweep()
+    assert wait_for(lambda: cached_thumbnails(client) == ['a_99.jpg'], 30)
+
+
+def test_a_sweep_never_removes_a_thumbnail_made_in_its_last_minute(make_client, jpeg):
+    client = make_client(THUMBNAIL_OTHER_SCALES=5)
+    client.upload('a.jpg', jpeg)
     preview(client, 'a.jpg', 100)
-    assert wait_for(lambda: cached_thumbnails(client) == [], 30)
+    storage = client.app.storage
+    storage.cache_size = core.CacheSize(bound=1)
+    storage.sweep_cache()
+    assert cached_thumbnails(client) == ['a_100.jpg'] and storage.cache_size.total > 1
 
 
 def test_sweeps_start_at_most_once_a_sweep_interval():

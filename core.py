@@ -121,7 +121,8 @@ def check_config(config):
                  'METADATA_WAIT', 'METADATA_TIMEOUT', 'METADATA_MEMORY_LIMIT', 'METADATA_MAX_READ',
                  'METADATA_MAX_VALUE', 'METADATA_MAX_ANSWER', 'REQUEST_HEAD_TIMEOUT', 'REQUEST_BODY_GRACE',
                  'REQUEST_BODY_MIN_RATE', 'MAX_CONNECTIONS', 'MAX_CONNECTIONS_PER_CLIENT', 'MAX_REQUESTS_PER_CLIENT',
-                 'THUMBNAIL_OTHER_SCALES', 'THUMBNAIL_OTHER_SCALES_ORIGINALS', 'IIIF_MAX_SIZE'):
+                 'THUMBNAIL_OTHER_SCALES', 'THUMBNAIL_OTHER_SCALES_ORIGINALS', 'IIIF_MAX_SIZE',
+                 'IIIF_GRANT_SECONDS'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
     config.PREGENERATE_SCALES = pregenerated_scales(config)

@@ -44,6 +44,7 @@ from core import name_problem
 PROTOCOL = 'http://iiif.io/api/image'
 CONTEXT = {3: 'http://iiif.io/api/image/3/context.json', 2: 'http://iiif.io/api/image/2/context.json'}
 LEVEL2 = {3: 'level2', 2: 'http://iiif.io/api/image/2/level2.json'}
+PRESENTATION_CONTEXT = 'http://iiif.io/api/presentation/3/context.json'
 
 
 class Format(typing.NamedTuple):
@@ -365,6 +366,21 @@ def size_descriptions(sizes, width, height, limits):
         if not (type(w) is int and type(h) is int and 1 <= w <= width and 1 <= h <= height and limits.allow(w, h)):
             raise ValueError('sizes must be within the image and within maxWidth, maxHeight and maxArea')
     return {'sizes': [{'width': w, 'height': h} for w, h in sizes]} if sizes else {}
+
+
+def manifest_document(manifest_id, service_id, label, size, full_size):
+    """A Presentation 3.0 Manifest of one Canvas the size of the image (as shown), painted by its full image at
+    `full_size` (what full/max answers), with the 3.0 image service linked."""
+    width, height = size
+    canvas = f'{manifest_id}/canvas/1'
+    body = {'id': f'{service_id}/full/max/0/default.jpg', 'type': 'Image', 'format': 'image/jpeg',
+            'width': full_size[0], 'height': full_size[1],
+            'service': [{'id': service_id, 'type': 'ImageService3', 'profile': LEVEL2[3]}]}
+    painting = {'id': f'{canvas}/annotation/1', 'type': 'Annotation', 'motivation': 'painting',
+                'body': body, 'target': canvas}
+    return {'@context': PRESENTATION_CONTEXT, 'id': manifest_id, 'type': 'Manifest', 'label': {'none': [label]},
+            'items': [{'id': canvas, 'type': 'Canvas', 'width': width, 'height': height, 'label': {'none': [label]},
+                       'items': [{'id': f'{canvas}/page/1', 'type': 'AnnotationPage', 'items': [painting]}]}]}
 
 
 def identifier_for(coll, name, collections):

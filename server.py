@@ -146,6 +146,36 @@ def token_problem(key, token, name, started, tolerance):
     return None
 
 
+GRANT = re.compile(r'([0-9]{1,12})\.([0-9a-f]{32})')
+GRANT_STEP = 60                  # grants are minted to the next whole minute, so one minute's tiles share URLs
+
+
+def make_grant(key, coll, name, expires):
+    """A viewer's grant for one original until `expires` (epoch seconds): '<expires>.<HMAC-SHA256, 32 hex>'."""
+    message = f'iiif-grant\0{expires}\0{coll or ""}\0{name}'.encode('utf-8', 'surrogatepass')
+    return f'{expires}.{hmac.new(key.encode("utf-8"), message, hashlib.sha256).hexdigest()[:32]}'
+
+
+def new_grant(key, coll, name, now, lifetime):
+    expires = -(-(int(now) + lifetime) // GRANT_STEP) * GRANT_STEP
+    return make_grant(key, coll, name, expires)
+
+
+def grant_problem(key, grant, coll, name, now, lifetime):
+    """Why `grant` does not let a viewer see this original now, or None when it does."""
+    if key is None:
+        return None
+    match = GRANT.fullmatch(grant)
+    if not match:
+        return 'Malformed viewer grant.'
+    expires = int(match.group(1))
+    if not now < expires <= now + lifetime + GRANT_STEP:
+        return 'The viewer grant has expired: open the image again.'
+    if not hmac.compare_digest(make_grant(key, coll, name, expires).encode(), grant.encode()):
+        return 'Bad viewer grant.'
+    return None
+
+
 ###############################################################################
 # Thumbnails ##################################################################
 ###############################################################################
@@ -1654,16 +1684,30 @@ def static(path):
 
 # --- IIIF Image API (deep zoom) ------------------------------------------------
 
-def iiif_original(identifier):
-    """(collection, name) of the original an IIIF identifier names: 404 for none, 403 without a token it needs."""
+def iiif_original(identifier, grant=None):
+    """(collection, name) of the original an IIIF identifier names: 404 for none; 403 without the token or
+    the viewer grant REQUIRE_KEY_FOR_GET needs (a grant given is checked even without it)."""
     app = bottle.request.app
     try:
         coll, name = iiif.name_for(identifier, app.settings.COLLECTION_DIRS)
     except iiif.IIIFError as error:
         refuse(error.status, error.reason)
-    if app.settings.REQUIRE_KEY_FOR_GET:
+    if grant is not None:
+        problem = grant_problem(app.key, grant, coll, name, bottle.request.environ['wast.started'],
+                                app.settings.IIIF_GRANT_SECONDS)
+        if problem:
+            refuse(403, problem)
+    elif app.settings.REQUIRE_KEY_FOR_GET:
         require_token(name)
     return coll, name
+
+
+def viewer_grant(coll, name, grant):
+    """The grant a service's URLs carry: the one given, a new one for a request that a token let in, or None."""
+    app = bottle.request.app
+    if grant is None and app.settings.REQUIRE_KEY_FOR_GET and app.key is not None:
+        return new_grant(app.key, coll, name, bottle.request.environ['wast.started'], app.settings.IIIF_GRANT_SECONDS)
+    return grant
 
 
 @contextlib.contextmanager
@@ -1684,21 +1728,27 @@ def iiif_limits():
     return iiif.Limits(max_width=most, max_height=most)
 
 
-def iiif_base(version, coll, name):
-    """The image service's id: under the same public base URL as web_asset_store.xml."""
+def iiif_base(version, coll, name, grant=None):
+    """The image service's id: under the same public base URL as web_asset_store.xml (and the viewer grant)."""
     identifier = iiif.identifier_for(coll, name, bottle.request.app.settings.COLLECTION_DIRS)
-    return f'{public_base_url()}/iiif/{version}/{identifier}'
+    granted = f'/grant/{grant}' if grant else ''
+    return f'{public_base_url()}/iiif{granted}/{version}/{identifier}'
 
 
-def iiif_redirect(version, identifier):
-    coll, name = iiif_original(identifier)
-    bottle.redirect(iiif_base(version, coll, name) + '/info.json', 303)
+def linked_data(context):
+    """Answer JSON-LD when the client's Accept asks for it, else plain JSON, as the specifications say."""
+    linked = 'application/ld+json' in bottle.request.headers.get('Accept', '')
+    bottle.response.content_type = f'application/ld+json;profile="{context}"' if linked else 'application/json'
 
 
-def iiif_info(version, identifier):
-    """info.json; JSON-LD when the client's Accept asks for it, else plain JSON, as the specification says."""
+def iiif_redirect(version, identifier, grant=None):
+    coll, name = iiif_original(identifier, grant)
+    bottle.redirect(iiif_base(version, coll, name, viewer_grant(coll, name, grant)) + '/info.json', 303)
+
+
+def iiif_info(version, identifier, grant=None):
     version = int(version)
-    coll, name = iiif_original(identifier)
+    coll, name = iiif_original(identifier, grant)
     with viewable(coll, name) as (_path, (width, height)):
         pass
     limits = iiif_limits()
@@ -1707,18 +1757,30 @@ def iiif_info(version, identifier):
     while max(width, height) > tile * factors[-1]:
         factors.append(2 * factors[-1])
     sizes = sorted({(-(-width // f), -(-height // f)) for f in factors})
-    document = iiif.info_document(version, iiif_base(version, coll, name), width, height, tile, factors,
-                                  [size for size in sizes if limits.allow(*size)], limits)
-    linked = 'application/ld+json' in bottle.request.headers.get('Accept', '')
-    bottle.response.content_type = (f'application/ld+json;profile="{iiif.CONTEXT[version]}"' if linked
-                                    else 'application/json')
+    grant = viewer_grant(coll, name, grant)
+    manifest = iiif_base(3, coll, name, grant) + '/manifest' if version == 3 else None
+    document = iiif.info_document(version, iiif_base(version, coll, name, grant), width, height, tile, factors,
+                                  [size for size in sizes if limits.allow(*size)], limits, manifest=manifest)
+    linked_data(iiif.CONTEXT[version])
     return json.dumps(document)
 
 
-def iiif_image(version, identifier, region, size, rotation, quality_format):
+def iiif_manifest(version, identifier, grant=None):
+    """A IIIF Presentation 3.0 Manifest of one canvas showing the image, so Mirador and Universal Viewer open it."""
+    coll, name = iiif_original(identifier, grant)
+    with viewable(coll, name) as (_path, (width, height)):
+        pass
+    grant = viewer_grant(coll, name, grant)
+    service = iiif_base(3, coll, name, grant)
+    full = iiif.parse_request(3, 'full', 'max', '0', 'default.jpg', width, height, iiif_limits())
+    linked_data(iiif.PRESENTATION_CONTEXT)
+    return json.dumps(iiif.manifest_document(service + '/manifest', service, name, (width, height), full.size))
+
+
+def iiif_image(version, identifier, region, size, rotation, quality_format, grant=None):
     """One image request: the original cropped, scaled, mirrored, rotated and in the quality and format asked."""
     app = bottle.request.app
-    coll, name = iiif_original(identifier)
+    coll, name = iiif_original(identifier, grant)
     with viewable(coll, name) as (path, (width, height)):
         try:
             plan = iiif.parse_request(int(version), region, size, rotation, quality_format, width, height,
@@ -1733,6 +1795,16 @@ def iiif_image(version, identifier, region, size, rotation, quality_format):
             refuse(404, str(error))
     bottle.response.content_type = plan.content_type
     return body
+
+
+def route_iiif(app):
+    """The IIIF routes, each also under /iiif/grant/<grant>/, where a viewer's grant stands for the token."""
+    for prefix in ('/iiif', '/iiif/grant/<grant>'):
+        service = prefix + '/<version:re:[23]>/<identifier>'
+        app.route(service, 'GET', iiif_redirect)
+        app.route(service + '/info.json', 'GET', iiif_info)
+        app.route(prefix + '/<version:re:3>/<identifier>/manifest', 'GET', iiif_manifest)
+        app.route(service + '/<region>/<size>/<rotation>/<quality_format>', 'GET', iiif_image)
 
 
 def create_app(config):
@@ -1760,10 +1832,7 @@ def create_app(config):
     if config.ALLOW_STATIC_FILE_ACCESS:
         app.route('/getfileref', 'GET', getfileref, signed='filename', read=True)
         app.route('/static/<path:path>', 'GET', static)
-    iiif_path = '/iiif/<version:re:[23]>/<identifier>'
-    app.route(iiif_path, 'GET', iiif_redirect)
-    app.route(iiif_path + '/info.json', 'GET', iiif_info)
-    app.route(iiif_path + '/<region>/<size>/<rotation>/<quality_format>', 'GET', iiif_image)
+    route_iiif(app)
     for path in {route.rule for route in app.routes}:
         app.route(path, 'OPTIONS', preflight)
     return app

@@ -83,6 +83,7 @@ WEBP_THUMBNAILS = True            # A thumbnail request whose Accept header name
 # --- IIIF (deep zoom) -------------------------------------------------------------
 
 IIIF_MAX_SIZE = 4096             # Largest width and height of an IIIF image answer (info.json's maxWidth/maxHeight); larger requests are refused, `max` is fitted within it.
+IIIF_GRANT_SECONDS = 3600        # With REQUIRE_KEY_FOR_GET: how long a viewer let in by one token may go on zooming into that one image (the grant in its URLs; README, "The key").
 
 # --- Metadata (getmetadata) -----------------------------------------------------
 

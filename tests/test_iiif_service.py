@@ -2,6 +2,7 @@
 answered from the original (3.0 and 2.1), with the key when REQUIRE_KEY_FOR_GET asks for it."""
 
 import json
+import time
 
 import pytest
 
@@ -192,3 +193,92 @@ def test_with_require_key_for_get_every_iiif_path_needs_a_token(make_client, hal
     refused = client.get(path, {}, status=403)
     client.get(path, {'token': client.token('a.png')}, status=303 if path == '/iiif/3/a.png' else 200)
     assert b'\x89PNG' not in refused.body and b'\xff\xd8' not in refused.body
+
+
+# --- The Presentation manifest ------------------------------------------------------------------
+
+def test_info_json_3_links_its_manifest_as_part_of(client, halves):
+    client.upload('a.png', halves)
+    info = json.loads(image(client, '/iiif/3/a.png/info.json').body)
+    assert info['partOf'] == [{'id': f'{BASE}/iiif/3/a.png/manifest', 'type': 'Manifest'}]
+
+
+def test_the_manifest_has_one_canvas_painted_by_the_image_service(client, halves):
+    client.upload('sheet one.png', halves)
+    answer = image(client, '/iiif/3/sheet%20one.png/manifest')
+    manifest = json.loads(answer.body)
+    assert answer.content_type == 'application/json' and answer.headers['Access-Control-Allow-Origin'] == '*'
+    assert (manifest['@context'], manifest['id'], manifest['type'], manifest['label']) == (
+        'http://iiif.io/api/presentation/3/context.json', f'{BASE}/iiif/3/sheet%20one.png/manifest', 'Manifest',
+        {'none': ['sheet one.png']})
+    [canvas] = manifest['items']
+    assert (canvas['type'], canvas['width'], canvas['height']) == ('Canvas', 400, 300)
+    [page] = canvas['items']
+    [painting] = page['items']
+    assert (painting['motivation'], painting['target']) == ('painting', canvas['id'])
+    body = painting['body']
+    assert (body['id'], body['width'], body['height']) == (f'{BASE}/iiif/3/sheet%20one.png/full/max/0/default.jpg',
+                                                           400, 300)
+    assert body['service'] == [{'id': f'{BASE}/iiif/3/sheet%20one.png', 'type': 'ImageService3',
+                                'profile': 'level2'}]
+
+
+def test_the_manifest_of_a_missing_file_is_404(client):
+    image(client, '/iiif/3/nothing.png/manifest', status=404)
+
+
+# --- Viewer grants ------------------------------------------------------------------------------
+
+@pytest.fixture
+def keyed(make_client):
+    return make_client(REQUIRE_KEY_FOR_GET=True)
+
+
+def granted_base(client, name):
+    """The service base a token-bearing info.json request hands a viewer."""
+    info = json.loads(image(client, f'/iiif/3/{name}/info.json', token=client.token(name)).body)
+    return info['id'][len(BASE):]
+
+
+def test_a_token_lets_info_json_hand_the_viewer_a_granted_service(keyed, halves):
+    keyed.upload('a.png', halves)
+    base = granted_base(keyed, 'a.png')
+    assert base.startswith('/iiif/grant/') and base.endswith('/3/a.png')
+    assert image(keyed, base + '/full/100,/0/default.jpg').content_type == 'image/jpeg'
+
+
+def test_a_grant_serves_only_the_image_it_was_made_for(keyed, halves):
+    keyed.upload('a.png', halves)
+    keyed.upload('b.png', halves)
+    base = granted_base(keyed, 'a.png')
+    image(keyed, base.replace('/a.png', '/b.png') + '/info.json', status=403)
+
+
+def test_an_altered_grant_is_refused(keyed, halves):
+    keyed.upload('a.png', halves)
+    base = granted_base(keyed, 'a.png')
+    expires, mac = base.split('/')[3].split('.')
+    image(keyed, base.replace(mac, ('0' if mac[0] != '0' else '1') + mac[1:]) + '/info.json', status=403)
+    image(keyed, base.replace(expires, str(int(expires) + 60)) + '/info.json', status=403)
+
+
+def test_a_grant_expires_after_iiif_grant_seconds(make_client, halves):
+    client = make_client(REQUIRE_KEY_FOR_GET=True, IIIF_GRANT_SECONDS=60)
+    client.upload('a.png', halves)
+    base = granted_base(client, 'a.png')
+    client.app.clock = lambda: time.time() + 121
+    answer = image(client, base + '/info.json', status=403)
+    assert 'expired' in answer.text
+
+
+def test_the_bare_identifier_with_a_token_redirects_to_a_granted_info_json(keyed, halves):
+    keyed.upload('a.png', halves)
+    answer = image(keyed, '/iiif/3/a.png', status=303, token=keyed.token('a.png'))
+    assert answer.headers['Location'].startswith(f'{BASE}/iiif/grant/')
+    assert answer.headers['Location'].endswith('/3/a.png/info.json')
+
+
+def test_without_require_key_for_get_no_grant_is_made(client, halves):
+    client.upload('a.png', halves)
+    info = json.loads(image(client, '/iiif/3/a.png/info.json').body)
+    assert info['id'] == f'{BASE}/iiif/3/a.png'

@@ -213,11 +213,42 @@ def thumbnail_source(candidate):
     return parsed and parsed[0]
 
 
-def is_thumbnail_of(candidate, name):
-    """True when `candidate` is the cache name of one of `name`'s thumbnails."""
+IIIF_MARK = '_iiif'
+IIIF_DERIVATIVE = re.compile('(.*)' + IIIF_MARK + r'((?:,[0-9]{1,9}){6})?', re.DOTALL)
+
+
+def pyramid_name(name):
+    """The cache name of an original's IIIF pyramid: <root>_iiif<ext> (a thumbnail's name ends in digits)."""
     root, ext = os.path.splitext(name)
-    pattern = re.escape(root) + r'_[0-9]+(?:' + WEBP_MARK + ')?' + re.escape(ext)
-    return re.fullmatch(pattern, candidate, re.DOTALL) is not None
+    return f'{root}{IIIF_MARK}{ext}'
+
+
+def tile_name(name, region, size):
+    """The cache name of one IIIF answer cut from the pyramid: <root>_iiif,x,y,w,h,width,height<ext>."""
+    root, ext = os.path.splitext(name)
+    return f'{root}{IIIF_MARK},{",".join(str(n) for n in (*region, *size))}{ext}'
+
+
+def iiif_source(candidate):
+    """The original name whose pyramid or cached IIIF answer `candidate` is, or None."""
+    root, ext = os.path.splitext(candidate)
+    match = IIIF_DERIVATIVE.fullmatch(root)
+    if match is None:
+        return None
+    source = match.group(1) + ext
+    numbers = match.group(2) and [int(n) for n in match.group(2)[1:].split(',')]
+    made = tile_name(source, numbers[:4], numbers[4:]) if numbers else pyramid_name(source)
+    return source if made == candidate else None
+
+
+def derivative_source(candidate):
+    """The original name whose thumbnail, pyramid or cached IIIF answer `candidate` is (a cache name), or None."""
+    return thumbnail_source(candidate) or iiif_source(candidate)
+
+
+def is_thumbnail_of(candidate, name):
+    """True when `candidate` is the cache name of one of `name`'s thumbnails, its pyramid or its IIIF answers."""
+    return derivative_source(candidate) == name
 
 
 ###############################################################################
@@ -568,8 +599,10 @@ class Layout:
 
     Keys and paths are <collection folder>/<originals|thumbnails>/<name>, the collection
     folder only when COLLECTION_DIRS maps collections to folders. A storage adds save,
-    delete, exists, open, send, send_thumbnail, send_static, two thumbnail steps and the listing
-    (thumbnails, remove_thumbnail, stored_size) that keeps the cache within its bounds.
+    delete, exists, open, send, send_thumbnail, send_static, two thumbnail steps, the IIIF
+    derivatives' steps (original_identity, derivative_is_fresh, store_derivative, send_derivative,
+    local_derivative) and the listing (thumbnails, remove_thumbnail, stored_size) that keeps the
+    cache within its bounds. The thumbnails folder holds thumbnails, pyramids and IIIF answers alike.
     """
 
     def __init__(self, config):
@@ -597,10 +630,14 @@ class Layout:
         return [*self.folder_parts(coll), self.orig_dir, name]
 
     def thumbnail_parts(self, coll, name, scale, webp=False):
-        return [*self.folder_parts(coll), self.thumb_dir, thumbnail_name(name, scale, webp)]
+        return self.derivative_parts(coll, thumbnail_name(name, scale, webp))
+
+    def derivative_parts(self, coll, cache_name):
+        """Where a cached derivative (a thumbnail, a pyramid, an IIIF answer) of the collection is kept."""
+        return [*self.folder_parts(coll), self.thumb_dir, cache_name]
 
     def owns_thumbnail(self, coll, name):
-        """A test for the cache names of `name`'s thumbnails: <root>_<scale><ext>, and for a PDF also
+        """A test for the cache names of `name`'s thumbnails (<root>_<scale><ext>) and IIIF derivatives, and for a PDF also
         the <root>_<scale>.png that older servers made, unless a PNG original of that name owns them."""
         root, ext = os.path.splitext(name)
         owners = [name]
@@ -647,8 +684,12 @@ class Layout:
         if scale not in self.ladder:
             for (old_coll, _), cache_name in self.other_scales.added((coll, name), thumbnail_name(name, scale, webp)):
                 self.remove_thumbnail(old_coll, cache_name)
+        self.count_stored(coll, thumbnail_name(name, scale, webp))
+
+    def count_stored(self, coll, cache_name):
+        """Count a derivative just stored against THUMBNAIL_CACHE_MAX_BYTES (a sweep starts when one is due)."""
         if self.cache_size:
-            self.start_cache_sweep(self.stored_size(self.thumbnail_parts(coll, name, scale, webp)))
+            self.start_cache_sweep(self.stored_size(self.derivative_parts(coll, cache_name)))
 
     def start_cache_sweep(self, added=0):
         """Count `added` bytes of new thumbnail; when a sweep is due, run one in a thread of its own."""
@@ -678,7 +719,8 @@ class Layout:
         for coll, cache_name, size, modified in self.cached_thumbnails():
             if modified > spared_from:
                 continue
-            configured = parse_thumbnail_name(cache_name)[1] in self.ladder
+            parsed = parse_thumbnail_name(cache_name)
+            configured = bool(parsed) and parsed[1] in self.ladder
             heapq.heappush(newest_first, (-configured, -modified, coll, cache_name, size))
             covered += size
             while covered - newest_first[0][4] >= excess:

@@ -68,9 +68,12 @@ def label(coll, name):
 
 
 def owner_and_scale(cache_name):
-    """(original's name, scale, webp) of a thumbnail cache name <root>_<scale>[_webp]<ext> that a storage listed
-    (one core.thumbnail_source accepts: taken apart here without checking it again, 10^6 of them)."""
+    """(original's name, scale, webp) of a cache name <root>_<scale>[_webp]<ext> that a storage listed (one
+    core.derivative_source accepts: taken apart here without checking it again, 10^6 of them); scale None for an
+    IIIF pyramid or answer."""
     root, ext = os.path.splitext(cache_name)
+    if core.IIIF_MARK in root and core.iiif_source(cache_name):
+        return core.iiif_source(cache_name), None, False
     webp = root.endswith(core.WEBP_MARK)
     owner, _, scale = (root[:-len(core.WEBP_MARK)] if webp else root).rpartition('_')
     return owner + ext, int(scale), webp
@@ -230,13 +233,14 @@ def generate(storage, thumbnailer, colls, scales, jobs, dry_run):
 
 
 def prune(storage, colls, scales, dry_run):
-    """Remove the thumbnails of scales not configured and those whose original is gone; the summary line."""
+    """Remove the thumbnails of scales not configured and the derivatives whose original is gone (IIIF pyramids
+    and answers of originals still stored are kept: viewers made them); the summary line."""
     wanted, counts = set(scales), {'of scales not configured': [0, 0], 'orphans': [0, 0]}
     for coll in colls:
         originals = set(storage.originals(coll))
         for cache, size, _modified in storage.thumbnails(coll):
             owner, scale, _webp = owner_and_scale(cache)
-            if scale not in wanted:
+            if scale is not None and scale not in wanted:
                 why = 'of scales not configured'
             elif owner not in originals and not storage.exists(coll, owner):    # not stored since the listing
                 why = 'orphans'

@@ -312,6 +312,31 @@ def parse_quality_format(text):
     return (DEFAULT_QUALITY if parts[0] == 'default' else parts[0]), parts[1]
 
 
+def tile_grid(width, height, tile, limits=Limits()):
+    """(tile, scale factors, sizes) to offer for a width x height image: tiles at halving scales down to the one
+    where the whole image is a single tile, and the whole image at each of those scales (within the limits)."""
+    factors = [1]
+    while max(width, height) > tile * factors[-1]:
+        factors.append(2 * factors[-1])
+    sizes = sorted({(-(-width // f), -(-height // f)) for f in factors})
+    return tile, factors, [size for size in sizes if limits.allow(*size)]
+
+
+def is_offered(plan, width, height, tile, factors, sizes):
+    """Whether a plan is one of the tiles or sizes info.json offers, unturned, in colour, as JPEG: what viewers ask."""
+    if plan.mirror or plan.rotation or plan.quality != DEFAULT_QUALITY or plan.format != 'jpg':
+        return False
+    (x, y, w, h), (out_w, out_h) = plan.region, plan.size
+    if (x, y, w, h) == (0, 0, width, height) and (out_w, out_h) in sizes:
+        return True
+    for factor in factors:
+        span = tile * factor
+        if (x % span == 0 and y % span == 0 and (w, h) == (min(span, width - x), min(span, height - y))
+                and (out_w, out_h) == (-(-w // factor), -(-h // factor))):
+            return True
+    return False
+
+
 def info_document(version, base_id, width, height, tile_size, scale_factors, sizes, limits=Limits(), extra=None,
                   manifest=None):
     """info.json as a dict. tile_size: an int (square) or (w, h); sizes: (w, h) pairs of the full image;

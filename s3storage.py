@@ -24,7 +24,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
 from core import (CHUNK, Layout, SeekableReader, StorageUnavailable, ThumbnailError, content_type, file_answer,
-                  make_temp_file, name_problem, refuse, remove_quietly, sniff_kind, thumbnail_source)
+                  derivative_source, make_temp_file, name_problem, refuse, remove_quietly, sniff_kind,
+                  thumbnail_name)
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
@@ -201,10 +202,50 @@ class S3Storage(Layout):
                            found.get('ContentType') or 'application/octet-stream', headers, body_for)
 
     def thumbnail_is_fresh(self, coll, name, scale, webp=False):
-        """A stored thumbnail counts when it was made from the original's current bytes."""
-        thumbnail = self.head(self.key(self.thumbnail_parts(coll, name, scale, webp)))
-        original = thumbnail and self.head(self.key(self.original_parts(coll, name)))
-        return bool(original) and made_from(thumbnail, original)
+        return self.derivative_is_fresh(coll, name, thumbnail_name(name, scale, webp))
+
+    def derivative_is_fresh(self, coll, name, cache_name):
+        """A stored derivative counts when it was made from the original's current bytes."""
+        derivative = self.head(self.key(self.derivative_parts(coll, cache_name)))
+        original = derivative and self.head(self.key(self.original_parts(coll, name)))
+        return bool(original) and made_from(derivative, original)
+
+    def original_identity(self, coll, name):
+        """What names the original's current bytes (FileNotFoundError when there is none): its ETag and time."""
+        head = self.head(self.key(self.original_parts(coll, name)))
+        if head is None:
+            raise FileNotFoundError(name)
+        return tuple(self.original_parts(coll, name)), head['ETag'], head['LastModified']
+
+    def store_derivative(self, coll, name, cache_name, made, identity):
+        """Store a made derivative as made from the original's bytes `identity`; False (and removed again) when
+        the original changed meanwhile."""
+        key = self.key(self.derivative_parts(coll, cache_name))
+        with store_errors():
+            self.client.upload_file(made, self.bucket, key, Config=TRANSFER, ExtraArgs={
+                'ContentType': sniff_kind(made) or 'application/octet-stream', 'Metadata': {SOURCE_ETAG: identity[1]}})
+        now = self.head(self.key(self.original_parts(coll, name)))
+        if now is None or now['ETag'] != identity[1]:
+            with store_errors():
+                self.client.delete_object(Bucket=self.bucket, Key=key)
+            return False
+        return True
+
+    def send_derivative(self, coll, cache_name, headers=None):
+        return self.send_object(self.key(self.derivative_parts(coll, cache_name)), headers)
+
+    @contextlib.contextmanager
+    def local_derivative(self, coll, cache_name):
+        """A local copy of a stored derivative, removed after (FileNotFoundError when there is none)."""
+        local, handle = make_temp_file(self.staging_folder())
+        handle.close()
+        try:
+            with store_errors():
+                self.client.download_file(self.bucket, self.key(self.derivative_parts(coll, cache_name)), local,
+                                          Config=TRANSFER)
+            yield local
+        finally:
+            remove_quietly(local)
 
     def make_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
         """Fetch the smallest fresh stored larger thumbnail if there is one, else the original; convert it
@@ -272,12 +313,12 @@ class S3Storage(Layout):
         """(cache name, size in bytes, LastModified in epoch seconds) of each stored thumbnail: only names
         that are thumbnail cache names, a page of the listing at a time."""
         for listed in self._listed(coll, self.thumb_dir):
-            if thumbnail_source(listed[0]) is not None:
+            if derivative_source(listed[0]) is not None:
                 yield listed
 
     def remove_thumbnail(self, coll, cache_name):
         """Remove one stored thumbnail; ValueError for a name that is not a thumbnail cache name."""
-        if name_problem(cache_name) or thumbnail_source(cache_name) is None:
+        if name_problem(cache_name) or derivative_source(cache_name) is None:
             raise ValueError(f'not a thumbnail cache name: {cache_name!r}')
         with store_errors():
             self.client.delete_object(Bucket=self.bucket, Key=self.key([*self.folder_parts(coll), self.thumb_dir,

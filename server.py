@@ -43,9 +43,10 @@ import multipart
 import sh
 
 from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
-                  ThumbnailError, ThumbnailsBusy, content_type, file_answer, file_identity, fsync_folder, image_size,
-                  kind_of, load_config, make_temp_file, may_run_scripts, name_problem, printable, refuse,
-                  remove_quietly, sniff_kind, sweep_folder, thumbnail_source, tiff_pages, valid_name, valid_scale)
+                  ThumbnailError, ThumbnailsBusy, content_type, derivative_source, file_answer, file_identity,
+                  fsync_folder, image_size, kind_of, load_config, make_temp_file, may_run_scripts, name_problem,
+                  printable, pyramid_name, refuse, remove_quietly, sniff_kind, sweep_folder, thumbnail_name,
+                  thumbnail_source, tiff_pages, tile_name, valid_name, valid_scale)
 from front import FrontedPasteServer
 import iiif
 
@@ -186,10 +187,14 @@ INPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif',
                 'application/pdf': 'png'}          # PDFs reach ImageMagick as Ghostscript's PNG
 OUTPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif'}  # the rest become PNG
 WEBP_QUALITY = 80               # libwebp's quality for thumbnails answered as WebP (transparency kept)
-IIIF_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff', 'image/heic', 'image/heif'}   # PDFs: later
-IIIF_QUALITIES = {'color': ['-colorspace', 'sRGB'], 'gray': ['-grayscale', 'Rec601Luma'],   # luma as most tools
-                  'bitonal': ['-grayscale', 'Rec601Luma', '-threshold', '50%', '-type', 'Bilevel']}
+IIIF_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff', 'image/heic', 'image/heif', 'application/pdf'}
+VIPS_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff'}     # read by libvips itself; others as PNG first
+PYRAMIDS = os.path.join(HERE, 'pyramids.py')   # the libvips engine, run as a child per job
+PYRAMID = 'pyramid'             # what a pyramid's failure is remembered as (a thumbnail's is its scale)
+PDF_VIEW_SIZE = 4096            # long side in pixels of a PDF's first page as IIIF serves it (about 350 dpi for A4)
 IIIF_TILE = 512                 # the tile size info.json offers
+IIIF_CACHING = {False: 'public, max-age=86400',     # IIIF image answers: a replaced original shows within a day
+                True: 'private, max-age=3600'}     # with REQUIRE_KEY_FOR_GET: never in a shared cache
 
 
 def executables_named(name):
@@ -361,6 +366,7 @@ class Thumbnailer:
         self.convert = sh.Command(find_imagemagick(config.IMAGEMAGICK)) if self.kinds else None
         gs = find_ghostscript(config.GHOSTSCRIPT) if 'application/pdf' in self.kinds else None
         self.gs = sh.Command(gs) if gs else None
+        self.python = sh.Command(sys.executable)
         self.timeout = config.THUMBNAIL_TIMEOUT
         self.max_pixels = config.THUMBNAIL_MAX_PIXELS
         self.max_held = config.THUMBNAIL_MEMORY_LIMIT
@@ -427,41 +433,49 @@ class Thumbnailer:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def displayed_size(self, source):
-        """(width, height) of an image as shown (EXIF orientation applied), from its header: what IIIF serves."""
-        kind = sniff_kind(source)
-        if kind not in IIIF_KINDS or kind not in self.kinds:
-            raise ThumbnailError('This file is not an image that can be viewed.')
-        self._check_header(source, kind)
-        with self.scratch_for(source, os.path.dirname(source)) as scratch:
-            shown = self._run(self.convert, *self.limits, '-ping', f'{INPUT_CODERS[kind]}:in[0]', '-format',
-                              '%w %h %[EXIF:Orientation]', 'info:', scratch=scratch,
-                              deadline=time.monotonic() + self.timeout).split()
-        if len(shown) < 2 or not all(part.isdigit() for part in shown):
-            raise ThumbnailError('This file is not an image that can be viewed.')
-        width, height = int(shown[0]), int(shown[1])
-        return (height, width) if shown[2:] and shown[2] in ('5', '6', '7', '8') else (width, height)
-
     @contextlib.contextmanager
-    def iiif_rendered(self, source, plan, folder):
-        """Yield the path of the image an IIIF plan asks of `source` (cropped as shown, scaled, mirrored, rotated,
-        its quality), made in a conversion slot like a thumbnail and removed after; the caller holds admitted()."""
+    def pyramid_built(self, source, folder, identity):
+        """Yield (path, (width, height) as shown) of the IIIF pyramid of `source` made by libvips in a child
+        (HEIC through ImageMagick, a PDF's first page through Ghostscript, as PNG first); a failure is remembered
+        under `identity`, so a corrupt original costs one attempt, not one per tile."""
+        self.raise_remembered_failure(identity, PYRAMID)
         kind = sniff_kind(source)
         if kind not in IIIF_KINDS or kind not in self.kinds:
-            raise ThumbnailError('This file is not an image that can be viewed.')
-        self._check_header(source, kind)
-        x, y, w, h = plan.region
-        steps = ['-auto-orient', '-crop', f'{w}x{h}+{x}+{y}', '+repage', '-resize', '{}x{}!'.format(*plan.size)]
-        if plan.mirror:
-            steps.append('-flop')
-        if plan.rotation:
-            steps += ['-background', 'white' if plan.format == 'jpg' else 'none', '-rotate', f'{plan.rotation:g}']
-        steps += IIIF_QUALITIES[plan.quality]
-        coder = iiif.FORMATS[plan.format].magick
+            self._remembering(identity, PYRAMID, raise_unviewable)
+        self._remembering(identity, PYRAMID, lambda: self._check_header(source, kind))
         with self.scratch_for(source, folder) as scratch:
             with self.slots(self.work):
-                self._run(self.convert, *self.limits, f'{INPUT_CODERS[kind]}:in[0]', *steps, '+repage', '-strip',
-                          f'{coder}:out', scratch=scratch, deadline=time.monotonic() + self.timeout)
+                deadline = time.monotonic() + self.timeout
+                shown = self._remembering(identity, PYRAMID, lambda: self._build(kind, scratch, deadline)).split()
+            if len(shown) != 2 or not all(part.isdigit() for part in shown):
+                self._remembering(identity, PYRAMID, raise_unviewable)
+            made = os.path.join(scratch, 'pyramid')
+            with open(made, 'rb') as out:
+                os.fsync(out.fileno())
+            yield made, (int(shown[0]), int(shown[1]))
+
+    def _build(self, kind, scratch, deadline):
+        """Run the tools that make scratch/pyramid from scratch/in; return what the builder printed."""
+        source = 'in'
+        if kind == 'application/pdf':
+            self._render_page(scratch, PDF_VIEW_SIZE, deadline)
+            source = 'page.png'
+        elif kind not in VIPS_KINDS:
+            self._run(self.convert, *self.limits, f'{INPUT_CODERS[kind]}:in[0]', '-auto-orient', '-colorspace',
+                      'sRGB', '-depth', '8', '-strip', 'png:whole.png', scratch=scratch, deadline=deadline)
+            source = 'whole.png'
+        return self._run(self.python, PYRAMIDS, 'build', source, 'pyramid', scratch=scratch, deadline=deadline)
+
+    @contextlib.contextmanager
+    def iiif_cut(self, pyramid, plan, folder):
+        """Yield the path of the answer an IIIF plan asks, cut from a pyramid by libvips in a child, in a
+        conversion slot like a thumbnail, removed after; the caller holds admitted()."""
+        job = json.dumps({'region': plan.region, 'size': plan.size, 'mirror': plan.mirror,
+                          'rotation': plan.rotation, 'quality': plan.quality, 'format': plan.format})
+        with self.scratch_for(pyramid, folder) as scratch:
+            with self.slots(self.work):
+                self._run(self.python, PYRAMIDS, 'cut', 'in', 'out', job, scratch=scratch,
+                          deadline=time.monotonic() + self.timeout)
             yield os.path.join(scratch, 'out')
 
     def _check_header(self, source, kind):
@@ -546,7 +560,7 @@ class Thumbnailer:
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
             resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
 
-        environment = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C',
+        environment = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C', 'VIPS_CONCURRENCY': '1',
                        'MAGICK_TEMPORARY_PATH': scratch, 'TMPDIR': scratch, 'HOME': scratch}
         try:
             process = program(*args, _cwd=scratch, _tty_out=False, _bg=True, _bg_exc=False,
@@ -613,6 +627,10 @@ class Thumbnailer:
                 pass
             except Exception:
                 log.exception('pregeneration failed')
+
+
+def raise_unviewable():
+    raise ThumbnailError('This file is not an image that can be viewed.')
 
 
 def fitted(width, height, scale):
@@ -774,12 +792,45 @@ class DiskStorage(Layout):
         return send_file(path, None if parts[-2] == self.thumb_dir else content_type(path, parts[-1]))
 
     def thumbnail_is_fresh(self, coll, name, scale, webp=False):
-        """A cached thumbnail counts when it is not older than its original."""
+        return self.derivative_is_fresh(coll, name, thumbnail_name(name, scale, webp))
+
+    def derivative_is_fresh(self, coll, name, cache_name):
+        """A cached derivative counts when it is not older than its original."""
         try:
-            thumbnail = os.stat(self.path(self.thumbnail_parts(coll, name, scale, webp)))
-            return thumbnail.st_mtime_ns >= os.stat(self.original_path(coll, name)).st_mtime_ns
+            derivative = os.stat(self.path(self.derivative_parts(coll, cache_name)))
+            return derivative.st_mtime_ns >= os.stat(self.original_path(coll, name)).st_mtime_ns
         except FileNotFoundError:
             return False
+
+    def original_identity(self, coll, name):
+        """What names the original's current bytes (FileNotFoundError when there is none): failures and sizes
+        are remembered under it."""
+        return tuple(self.original_parts(coll, name)), file_identity(self.original_path(coll, name))
+
+    def store_derivative(self, coll, name, cache_name, made, identity):
+        """Rename a made derivative into place, unless the original is no longer `identity` (then False)."""
+        original = self.original_path(coll, name)
+        with FILE_LOCKS(original):
+            try:
+                if (tuple(self.original_parts(coll, name)), file_identity(original)) != identity:
+                    return False
+            except FileNotFoundError:
+                return False
+            target = self.path(self.derivative_parts(coll, cache_name))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(made, target)
+        return True
+
+    def send_derivative(self, coll, cache_name, headers=None):
+        return send_file(self.path(self.derivative_parts(coll, cache_name)), None, headers)
+
+    @contextlib.contextmanager
+    def local_derivative(self, coll, cache_name):
+        """The derivative's path on this machine (FileNotFoundError when there is none)."""
+        path = self.path(self.derivative_parts(coll, cache_name))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        yield path
 
     def make_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
         """Convert (from the smallest fresh cached larger thumbnail if there is one, else the original) and
@@ -845,12 +896,12 @@ class DiskStorage(Layout):
         """(cache name, size in bytes, modification time in epoch seconds) of each cached thumbnail: only
         names that are thumbnail cache names, never a temporary, a link or anything else in the folder."""
         for entry, info in self._listed(coll, self.thumb_dir, follow=False):
-            if thumbnail_source(entry.name) is not None:
+            if derivative_source(entry.name) is not None:
                 yield entry.name, info.st_size, info.st_mtime
 
     def remove_thumbnail(self, coll, cache_name):
         """Remove one cached thumbnail; ValueError for a name that is not a thumbnail cache name."""
-        if name_problem(cache_name) or thumbnail_source(cache_name) is None:
+        if name_problem(cache_name) or derivative_source(cache_name) is None:
             raise ValueError(f'not a thumbnail cache name: {cache_name!r}')
         remove_quietly(self.path([*self.folder_parts(coll), self.thumb_dir, cache_name]))
 
@@ -1710,17 +1761,80 @@ def viewer_grant(coll, name, grant):
     return grant
 
 
-@contextlib.contextmanager
-def viewable(coll, name):
-    """The original's local path and its size as shown: 404 for a missing file or one that is no viewable image."""
+class ViewSizes:
+    """The size as shown of recently viewed originals, by their identity (at most `entries`, the oldest forgotten
+    first): a cached tile is answered without reading the original or its pyramid."""
+
+    def __init__(self, entries):
+        self.entries, self.sizes, self.lock = entries, collections.OrderedDict(), threading.Lock()
+
+    def get(self, identity):
+        with self.lock:
+            size = self.sizes.get(identity)
+            if size:
+                self.sizes.move_to_end(identity)
+            return size
+
+    def remember(self, identity, size):
+        with self.lock:
+            self.sizes[identity] = size
+            while len(self.sizes) > self.entries:
+                self.sizes.popitem(last=False)
+
+
+def viewed(coll, name):
+    """(identity, (width, height) as shown) of an original to view: 404 for a missing file or one that is no
+    viewable image (remembered, so a corrupt file is not tried again for every tile)."""
     app = bottle.request.app
     try:
-        with app.thumbnailer.admitted(), app.storage.local_original(coll, name) as path:    # bounds local copies too
-            yield path, app.thumbnailer.displayed_size(path)
+        identity = app.storage.original_identity(coll, name)
+        app.thumbnailer.raise_remembered_failure(identity, PYRAMID)
+        size = app.view_sizes.get(identity)
+        if size is None:
+            with app.thumbnailer.admitted():
+                ensure_pyramid(coll, name, identity)
+                size = app.view_sizes.get(identity) or pyramid_size(coll, name, identity)
+        return identity, size
     except FileNotFoundError:
         refuse(404, 'No such file.')
     except ThumbnailError as error:
         refuse(404, str(error))
+
+
+def ensure_pyramid(coll, name, identity):
+    """Build and store the original's pyramid unless a fresh one is stored; one build at a time per original."""
+    app = bottle.request.app
+    storage, thumbnailer, cache_name = app.storage, app.thumbnailer, pyramid_name(name)
+    if len(cache_name.encode('utf-8', 'surrogatepass')) > 255:
+        raise ThumbnailError('The file name is too long to name its pyramid.')
+    if storage.derivative_is_fresh(coll, name, cache_name):
+        return
+    with storage.turn_at(coll, name, PYRAMID, False, thumbnailer):
+        if storage.derivative_is_fresh(coll, name, cache_name):
+            return
+        with storage.local_original(coll, name) as source:
+            with thumbnailer.pyramid_built(source, storage.staging_folder(), identity) as (made, size):
+                if not storage.store_derivative(coll, name, cache_name, made, identity):
+                    raise ThumbnailError('The file changed while its pyramid was made: try again.')
+        app.view_sizes.remember(identity, size)
+        storage.count_stored(coll, cache_name)
+
+
+def pyramid_size(coll, name, identity):
+    """The size of a stored pyramid's full level (its first TIFF page), remembered for the original's identity."""
+    app = bottle.request.app
+    with app.storage.local_derivative(coll, pyramid_name(name)) as path:
+        pages = tiff_pages(path)
+    if not pages or not pages[0][0] or not pages[0][1]:
+        raise ThumbnailError('This file is not an image that can be viewed.')
+    app.view_sizes.remember(identity, pages[0][:2])
+    return pages[0][:2]
+
+
+def iiif_grid(width, height):
+    """(tile size, scale factors, sizes) info.json offers, and which answers are cached."""
+    limits = iiif_limits()
+    return iiif.tile_grid(width, height, min(IIIF_TILE, limits.max_width), limits)
 
 
 def iiif_limits():
@@ -1749,18 +1863,12 @@ def iiif_redirect(version, identifier, grant=None):
 def iiif_info(version, identifier, grant=None):
     version = int(version)
     coll, name = iiif_original(identifier, grant)
-    with viewable(coll, name) as (_path, (width, height)):
-        pass
-    limits = iiif_limits()
-    tile = min(IIIF_TILE, limits.max_width)
-    factors = [1]                       # down to the scale where the whole image is one tile
-    while max(width, height) > tile * factors[-1]:
-        factors.append(2 * factors[-1])
-    sizes = sorted({(-(-width // f), -(-height // f)) for f in factors})
+    _identity, (width, height) = viewed(coll, name)
+    tile, factors, sizes = iiif_grid(width, height)
     grant = viewer_grant(coll, name, grant)
     manifest = iiif_base(3, coll, name, grant) + '/manifest' if version == 3 else None
     document = iiif.info_document(version, iiif_base(version, coll, name, grant), width, height, tile, factors,
-                                  [size for size in sizes if limits.allow(*size)], limits, manifest=manifest)
+                                  sizes, iiif_limits(), manifest=manifest)
     linked_data(iiif.CONTEXT[version])
     return json.dumps(document)
 
@@ -1768,8 +1876,7 @@ def iiif_info(version, identifier, grant=None):
 def iiif_manifest(version, identifier, grant=None):
     """A IIIF Presentation 3.0 Manifest of one canvas showing the image, so Mirador and Universal Viewer open it."""
     coll, name = iiif_original(identifier, grant)
-    with viewable(coll, name) as (_path, (width, height)):
-        pass
+    _identity, (width, height) = viewed(coll, name)
     grant = viewer_grant(coll, name, grant)
     service = iiif_base(3, coll, name, grant)
     full = iiif.parse_request(3, 'full', 'max', '0', 'default.jpg', width, height, iiif_limits())
@@ -1778,23 +1885,36 @@ def iiif_manifest(version, identifier, grant=None):
 
 
 def iiif_image(version, identifier, region, size, rotation, quality_format, grant=None):
-    """One image request: the original cropped, scaled, mirrored, rotated and in the quality and format asked."""
+    """One image request, cut from the original's pyramid; the tiles and sizes info.json offers (as JPEG in
+    colour) are stored after the first time and answered like a cached thumbnail."""
     app = bottle.request.app
     coll, name = iiif_original(identifier, grant)
-    with viewable(coll, name) as (path, (width, height)):
-        try:
-            plan = iiif.parse_request(int(version), region, size, rotation, quality_format, width, height,
-                                      iiif_limits())
-        except iiif.IIIFError as error:
-            refuse(error.status, error.reason)
-        try:
-            with app.thumbnailer.iiif_rendered(path, plan, app.storage.staging_folder()) as made:
-                with open(made, 'rb') as out:
-                    body = out.read()
-        except ThumbnailError as error:
-            refuse(404, str(error))
-    bottle.response.content_type = plan.content_type
-    return body
+    identity, (width, height) = viewed(coll, name)
+    try:
+        plan = iiif.parse_request(int(version), region, size, rotation, quality_format, width, height, iiif_limits())
+    except iiif.IIIFError as error:
+        refuse(error.status, error.reason)
+    headers = {'Cache-Control': IIIF_CACHING[bool(app.settings.REQUIRE_KEY_FOR_GET)]}
+    cache_name = iiif.is_offered(plan, width, height, *iiif_grid(width, height)) and tile_name(name, *plan[:2])
+    if cache_name and len(cache_name.encode('utf-8', 'surrogatepass')) > 255:
+        cache_name = None
+    if cache_name and app.storage.derivative_is_fresh(coll, name, cache_name):
+        return app.storage.send_derivative(coll, cache_name, headers)
+    try:
+        with app.thumbnailer.admitted():
+            ensure_pyramid(coll, name, identity)
+            with app.storage.local_derivative(coll, pyramid_name(name)) as pyramid:
+                with app.thumbnailer.iiif_cut(pyramid, plan, app.storage.staging_folder()) as made:
+                    if cache_name and app.storage.store_derivative(coll, name, cache_name, made, identity):
+                        app.storage.count_stored(coll, cache_name)
+                        return app.storage.send_derivative(coll, cache_name, headers)
+                    with open(made, 'rb') as out:
+                        body = out.read()
+    except FileNotFoundError:
+        refuse(404, 'No such file.')
+    except ThumbnailError as error:
+        refuse(404, str(error))
+    return bottle.HTTPResponse(body, 200, **headers, **{'Content-Type': plan.content_type})
 
 
 def route_iiif(app):
@@ -1816,6 +1936,7 @@ def create_app(config):
         storage.start_cache_sweep()           # counts the cache, in the background
     app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
     app.metadata = MetadataReader(config)
+    app.view_sizes = ViewSizes(config.THUMBNAIL_FAILURES_REMEMBERED)
     app.install(answer_storage_faults)
     app.install(TokenCheck())
     app.add_hook('before_request', lambda: bottle.response.set_header(

@@ -1,4 +1,5 @@
-"""The module layout: imports run one way, settings -> core -> storages -> the HTTP front -> the app -> admin commands."""
+"""The module layout: imports run one way, settings -> core -> storages -> the HTTP front -> IIIF and its engine
+-> the app -> admin commands."""
 
 import ast
 import os
@@ -8,7 +9,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-LAYERS = ['settings', 'core', 's3storage', 'front', 'iiif', 'server', 'migrate', 'derivatives']    # each may import only those before it
+LAYERS = ['settings', 'core', 's3storage', 'front', 'iiif', 'pyramids', 'server', 'migrate', 'derivatives']    # each may import only those before it
 
 
 def project_imports(module):

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 import server
-from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, multipart_body, wait_for
+from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, make_image, multipart_body, wait_for
 
 pytestmark = pytest.mark.disk_only
 
@@ -702,3 +702,14 @@ def test_an_offloaded_webp_preview_is_sent_by_nginx_as_webp_with_vary_accept(pro
     assert (status, image_info(body, tmp_path), headers['Content-Type']) == (200, ('WEBP', 123, 82), 'image/webp')
     assert headers['Vary'] == 'Accept'
     assert headers['ETag'] == nginx_etag(web.base_dir / 'thumbnails' / 'gallery_123_webp.jpg')
+
+
+def test_an_offloaded_iiif_tile_is_sent_by_nginx_with_the_servers_cache_control(proxied, tmp_path):
+    proxy, web = proxied
+    upload_through(proxy, 'sheet.jpg', make_image(tmp_path, 'plasma:', '700x500', 'jpg'))
+    tile = '/iiif/3/sheet.jpg/512,0,188,500/188,500/0/default.jpg'
+    assert proxy.request('GET', tile)[0] == 200                        # cut by the server, then stored
+    status, headers, body = proxy.request('GET', tile)
+    assert (status, image_info(body, tmp_path)) == (200, ('JPEG', 188, 500))
+    assert headers['ETag'] == nginx_etag(web.base_dir / 'thumbnails' / 'sheet_iiif,512,0,188,500,188,500.jpg')
+    assert headers['Cache-Control'] == 'public, max-age=86400' and headers['Access-Control-Allow-Origin'] == '*'

@@ -382,6 +382,15 @@ def exchange(connection, method, path, body=None, headers=None):
         connection.close()
 
 
+CHROMIUM_ARGS = ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
+                 '--disable-background-networking', '--disable-component-update', '--disable-sync']
+
+
+def launch_chromium(playwright):
+    """Debian's headless Chromium through playwright: no sandbox (the tests may run as root), no calls home."""
+    return playwright.chromium.launch(executable_path='/usr/bin/chromium', args=CHROMIUM_ARGS)
+
+
 def start_nginx(folder, name, http_block):
     """nginx run from `folder` with `http_block` inside http {}; stopped by the caller through the process."""
     user = 'user root;' if os.geteuid() == 0 else ''

@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 import server
-from conftest import KEY, PROJECT, Nginx, RunningServer, image_info, make_image, multipart_body, wait_for
+from conftest import (KEY, PROJECT, Nginx, RunningServer, image_info, launch_chromium, make_image, multipart_body,
+                      wait_for)
 
 pytestmark = pytest.mark.disk_only
 
@@ -678,9 +679,7 @@ def test_a_browser_uploads_cross_origin_sees_the_thumbnail_and_a_403_as_403(tmp_
     threading.Thread(target=site.serve_forever, daemon=True).start()
     try:
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path='/usr/bin/chromium', args=[
-                '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-                '--disable-background-networking', '--disable-component-update', '--disable-sync'])
+            browser = launch_chromium(playwright)
             page = browser.new_page()
             page.goto(f'http://localhost:{site.server_address[1]}/index.html')     # another origin
             assert page.evaluate(f'upload({json.dumps(server.make_token(KEY, store))})') == 200

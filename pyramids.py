@@ -12,11 +12,16 @@ where ImageMagick decodes the whole image for every tile (the README has the mea
     cut <pyramid> <out> <plan as JSON>
                             the plan's region of the full image, from the smallest level that still has
                             the pixels its size needs, scaled, mirrored, rotated, in its quality and format
+    serve                   the same jobs, one JSON line each on standard input ({"job", "args",
+                            "folder"}), one answer line each ({"ok", "printed"} or {"ok", "error"}),
+                            until standard input closes: a child kept for the next job starts no
+                            interpreter and loads no libvips again
 
 Imports run one way: this module imports nothing of the server's; the server runs it.
 """
 
 import json
+import os
 import sys
 
 TILE = 256                      # the pyramid's own tiles (IIIF tiles of 512 are cut from four of them)
@@ -27,12 +32,12 @@ SAVE_OPTIONS = {'jpg': ('jpegsave', {'Q': 85, 'optimize_coding': True}),
 
 
 def build(pyvips, source, out):
-    """Write the pyramid of `source` to `out` and print its full size."""
+    """Write the pyramid of `source` to `out`; return its full size as "<width> <height>"."""
     image = pyvips.Image.new_from_file(source, access='sequential').autorot()
     image = as_srgb(pyvips, image)
     image.tiffsave(out, tile=True, pyramid=True, tile_width=TILE, tile_height=TILE, bigtiff=True,
                    compression='deflate' if image.hasalpha() else 'jpeg', Q=PYRAMID_QUALITY, strip=True)
-    print(image.width, image.height)
+    return f'{image.width} {image.height}'
 
 
 def as_srgb(pyvips, image):
@@ -47,7 +52,8 @@ def as_srgb(pyvips, image):
 
 
 def cut(pyvips, pyramid, out, plan):
-    """Write the planned answer cut from `pyramid` to `out`."""
+    """Write the planned answer (JSON) cut from `pyramid` to `out`."""
+    plan = json.loads(plan)
     x, y, w, h = plan['region']
     width, height = plan['size']
     full = pyvips.Image.new_from_file(pyramid, page=0)
@@ -75,6 +81,7 @@ def cut(pyvips, pyramid, out, plan):
     if plan['format'] == 'jpg' and image.hasalpha():
         image = image.flatten(background=[255] * (image.bands - 1))
     getattr(image, saver)(out, strip=True, **options)
+    return ''
 
 
 def exactly(image, width, height):
@@ -112,15 +119,41 @@ def in_quality(image, quality):
     return grey.bandjoin(alpha) if alpha is not None else grey
 
 
+JOBS = {'build': (build, 2), 'cut': (cut, 3)}
+
+
+def serve(pyvips):
+    """Answer jobs from standard input until it closes; a job that ran out of memory ends the child after its answer."""
+    channel = os.fdopen(os.dup(1), 'w')
+    os.dup2(2, 1)                               # nothing libvips or a job prints can reach the server as an answer
+    for line in sys.stdin:
+        exhausted = False
+        try:
+            job = json.loads(line)
+            work, count = JOBS[job['job']]
+            if len(job['args']) != count:
+                raise ValueError('wrong number of arguments')
+            os.chdir(job['folder'])
+            answer = {'ok': True, 'printed': work(pyvips, *job['args'])}
+        except MemoryError:
+            answer, exhausted = {'ok': False, 'error': 'out of memory'}, True
+        except (pyvips.Error, OSError, ValueError, KeyError, TypeError) as error:
+            answer = {'ok': False, 'error': str(error)[:500]}
+        channel.write(json.dumps(answer) + '\n')
+        channel.flush()
+        if exhausted:
+            return
+
+
 def main(arguments):
     import pyvips                               # only in the child: the server never loads libvips
     pyvips.cache_set_max(0)
-    if arguments[:1] == ['build'] and len(arguments) == 3:
-        build(pyvips, arguments[1], arguments[2])
-    elif arguments[:1] == ['cut'] and len(arguments) == 4:
-        cut(pyvips, arguments[1], arguments[2], json.loads(arguments[3]))
+    if arguments == ['serve']:
+        serve(pyvips)
+    elif arguments[:1] and arguments[0] in JOBS and len(arguments) == JOBS[arguments[0]][1] + 1:
+        print(JOBS[arguments[0]][0](pyvips, *arguments[1:]))
     else:
-        sys.exit('usage: pyramids.py build <source> <out> | cut <pyramid> <out> <plan>')
+        sys.exit('usage: pyramids.py build <source> <out> | cut <pyramid> <out> <plan> | serve')
 
 
 if __name__ == '__main__':

@@ -30,6 +30,7 @@ import resource
 import secrets
 import select
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -366,7 +367,6 @@ class Thumbnailer:
         self.convert = sh.Command(find_imagemagick(config.IMAGEMAGICK)) if self.kinds else None
         gs = find_ghostscript(config.GHOSTSCRIPT) if 'application/pdf' in self.kinds else None
         self.gs = sh.Command(gs) if gs else None
-        self.python = sh.Command(sys.executable)
         self.timeout = config.THUMBNAIL_TIMEOUT
         self.max_pixels = config.THUMBNAIL_MAX_PIXELS
         self.max_held = config.THUMBNAIL_MEMORY_LIMIT
@@ -385,6 +385,7 @@ class Thumbnailer:
         self.failures = FailureMemory(config.THUMBNAIL_FAILURES_REMEMBERED)
         self.backlog = queue.Queue(maxsize=1000)
         self.background = None
+        self.engine = EngineChildren(self, config.THUMBNAIL_WORKERS, config.BASE_DIR)
 
     def admitted(self):
         """Held by a request from before it waits for another's conversion of the same thumbnail to its end."""
@@ -464,7 +465,7 @@ class Thumbnailer:
             self._run(self.convert, *self.limits, f'{INPUT_CODERS[kind]}:in[0]', '-auto-orient', '-colorspace',
                       'sRGB', '-depth', '8', '-strip', 'png:whole.png', scratch=scratch, deadline=deadline)
             source = 'whole.png'
-        return self._run(self.python, PYRAMIDS, 'build', source, 'pyramid', scratch=scratch, deadline=deadline)
+        return self.engine.run('build', [source, 'pyramid'], scratch, deadline)
 
     @contextlib.contextmanager
     def iiif_cut(self, pyramid, plan, folder):
@@ -474,8 +475,7 @@ class Thumbnailer:
                           'rotation': plan.rotation, 'quality': plan.quality, 'format': plan.format})
         with self.scratch_for(pyramid, folder) as scratch:
             with self.slots(self.work):
-                self._run(self.python, PYRAMIDS, 'cut', 'in', 'out', job, scratch=scratch,
-                          deadline=time.monotonic() + self.timeout)
+                self.engine.run('cut', ['in', 'out', job], scratch, time.monotonic() + self.timeout)
             yield os.path.join(scratch, 'out')
 
     def _check_header(self, source, kind):
@@ -556,15 +556,9 @@ class Thumbnailer:
 
         The time limit is our own timer: sh's `_timeout` polls and adds 0.1 s to every call.
         """
-        def limit_child():
-            resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
-            resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
-
-        environment = {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C', 'VIPS_CONCURRENCY': '1',
-                       'MAGICK_TEMPORARY_PATH': scratch, 'TMPDIR': scratch, 'HOME': scratch}
         try:
             process = program(*args, _cwd=scratch, _tty_out=False, _bg=True, _bg_exc=False,
-                              _env=environment, _preexec_fn=limit_child)
+                              _env=self.environment(scratch), _preexec_fn=self.limit_child)
         except sh.ForkException as error:
             log.warning('could not start %s: %s', program, error)
             raise PassingFailure('This file could not be thumbnailed.') from None
@@ -592,6 +586,17 @@ class Thumbnailer:
             raise failure('This file could not be thumbnailed.') from None
         finally:
             watchdog.cancel()
+
+    def limit_child(self):
+        """In a tool's process before it starts: the file-size and address-space limits."""
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
+        resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
+
+    @staticmethod
+    def environment(scratch):
+        """A tool's whole environment: its temporary files in `scratch`, one libvips thread."""
+        return {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C', 'VIPS_CONCURRENCY': '1',
+                'MAGICK_TEMPORARY_PATH': scratch, 'TMPDIR': scratch, 'HOME': scratch}
 
     def health(self):
         """'ok' while the programs found at start are still there, 'off' without thumbnails."""
@@ -627,6 +632,84 @@ class Thumbnailer:
                 pass
             except Exception:
                 log.exception('pregeneration failed')
+
+
+class EngineChildren:
+    """pyramids.py children that stay for the next job (starting one costs 50 ms of interpreter and libvips),
+    at most `workers` kept idle. Each runs under the thumbnailer's limits; one that overruns its deadline is
+    killed, one that fails or ends is not used again, and each is replaced after `jobs_per_child` jobs."""
+    jobs_per_child = 200
+
+    def __init__(self, thumbnailer, workers, folder):
+        self.thumbnailer, self.workers, self.folder = thumbnailer, workers, folder
+        self.idle, self.lock = [], threading.Lock()
+
+    def run(self, job, args, scratch, deadline):
+        """What the job printed; ThumbnailError when it fails, ends or overruns the deadline."""
+        child = self._child()
+        try:
+            os.write(child.stdin.fileno(), json.dumps({'job': job, 'args': args, 'folder': scratch}).encode() + b'\n')
+            answer = json.loads(read_line(child.stdout.fileno(), deadline))
+        except TimeoutError:
+            self._end(child)
+            log.warning('IIIF %s killed after %s s (THUMBNAIL_TIMEOUT)', job, self.thumbnailer.timeout)
+            raise ThumbnailError('Making the image took too long.') from None
+        except (OSError, ValueError):
+            self._end(child)
+            failure = PassingFailure if child.returncode == -signal.SIGKILL else ThumbnailError   # the OOM killer
+            raise failure('This file could not be viewed.') from None
+        child.jobs += 1
+        with self.lock:
+            if answer.get('ok') and child.jobs < self.jobs_per_child and len(self.idle) < self.workers:
+                self.idle.append(child)
+                child = None
+        if child is not None:
+            self._end(child)
+        if not answer.get('ok'):
+            log.info('IIIF %s failed: %s', job, printable(str(answer.get('error', '')))[:500])
+            raise ThumbnailError('This file could not be viewed.')
+        return answer.get('printed', '')
+
+    def _child(self):
+        with self.lock:
+            while self.idle:
+                child = self.idle.pop()
+                if child.poll() is None:
+                    return child
+        try:
+            child = subprocess.Popen([sys.executable, PYRAMIDS, 'serve'], cwd=HERE, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, env=self.thumbnailer.environment(self.folder),
+                                     preexec_fn=self.thumbnailer.limit_child, bufsize=0)
+        except OSError as error:
+            log.warning('could not start the IIIF engine: %s', error)
+            raise PassingFailure('This file could not be viewed.') from None
+        os.set_blocking(child.stdout.fileno(), False)
+        child.jobs = 0
+        return child
+
+    @staticmethod
+    def _end(child):
+        child.kill()
+        child.wait()
+        child.stdin.close()
+        child.stdout.close()
+
+
+def read_line(descriptor, deadline):
+    """One line from a non-blocking pipe before the deadline (TimeoutError; OSError when it closes first)."""
+    data = bytearray()
+    while not data.endswith(b'\n'):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([descriptor], [], [], left)[0]:
+            raise TimeoutError()
+        try:
+            chunk = os.read(descriptor, 64 * 1024)
+        except BlockingIOError:
+            continue
+        if not chunk:
+            raise OSError('the engine ended without an answer')
+        data += chunk
+    return bytes(data)
 
 
 def raise_unviewable():

@@ -3,6 +3,9 @@ info.json offers cached and answered with validators, everything dropped when th
 deleted, and a corrupt original tried once."""
 
 import json
+import os
+import signal
+import time
 
 import pytest
 
@@ -21,14 +24,19 @@ def sheet(tmp_path_factory):
 
 @pytest.fixture
 def runs(monkeypatch):
-    """The tool runs of the thumbnailer, as (program's base name, first argument)."""
+    """The jobs the engine ran ('build', 'cut') and the other tools' runs (their program's name)."""
     seen = []
-    original = server.Thumbnailer._run
+    run_tool, run_job = server.Thumbnailer._run, server.EngineChildren.run
 
-    def counted(self, program, *args, **kwargs):
-        seen.append((str(program).rsplit('/', 1)[-1], args[1] if args[:1] == (server.PYRAMIDS,) else args[:1]))
-        return original(self, program, *args, **kwargs)
-    monkeypatch.setattr(server.Thumbnailer, '_run', counted)
+    def tool(self, program, *args, **kwargs):
+        seen.append((str(program).rsplit('/', 1)[-1], 'tool'))
+        return run_tool(self, program, *args, **kwargs)
+
+    def job(self, name, *args, **kwargs):
+        seen.append(('engine', name))
+        return run_job(self, name, *args, **kwargs)
+    monkeypatch.setattr(server.Thumbnailer, '_run', tool)
+    monkeypatch.setattr(server.EngineChildren, 'run', job)
     return seen
 
 
@@ -184,3 +192,45 @@ def test_the_cache_listing_counts_pyramids_and_tiles_as_the_originals_derivative
     listed = sorted(name for name, _size, _modified in client.app.storage.thumbnails(None))
     assert listed == ['sheet_iiif,0,0,512,512,512,512.jpg', 'sheet_iiif.jpg']
     assert all(size > 0 for _name, size, _modified in client.app.storage.thumbnails(None))
+
+
+# --- The engine's children ----------------------------------------------------------------------
+
+def engine_pids(client):
+    return [child.pid for child in client.app.thumbnailer.engine.idle]
+
+
+def test_an_engine_child_stays_for_the_next_job(client, sheet):
+    client.upload('sheet.jpg', sheet)
+    client.get('/iiif/3/sheet.jpg/0,0,100,100/100,100/0/default.jpg', {})
+    kept = engine_pids(client)
+    client.get('/iiif/3/sheet.jpg/0,0,200,100/100,50/0/default.jpg', {})
+    assert len(kept) == 1 and engine_pids(client) == kept
+
+
+def test_a_child_gone_while_idle_is_replaced_by_a_new_one(client, sheet):
+    client.upload('sheet.jpg', sheet)
+    client.get('/iiif/3/sheet.jpg/0,0,100,100/100,100/0/default.jpg', {})
+    [gone] = client.app.thumbnailer.engine.idle
+    os.kill(gone.pid, signal.SIGKILL)
+    gone.wait()
+    client.get('/iiif/3/sheet.jpg/0,0,200,100/100,50/0/default.jpg', {})
+    assert engine_pids(client) not in ([], [gone.pid])
+
+
+def test_a_child_that_does_not_answer_in_time_is_killed_and_the_request_refused(client, sheet):
+    client.upload('sheet.jpg', sheet)
+    client.get('/iiif/3/sheet.jpg/0,0,100,100/100,100/0/default.jpg', {})
+    [stuck] = client.app.thumbnailer.engine.idle
+    os.kill(stuck.pid, signal.SIGSTOP)
+    client.app.thumbnailer.timeout = 1
+    answer = client.get('/iiif/3/sheet.jpg/0,0,200,100/100,50/0/default.jpg', {}, status=404)
+    assert 'too long' in answer.text and stuck.poll() == -signal.SIGKILL
+    assert engine_pids(client) == []
+
+
+def test_a_job_the_engine_cannot_do_ends_its_child_with_a_clean_error(client):
+    engine = client.app.thumbnailer.engine
+    with pytest.raises(server.ThumbnailError):
+        engine.run('cut', ['missing.tif', 'out', '{}'], str(client.path()), time.monotonic() + 30)
+    assert engine.idle == []

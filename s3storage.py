@@ -10,11 +10,13 @@ If-Match to the ETag of the HEAD that described it. A store that cannot be reach
 StorageUnavailable (503), as does an object that keeps changing while it is read.
 """
 
+import collections
 import contextlib
 import functools
 import io
 import logging
 import os
+import threading
 
 import boto3
 import bottle
@@ -74,14 +76,68 @@ def store_errors():
         raise StorageUnavailable('the object store failed a transfer') from None
 
 
+class LocalCopies:
+    """Local copies of stored objects by (key, ETag), at most `most` kept, the least recently used removed first
+    once no request holds it; named as temporaries, so a crash leaves nothing the next start does not sweep."""
+
+    def __init__(self, folder, most):
+        self.folder, self.most = folder, most
+        self.kept, self.lock = collections.OrderedDict(), threading.Lock()     # (key, etag) -> [path, holders]
+
+    @contextlib.contextmanager
+    def held(self, version, download):
+        """The local path of `version`, made by download(path) the first time; kept while held."""
+        with self.lock:
+            entry = self.kept.get(version)
+            if entry:
+                entry[1] += 1
+                self.kept.move_to_end(version)
+        if entry is None:
+            fetched = self._fetched(download)
+            with self.lock:
+                entry = self.kept.setdefault(version, [fetched, 0])      # another request may have fetched it too
+                entry[1] += 1
+                self.kept.move_to_end(version)
+            if entry[0] != fetched:
+                remove_quietly(fetched)
+        try:
+            yield entry[0]
+        finally:
+            with self.lock:
+                entry[1] -= 1
+                self._evict()
+
+    def _fetched(self, download):
+        local, handle = make_temp_file(self.folder)
+        handle.close()
+        try:
+            download(local)
+        except BaseException:
+            remove_quietly(local)
+            raise
+        return local
+
+    def _evict(self):
+        """Remove the least recently used copies beyond `most` that nobody holds (under the lock)."""
+        for version in list(self.kept):
+            if len(self.kept) <= self.most:
+                return
+            path, holders = self.kept[version]
+            if not holders:
+                del self.kept[version]
+                remove_quietly(path)
+
+
 class S3Storage(Layout):
     """Attachments as objects in one bucket, in the upstream layout below S3_PREFIX."""
+    local_pyramids = 8          # local copies of pyramids kept for cutting IIIF answers
 
     def __init__(self, config):
         super().__init__(config)
         self.bucket = config.S3_BUCKET
         self.prefix = config.S3_PREFIX.strip('/')
         self.client = make_client(config)
+        self.local_copies = LocalCopies(self.staging_folder(), self.local_pyramids)
 
     def key(self, parts):
         return '/'.join([self.prefix, *parts] if self.prefix else parts)
@@ -236,16 +292,19 @@ class S3Storage(Layout):
 
     @contextlib.contextmanager
     def local_derivative(self, coll, cache_name):
-        """A local copy of a stored derivative, removed after (FileNotFoundError when there is none)."""
-        local, handle = make_temp_file(self.staging_folder())
-        handle.close()
-        try:
-            with store_errors():
-                self.client.download_file(self.bucket, self.key(self.derivative_parts(coll, cache_name)), local,
-                                          Config=TRANSFER)
-            yield local
-        finally:
-            remove_quietly(local)
+        """A local copy of a stored derivative (FileNotFoundError when there is none): one of the few kept of
+        the latest versions used, so the tiles cut from one pyramid fetch it once."""
+        key = self.key(self.derivative_parts(coll, cache_name))
+        head = self.head(key)
+        if head is None:
+            raise FileNotFoundError(key)
+        with self.local_copies.held((key, head['ETag']), functools.partial(self._download_version, key)) as path:
+            yield path
+
+    def _download_version(self, key, local):
+        """Download the object (transfers take no If-Match: a version replaced meanwhile is newer, never wrong)."""
+        with store_errors():
+            self.client.download_file(self.bucket, key, local, Config=TRANSFER)
 
     def make_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
         """Fetch the smallest fresh stored larger thumbnail if there is one, else the original; convert it

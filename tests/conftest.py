@@ -149,10 +149,10 @@ def make_image(tmp_path, spec, size, fmt, *extra):
 
 
 def pytest_generate_tests(metafunc):
-    """Run every test that uses a client on both storages, unless it is marked disk_only."""
+    """Run every test that uses a client on both storages, unless it is marked disk_only or s3_only."""
     if 'storage' in metafunc.fixturenames:
-        disk_only = metafunc.definition.get_closest_marker('disk_only')
-        metafunc.parametrize('storage', ['disk'] if disk_only else ['disk', 's3'], indirect=True)
+        marked = {name for name in ('disk', 's3') if metafunc.definition.get_closest_marker(f'{name}_only')}
+        metafunc.parametrize('storage', sorted(marked) or ['disk', 's3'], indirect=True)
 
 
 @pytest.fixture(scope='session')

@@ -234,3 +234,28 @@ def test_a_job_the_engine_cannot_do_ends_its_child_with_a_clean_error(client):
     with pytest.raises(server.ThumbnailError):
         engine.run('cut', ['missing.tif', 'out', '{}'], str(client.path()), time.monotonic() + 30)
     assert engine.idle == []
+
+
+# --- On S3 --------------------------------------------------------------------------------------
+
+@pytest.mark.s3_only
+def test_on_s3_the_pyramid_is_fetched_once_for_the_answers_cut_from_it(client, sheet, monkeypatch):
+    client.upload('sheet.jpg', sheet)
+    client.get('/iiif/3/sheet.jpg/info.json', {})
+    fetched = []
+    download = client.app.storage.client.download_file
+    monkeypatch.setattr(client.app.storage.client, 'download_file',
+                        lambda bucket, key, *args, **kwargs: fetched.append(key) or download(bucket, key, *args,
+                                                                                             **kwargs))
+    for x in (0, 100, 200):
+        client.get(f'/iiif/3/sheet.jpg/{x},0,100,100/100,100/0/default.jpg', {})
+    assert [key.rsplit('/', 1)[-1] for key in fetched] == ['sheet_iiif.jpg']
+
+
+@pytest.mark.s3_only
+def test_on_s3_a_replaced_pyramid_is_fetched_again(client, sheet, tmp_path):
+    client.upload('sheet.jpg', sheet)
+    client.get('/iiif/3/sheet.jpg/0,0,100,100/100,100/0/default.png', {})
+    client.upload('sheet.jpg', make_image(tmp_path, 'xc:blue', '1200x900', 'jpg'))
+    tile = client.get('/iiif/3/sheet.jpg/0,0,100,100/100,100/0/default.png', {}).body
+    assert pixel(tile, tmp_path, 50, 50) in ('srgb(0,0,255)', 'srgb(0,0,254)', 'srgb(1,0,254)')

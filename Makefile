@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-storage bench-serve bench-previews bench-backfill soak mutation packages test-packages venv
+.PHONY: run test bench bench-storage bench-serve bench-previews bench-iiif bench-backfill soak mutation packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -16,6 +16,10 @@ bench: packages test-packages venv
 
 bench-storage: packages test-packages venv
 	$(PY) bench/storage.py
+
+bench-iiif: packages test-packages venv
+	sh deploy/install-packages.sh bench/packages.txt
+	$(PY) bench/iiif.py
 
 bench-backfill: packages test-packages venv
 	$(PY) bench/backfill.py

@@ -108,12 +108,21 @@ def upload(web, key, name, data):
     assert answer == b'Ok.', (status, answer[:200])
 
 
-def wrk(url, seconds):
+def wrk(url, seconds, timeout=None):
     """(requests per second, problems) wrk measures for `url`; problems name any answer not 2xx."""
+    rate, _answered, problems = wrk_rates(url, seconds, timeout)
+    return rate, problems
+
+
+def wrk_rates(url, seconds, timeout=None):
+    """(requests per second, those of them answered below 400, problems) wrk measures for `url`; problems
+    name any answer not 2xx. `timeout`: seconds wrk waits for an answer before it counts a socket error
+    (its own default is 2)."""
     first = subprocess.run(['curl', '-s', '-o', '/dev/null', '-w', '%{http_code}', url],
                            capture_output=True, text=True, timeout=60).stdout
-    out = subprocess.run(['wrk', '-t2', '-c16', f'-d{seconds}s', url], capture_output=True, text=True,
-                         timeout=seconds + 60).stdout
+    patience = [f'--timeout={timeout}s'] if timeout else []
+    out = subprocess.run(['wrk', '-t2', '-c16', f'-d{seconds}s', *patience, url], capture_output=True, text=True,
+                         timeout=seconds + (timeout or 0) + 60).stdout
     problems = [] if first == '200' else [f'a single request answered {first or "nothing"}']
     rejected = re.search(r'Non-2xx or 3xx responses:\s*(\d+)', out)      # wrk counts answers of 400 and above
     if rejected:
@@ -121,7 +130,10 @@ def wrk(url, seconds):
     broken = re.search(r'Socket errors:.*', out)
     if broken:
         problems.append(broken.group(0))
-    return float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1)), problems
+    rate = float(re.search(r'Requests/sec:\s*([0-9.]+)', out).group(1))
+    total = int(re.search(r'(\d+) requests in', out).group(1))
+    answered = rate * (total - int(rejected.group(1))) / total if rejected else rate
+    return rate, answered, problems
 
 
 def bare_paste_app(size=3):

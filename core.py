@@ -9,6 +9,7 @@ the storage interface, answers for stored files, a seekable reader.
 import collections
 import contextlib
 import email.utils
+import functools
 import heapq
 import io
 import json
@@ -772,6 +773,12 @@ def not_modified(environ, etag, modified):
     return bool(since) and since >= int(modified)
 
 
+@functools.lru_cache(maxsize=1024)
+def http_date(seconds):
+    """An HTTP date (RFC 9110), remembered for the files served most."""
+    return email.utils.formatdate(seconds, usegmt=True)
+
+
 def file_answer(size, etag, modified, mimetype, headers, body_for):
     """The answer to a GET or HEAD of a stored file: 304, 416, one Range (206) or all of it (200).
 
@@ -780,7 +787,7 @@ def file_answer(size, etag, modified, mimetype, headers, body_for):
     """
     answer = dict(headers or {}, **{
         'Content-Type': mimetype, 'ETag': etag, 'Accept-Ranges': 'bytes', 'X-Content-Type-Options': 'nosniff',
-        'Last-Modified': email.utils.formatdate(modified, usegmt=True)})
+        'Last-Modified': http_date(int(modified))})
     if may_run_scripts(mimetype):
         answer['Content-Security-Policy'] = 'sandbox'
     environ = bottle.request.environ

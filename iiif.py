@@ -33,6 +33,7 @@ Imports run one way: settings -> core -> s3storage -> front -> iiif (this) -> se
 import base64
 import binascii
 import dataclasses
+import functools
 import math
 import re
 import typing
@@ -118,7 +119,15 @@ class Plan(typing.NamedTuple):
 
 
 def parse_request(version, region, size, rotation, quality_format, width, height, limits=Limits()):
-    """The Plan for an image request to a `width` x `height` image, or IIIFError with the spec's status."""
+    """The Plan for an image request to a `width` x `height` image, or IIIFError with the spec's status;
+    the latest 4096 plans of text requests remembered, as viewers ask the same tiles again and again."""
+    if (all(type(value) is str for value in (region, size, rotation, quality_format))
+            and all(type(value) is int for value in (version, width, height))):
+        return remembered_plan(version, region, size, rotation, quality_format, width, height, limits)
+    return plan_for(version, region, size, rotation, quality_format, width, height, limits)
+
+
+def plan_for(version, region, size, rotation, quality_format, width, height, limits):
     check_version(version)
     if type(width) is not int or type(height) is not int or width < 1 or height < 1:
         raise ValueError('the image size must be positive whole numbers')
@@ -127,6 +136,9 @@ def parse_request(version, region, size, rotation, quality_format, width, height
     mirror, degrees = parse_rotation(text_of(rotation, 'rotation'))
     quality, fmt = parse_quality_format(text_of(quality_format, 'quality or format'))
     return Plan((x, y, w, h), out, mirror, degrees, quality, fmt)
+
+
+remembered_plan = functools.lru_cache(maxsize=4096)(plan_for)
 
 
 def check_version(version):
@@ -312,6 +324,7 @@ def parse_quality_format(text):
     return (DEFAULT_QUALITY if parts[0] == 'default' else parts[0]), parts[1]
 
 
+@functools.lru_cache(maxsize=1024)
 def tile_grid(width, height, tile, limits=Limits()):
     """(tile, scale factors, sizes) to offer for a width x height image: tiles at halving scales down to the one
     where the whole image is a single tile, and the whole image at each of those scales (within the limits)."""
@@ -319,7 +332,7 @@ def tile_grid(width, height, tile, limits=Limits()):
     while max(width, height) > tile * factors[-1]:
         factors.append(2 * factors[-1])
     sizes = sorted({(-(-width // f), -(-height // f)) for f in factors})
-    return tile, factors, [size for size in sizes if limits.allow(*size)]
+    return tile, tuple(factors), tuple(size for size in sizes if limits.allow(*size))
 
 
 def is_offered(plan, width, height, tile, factors, sizes):

@@ -287,7 +287,8 @@ class S3Storage(Layout):
             return False
         return True
 
-    def send_derivative(self, coll, cache_name, headers=None):
+    def send_derivative(self, coll, cache_name, headers=None, mimetype=None):
+        """A stored derivative (its type is the one stored with it: `mimetype` is for disk's sake)."""
         return self.send_object(self.key(self.derivative_parts(coll, cache_name)), headers)
 
     @contextlib.contextmanager

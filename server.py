@@ -904,8 +904,8 @@ class DiskStorage(Layout):
             os.replace(made, target)
         return True
 
-    def send_derivative(self, coll, cache_name, headers=None):
-        return send_file(self.path(self.derivative_parts(coll, cache_name)), None, headers)
+    def send_derivative(self, coll, cache_name, headers=None, mimetype=None):
+        return send_file(self.path(self.derivative_parts(coll, cache_name)), mimetype, headers)
 
     @contextlib.contextmanager
     def local_derivative(self, coll, cache_name):
@@ -1982,7 +1982,7 @@ def iiif_image(version, identifier, region, size, rotation, quality_format, gran
     if cache_name and len(cache_name.encode('utf-8', 'surrogatepass')) > 255:
         cache_name = None
     if cache_name and app.storage.derivative_is_fresh(coll, name, cache_name):
-        return app.storage.send_derivative(coll, cache_name, headers)
+        return app.storage.send_derivative(coll, cache_name, headers, plan.content_type)
     try:
         with app.thumbnailer.admitted():
             ensure_pyramid(coll, name, identity)
@@ -1990,7 +1990,7 @@ def iiif_image(version, identifier, region, size, rotation, quality_format, gran
                 with app.thumbnailer.iiif_cut(pyramid, plan, app.storage.staging_folder()) as made:
                     if cache_name and app.storage.store_derivative(coll, name, cache_name, made, identity):
                         app.storage.count_stored(coll, cache_name)
-                        return app.storage.send_derivative(coll, cache_name, headers)
+                        return app.storage.send_derivative(coll, cache_name, headers, plan.content_type)
                     with open(made, 'rb') as out:
                         body = out.read()
     except FileNotFoundError:
@@ -2050,8 +2050,7 @@ def main():
     """Run the server as configured by settings.py and the environment."""
     try:
         config = load_config()
-        logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO,
-                            format='%(asctime)s %(levelname)s %(message)s')
+        start_logging(config)
         app = create_app(config)
     except ConfigError as error:
         sys.exit(f'web asset server cannot start: {error}')
@@ -2060,6 +2059,25 @@ def main():
     else:
         log_listening(config)
         bottle.run(app, server=config.SERVER, host=config.HOST, port=config.PORT, quiet=True)
+
+
+class LogFormat(logging.Formatter):
+    """'<time> <level> <message>', the time formatted once a second: the access log writes a line per request."""
+    last = (None, '')
+
+    def formatTime(self, record, datefmt=None):
+        second = int(record.created)
+        if self.last[0] != second:
+            self.last = (second, super().formatTime(record, datefmt))
+        return self.last[1]
+
+
+def start_logging(config):
+    """Log to standard error; records carry no thread or process names (nothing logs them, each costs a lookup)."""
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    handler = logging.StreamHandler()
+    handler.setFormatter(LogFormat('%(asctime)s %(levelname)s %(message)s'))
+    logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO, handlers=[handler])
 
 
 def serve_with_paste(app, config):

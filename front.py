@@ -477,8 +477,10 @@ class RequestHandler(httpserver.WSGIHandler):
 
     def wsgi_setup(self, environ=None):
         """Paste's environ, with PATH_INFO as PEP 3333 has it: the path's bytes read as latin-1 (Paste reads
-        them as UTF-8, which made a path with a character beyond latin-1 a 500 in Bottle)."""
+        them as UTF-8, which made a path with a character beyond latin-1 a 500 in Bottle); REQUEST_URI keeps
+        the target as sent, where an encoded slash is still told from a separator."""
         super().wsgi_setup(environ)
+        self.wsgi_environ['REQUEST_URI'] = self.path
         path = unquote(urlsplit(self.path).path, encoding='latin-1')
         normal = posixpath.normpath(path) if path else '/'
         self.wsgi_environ['PATH_INFO'] = normal + '/' if path.endswith('/') and normal != '/' else normal

@@ -32,8 +32,9 @@ SAVE_OPTIONS = {'jpg': ('jpegsave', {'Q': 85, 'optimize_coding': True}),
 
 
 def build(pyvips, source, out):
-    """Write the pyramid of `source` to `out`; return its full size as "<width> <height>"."""
-    image = pyvips.Image.new_from_file(source, access='sequential').autorot()
+    """Write the pyramid of `source` to `out`; return its full size as "<width> <height>". A truncated image is
+    refused: its missing part would be viewed as grey, as if it were the sheet."""
+    image = pyvips.Image.new_from_file(source, access='sequential', fail_on='truncated').autorot()
     image = as_srgb(pyvips, image)
     image.tiffsave(out, tile=True, pyramid=True, tile_width=TILE, tile_height=TILE, bigtiff=True,
                    compression='deflate' if image.hasalpha() else 'jpeg', Q=PYRAMID_QUALITY, strip=True)

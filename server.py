@@ -1822,6 +1822,9 @@ def iiif_original(identifier, grant=None):
     """(collection, name) of the original an IIIF identifier names: 404 for none; 403 without the token or
     the viewer grant REQUIRE_KEY_FOR_GET needs (a grant given is checked even without it)."""
     app = bottle.request.app
+    sent = bottle.request.environ.get('REQUEST_URI', '').partition('?')[0].lower()
+    if '%2f' in sent:                     # decoded into a separator before routing: no name holds a slash
+        refuse(404, 'No such image.')
     try:
         coll, name = iiif.name_for(identifier, app.settings.COLLECTION_DIRS)
     except iiif.IIIFError as error:

@@ -1575,16 +1575,15 @@ def send_file(path, mimetype, headers=None):
     """Serve a file on disk (mimetype None: told from its bytes), or hand it to the web server in front.
 
     X-Sendfile carries the path as it is (mod_xsendfile 0.12, Debian's, reads it raw), and no header
-    may carry a control character, so a path with one is served here instead."""
+    may carry a control character, so a path with one is served here instead. A small file is answered
+    from SMALL_FILES while its inode, time and size are those it was read with."""
     config = bottle.request.app.settings
-    try:
-        handle = open(path, 'rb')
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        refuse(404, 'No such file.')
-    if mimetype is None:
-        mimetype = kind_of(handle.read(1024)) or 'application/octet-stream'
     if config.FILE_OFFLOAD and not (config.FILE_OFFLOAD == 'apache' and CONTROL_CHARACTER.search(path)):
-        handle.close()
+        if not os.path.isfile(path):
+            refuse(404, 'No such file.')
+        if mimetype is None:
+            with open(path, 'rb') as handle:
+                mimetype = kind_of(handle.read(1024)) or 'application/octet-stream'
         handover = {'Content-Type': mimetype, 'X-Content-Type-Options': 'nosniff'}
         if may_run_scripts(mimetype):
             handover['Content-Security-Policy'] = 'sandbox'
@@ -1594,13 +1593,74 @@ def send_file(path, mimetype, headers=None):
         else:
             handover['X-Sendfile'] = path
         return bottle.HTTPResponse('', 200, **(headers or {}), **handover)
+    small = SMALL_FILES.get(path)
+    if small:
+        info, data = small
+        return file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype or kind_of(data[:1024])
+                           or 'application/octet-stream', headers, lambda start, end: data[start:end])
+    try:
+        handle = open(path, 'rb')
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        refuse(404, 'No such file.')
     info = os.fstat(handle.fileno())            # of the file opened, even if it is replaced meanwhile
-    answer = file_answer(info.st_size, f'"{info.st_size:x}-{info.st_mtime_ns:x}"', info.st_mtime, mimetype,
+    if info.st_size <= SMALL_FILES.largest:
+        with handle:
+            data = handle.read()
+        SMALL_FILES.put(path, info, data)
+        return file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype or kind_of(data[:1024])
+                           or 'application/octet-stream', headers, lambda start, end: data[start:end])
+    if mimetype is None:
+        mimetype = kind_of(handle.read(1024)) or 'application/octet-stream'
+    answer = file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype,
                          headers, lambda start, end: file_body(handle, start, end))
     if not inspect.isgenerator(answer.body):
         handle.close()
     return answer
 
+
+def etag_of(info):
+    return f'"{info.st_size:x}-{info.st_mtime_ns:x}"'
+
+
+class SmallFiles:
+    """The bytes of recently served small files (thumbnails, tiles), at most `most` bytes, each at most `largest`:
+    answered after one stat that finds the file as it was read (inode, time, size), the least recently used
+    dropped first."""
+
+    def __init__(self, most, largest):
+        self.most, self.largest, self.held = most, largest, 0
+        self.files, self.lock = collections.OrderedDict(), threading.Lock()
+
+    def get(self, path):
+        """(stat, bytes) of the file at `path` if kept and unchanged, else None."""
+        with self.lock:
+            kept = self.files.get(path)
+        if kept is None:
+            return None
+        try:
+            now = os.stat(path)
+        except OSError:
+            return None
+        info, _data = kept
+        if (now.st_ino, now.st_mtime_ns, now.st_size) != (info.st_ino, info.st_mtime_ns, info.st_size):
+            return None
+        with self.lock:
+            if path in self.files:
+                self.files.move_to_end(path)
+        return kept
+
+    def put(self, path, info, data):
+        with self.lock:
+            old = self.files.pop(path, None)
+            self.held -= len(old[1]) if old else 0
+            self.files[path] = (info, data)
+            self.held += len(data)
+            while self.held > self.most:
+                _path, (_info, dropped) = self.files.popitem(last=False)
+                self.held -= len(dropped)
+
+
+SMALL_FILES = SmallFiles(most=32 * 1024 ** 2, largest=256 * 1024)    # 32 MiB of answers of up to 256 KiB
 
 
 def file_body(handle, start, end):

@@ -264,8 +264,8 @@ def vips_pyramid(sheet, out):
 
 def server_build(web):
     """The hook for the server's own pyramid build: (seconds, peak resident bytes, bytes added to its folder)
-    of the first info.json and then the first home tile on a fresh server, which must build it to answer
-    (today it decodes the original for each request and keeps nothing)."""
+    of the first info.json and then the first home tile on a fresh server: the first info.json builds and stores
+    the pyramid, the tile is cut from it."""
     before = folder_bytes(web.base_dir)
     with PeakMemory(*web.pids) as memory:
         started_at = time.perf_counter()

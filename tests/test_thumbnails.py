@@ -1034,3 +1034,25 @@ def test_conversions_leave_five_of_the_threads_to_other_requests(make_client, jp
     with the_one_slot_held(client, jpeg) as statuses:
         answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503))
     assert (answer.headers['Retry-After'], statuses) == ('5', [200])
+
+
+def test_a_small_file_served_from_memory_is_read_again_once_it_is_replaced(tmp_path):
+    """SMALL_FILES answers a kept file after one stat; a file replaced under the same path is read anew."""
+    path = tmp_path / 'kept.bin'
+    path.write_bytes(b'first')
+    kept = server.SmallFiles(most=1024, largest=64)
+    assert kept.get(str(path)) is None
+    kept.put(str(path), os.stat(path), b'first')
+    assert kept.get(str(path))[1] == b'first'
+    replacement = tmp_path / 'new.bin'
+    replacement.write_bytes(b'other')
+    os.replace(replacement, path)
+    assert kept.get(str(path)) is None
+
+
+def test_small_files_keep_at_most_their_bound_dropping_the_least_recently_used(tmp_path):
+    kept = server.SmallFiles(most=10, largest=8)
+    for name in 'abc':
+        (tmp_path / name).write_bytes(b'1234')
+        kept.put(str(tmp_path / name), os.stat(tmp_path / name), b'1234')
+    assert kept.held <= 10 and kept.get(str(tmp_path / 'a')) is None and kept.get(str(tmp_path / 'c'))

@@ -260,9 +260,11 @@ class S3Storage(Layout):
     def thumbnail_is_fresh(self, coll, name, scale, webp=False):
         return self.derivative_is_fresh(coll, name, thumbnail_name(name, scale, webp))
 
-    def derivative_is_fresh(self, coll, name, cache_name):
-        """A stored derivative counts when it was made from the original's current bytes."""
+    def derivative_is_fresh(self, coll, name, cache_name, identity=None):
+        """A stored derivative counts when it was made from the original's current bytes (`identity`, when known)."""
         derivative = self.head(self.key(self.derivative_parts(coll, cache_name)))
+        if derivative and identity:
+            return made_from(derivative, {'ETag': identity[1], 'LastModified': identity[2]})
         original = derivative and self.head(self.key(self.original_parts(coll, name)))
         return bool(original) and made_from(derivative, original)
 
@@ -287,8 +289,8 @@ class S3Storage(Layout):
             return False
         return True
 
-    def send_derivative(self, coll, cache_name, headers=None, mimetype=None):
-        """A stored derivative (its type is the one stored with it: `mimetype` is for disk's sake)."""
+    def send_derivative(self, coll, cache_name, headers=None, mimetype=None, seen=None):
+        """A stored derivative (its type is the one stored with it: `mimetype` and `seen` are for disk's sake)."""
         return self.send_object(self.key(self.derivative_parts(coll, cache_name)), headers)
 
     @contextlib.contextmanager

@@ -877,11 +877,13 @@ class DiskStorage(Layout):
     def thumbnail_is_fresh(self, coll, name, scale, webp=False):
         return self.derivative_is_fresh(coll, name, thumbnail_name(name, scale, webp))
 
-    def derivative_is_fresh(self, coll, name, cache_name):
-        """A cached derivative counts when it is not older than its original."""
+    def derivative_is_fresh(self, coll, name, cache_name, identity=None):
+        """A cached derivative counts when it is not older than its original (whose `identity` may be known):
+        its stat then (true), else False."""
         try:
             derivative = os.stat(self.path(self.derivative_parts(coll, cache_name)))
-            return derivative.st_mtime_ns >= os.stat(self.original_path(coll, name)).st_mtime_ns
+            original = identity[1][1] if identity else os.stat(self.original_path(coll, name)).st_mtime_ns
+            return derivative if derivative.st_mtime_ns >= original else False
         except FileNotFoundError:
             return False
 
@@ -904,8 +906,9 @@ class DiskStorage(Layout):
             os.replace(made, target)
         return True
 
-    def send_derivative(self, coll, cache_name, headers=None, mimetype=None):
-        return send_file(self.path(self.derivative_parts(coll, cache_name)), mimetype, headers)
+    def send_derivative(self, coll, cache_name, headers=None, mimetype=None, seen=None):
+        """A cached derivative; `seen`: its stat just taken (by derivative_is_fresh), not taken again."""
+        return send_file(self.path(self.derivative_parts(coll, cache_name)), mimetype, headers, seen)
 
     @contextlib.contextmanager
     def local_derivative(self, coll, cache_name):
@@ -1571,12 +1574,12 @@ def is_port(text):
 CONTROL_CHARACTER = re.compile(r'[\x00-\x1f\x7f]')
 
 
-def send_file(path, mimetype, headers=None):
+def send_file(path, mimetype, headers=None, seen=None):
     """Serve a file on disk (mimetype None: told from its bytes), or hand it to the web server in front.
 
     X-Sendfile carries the path as it is (mod_xsendfile 0.12, Debian's, reads it raw), and no header
     may carry a control character, so a path with one is served here instead. A small file is answered
-    from SMALL_FILES while its inode, time and size are those it was read with."""
+    from SMALL_FILES while its inode, time and size (`seen`: its stat just taken) are those it was read with."""
     config = bottle.request.app.settings
     if config.FILE_OFFLOAD and not (config.FILE_OFFLOAD == 'apache' and CONTROL_CHARACTER.search(path)):
         if not os.path.isfile(path):
@@ -1593,7 +1596,7 @@ def send_file(path, mimetype, headers=None):
         else:
             handover['X-Sendfile'] = path
         return bottle.HTTPResponse('', 200, **(headers or {}), **handover)
-    small = SMALL_FILES.get(path)
+    small = SMALL_FILES.get(path, seen)
     if small:
         info, data = small
         return file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype or kind_of(data[:1024])
@@ -1631,14 +1634,15 @@ class SmallFiles:
         self.most, self.largest, self.held = most, largest, 0
         self.files, self.lock = collections.OrderedDict(), threading.Lock()
 
-    def get(self, path):
-        """(stat, bytes) of the file at `path` if kept and unchanged, else None."""
+    def get(self, path, seen=None):
+        """(stat, bytes) of the file at `path` if kept and unchanged (as `seen`, a stat just taken, or one taken now),
+        else None."""
         with self.lock:
             kept = self.files.get(path)
         if kept is None:
             return None
         try:
-            now = os.stat(path)
+            now = seen if isinstance(seen, os.stat_result) else os.stat(path)
         except OSError:
             return None
         info, _data = kept
@@ -2044,8 +2048,9 @@ def iiif_image(version, identifier, region, size, rotation, quality_format, gran
     cache_name = iiif.is_offered(plan, width, height, *iiif_grid(width, height)) and tile_name(name, *plan[:2])
     if cache_name and len(cache_name.encode('utf-8', 'surrogatepass')) > 255:
         cache_name = None
-    if cache_name and app.storage.derivative_is_fresh(coll, name, cache_name):
-        return app.storage.send_derivative(coll, cache_name, headers, plan.content_type)
+    fresh = cache_name and app.storage.derivative_is_fresh(coll, name, cache_name, identity)
+    if fresh:
+        return app.storage.send_derivative(coll, cache_name, headers, plan.content_type, fresh)
     try:
         with app.thumbnailer.admitted():
             ensure_pyramid(coll, name, identity)

@@ -190,6 +190,7 @@ OUTPUT_CODERS = {'image/jpeg': 'jpeg', 'image/png': 'png', 'image/gif': 'gif'}  
 WEBP_QUALITY = 80               # libwebp's quality for thumbnails answered as WebP (transparency kept)
 IIIF_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff', 'image/heic', 'image/heif', 'application/pdf'}
 VIPS_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff'}     # read by libvips itself; others as PNG first
+LOSSLESS_KINDS = {'image/png', 'image/gif'}    # their pyramids stay lossless (deflate); the rest are stored as JPEG
 PYRAMIDS = os.path.join(HERE, 'pyramids.py')   # the libvips engine, run as a child per job
 PYRAMID = 'pyramid'             # what a pyramid's failure is remembered as (a thumbnail's is its scale)
 PDF_VIEW_SIZE = 4096            # long side in pixels of a PDF's first page as IIIF serves it (about 350 dpi for A4)
@@ -465,7 +466,8 @@ class Thumbnailer:
             self._run(self.convert, *self.limits, f'{INPUT_CODERS[kind]}:in[0]', '-auto-orient', '-colorspace',
                       'sRGB', '-depth', '8', '-strip', 'png:whole.png', scratch=scratch, deadline=deadline)
             source = 'whole.png'
-        return self.engine.run('build', [source, 'pyramid'], scratch, deadline)
+        compression = 'lossless' if kind in LOSSLESS_KINDS else 'jpeg'
+        return self.engine.run('build', [source, 'pyramid', compression], scratch, deadline)
 
     @contextlib.contextmanager
     def iiif_cut(self, pyramid, plan, folder):

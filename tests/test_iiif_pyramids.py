@@ -11,6 +11,7 @@ import pytest
 
 import server
 from conftest import make_image, with_exif
+from test_iiif_service import near
 from test_thumbnails import TWO_PAGES, decoded, pdf, pixel
 
 BASE = 'http://assets.example.org:8080'
@@ -114,14 +115,6 @@ def test_a_tile_is_cut_from_the_pyramid_where_the_image_has_those_pixels(client,
     quarter = client.get('/iiif/3/halves.png/0,0,1024,900/256,225/0/default.png', {}).body
     assert decoded(quarter, tmp_path)[1:3] == (256, 225)
     assert (near(quarter, tmp_path, 140, 100), near(quarter, tmp_path, 160, 100)) == ('red', 'blue')
-
-
-def near(data, tmp_path, x, y):
-    """'red' or 'blue' for a pixel within 8 of pure red or blue (the pyramid is stored as JPEG), else its colour."""
-    red, green, blue = (int(float(n)) for n in pixel(data, tmp_path, x, y)[5:-1].split(',')[:3])
-    if max(abs(red - 255), green, blue) <= 8:
-        return 'red'
-    return 'blue' if max(red, green, abs(blue - 255)) <= 8 else (red, green, blue)
 
 
 def test_replacing_the_original_drops_its_pyramid_and_tiles(client, sheet, tmp_path):

@@ -19,6 +19,14 @@ def halves(tmp_path_factory):
                       '-fill', 'blue', '-draw', 'rectangle 200,0 399,299')
 
 
+def near(data, tmp_path, x, y):
+    """'red' or 'blue' for a pixel within 8 of pure red or blue (pyramids are stored as JPEG), else its colour."""
+    red, green, blue = (int(float(n)) for n in pixel(data, tmp_path, x, y)[5:-1].split(',')[:3])
+    if max(abs(red - 255), green, blue) <= 8:
+        return 'red'
+    return 'blue' if max(red, green, abs(blue - 255)) <= 8 else (red, green, blue)
+
+
 def image(client, path, status=None, **params):
     return client.get(path, params, status=status)
 
@@ -84,7 +92,7 @@ def test_a_region_is_cut_from_the_image(client, halves, tmp_path):
     client.upload('a.png', halves)
     left = image(client, '/iiif/3/a.png/0,0,200,300/max/0/default.png').body
     right = image(client, '/iiif/3/a.png/pct:50,0,50,100/max/0/default.png').body
-    assert (pixel(left, tmp_path, 199, 150), pixel(right, tmp_path, 0, 150)) == ('srgb(255,0,0)', 'srgb(0,0,255)')
+    assert (near(left, tmp_path, 193, 150), near(right, tmp_path, 6, 150)) == ('red', 'blue')
 
 
 @pytest.mark.parametrize('version, size, expected', [('3', '100,', (100, 75)), ('3', ',150', (200, 150)),
@@ -101,7 +109,7 @@ def test_square_is_the_centred_square_of_the_short_side(client, halves, tmp_path
     client.upload('a.png', halves)
     answer = image(client, '/iiif/3/a.png/square/max/0/default.png').body
     assert decoded(answer, tmp_path)[1:3] == (300, 300)
-    assert (pixel(answer, tmp_path, 149, 10), pixel(answer, tmp_path, 150, 10)) == ('srgb(255,0,0)', 'srgb(0,0,255)')
+    assert (near(answer, tmp_path, 143, 10), near(answer, tmp_path, 156, 10)) == ('red', 'blue')
 
 
 def test_mirroring_flips_left_and_right(client, halves, tmp_path):

@@ -665,11 +665,13 @@ class Layout:
         sweep_folder(self.staging, time.time() - older_than)
 
     def ensure_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
-        """Make the thumbnail of `name` at `scale` unless a fresh one is stored; one conversion at a time."""
+        """Make the thumbnail of `name` at `scale` unless a fresh one is stored; one conversion at a time. What
+        found one fresh at once (on disk its stat, which sending it need not take again), else None."""
         if len(thumbnail_name(name, scale, webp).encode('utf-8', 'surrogatepass')) > 255:
             raise ThumbnailError('The file name is too long to name its thumbnail.')
-        if self.thumbnail_is_fresh(coll, name, scale, webp):
-            return
+        fresh = self.thumbnail_is_fresh(coll, name, scale, webp)
+        if fresh:
+            return fresh
         with thumbnailer.admitted(), self.turn_at(coll, name, scale, webp, thumbnailer):   # others wait for it
             for _attempt in range(3):
                 if self.thumbnail_is_fresh(coll, name, scale, webp):

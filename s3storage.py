@@ -212,7 +212,7 @@ class S3Storage(Layout):
     def send(self, coll, name, headers=None):
         return self.send_object(self.key(self.original_parts(coll, name)), headers)
 
-    def send_thumbnail(self, coll, name, scale, headers=None, webp=False):
+    def send_thumbnail(self, coll, name, scale, headers=None, webp=False, seen=None):
         return self.send_object(self.key(self.thumbnail_parts(coll, name, scale, webp)), headers)
 
     def send_static(self, parts):

@@ -865,8 +865,9 @@ class DiskStorage(Layout):
             refuse(404, 'No such file.')
         return send_file(path, content_type(path, name), headers)
 
-    def send_thumbnail(self, coll, name, scale, headers=None, webp=False):
-        return send_file(self.path(self.thumbnail_parts(coll, name, scale, webp)), None, headers)
+    def send_thumbnail(self, coll, name, scale, headers=None, webp=False, seen=None):
+        """A cached thumbnail; `seen`: its stat just taken (by thumbnail_is_fresh), not taken again."""
+        return send_file(self.path(self.thumbnail_parts(coll, name, scale, webp)), None, headers, seen)
 
 
     def send_static(self, parts):
@@ -1704,7 +1705,7 @@ def ensure_thumbnail(coll, name, scale, webp=False):
     (no space or no inode) for it or its scratch folder."""
     app = bottle.request.app
     try:
-        app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer, webp)
+        return app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer, webp)
     except ThumbnailError as error:
         refuse(404, str(error))
     except OSError as error:
@@ -1792,10 +1793,10 @@ def fileget():
     if kind == 'O':
         return app.storage.send(coll, name, headers)
     webp = app.settings.WEBP_THUMBNAILS and accepts_webp(bottle.request.headers.get('Accept', ''))
-    ensure_thumbnail(coll, name, scale, webp)     # 404 without an original
+    seen = ensure_thumbnail(coll, name, scale, webp)     # 404 without an original
     if app.settings.WEBP_THUMBNAILS:
         headers = dict(headers or {}, Vary='Accept')
-    return app.storage.send_thumbnail(coll, name, scale, headers, webp)
+    return app.storage.send_thumbnail(coll, name, scale, headers, webp, seen)
 
 
 def accepts_webp(accept):

@@ -341,3 +341,20 @@ def test_a_webp_of_a_configured_scale_does_not_count_as_that_scale_made(store, p
     store.put_thumbnail('a_64_webp.jpg', b'w' * 10)
     assert store.run('generate') == 0
     assert [scale for scale, _width in conversions] == [400, 64]
+
+
+def test_prune_keeps_the_iiif_pyramid_and_tiles_of_a_stored_original_and_removes_orphaned_ones(store, photo, capsys):
+    store.put_original('a.jpg', photo)
+    for cache_name in ('a_iiif.jpg', 'a_iiif,0,0,512,512,512,512.jpg', 'gone_iiif.jpg', 'gone_iiif,0,0,1,1,1,1.jpg'):
+        store.put_thumbnail(cache_name, b'p' * 10)
+    assert store.run('prune') == 0
+    assert 'removed 2 thumbnails, 20 bytes (0.0 MB): 0 of scales not configured, 2 orphans' in capsys.readouterr().out
+    assert {name for name in store.files() if '_iiif' in name} == {'thumbnails/a_iiif.jpg',
+                                                                   'thumbnails/a_iiif,0,0,512,512,512,512.jpg'}
+
+
+def test_generate_makes_thumbnails_beside_iiif_derivatives_without_taking_them_for_scales(store, photo, conversions):
+    store.put_original('a.jpg', photo)
+    store.put_thumbnail('a_iiif.jpg', b'p' * 10)
+    assert store.run('generate') == 0
+    assert [scale for scale, _width in conversions] == [400, 64]

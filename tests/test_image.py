@@ -11,6 +11,7 @@ from urllib.parse import urlencode
 
 import pytest
 
+import core
 import server
 from conftest import PROJECT, image_info, make_image, multipart_body, wait_for, with_exif
 from podman_image import Container, ImageError, build, ensure_base, inspect, missing, snapshot
@@ -163,6 +164,15 @@ def test_the_image_makes_thumbnails_of_every_collection_format(deployed, tmp_pat
     status, _, thumbnail = fileget(deployed.web, deployed.key, name, type='T', scale='123')
     assert status == 200, thumbnail
     assert image_info(thumbnail, tmp_path) == expected
+
+
+@pytest.mark.parametrize('kind', ['jpg', 'tif', 'pdf', 'heic'])
+def test_the_image_serves_iiif_tiles_cut_from_a_pyramid_in_the_volume(deployed, tmp_path, kind):
+    name = unique(kind)
+    assert upload(deployed.web, deployed.key, name, sample(kind, tmp_path))[0] == 200
+    status, _, tile = deployed.web.request('GET', f'/iiif/3/{name}/full/100,/0/default.jpg')
+    assert (status, image_info(tile, tmp_path)[:2]) == (200, ('JPEG', 100)), tile[:200]
+    assert (deployed.volume / 'thumbnails' / core.pyramid_name(name)).stat().st_uid == 999
 
 
 def test_a_delete_removes_the_original_from_the_volume(deployed, png):

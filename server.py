@@ -673,6 +673,7 @@ class EngineChildren:
         return answer.get('printed', '')
 
     def _child(self):
+        """An idle child still alive, or a new one (libvips is loaded by its first job)."""
         with self.lock:
             while self.idle:
                 child = self.idle.pop()

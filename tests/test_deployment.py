@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import pytest
 import yaml
@@ -263,6 +263,15 @@ def test_thumbnails_are_made_without_writable_executable_memory(sandboxed, tmp_p
     assert sandboxed_upload(sandboxed, name, source_file(kind, tmp_path, jpeg)) == 200
     status, _, body = sandboxed.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'T', 'scale': 64}))
     assert (status, image_info(body, tmp_path)[0]) == (200, thumbnail_format)
+
+
+@needs_x86_64
+@pytest.mark.parametrize('kind', ['jpg', 'pdf', 'heic'])
+def test_iiif_pyramids_and_tiles_are_made_without_writable_executable_memory(sandboxed, tmp_path, jpeg, kind):
+    name = f'deep zoom.{kind}'
+    assert sandboxed_upload(sandboxed, name, source_file(kind, tmp_path, jpeg)) == 200
+    status, _, body = sandboxed.request('GET', f'/iiif/3/{quote(name)}/full/64,/0/default.jpg')
+    assert (status, image_info(body, tmp_path)[:2]) == (200, ('JPEG', 64)), body[:200]
 
 
 @needs_x86_64

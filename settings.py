@@ -40,7 +40,7 @@ MAX_REQUESTS_PER_CLIENT = 10     # Requests one client may have in progress at o
 
 BASE_DIR = 'attachments'         # The attachments folder; relative paths are taken from this file's folder.
 ORIG_DIR = 'originals'           # Folder of originals inside BASE_DIR (or inside each collection's folder).
-THUMB_DIR = 'thumbnails'         # Folder of cached thumbnails, named <root>_<scale><ext>.
+THUMB_DIR = 'thumbnails'         # Folder of cached thumbnails (<root>_<scale><ext>), IIIF pyramids (<root>_iiif<ext>) and IIIF tiles (<root>_iiif,x,y,w,h,W,H<ext>).
 COLLECTION_DIRS = None           # None: one folder for all collections. A dict {collection name: folder} puts each collection in BASE_DIR/<folder>; unknown collections are refused.
 ALLOW_STATIC_FILE_ACCESS = True  # Serve /static/<path> and /getfileref for the web portal.
 MAX_UPLOAD_SIZE = 2 * 1024 ** 3  # Largest upload accepted, in bytes (2 GiB).
@@ -77,7 +77,7 @@ THUMBNAIL_FAILURES_REMEMBERED = 10_000   # Failed conversions remembered (per or
 PREGENERATE_SCALE = 123          # Scale, or list of scales (e.g. [1000, 123]; in the environment 1000,123), made in the background right after an upload so the first view is instant: the largest first, each smaller one from it. None turns it off.
 THUMBNAIL_OTHER_SCALES = 3        # Thumbnails of scales not in PREGENERATE_SCALE kept per original (the most recently made); any valid scale is still answered exactly, an older one of these is removed to make room. At least 1 (the one just made is being sent).
 THUMBNAIL_OTHER_SCALES_ORIGINALS = 10_000  # Originals whose other-scale thumbnails this server follows; beyond, the least recently added to loses them. So they number at most this times THUMBNAIL_OTHER_SCALES.
-THUMBNAIL_CACHE_MAX_BYTES = None  # Total bytes of cached thumbnails. Over it, a sweep in the background (at most one a minute) removes the least recently made (never one made in the last minute), those of other scales first, down to 90%. None: no bound beyond THUMBNAIL_OTHER_SCALES.
+THUMBNAIL_CACHE_MAX_BYTES = None  # Total bytes of cached thumbnails, IIIF pyramids and tiles. Over it, a sweep in the background (at most one a minute) removes the least recently made (never one made in the last minute), those of other scales and IIIF first, down to 90%. None: no bound beyond THUMBNAIL_OTHER_SCALES.
 WEBP_THUMBNAILS = True            # A thumbnail request whose Accept header names image/webp (browsers', not Specify 6's) is answered with a WebP thumbnail (GIF stays GIF), cached beside the other; every thumbnail answer says Vary: Accept.
 
 # --- IIIF (deep zoom) -------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Real IIIF viewers in a real browser: OpenSeadragon and Leaflet-IIIF, fetched pinned from npm, open an image
-of the running server in headless Chromium and zoom into it; with REQUIRE_KEY_FOR_GET they need a token."""
+of the running server in headless Chromium and zoom into it; with REQUIRE_KEY_FOR_GET they need a token.
+Mirador opens the image's manifest by its URL."""
 
 import base64
 import functools
@@ -31,6 +32,9 @@ PACKAGES = [     # name, version, npm's integrity of its tarball, {file in the t
     ('leaflet-iiif', '3.0.0',
      'sha512-WWejon+vWaJUPe4Lp/AidYMosyy82bU/OjVgHQCTUojFWaUxzs00Ao6pSd42EYw45S8SW2Drc4VsMb3sxSNUMQ==',
      {'package/leaflet-iiif.js': 'leaflet-iiif.js'}),
+    ('mirador', '3.4.3',
+     'sha512-yHoug0MHy4e9apykbbBhK+4CmbZS94zMxmugw2E2VX6iB0b2PKKY0JfYr/QfXh9P29YnWAbymaXJVpgbHVpTVw==',
+     {'package/dist/mirador.min.js': 'mirador.min.js'}),
 ]
 NAME = 'herbarium sheet.jpg'
 WIDTH, HEIGHT = 3000, 2000       # tiles at scale factors 1, 2, 4 and 8
@@ -128,19 +132,25 @@ def info_url(web, token=None):
 # --- Driving a viewer ------------------------------------------------------------------------------
 
 class Viewing:
-    """One test page in a fresh browser context (nothing cached), with every answer the page received."""
+    """One test page in a fresh browser context (nothing cached), with every request it made and answer it received."""
 
-    def __init__(self, browser, site, page, info):
+    def __init__(self, browser, site, page, url):
         self.kind = page
         self.context = browser.new_context(viewport={'width': 1000, 'height': 800})
         self.page = self.context.new_page()
-        self.answers = []
+        self.requested, self.answers = [], []
+        self.page.on('request', lambda request: self.requested.append(request.url))
         self.page.on('response', lambda answer: self.answers.append((answer.url, answer.status)))
-        self.page.goto(f'{site}/{page}.html?' + urlencode({'info': info}))
+        self.page.goto(f'{site}/{page}.html?' + urlencode({'manifest' if page == 'mirador' else 'info': url}))
 
     def tiles(self):
         """(url, status) of every image request the viewer made so far."""
         return [(url, status) for url, status in self.answers if TILE.search(url)]
+
+    def tiles_arrived(self):
+        """Wait until the viewer has had its first tile, for a page that counts no views (Mirador)."""
+        self.page.wait_for_function('tile => performance.getEntriesByType("resource").some('
+                                    'entry => new RegExp(tile).test(entry.name))', arg=TILE.pattern, timeout=WAIT_MS)
 
     def info_statuses(self):
         return [status for url, status in self.answers if url.split('?')[0].endswith('/info.json')]
@@ -156,9 +166,9 @@ class Viewing:
         return usable
 
     def colours(self):
-        """Distinct colours the viewer shows: OpenSeadragon's canvas read in the page (its failure message is
-        drawn over it, not on it); Leaflet's map as the screen shows it."""
-        if self.kind == 'osd':
+        """Distinct colours the viewer shows: OpenSeadragon's canvas (Mirador's too) read in the page (its failure
+        message is drawn over it, not on it); Leaflet's map as the screen shows it."""
+        if self.kind != 'leaflet':
             return self.page.evaluate('colours()')
         shot = self.page.locator('#map').screenshot()
         return int(subprocess.run([IMAGEMAGICK, 'png:-', '-format', '%k', 'info:'], input=shot, check=True,
@@ -170,11 +180,11 @@ class Viewing:
 
 @pytest.fixture
 def view(browser, site):
-    """Open a viewer page: view('osd' or 'leaflet', info URL)."""
+    """Open a viewer page: view('osd' or 'leaflet', info URL) or view('mirador', manifest URL)."""
     opened = []
 
-    def open_page(page, info):
-        opened.append(Viewing(browser, site, page, info))
+    def open_page(page, url):
+        opened.append(Viewing(browser, site, page, url))
         return opened[-1]
     yield open_page
     for viewing in opened:
@@ -215,6 +225,21 @@ def test_zooming_in_loads_tiles_of_higher_resolution_answered_200(view, open_ser
     after, before = zoomed_in(view(page, info_url(open_server)))
     assert after and {status for _url, status in after} == {200}
     assert min(scale_factors(after)) == 1 < min(scale_factors(before))
+
+
+def test_mirador_opens_the_manifest_by_url_and_shows_the_image_from_its_service(view, site, open_server):
+    """Mirador reads the manifest, then the image service's info.json and tiles, asking nothing beyond the two
+    loopback origins (its bundle needs no network)."""
+    manifest = f'{open_server.url}/iiif/3/{quote(NAME)}/manifest'
+    viewing = view('mirador', manifest)
+    viewing.tiles_arrived()
+    viewing.page.wait_for_load_state('networkidle', timeout=WAIT_MS)
+    assert (manifest, 200) in viewing.answers
+    assert viewing.info_statuses() and set(viewing.info_statuses()) == {200}
+    assert viewing.tiles() and {status for _url, status in viewing.tiles()} == {200}
+    assert {status for url, status in viewing.answers if url.startswith(open_server.url)} == {200}
+    assert all(url.startswith((site, open_server.url)) for url in viewing.requested)
+    assert viewing.colours() > IMAGE_SHOWN
 
 
 # --- With REQUIRE_KEY_FOR_GET ----------------------------------------------------------------------

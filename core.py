@@ -638,8 +638,8 @@ class Layout:
         return [*self.folder_parts(coll), self.thumb_dir, cache_name]
 
     def owns_thumbnail(self, coll, name):
-        """A test for the cache names of `name`'s thumbnails (<root>_<scale><ext>) and IIIF derivatives, and for a PDF also
-        the <root>_<scale>.png that older servers made, unless a PNG original of that name owns them."""
+        """A test for the cache names of `name`'s thumbnails (<root>_<scale><ext>) and IIIF derivatives, and for a
+        PDF also the <root>_<scale>.png that older servers made, unless a PNG original of that name owns them."""
         root, ext = os.path.splitext(name)
         owners = [name]
         if ext.lower() == '.pdf' and not self.exists(coll, root + '.png'):

@@ -3,8 +3,10 @@
 Pure code, no pixels and no routes. parse_request turns an image request's region, size, rotation
 and quality.format into a Plan (the region of the full image in pixels, the output size, mirroring,
 rotation, quality, format) or raises IIIFError carrying the status the specification gives.
-info_document builds info.json; identifier_for / name_for map a stored original to one path
-segment and back; FORMATS gives each format's content type and savers.
+tile_grid gives the tiles and sizes offered (is_offered: whether a plan is one of them);
+info_document builds info.json and manifest_document a Presentation 3.0 Manifest; identifier_for /
+name_for map a stored original to one path segment and back; FORMATS gives each format's content
+type and savers.
 
 Numbers, both versions: a pixel value is 1 to 9 ASCII digits; a percentage or a rotation is ASCII
 digits with at most one '.' ("MUST consist only of decimal digits and '.'"), at most 9 digits
@@ -27,7 +29,8 @@ and the identifier is only [A-Za-z0-9_-], which no proxy, percent-decoding or pa
 in between can alter. name_for re-encodes what it decoded and refuses any other spelling, so one
 attachment has exactly one identifier. An identifier that names no possible attachment is a 404.
 
-Imports run one way: settings -> core -> s3storage -> front -> iiif (this) -> server -> migrate.
+Imports run one way: settings -> core -> s3storage -> front -> iiif (this) -> pyramids -> server -> migrate
+-> derivatives.
 """
 
 import base64

@@ -27,7 +27,8 @@ import os
 import sys
 
 TILE = 256                      # the pyramid's own tiles (IIIF tiles of 512 are cut from four of them)
-PYRAMID_QUALITY = 85            # JPEG quality of the pyramid's tiles (colour at half resolution, as libvips does below 90; at 90 the pyramid is 3.4 times larger): what answers are cut from
+PYRAMID_QUALITY = 85            # JPEG quality of the pyramid's tiles, what answers are cut from (colour at half
+                                # resolution, as libvips does below 90; at 90 the pyramid is 3.4 times larger)
 SAVE_OPTIONS = {'jpg': ('jpegsave', {'Q': 85, 'optimize_coding': True}),
                 'png': ('pngsave', {'compression': 6}),
                 'webp': ('webpsave', {'Q': 80})}
@@ -72,7 +73,8 @@ def cut(pyvips, pyramid, out, plan):
         level, page = smaller, page + 1
     sx, sy = level.width / full.width, level.height / full.height
     left, top = int(x * sx), int(y * sy)
-    right, bottom = min(level.width, max(left + 1, round((x + w) * sx))), min(level.height, max(top + 1, round((y + h) * sy)))
+    right = min(level.width, max(left + 1, round((x + w) * sx)))
+    bottom = min(level.height, max(top + 1, round((y + h) * sy)))
     image = level.crop(left, top, right - left, bottom - top)
     if (image.width, image.height) != (width, height):
         image = image.resize(width / image.width, vscale=height / image.height, kernel='lanczos3')

@@ -5,11 +5,13 @@ each request with an HMAC-MD5 token over a shared key (see README.md). One
 Bottle application; run it with `python server.py` (Paste serves it).
 
 Imports run one way: settings.py -> core.py (shared pieces) -> s3storage.py
-(object storage) -> front.py (connections before Paste's threads) -> server.py
+(object storage) -> front.py (connections before Paste's threads) -> iiif.py (the
+IIIF grammar) -> pyramids.py (the libvips engine, run as children) -> server.py
 (this, the application) -> migrate.py and derivatives.py (administration
 commands: disk <-> S3, thumbnails of stored collections). Sections:
-the key, tokens, thumbnails, disk storage, uploads, metadata, the web
-application, start-up.
+the key, tokens (and viewer grants), thumbnails (and the IIIF engine's
+children), disk storage, uploads, metadata, the web application (IIIF
+among its routes), start-up.
 """
 
 import collections

@@ -2136,14 +2136,15 @@ def main():
 
 
 class LogFormat(logging.Formatter):
-    """'<time> <level> <message>', the time formatted once a second: the access log writes a line per request."""
+    """'<time> <level> <message>', the date and time to the second formatted once a second (the access log writes
+    a line per request), the milliseconds added to each."""
     last = (None, '')
 
     def formatTime(self, record, datefmt=None):
         second = int(record.created)
         if self.last[0] != second:
-            self.last = (second, super().formatTime(record, datefmt))
-        return self.last[1]
+            self.last = (second, time.strftime(self.default_time_format, self.converter(record.created)))
+        return self.default_msec_format % (self.last[1], record.msecs)
 
 
 def start_logging(config):

@@ -209,3 +209,14 @@ def test_pregenerate_scale_takes_a_number_or_a_list_largest_first(tmp_path, text
 def test_a_pregenerate_scale_outside_1_to_max_thumbnail_scale_stops_the_start(tmp_path, text):
     with pytest.raises(core.ConfigError, match='PREGENERATE_SCALE'):
         server.load_config(environ={'PREGENERATE_SCALE': text, 'BASE_DIR': str(tmp_path)})
+
+
+@pytest.mark.parametrize('created', [1764640000.0, 1764640000.123, 1764640000.999, 1764640001.5])
+def test_log_lines_carry_the_time_to_the_millisecond_as_the_standard_formatter_writes_it(created):
+    """The server's log format formats the date once a second, but each record keeps its own milliseconds."""
+    ours, standard = server.LogFormat('%(asctime)s %(message)s'), logging.Formatter('%(asctime)s %(message)s')
+    earlier = logging.makeLogRecord({'msg': 'before', 'created': int(created), 'msecs': 0.0})
+    record = logging.makeLogRecord({'msg': 'GET /health 200', 'created': created,
+                                    'msecs': (created - int(created)) * 1000})
+    ours.format(earlier)                    # the same second, formatted first
+    assert ours.format(record) == standard.format(record)

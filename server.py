@@ -1603,21 +1603,24 @@ def send_file(path, mimetype, headers=None, seen=None):
             handover['X-Sendfile'] = path
         return bottle.HTTPResponse('', 200, **(headers or {}), **handover)
     small = SMALL_FILES.get(path, seen)
-    if small:
-        info, data = small
-        return file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype or kind_of(data[:1024])
-                           or 'application/octet-stream', headers, lambda start, end: data[start:end])
-    try:
-        handle = open(path, 'rb')
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        refuse(404, 'No such file.')
-    info = os.fstat(handle.fileno())            # of the file opened, even if it is replaced meanwhile
-    if info.st_size <= SMALL_FILES.largest:
+    if small is None:
+        try:
+            handle = open(path, 'rb')
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            refuse(404, 'No such file.')
+        info = os.fstat(handle.fileno())        # of the file opened, even if it is replaced meanwhile
+        if info.st_size > SMALL_FILES.largest:
+            return large_file_answer(handle, info, mimetype, headers)
         with handle:
-            data = handle.read()
-        SMALL_FILES.put(path, info, data)
-        return file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype or kind_of(data[:1024])
-                           or 'application/octet-stream', headers, lambda start, end: data[start:end])
+            small = info, handle.read()
+        SMALL_FILES.put(path, *small)
+    info, data = small
+    return file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype or kind_of(data[:1024])
+                       or 'application/octet-stream', headers, lambda start, end: data[start:end])
+
+
+def large_file_answer(handle, info, mimetype, headers):
+    """An open file too large to keep in SMALL_FILES, streamed from disk (the file closed when it ends)."""
     if mimetype is None:
         mimetype = kind_of(handle.read(1024)) or 'application/octet-stream'
     answer = file_answer(info.st_size, etag_of(info), info.st_mtime, mimetype,
@@ -1961,7 +1964,7 @@ def ensure_pyramid(coll, name, identity):
     """Build and store the original's pyramid unless a fresh one is stored; one build at a time per original."""
     app = bottle.request.app
     storage, thumbnailer, cache_name = app.storage, app.thumbnailer, pyramid_name(name)
-    if len(cache_name.encode('utf-8', 'surrogatepass')) > 255:
+    if name_problem(cache_name):                  # a valid name's can only be too long
         raise ThumbnailError('The file name is too long to name its pyramid.')
     if storage.derivative_is_fresh(coll, name, cache_name):
         return
@@ -1994,8 +1997,7 @@ def iiif_grid(width, height):
 
 
 def iiif_limits():
-    most = bottle.request.app.settings.IIIF_MAX_SIZE
-    return iiif.Limits(max_width=most, max_height=most)
+    return bottle.request.app.iiif_limits
 
 
 def iiif_base(version, coll, name, grant=None):
@@ -2052,7 +2054,7 @@ def iiif_image(version, identifier, region, size, rotation, quality_format, gran
         refuse(error.status, error.reason)
     headers = {'Cache-Control': IIIF_CACHING[bool(app.settings.REQUIRE_KEY_FOR_GET)]}
     cache_name = iiif.is_offered(plan, width, height, *iiif_grid(width, height)) and tile_name(name, *plan[:2])
-    if cache_name and len(cache_name.encode('utf-8', 'surrogatepass')) > 255:
+    if cache_name and name_problem(cache_name):   # too long to keep: cut each time
         cache_name = None
     fresh = cache_name and app.storage.derivative_is_fresh(coll, name, cache_name, identity)
     if fresh:
@@ -2094,6 +2096,7 @@ def create_app(config):
     app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
     app.metadata = MetadataReader(config)
     app.view_sizes = ViewSizes(config.THUMBNAIL_FAILURES_REMEMBERED)
+    app.iiif_limits = iiif.Limits(max_width=config.IIIF_MAX_SIZE, max_height=config.IIIF_MAX_SIZE)
     app.install(answer_storage_faults)
     app.install(TokenCheck())
     app.add_hook('before_request', lambda: bottle.response.set_header(

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-storage bench-serve bench-previews bench-iiif bench-backfill soak mutation packages test-packages venv
+.PHONY: run test bench bench-storage bench-serve bench-previews bench-iiif bench-backfill bench-institution soak mutation packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -56,3 +56,6 @@ $(VENV)/.installed: requirements.txt tests/requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt -r tests/requirements.txt
 	touch $@
+
+bench-institution: packages test-packages venv
+	$(PY) bench/institution.py

@@ -12,6 +12,7 @@ import email.utils
 import functools
 import heapq
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ import settings
 
 log = logging.getLogger('web_asset_server')
 
+VERSION = '1.1.0'                # This server's release: the capabilities document says it; raise the image tag with it.
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMP_PREFIX = '.~wast-'          # Our temporary files and folders; clients may not use such names.
 CHUNK = 256 * 1024               # Bytes read or written at a time when streaming.
@@ -61,6 +63,7 @@ ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
 OPTIONAL_TYPES = {'SERVER_PORT': int, 'THUMBNAIL_WORKERS': int, 'TIME_TOLERANCE': int,
                   'THUMBNAIL_CACHE_MAX_BYTES': int, 'COLLECTION_DIRS': json.loads}   # the rest: text
 SCALE_LISTS = {'PREGENERATE_SCALE'}   # a number, a JSON list or numbers separated by commas
+TEXT_LISTS = {'TRUSTED_PROXIES'}      # a JSON list or words separated by commas
 TRUE_WORDS, FALSE_WORDS = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
 
 
@@ -81,6 +84,8 @@ def parse_setting(name, raw, default):
             return None
         if name in SCALE_LISTS:
             return json.loads(text) if text.startswith('[') else [int(part) for part in text.split(',')]
+        if name in TEXT_LISTS:
+            return json.loads(text) if text.startswith('[') else [part.strip() for part in text.split(',')]
         if kind in (list, dict, set):
             return json.loads(text)
         return kind(text)
@@ -144,6 +149,26 @@ def check_config(config):
         raise ConfigError('setting FILE_OFFLOAD must be none, nginx or apache')
     if config.FILE_OFFLOAD and config.STORAGE != 'disk':
         raise ConfigError('setting FILE_OFFLOAD works with disk storage only')
+    config.TRUSTED_NETWORKS = trusted_networks(config.TRUSTED_PROXIES)
+
+
+def trusted_networks(listed):
+    """TRUSTED_PROXIES as address networks (a bare address is a network of one)."""
+    if listed is None:
+        return ()
+    if not isinstance(listed, (list, tuple)):
+        raise ConfigError('setting TRUSTED_PROXIES must be a list of addresses or networks, or none')
+    try:
+        return tuple(ipaddress.ip_network(str(item).strip(), strict=False) for item in listed if str(item).strip())
+    except ValueError as error:
+        raise ConfigError(f'setting TRUSTED_PROXIES: {error}') from None
+
+
+def conversion_threads(config):
+    """Threads that may wait for or run conversions at once: THUMBNAIL_WORKERS + THUMBNAIL_QUEUE, leaving
+    five of THREADS (at least one) to every other request."""
+    return min(config.THUMBNAIL_WORKERS + config.THUMBNAIL_QUEUE, max(1, config.THREADS - 5))
+
 
 def pregenerated_scales(config):
     """PREGENERATE_SCALE as a list, largest first (each smaller one is then made from it)."""
@@ -680,6 +705,18 @@ class Layout:
                     self.keep_within_bounds(coll, name, scale, webp)
                     return
             raise ThumbnailError('The file kept changing while its thumbnail was made.')
+
+    def ensure_answerable_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
+        """(what found it fresh, whether it is WebP) for a thumbnail request: a browser that accepts WebP gets the
+        plain thumbnail while only that is cached (pregenerated ones are plain), its WebP made in the background,
+        so that a first view needs no conversion; else as ensure_thumbnail."""
+        if webp and not self.thumbnail_is_fresh(coll, name, scale, webp=True):
+            plain = self.thumbnail_is_fresh(coll, name, scale)
+            if plain:
+                thumbnailer.in_background(functools.partial(self.ensure_thumbnail, coll, name, scale, webp=True),
+                                          key=(coll, name, scale, True))
+                return plain, False
+        return self.ensure_thumbnail(coll, name, scale, thumbnailer, webp), webp
 
     def keep_within_bounds(self, coll, name, scale, webp):
         """After storing a thumbnail: remove what OtherScales says is too many of other scales, and start a sweep

@@ -3,14 +3,19 @@
 Paste gives each connection a worker thread of its own, so a client trickling its request head, or
 keeping idle connections open, could hold every thread. Here Paste still accepts and its threads still
 run requests, but one selector thread reads every request's line and headers first, caps connections
-per address and in total and requests in progress per client, and lingers on close; only whole
-request heads reach a thread (as nginx and Apache's event MPM do). See the README's security section.
+per client and in total and requests in progress per client, and lingers on close; only whole
+request heads reach a thread (as nginx and Apache's event MPM do). Behind a trusted proxy (TRUSTED_PROXIES)
+the client is the address the proxy names, so one nginx in front of a whole institution is not one client.
+Requests that wait for conversions hold at most a bounded number of threads; the rest wait here, without a
+thread, in turn client by client (WaitingRoom). See the README's security section.
 
 Imports run one way: settings.py -> core.py -> s3storage.py -> front.py (this) -> server.py -> migrate.py.
 """
 
 import collections
 import contextlib
+import functools
+import ipaddress
 import logging
 import posixpath
 import re
@@ -34,11 +39,16 @@ LINGER_QUIET_SECONDS = 5         # for up to this long (until it is quiet this l
 LINGER_MAX_BYTES = 1024 ** 3     # so that it reads an early answer (413) instead of a TCP reset, as nginx does.
 WRITE_PIECE = 16 * 1024          # Bytes an answer is sent in, each piece within SOCKET_TIMEOUT (273 B/s at 60 s).
 REFUSALS_LINGERING = 64          # Connections refused over the caps that linger at once; beyond, they are just closed.
+PROXY_HEAD_SECONDS = 2           # A trusted proxy's connection beyond MAX_CONNECTIONS_PER_CLIENT not yet carrying a
+                                 # request must send its head this soon (a proxy sends it at once), else it is closed.
 
 log = logging.getLogger('web_asset_server')
 
 HEAD_END = re.compile(rb'\r?\n\r?\n')
 FORWARDED_FOR = re.compile(rb'^x-forwarded-for:[ \t]*([^\r\n]*)', re.I | re.M)
+REAL_IP = re.compile(rb'^x-real-ip:[ \t]*([^\r\n]*)', re.I | re.M)
+LONGEST_CLIENT = 64              # characters of a client address a proxy names that are kept
+WARN_EVERY = 10                  # Seconds between two warnings of a client's refusals (a flood must not flood the log).
 
 
 def plain_answer(code, with_body=True, extra=()):
@@ -57,6 +67,11 @@ class Connection:
 
     def __init__(self, sock, peer):
         self.sock, self.peer, self.client = sock, peer[0], peer[0]
+        self.counted = peer[0]         # the client this connection counts against: its peer, or the client a
+                                       # trusted proxy last named on it
+        self.waited = False            # whether its request went through the waiting room
+        self.waits_until = 0.0         # when its request, waiting for a thread there, is answered 503
+        self.hurried = False           # a trusted peer's beyond the cap: its head is due in PROXY_HEAD_SECONDS
         self.pending = bytearray()     # bytes read from the client and not yet given to a request
         self.scanned = 0               # how far `pending` is known to hold no end of a head
         self.line_ended = False        # whether `pending` holds the request line's end
@@ -66,13 +81,96 @@ class Connection:
         self.dropped = 0               # bytes read and dropped while lingering
 
 
+class WaitingRoom:
+    """Requests that may wait for conversions (`needs_turn(head)`: thumbnails, IIIF) hold at most `budget` threads,
+    one client at most half of them; the others wait here, holding no thread, each for at most `wait` seconds. A
+    freed thread goes to the next client in turn below its fair share (the budget over the clients present), so a
+    museum's burst waits its turn instead of being refused, a client's flood leaves the other half of the threads
+    to everyone else, and every other request still finds threads."""
+
+    def __init__(self, needs_turn, budget, wait, clock=time.monotonic):
+        self.needs_turn, self.budget, self.wait, self.clock = needs_turn, budget, wait, clock
+        self.most_per_client = -(-budget // 2)
+        self.running = collections.Counter()         # client -> its requests let in and not yet over
+        self.waiting = collections.OrderedDict()     # client -> its waiting connections, oldest first
+        self.lock = threading.Lock()
+
+    def enter(self, connection):
+        """True when the request may take a thread now; else it waits in its client's line. (While a thread is
+        free, every client waiting is at its most: nobody is passed over.)"""
+        with self.lock:
+            client = connection.client
+            if sum(self.running.values()) < self.budget and self.running[client] < self.most_per_client:
+                self.running[client] += 1
+                return True
+            connection.waits_until = self.clock() + self.wait
+            self.waiting.setdefault(client, collections.deque()).append(connection)
+            return False
+
+    def leave(self, client):
+        """A request of `client` let in is over: the next one to let in, or None."""
+        with self.lock:
+            self.running[client] -= 1
+            if self.running[client] <= 0:
+                del self.running[client]
+            chosen = self.next_client()
+            if chosen is None:
+                return None
+            line = self.waiting.pop(chosen)
+            connection = line.popleft()
+            if line:
+                self.waiting[chosen] = line            # to the end of the turn
+            self.running[chosen] += 1
+            return connection
+
+    def next_client(self):
+        """The first waiting client in turn below its fair share, else below its most; None for none."""
+        if not self.waiting:
+            return None
+        share = -(-self.budget // len(self.waiting.keys() | self.running.keys()))
+        for most in (min(share, self.most_per_client), self.most_per_client):
+            for client in self.waiting:
+                if self.running[client] < most:
+                    return client
+        return None
+
+    def expired(self, now):
+        """Take out every request that has waited its `wait`."""
+        gone = []
+        with self.lock:
+            for client in list(self.waiting):
+                line = self.waiting[client]
+                while line and line[0].waits_until <= now:
+                    gone.append(line.popleft())
+                if not line:
+                    del self.waiting[client]
+        return gone
+
+    def next_deadline(self):
+        """When the soonest waiting request is given up (None: none waits)."""
+        with self.lock:
+            return min((line[0].waits_until for line in self.waiting.values()), default=None)
+
+
+@functools.lru_cache(maxsize=4096)
+def is_trusted(address, networks):
+    """Whether an address (as a peer or a proxy names it) lies in one of the trusted networks."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if parsed.version == 6 and parsed.ipv4_mapped:
+        parsed = parsed.ipv4_mapped
+    return any(parsed in network for network in networks)
+
+
 class Front:
     """Reads every request's line and headers in one selector thread, so a client trickling them holds no
     worker thread; caps connections per address and in total, and requests in progress per client; lingers
     on close. Only whole request heads reach Paste's threads."""
 
-    def __init__(self, config, run_request, clock=time.monotonic):
-        self.config, self.run_request, self.clock = config, run_request, clock
+    def __init__(self, config, run_request, waiting_room=None, clock=time.monotonic):
+        self.config, self.run_request, self.waiting_room, self.clock = config, run_request, waiting_room, clock
         self.selector = selectors.DefaultSelector()
         self.wake_in, self.wake_out = socket.socketpair()
         self.wake_in.setblocking(False)
@@ -82,6 +180,7 @@ class Front:
         self.open = collections.Counter()      # open connections per peer address
         self.busy = collections.Counter()      # requests in progress per client
         self.total = self.refusing = 0
+        self.warned = {}                       # client -> when its last refusal was logged
         threading.Thread(target=self.run, name='front', daemon=True).start()
 
     # --- Called from the accepting thread and from Paste's threads ---
@@ -110,6 +209,11 @@ class Front:
         """A request's answer is sent: wait for the next head on this connection, or close it; lingering,
         as nginx does, only when the client may still be sending (its request was not read whole)."""
         self.release(connection.client)
+        if connection.waited:
+            connection.waited = False
+            let_in = self.waiting_room.leave(connection.client)
+            if let_in:
+                self.run_request(let_in)
         if keep_alive:
             self.hand_over(connection)
         elif read_whole and not connection.pending:
@@ -161,6 +265,9 @@ class Front:
     def seconds_to_next_deadline(self):
         """How long select may sleep: until the soonest deadline of a connection held (None: no deadline)."""
         deadlines = [self.next_deadline(key.data) for key in self.selector.get_map().values() if key.data]
+        waiting = self.waiting_room and self.waiting_room.next_deadline()
+        if waiting:
+            deadlines.append(waiting)
         return max(0.0, min(deadlines) - self.clock()) if deadlines else None
 
     @staticmethod
@@ -187,21 +294,29 @@ class Front:
         if connection.state == 'new':
             self.count_in(connection)
         if connection.state == 'head':
-            connection.deadline = self.clock() + self.config.REQUEST_HEAD_TIMEOUT
+            patience = PROXY_HEAD_SECONDS if connection.hurried else self.config.REQUEST_HEAD_TIMEOUT
+            connection.deadline = self.clock() + patience
             self.examine_head(connection)
         elif connection.state == 'refused':
             self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
         elif connection.state == 'linger':
             self.start_lingering(connection)
 
+    def trusts(self, peer):
+        """Whether a peer may name the client it forwards for (TRUSTED_PROXIES; every peer with
+        TRUST_PROXY_HEADERS)."""
+        return self.config.TRUST_PROXY_HEADERS or is_trusted(peer, self.config.TRUSTED_NETWORKS)
+
     def count_in(self, connection):
-        """A new connection counts against its address, or is refused over MAX_CONNECTIONS_PER_CLIENT (not
-        applied behind a trusted proxy, where every connection comes from the proxy)."""
-        cap = None if self.config.TRUST_PROXY_HEADERS else self.config.MAX_CONNECTIONS_PER_CLIENT
-        if cap is not None and self.open[connection.peer] >= cap:
+        """A new connection counts against its address, or is refused over MAX_CONNECTIONS_PER_CLIENT. A trusted
+        proxy's is not refused here: it counts against the client its request names (see dispatch), and beyond
+        the cap must send that request at once."""
+        trusted, cap = self.trusts(connection.peer), self.config.MAX_CONNECTIONS_PER_CLIENT
+        if self.open[connection.peer] >= cap:
             self.close_those_closed_by(connection.peer, connection)
         with self.lock:
-            if cap is None or self.open[connection.peer] < cap:
+            if trusted or self.open[connection.peer] < cap:
+                connection.hurried = self.open[connection.peer] >= cap
                 self.open[connection.peer] += 1
                 connection.state = 'head'
                 return
@@ -214,12 +329,12 @@ class Front:
         self.selector.unregister(connection.sock)
         connection.sock.close()
 
-    def close_those_closed_by(self, peer, arriving):
-        """Close the address's connections whose end it has closed and this thread not yet seen (under load
-        it runs behind), so that the cap counts only connections really open. Not the arriving one, which
-        is not counted in yet: it is refused or counted in, then closed when its end is read."""
+    def close_those_closed_by(self, client, arriving):
+        """Close the client's connections whose end it has closed and this thread not yet seen (under load
+        it runs behind), so that the cap counts only connections really open. Not the arriving one: it is
+        refused or served, then closed when its end is read."""
         for key in list(self.selector.get_map().values()):
-            if key.data and key.data.peer == peer and key.data is not arriving:
+            if key.data and key.data.counted == client and key.data is not arriving:
                 try:
                     ended = key.data.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b''
                 except BlockingIOError:
@@ -267,31 +382,57 @@ class Front:
             self.dispatch(connection, pending[:end.end()])
 
     def dispatch(self, connection, head):
-        """A whole head: to Paste's pool, unless its client already has MAX_REQUESTS_PER_CLIENT in progress."""
-        connection.client = self.client_of(connection, head)
+        """A whole head: to Paste's pool (through the waiting room if it may wait for a conversion), unless its
+        client is over MAX_CONNECTIONS_PER_CLIENT or already has MAX_REQUESTS_PER_CLIENT in progress."""
+        client = connection.client = self.client_of(connection, head)
+        cap, connection.hurried = self.config.MAX_CONNECTIONS_PER_CLIENT, False
+        self.count_against(connection, client)
+        if self.open[client] > cap:
+            self.close_those_closed_by(client, connection)
         with self.lock:
-            allowed = self.busy[connection.client] < self.config.MAX_REQUESTS_PER_CLIENT
-            if allowed:
-                self.busy[connection.client] += 1
-        if not allowed:
-            log.warning('%s has %d requests in progress; one more is refused with 503', printable(connection.client),
-                        self.config.MAX_REQUESTS_PER_CLIENT)
-            self.answer_and_linger(connection, 503, extra=(('Retry-After', '1'),))
+            over = 'connections' if self.open[client] > cap else \
+                'requests' if self.busy[client] >= self.config.MAX_REQUESTS_PER_CLIENT else None
+            if not over:
+                self.busy[client] += 1
+        if over:
+            self.warn(client, '%s is at its cap of %s; requests beyond it are refused with 503', over)
+            self.answer_and_linger(connection, 503, extra=(('Retry-After', '5' if over == 'connections' else '1'),))
             return
         self.selector.unregister(connection.sock)
         connection.sock.settimeout(self.config.SOCKET_TIMEOUT)    # bounds a silent client, reading or sending
         connection.scanned, connection.line_ended = 0, False
-        self.run_request(connection)
+        connection.waited = bool(self.waiting_room) and self.waiting_room.needs_turn(bytes(head))
+        if not connection.waited or self.waiting_room.enter(connection):
+            self.run_request(connection)
+
+    def count_against(self, connection, client):
+        """Count the connection against the client its request names (a trusted proxy's carry many clients')."""
+        with self.lock:
+            if connection.counted != client:
+                self.open[connection.counted] -= 1
+                if not self.open[connection.counted]:
+                    del self.open[connection.counted]
+                self.open[client] += 1
+                connection.counted = client
 
     def client_of(self, connection, head):
-        """Who limits count a request under: the peer, or behind a trusted proxy the address it saw."""
-        if self.config.TRUST_PROXY_HEADERS:
-            forwarded = FORWARDED_FOR.findall(bytes(head))
-            if forwarded:
-                last = forwarded[-1].split(b',')[-1].strip().decode('latin-1')
-                if last:
-                    return last[:64]
-        return connection.peer
+        """Who limits count a request under: the peer; when the peer is a trusted proxy, the client it names:
+        X-Forwarded-For read from the right past every trusted proxy (as nginx's real_ip_recursive and Apache's
+        mod_remoteip do), else X-Real-IP."""
+        if not self.trusts(connection.peer):
+            return connection.peer
+        head = bytes(head)
+        named = [address.strip().decode('latin-1') for line in FORWARDED_FOR.findall(head)
+                 for address in line.split(b',')]
+        named = [address for address in named if address]
+        if not named:
+            named = [address.strip().decode('latin-1') for address in REAL_IP.findall(head)][-1:]
+        client = connection.peer
+        for address in reversed(named):
+            client = address[:LONGEST_CLIENT]
+            if not is_trusted(address, self.config.TRUSTED_NETWORKS):
+                break
+        return client or connection.peer
 
     def answer_and_linger(self, connection, code, extra=()):
         """Send one of the front's own small answers (it fits the socket's buffer), then close lingering."""
@@ -312,8 +453,11 @@ class Front:
             self.close(connection)
 
     def expire(self):
-        """Act on passed deadlines: a partial head gets 408, a silent or lingering connection is closed."""
+        """Act on passed deadlines: a partial head gets 408, a silent or lingering connection is closed, a request
+        that waited its THUMBNAIL_QUEUE_WAIT for a thread gets 503."""
         now = self.clock()
+        for connection in self.waiting_room.expired(now) if self.waiting_room else ():
+            self.refuse_waiting(connection)
         for key in list(self.selector.get_map().values()):
             connection = key.data
             if connection and now >= self.next_deadline(connection):
@@ -323,6 +467,29 @@ class Front:
                     self.answer_and_linger(connection, 408)
                 else:
                     self.close(connection)
+
+    def refuse_waiting(self, connection):
+        """A request that waited in vain for a thread: 503 with Retry-After, then the connection lingers."""
+        connection.waited = False
+        self.release(connection.client)
+        self.warn(connection.client, 'A request of %s waited %ss for a thread in vain; refused with 503',
+                  self.waiting_room.wait)
+        try:
+            connection.sock.setblocking(False)
+            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
+        except (OSError, ValueError):
+            self.close(connection)
+            return
+        self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
+
+    def warn(self, client, message, *args):
+        """Log a refusal of this client, unless one was logged in the last WARN_EVERY seconds."""
+        now = self.clock()
+        if now - self.warned.get(client, -WARN_EVERY) >= WARN_EVERY:
+            if len(self.warned) >= 4096:
+                self.warned.clear()
+            self.warned[client] = now
+            log.warning(message, printable(client), *args)
 
     def close(self, connection):
         """Stop watching a connection, close it and count it out."""
@@ -339,9 +506,9 @@ class Front:
             else:
                 self.total -= 1
             if connection.state not in ('refused', 'new'):
-                self.open[connection.peer] -= 1
-                if not self.open[connection.peer]:
-                    del self.open[connection.peer]
+                self.open[connection.counted] -= 1
+                if not self.open[connection.counted]:
+                    del self.open[connection.counted]
 
 
 class RequestReader:
@@ -511,14 +678,14 @@ class FrontedPasteServer(httpserver.WSGIThreadPoolServer):
     """Paste's thread-pool server with the front before it: Paste accepts, the front reads heads and
     enforces the caps, Paste's threads run whole requests."""
 
-    def __init__(self, app, config):
+    def __init__(self, app, config, waiting_room=None):
         self.config = config
         self.address_family = socket.AF_INET6 if ':' in config.HOST else socket.AF_INET
         super().__init__(app, (config.HOST, config.PORT), RequestHandler, nworkers=config.THREADS,
                          request_queue_size=64, threadpool_options={'kill_thread_limit': 0,
                                                                     'hung_thread_limit': 3600})
         self.front = Front(config, lambda connection: self.thread_pool.add_task(
-            lambda: self.serve_request(connection)))
+            lambda: self.serve_request(connection)), waiting_room)
 
     def process_request(self, request, client_address):
         self.front.admit(request, client_address)

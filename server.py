@@ -45,12 +45,12 @@ import exifread
 import multipart
 import sh
 
-from core import (CHUNK, HERE, TEMP_PREFIX, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
-                  ThumbnailError, ThumbnailsBusy, content_type, derivative_source, file_answer, file_identity,
+from core import (CHUNK, HERE, TEMP_PREFIX, VERSION, ConfigError, KeyedLocks, Layout, SeekableReader, StorageUnavailable,
+                  ThumbnailError, ThumbnailsBusy, content_type, conversion_threads, derivative_source, file_answer, file_identity,
                   fsync_folder, image_size, kind_of, load_config, make_temp_file, may_run_scripts, name_problem,
                   printable, pyramid_name, refuse, remove_quietly, sniff_kind, sweep_folder, thumbnail_name,
                   thumbnail_source, tiff_pages, tile_name, valid_name, valid_scale)
-from front import FrontedPasteServer
+from front import FrontedPasteServer, WaitingRoom
 import iiif
 
 VIEWS_DIR = os.path.join(HERE, 'views')
@@ -382,11 +382,12 @@ class Thumbnailer:
                        '-limit', 'width', '64KP', '-limit', 'height', '64KP',
                        '-limit', 'thread', '1',      # its own time limit, counted in whole seconds,
                        '-limit', 'time', str(config.THUMBNAIL_TIMEOUT + 1)]   # only backs up our timer
-        self.admission = Admission(min(config.THUMBNAIL_WORKERS + config.THUMBNAIL_QUEUE, max(1, config.THREADS - 5)))
+        self.admission = Admission(conversion_threads(config))
         self.queue_wait = config.THUMBNAIL_QUEUE_WAIT
         self.slots = ConversionSlots(config.THUMBNAIL_WORKERS, self.queue_wait)
         self.failures = FailureMemory(config.THUMBNAIL_FAILURES_REMEMBERED)
         self.backlog = queue.Queue(maxsize=1000)
+        self.queued_keys, self.queued_lock = set(), threading.Lock()
         self.background = None
         self.engine = EngineChildren(self, config.THUMBNAIL_WORKERS, config.BASE_DIR)
 
@@ -602,6 +603,10 @@ class Thumbnailer:
         return {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C', 'VIPS_CONCURRENCY': '1',
                 'MAGICK_TEMPORARY_PATH': scratch, 'TMPDIR': scratch, 'HOME': scratch}
 
+    def usable_kinds(self):
+        """The kinds that get thumbnails, previews and IIIF: CAN_THUMBNAIL, without PDF when Ghostscript is missing."""
+        return {kind for kind in self.kinds if kind != 'application/pdf' or self.gs}
+
     def health(self):
         """'ok' while the programs found at start are still there, 'off' without thumbnails."""
         if not self.kinds:
@@ -609,16 +614,22 @@ class Thumbnailer:
         programs = [self.convert] + ([self.gs] if self.gs else [])
         return 'ok' if all(os.access(str(program), os.X_OK) for program in programs) else 'missing programs'
 
-    def in_background(self, job):
-        """Queue job(thumbnailer) (a thumbnail to make) as background work; never waits, drops it when 1000 wait."""
+    def in_background(self, job, key=None):
+        """Queue job(thumbnailer) (a thumbnail to make) as background work; never waits, drops it when 1000 wait.
+        A job with a `key` is queued once until it has run (many views ask for the same WebP)."""
         if self.background is None:
             self.background = threading.Thread(target=self._work_backlog, daemon=True,
                                                name='thumbnail-pregeneration')
             self.background.start()
-        try:
-            self.backlog.put_nowait(job)
-        except queue.Full:
-            pass
+        with self.queued_lock:
+            if key is not None and key in self.queued_keys:
+                return
+            try:
+                self.backlog.put_nowait((key, job))
+            except queue.Full:
+                return
+            if key is not None:
+                self.queued_keys.add(key)
 
     def as_background(self):
         """This thumbnailer for background work: the same slots and failures, behind interactive work."""
@@ -629,7 +640,9 @@ class Thumbnailer:
     def _work_backlog(self):
         """Work the backlog for the server's lifetime: a job's failure is that job's, never the worker's end."""
         while True:
-            job = self.backlog.get()
+            key, job = self.backlog.get()
+            with self.queued_lock:
+                self.queued_keys.discard(key)
             try:
                 job(self.as_background())
             except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, OSError, bottle.HTTPError):
@@ -1706,12 +1719,14 @@ def require_original(coll, name):
         refuse(404, 'No such file.')
 
 
-def ensure_thumbnail(coll, name, scale, webp=False):
+def ensure_thumbnail(coll, name, scale, webp=False, answerable=False):
     """Make the thumbnail a request asks for: 404 when it cannot be made, 507 when the disk has no room
-    (no space or no inode) for it or its scratch folder."""
+    (no space or no inode) for it or its scratch folder. `answerable`: a browser's WebP may be answered by
+    the plain thumbnail until it is made (Layout.ensure_answerable_thumbnail)."""
     app = bottle.request.app
+    ensure = app.storage.ensure_answerable_thumbnail if answerable else app.storage.ensure_thumbnail
     try:
-        return app.storage.ensure_thumbnail(coll, name, scale, app.thumbnailer, webp)
+        return ensure(coll, name, scale, app.thumbnailer, webp)
     except ThumbnailError as error:
         refuse(404, str(error))
     except OSError as error:
@@ -1744,6 +1759,26 @@ def index():
 def discovery():
     bottle.response.content_type = 'text/xml; charset=UTF-8'
     return bottle.request.app.discovery.render(base=public_base_url())
+
+
+def capabilities():
+    """What this server offers, for clients to discover (Specify 7 hands every discovery URL to the browser):
+    public like web_asset_store.xml, readable from any origin, naming no collection."""
+    app = bottle.request.app
+    config, base = app.settings, public_base_url()
+    thumbnailed = sorted(app.thumbnailer.usable_kinds())
+    bottle.response.content_type = 'application/json'
+    bottle.response.set_header('Cache-Control', 'public, max-age=300')
+    return json.dumps({
+        'server': 'Web Asset Server for Specify',
+        'version': VERSION,
+        'maxUploadBytes': config.MAX_UPLOAD_SIZE,
+        'tokenRequiredForGet': bool(config.REQUIRE_KEY_FOR_GET),
+        'thumbnails': {'types': thumbnailed, 'maxScale': config.MAX_THUMBNAIL_SCALE,
+                       'pregeneratedScales': config.PREGENERATE_SCALES, 'webp': bool(config.WEBP_THUMBNAILS)},
+        'iiif': {'versions': ['2.1', '3.0'], 'services': {'2.1': base + '/iiif/2', '3.0': base + '/iiif/3'},
+                 'types': [kind for kind in thumbnailed if kind in IIIF_KINDS], 'maxSize': config.IIIF_MAX_SIZE},
+    }, indent=1)
 
 
 def preflight(**_path):
@@ -1799,7 +1834,7 @@ def fileget():
     if kind == 'O':
         return app.storage.send(coll, name, headers)
     webp = app.settings.WEBP_THUMBNAILS and accepts_webp(bottle.request.headers.get('Accept', ''))
-    seen = ensure_thumbnail(coll, name, scale, webp)     # 404 without an original
+    seen, webp = ensure_thumbnail(coll, name, scale, webp, answerable=True)     # 404 without an original
     if app.settings.WEBP_THUMBNAILS:
         headers = dict(headers or {}, Vary='Accept')
     return app.storage.send_thumbnail(coll, name, scale, headers, webp, seen)
@@ -2104,6 +2139,7 @@ def create_app(config):
     app.add_hook('after_request', discard_upload)
     app.route('/', 'GET', index)
     app.route('/web_asset_store.xml', 'GET', discovery)
+    app.route('/capabilities.json', 'GET', capabilities)
     app.route('/fileupload', 'POST', fileupload, signed='store', upload=True)
     app.route('/fileget', 'GET', fileget, signed='filename', read=True)
     app.route('/filedelete', 'POST', filedelete, signed='filename')
@@ -2158,10 +2194,20 @@ def start_logging(config):
     logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO, handlers=[handler])
 
 
+WAITS_FOR_CONVERSIONS = re.compile(rb'[A-Z]+ (?:/iiif/|/(?:fileget|getfileref)\?(?:[^ ]*&)?type=T(?:[& ]|$))')
+
+
+def waits_for_conversions(head):
+    """Whether a request head asks for what may wait for a conversion: a thumbnail or anything IIIF. The front
+    lets at most conversion_threads() of these hold threads (a request it misjudges meets Admission instead)."""
+    return WAITS_FOR_CONVERSIONS.match(head) is not None
+
+
 def serve_with_paste(app, config):
     """Bind first, then say where we listen: a port in use ends the start with one clear line."""
+    waiting_room = WaitingRoom(waits_for_conversions, conversion_threads(config), config.THUMBNAIL_QUEUE_WAIT)
     try:
-        listening = FrontedPasteServer(app, config)
+        listening = FrontedPasteServer(app, config, waiting_room)
     except OSError as error:
         sys.exit(f'web asset server cannot start: cannot listen on {config.HOST}:{config.PORT}: '
                  f'{error.strerror or error}')

@@ -21,7 +21,8 @@ PORT = 8080                      # Port to listen on.
 SERVER_NAME = 'localhost'        # Public host name written into web_asset_store.xml.
 SERVER_PORT = None               # Public port written into web_asset_store.xml; None means PORT. Left out of URLs when it is the scheme's default.
 PUBLIC_SCHEME = 'http'           # Public scheme written into web_asset_store.xml: 'https' behind a TLS proxy.
-TRUST_PROXY_HEADERS = False      # True: take scheme, host and port from X-Forwarded-Proto/-Host/-Port (only behind a proxy that sets them).
+TRUST_PROXY_HEADERS = False      # True: take scheme, host and port from X-Forwarded-Proto/-Host/-Port (only behind a proxy that sets them); every peer then also counts as a trusted proxy for client addresses.
+TRUSTED_PROXIES = ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7']  # Peers (networks) believed when their X-Forwarded-For or X-Real-IP names the client, so per-client bounds follow real clients through Specify 7's nginx; [] (or none) trusts no peer. A lying peer gains at most the totals below, never a token or a file (docs: README, Security).
 SERVER = 'paste'                 # Bottle server adapter that runs the app; Paste is the one tested and recommended.
 DEBUG = False                    # More logging; never shows tracebacks to clients.
 FILE_OFFLOAD = None              # 'nginx': fileget answers with X-Accel-Redirect and nginx sends the file; 'apache': X-Sendfile. Disk storage only.
@@ -33,8 +34,8 @@ REQUEST_HEAD_TIMEOUT = 20        # Seconds a client has for a request's line and
 REQUEST_BODY_GRACE = 20          # Seconds a request body may take before REQUEST_BODY_MIN_RATE counts.
 REQUEST_BODY_MIN_RATE = 4096     # Bytes a second a request body must average after the grace (32 kbit/s; a 1 Mbit/s upload sends 30 times as much); slower is cut off with 408.
 MAX_CONNECTIONS = 500            # Open connections at once, idle ones included; more are answered 503 at once.
-MAX_CONNECTIONS_PER_CLIENT = 50  # Open connections from one address; more are answered 503. Not applied with TRUST_PROXY_HEADERS: every connection then comes from the proxy, which limits its clients itself (deploy/nginx.conf).
-MAX_REQUESTS_PER_CLIENT = 10     # Requests one client may have in progress at once (a browser makes 6); more are answered 503. Keep it below THREADS. With TRUST_PROXY_HEADERS the client is the last address in X-Forwarded-For.
+MAX_CONNECTIONS_PER_CLIENT = 50  # Open connections from one client; more are answered 503. A trusted proxy's connections count against the client each last carried a request for.
+MAX_REQUESTS_PER_CLIENT = 10     # Requests one client may have in progress or waiting at once (a browser makes 6); more are answered 503. Behind a trusted proxy the client is the one it names.
 
 # --- Storage ------------------------------------------------------------------
 
@@ -66,8 +67,8 @@ MAX_THUMBNAIL_SCALE = 2000       # Largest `scale` a client may ask for, in pixe
 IMAGEMAGICK = None               # Path or name of ImageMagick's program; None finds `magick` (7) or `convert` (6) and checks it really is ImageMagick.
 GHOSTSCRIPT = 'gs'               # Ghostscript, which renders PDF thumbnails (ImageMagick's policy usually forbids PDF).
 THUMBNAIL_WORKERS = None         # Conversions run at once; None means the number of CPUs. The rest wait their turn.
-THUMBNAIL_QUEUE = 16             # Thumbnail requests that may wait for a conversion beyond those running; more are answered 503 with Retry-After at once. At most THREADS - 5 requests (at least 1) ever wait for or run conversions.
-THUMBNAIL_QUEUE_WAIT = 20        # Seconds a thumbnail request may wait for a conversion slot, and again for another request's (or the background's) conversion of the same thumbnail, before it is answered 503 with Retry-After.
+THUMBNAIL_QUEUE = 16             # Thumbnail and IIIF requests that may hold a thread waiting for a conversion beyond those running. At most THREADS - 5 (at least 1) hold threads so; more wait without a thread, taken in turn client by client, up to THUMBNAIL_QUEUE_WAIT, then 503 with Retry-After.
+THUMBNAIL_QUEUE_WAIT = 20        # Seconds a thumbnail request may wait for a thread (see THUMBNAIL_QUEUE), then for a conversion slot, and again for another request's (or the background's) conversion of the same thumbnail, before it is answered 503 with Retry-After.
 THUMBNAIL_TIMEOUT = 60           # Seconds one conversion may take before it is killed.
 THUMBNAIL_MAX_PIXELS = 250_000_000  # Images with more pixels than this are refused (decompression bombs).
 THUMBNAIL_MEMORY_LIMIT = 256 * 1024 ** 2  # ImageMagick's memory limit for one conversion, in bytes (beyond it, it uses a disk cache); images whose decoder would hold more at once are refused.
@@ -78,7 +79,7 @@ PREGENERATE_SCALE = 123          # Scale, or list of scales (e.g. [1000, 123]; i
 THUMBNAIL_OTHER_SCALES = 3        # Thumbnails of scales not in PREGENERATE_SCALE kept per original (the most recently made); any valid scale is still answered exactly, an older one of these is removed to make room. At least 1 (the one just made is being sent).
 THUMBNAIL_OTHER_SCALES_ORIGINALS = 10_000  # Originals whose other-scale thumbnails this server follows; beyond, the least recently added to loses them. So they number at most this times THUMBNAIL_OTHER_SCALES.
 THUMBNAIL_CACHE_MAX_BYTES = None  # Total bytes of cached thumbnails, IIIF pyramids and tiles. Over it, a sweep in the background (at most one a minute) removes the least recently made (never one made in the last minute), those of other scales and IIIF first, down to 90%. None: no bound beyond THUMBNAIL_OTHER_SCALES.
-WEBP_THUMBNAILS = True            # A thumbnail request whose Accept header names image/webp (browsers', not Specify 6's) is answered with a WebP thumbnail (GIF stays GIF), cached beside the other; every thumbnail answer says Vary: Accept.
+WEBP_THUMBNAILS = True            # A thumbnail request whose Accept header names image/webp (browsers', not Specify 6's) is answered with a WebP thumbnail (GIF stays GIF), cached beside the other; until that is made (in the background), with the plain one if it is cached. Every thumbnail answer says Vary: Accept.
 
 # --- IIIF (deep zoom) -------------------------------------------------------------
 

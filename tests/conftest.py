@@ -355,9 +355,10 @@ class RunningServer:
         except OSError:
             return False
 
-    def request(self, method, path, body=None, headers=None, timeout=60):
-        """(status, headers, body) of one HTTP request."""
-        return exchange(http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout), method, path, body, headers)
+    def request(self, method, path, body=None, headers=None, timeout=60, source='127.0.0.1'):
+        """(status, headers, body) of one HTTP request from the loopback address `source`."""
+        return exchange(http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout, source_address=(source, 0)),
+                        method, path, body, headers)
 
     def output(self):
         self.log.seek(0)
@@ -391,14 +392,15 @@ def launch_chromium(playwright):
     return playwright.chromium.launch(executable_path='/usr/bin/chromium', args=CHROMIUM_ARGS)
 
 
-def start_nginx(folder, name, http_block):
-    """nginx run from `folder` with `http_block` inside http {}; stopped by the caller through the process."""
+def start_nginx(folder, name, http_block, events=''):
+    """nginx run from `folder` with `http_block` inside http {} (and `events` inside events {}); stopped by the
+    caller through the process."""
     user = 'user root;' if os.geteuid() == 0 else ''
     temporary = ' '.join(f'{kind}_temp_path {folder}/{name}-{kind};'
                          for kind in ('client_body', 'proxy', 'fastcgi', 'uwsgi', 'scgi'))
     (folder / f'{name}.conf').write_text(
         f'{user} pid {folder}/{name}.pid; error_log {folder}/{name}-error.log; worker_processes 2;\n'
-        f'events {{}}\nhttp {{ include /etc/nginx/mime.types; access_log off; {temporary}\n{http_block}\n}}\n')
+        f'events {{ {events} }}\nhttp {{ include /etc/nginx/mime.types; access_log off; {temporary}\n{http_block}\n}}\n')
     return subprocess.Popen(['nginx', '-p', str(folder), '-c', str(folder / f'{name}.conf'), '-g', 'daemon off;'],
                             stderr=subprocess.DEVNULL)
 

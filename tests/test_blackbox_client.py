@@ -382,11 +382,10 @@ def discovery(server):
     return r, root, urls
 
 
-def test_discovery_lists_the_five_url_types(server):
+def test_discovery_lists_the_five_url_types_first_then_iiif_and_capabilities(server):
     r, root, urls = discovery(server)
     assert root.tag == "urls"
-    assert len(root.findall("url")) == 5
-    assert set(urls) == set(ENDPOINTS)
+    assert [url.get("type") for url in root.findall("url")] == list(ENDPOINTS) + ["iiif", "capabilities"]
 
 
 def test_discovery_urls_are_absolute_and_point_at_the_endpoints(server):

@@ -207,3 +207,8 @@ def test_the_published_port_is_the_one_the_image_listens_on():
     env, _, exposed = dockerfile()
     port = int(environment(service).get('PORT', env['PORT']))
     assert (set(container_ports(service)), port in exposed) == ({port}, True)
+
+
+def test_the_servers_image_tag_is_the_release_the_capabilities_document_names():
+    assert compose_file('as shipped')['services']['asset-server']['image'] == \
+        f'specify-web-asset-server:{core.VERSION}'

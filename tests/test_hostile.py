@@ -33,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 import zlib
 from urllib.parse import quote, urlencode
 
@@ -51,6 +52,7 @@ MiB = 1024 ** 2
 MEMORY_BOUND = 350 * MiB     # twice the largest peak measured (171 MiB, Ghostscript on a huge page): the unfixed
                              # server reached 934 MiB (a PNG) and 2.8 GiB (a TIFF's metadata)
 BYSTANDER_SECONDS = 2        # what another client may wait, while the server is attacked, for an answer needing no work
+BYSTANDER = '127.0.0.200'    # that other client's address (the attacks come from 127.0.0.1 and 127.0.0.2)
 KEY_FILE = '.web-asset-server.key'
 TOO_LARGE = "This file's metadata is too large or too complex to read."
 
@@ -60,10 +62,10 @@ TOO_LARGE = "This file's metadata is too large or too complex to read."
 Answer = collections.namedtuple('Answer', 'status headers body seconds')
 
 
-def ask(web, method, path, body=None, headers=None, timeout=60):
-    """One request on a fresh connection, as an Answer with the seconds it took."""
+def ask(web, method, path, body=None, headers=None, timeout=60, source='127.0.0.1'):
+    """One request on a fresh connection from `source`, as an Answer with the seconds it took."""
     started = time.monotonic()
-    status, headers, body = web.request(method, path, body, headers, timeout=timeout)
+    status, headers, body = web.request(method, path, body, headers, timeout=timeout, source=source)
     return Answer(status, headers, body, time.monotonic() - started)
 
 
@@ -238,11 +240,11 @@ class Target:
 
     def bystanders_thumbnail(self):
         """What the bystander asks for: its photo's cached thumbnail (signed, in case reads need the key)."""
-        return self.fileget('bystander.jpg', 'T', scale=64, token=self.token('bystander.jpg'))
+        return self.fileget('bystander.jpg', 'T', scale=64, token=self.token('bystander.jpg'), source=BYSTANDER)
 
-    def fileget(self, name, kind='O', headers=None, **params):
+    def fileget(self, name, kind='O', headers=None, source='127.0.0.1', **params):
         query = urlencode({'filename': name, 'type': kind, 'coll': 'Fish', **params})
-        return ask(self.web, 'GET', '/fileget?' + query, headers=headers)
+        return ask(self.web, 'GET', '/fileget?' + query, headers=headers, source=source)
 
     def thumbnail(self, name, scale=123):
         return self.fileget(name, 'T', scale=scale)
@@ -276,7 +278,7 @@ class Target:
 
     def assert_bystander_served(self):
         """(a) Another client's health check and cached thumbnail are answered at once, as before."""
-        health = ask(self.web, 'GET', '/health')
+        health = ask(self.web, 'GET', '/health', source=BYSTANDER)
         thumbnail = self.bystanders_thumbnail()
         assert (health.status, health.seconds < BYSTANDER_SECONDS) == (200, True), health
         assert (thumbnail.status, thumbnail.body == self.bystander.body,
@@ -1473,6 +1475,199 @@ def test_behind_a_trusted_proxy_requests_are_counted_per_forwarded_client_and_lo
         assert wait_for(lambda: '198.51.100.2 GET /health 200' in web.output(), 10)
     finally:
         release(stop, held)
+
+
+# --- Behind the proxies institutions run (TRUSTED_PROXIES) ------------------------------------------
+
+def request_as(web, client=None, header='X-Forwarded-For', path='/health', source='127.0.0.1'):
+    """One request from `source` whose proxy header names `client`: the answer's status."""
+    named = f'{header}: {client}\r\n' if client else ''
+    with connect(web, source) as connection:
+        connection.sendall(f'GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{named}\r\n'.encode())
+        return answer_of(connection)[0]
+
+
+def test_by_default_a_loopback_proxy_is_trusted_to_name_each_client_for_its_share(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='1')
+    stop, held = hold_requests(web, 1, forwarded_for='198.51.100.1')
+    try:
+        assert wait_for(lambda: len(staged(web)) == 1, 10)
+        assert (request_as(web, '198.51.100.1'), request_as(web, '198.51.100.2')) == (503, 200)
+    finally:
+        release(stop, held)
+
+
+def test_x_real_ip_names_the_client_when_there_is_no_x_forwarded_for(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='1')
+    stop, held = hold_requests(web, 1, forwarded_for='198.51.100.1')
+    try:
+        assert wait_for(lambda: len(staged(web)) == 1, 10)
+        assert [request_as(web, client, 'X-Real-IP') for client in ('198.51.100.1', '198.51.100.2')] == [503, 200]
+    finally:
+        release(stop, held)
+
+
+def test_a_peer_outside_trusted_proxies_cannot_name_another_client_to_escape_its_share(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='1', TRUSTED_PROXIES='10.0.0.0/8')
+    stop, held = hold_requests(web, 1, forwarded_for='198.51.100.1')
+    try:
+        assert wait_for(lambda: len(staged(web)) == 1, 10)
+        assert request_as(web, '198.51.100.2') == 503                 # still counted as 127.0.0.1
+        assert request_as(web, '198.51.100.2', source='127.0.0.2') == 200
+    finally:
+        release(stop, held)
+
+
+def test_x_forwarded_for_is_read_from_the_right_past_trusted_proxies_only(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='1')
+    stop, held = hold_requests(web, 1, forwarded_for='203.0.113.9, 198.51.100.1, 10.1.2.3')
+    try:
+        assert wait_for(lambda: len(staged(web)) == 1, 10)
+        assert request_as(web, '198.51.100.1') == 503                # the same client, behind one proxy less
+        assert request_as(web, '203.0.113.9, 198.51.100.2') == 200   # what a client writes left of it is not it
+        assert wait_for(lambda: '198.51.100.2 GET /health 200' in web.output(), 10)
+    finally:
+        release(stop, held)
+
+
+def test_connections_through_a_trusted_proxy_count_against_the_client_they_carry(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='2', MAX_REQUESTS_PER_CLIENT='50')
+    carrying = [connect(web) for _ in range(2)]
+    with held_open(carrying):
+        for connection in carrying:        # kept alive after an answer for 198.51.100.1
+            connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n')
+            answer = http.client.HTTPResponse(connection)
+            answer.begin()
+            assert (answer.status, answer.read()) == (200, b'{"storage": "ok", "thumbnails": "ok"}')
+        with connect(web) as third:
+            third.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\nX-Forwarded-For: 198.51.100.1\r\n\r\n')
+            status, headers, _ = answer_of(third)
+        assert (status, headers['Retry-After']) == (503, '5')
+        assert request_as(web, '198.51.100.2') == 200
+
+
+def test_a_trusted_peers_idle_connections_beyond_the_cap_are_closed_within_seconds(start):
+    web = start(MAX_CONNECTIONS_PER_CLIENT='2', REQUEST_HEAD_TIMEOUT='30')
+    with held_open([connect(web) for _ in range(6)]) as idle:
+        time.sleep(front.PROXY_HEAD_SECONDS + 1)
+        closed = [closed_by_server(connection) for connection in idle]
+    assert closed == [False, False, True, True, True, True]
+
+
+def closed_by_server(connection):
+    """Whether the server has closed this connection (its end read), without waiting."""
+    connection.settimeout(0.2)
+    try:
+        return connection.recv(1) == b''
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+# --- The waiting room: thumbnails beyond the threads they may hold wait their turn ---------------------------
+
+def thumbnail_request(name, scale=123):
+    return f'/fileget?coll=Fish&type=T&filename={quote(name)}&scale={scale}'
+
+
+def test_thumbnail_requests_beyond_the_threads_they_may_hold_wait_and_are_answered(start, photo_2mp):
+    web = start(THREADS='6', THUMBNAIL_WORKERS='1', THUMBNAIL_QUEUE='0')    # one thread for conversions
+    names = [f'wait{i}.jpg' for i in range(8)]
+    for name in names:
+        (web.base_dir / 'originals').mkdir(parents=True, exist_ok=True)
+        (web.base_dir / 'originals' / name).write_bytes(photo_2mp)
+    statuses = collections.Counter()
+    askers = [in_background(lambda name=name, index=index: statuses.update(
+        [request_as(web, path=thumbnail_request(name), source=f'127.0.0.{10 + index}')]))
+        for index, name in enumerate(names)]
+    for asker in askers:
+        asker.join(120)
+    assert statuses == {200: 8}
+
+
+def test_while_thumbnails_wait_their_turn_other_requests_are_answered_at_once(start, photo_2mp):
+    web = start(THREADS='6', THUMBNAIL_WORKERS='1', THUMBNAIL_QUEUE='0', THUMBNAIL_QUEUE_WAIT='60')
+    (web.base_dir / 'originals').mkdir(parents=True, exist_ok=True)
+    for index in range(12):
+        (web.base_dir / 'originals' / f'busy{index}.jpg').write_bytes(photo_2mp)
+    askers = [in_background(request_as, web, None, 'X-Forwarded-For', thumbnail_request(f'busy{index}.jpg', 1500),
+                            f'127.0.0.{10 + index}') for index in range(12)]
+    time.sleep(1)
+    started = time.monotonic()
+    assert request_as(web, source='127.0.0.99') == 200
+    assert time.monotonic() - started < BYSTANDER_SECONDS
+    for asker in askers:
+        asker.join(120)
+
+
+def test_a_thumbnail_request_that_waits_longer_than_the_queue_wait_is_answered_503_with_retry_after(start):
+    web = start(THREADS='6', THUMBNAIL_WORKERS='1', THUMBNAIL_QUEUE='0', THUMBNAIL_QUEUE_WAIT='1',
+                THUMBNAIL_TIMEOUT='8')
+    (web.base_dir / 'originals').mkdir(parents=True, exist_ok=True)
+    (web.base_dir / 'originals' / 'slow.pdf').write_bytes(nested_forms_pdf())     # takes its whole timeout
+    (web.base_dir / 'originals' / 'next.jpg').write_bytes(b'\xff\xd8\xff' + bytes(100))
+    slow = in_background(request_as, web, None, 'X-Forwarded-For', thumbnail_request('slow.pdf'), '127.0.0.10')
+    time.sleep(0.5)
+    started = time.monotonic()
+    with connect(web, '127.0.0.11') as waiting:
+        waiting.sendall(f'GET {thumbnail_request("next.jpg")} HTTP/1.1\r\nHost: x\r\n\r\n'.encode())
+        status, headers, _ = answer_of(waiting)
+    assert (status, headers['Retry-After']) == (503, '5')
+    assert 1 <= time.monotonic() - started < 5
+    slow.join(60)
+
+
+def test_the_waiting_room_lets_clients_in_one_at_a_time_in_turn():
+    room = front.WaitingRoom(lambda head: True, budget=1, wait=60)
+    arriving = [types.SimpleNamespace(client=client, name=name) for client, name in
+                [('a', 'a1'), ('a', 'a2'), ('a', 'a3'), ('a', 'a4'), ('b', 'b1'), ('c', 'c1'), ('b', 'b2')]]
+    admitted_at_once = [room.enter(connection) for connection in arriving]
+    order, done = [], arriving[0]
+    while (done := room.leave(done.client)) is not None:
+        order.append(done.name)
+    assert admitted_at_once == [True] + [False] * 6
+    assert order == ['a2', 'b1', 'c1', 'a3', 'b2', 'a4']
+
+
+def test_no_client_holds_more_than_half_the_waiting_rooms_threads_so_another_is_let_in_at_once():
+    room = front.WaitingRoom(lambda head: True, budget=3, wait=60)
+    flood = [types.SimpleNamespace(client='flood') for _ in range(5)]
+    assert [room.enter(connection) for connection in flood] == [True, True, False, False, False]
+    assert room.enter(types.SimpleNamespace(client='bystander')) is True
+
+
+def test_the_waiting_room_lets_in_a_client_under_its_fair_share_before_one_at_it():
+    room = front.WaitingRoom(lambda head: True, budget=6, wait=60)       # three clients present: a share is 2
+    arriving = [types.SimpleNamespace(client=client, name=name) for client, name in
+                [('f', 'f0'), ('f', 'f1'), ('c', 'c0'), ('c', 'c1'), ('c', 'c2'), ('a', 'a0'), ('f', 'f2'), ('a', 'a1')]]
+    assert [room.enter(connection) for connection in arriving] == [True] * 6 + [False, False]
+    assert room.leave('c').name == 'a1'              # f has its share of 2 running, a only 1
+
+
+def test_the_waiting_room_gives_up_requests_that_waited_their_time():
+    now = [0.0]
+    room = front.WaitingRoom(lambda head: True, budget=1, wait=20, clock=lambda: now[0])
+    first, late, later = (types.SimpleNamespace(client=client) for client in 'abc')
+    room.enter(first)
+    room.enter(late)
+    now[0] = 10
+    room.enter(later)
+    now[0] = 20
+    assert (room.expired(now[0]), room.next_deadline()) == ([late], 30)
+
+
+@pytest.mark.parametrize('head, waits', [
+    (b'GET /fileget?coll=Fish&type=T&filename=a.jpg&scale=123 HTTP/1.1', True),
+    (b'GET /fileget?filename=a.jpg&type=T HTTP/1.1', True),
+    (b'GET /getfileref?type=T&filename=a.jpg HTTP/1.1', True),
+    (b'GET /iiif/3/a.jpg/info.json HTTP/1.1', True),
+    (b'GET /fileget?coll=Fish&type=O&filename=a.jpg HTTP/1.1', False),
+    (b'GET /fileget?filename=type=T.jpg HTTP/1.1', False),
+    (b'POST /fileupload HTTP/1.1', False),
+    (b'GET /health HTTP/1.1', False)])
+def test_only_requests_for_thumbnails_and_iiif_go_through_the_waiting_room(head, waits):
+    assert server.waits_for_conversions(head) is waits
 
 
 # --- Lingering close -------------------------------------------------------------------------

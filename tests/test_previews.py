@@ -197,12 +197,51 @@ def test_accept_names_webp_only_with_its_own_media_type_and_a_quality_above_zero
 
 def test_the_webp_and_the_jpeg_preview_are_cached_separately(client, jpeg):
     client.upload('a.jpg', jpeg)
-    jpeg_answer = preview(client, 'a.jpg', 123, JAVA_ACCEPT).body
     webp_answer = preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT).body
+    jpeg_answer = preview(client, 'a.jpg', 123, JAVA_ACCEPT).body
     conversions = counted_conversions(client.app.thumbnailer)
     again = (preview(client, 'a.jpg', 123, JAVA_ACCEPT).body, preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT).body)
     assert again == (jpeg_answer, webp_answer) and conversions == []
     assert cached_thumbnails(client) == ['a_123.jpg', 'a_123_webp.jpg']
+
+
+def test_a_browser_is_answered_the_pregenerated_jpeg_without_a_conversion_while_no_webp_is_cached(make_client, jpeg):
+    client = make_client(PREGENERATE_SCALE=[123])
+    client.upload('a.jpg', jpeg)
+    assert wait_for(lambda: cached_thumbnails(client) == ['a_123.jpg'], 60)
+    pregenerated = preview(client, 'a.jpg', 123, JAVA_ACCEPT).body
+    converting = []
+    real = client.app.thumbnailer.converted
+    client.app.thumbnailer.converted = lambda *args, **kwargs: (
+        converting.append(threading.current_thread().name) or real(*args, **kwargs))
+    answer = preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT)
+    assert (answer.content_type, answer.headers['Vary'], answer.body) == ('image/jpeg', 'Accept', pregenerated)
+    assert set(converting) <= {'thumbnail-pregeneration'}     # the WebP is made in the background, not in this request
+
+
+def test_the_webp_of_a_pregenerated_thumbnail_is_made_in_the_background_and_answered_once_made(
+        make_client, jpeg, tmp_path):
+    client = make_client(PREGENERATE_SCALE=[123])
+    client.upload('a.jpg', jpeg)
+    assert wait_for(lambda: cached_thumbnails(client) == ['a_123.jpg'], 60)
+    assert preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT).content_type == 'image/jpeg'
+    assert wait_for(lambda: cached_thumbnails(client) == ['a_123.jpg', 'a_123_webp.jpg'], 60)
+    answer = preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT)
+    assert (answer.content_type, decoded(answer.body, tmp_path)[:3]) == ('image/webp', ('WEBP', 123, 82))
+
+
+def test_many_views_before_the_webp_exists_queue_its_making_once(make_client, jpeg):
+    client = make_client(PREGENERATE_SCALE=[123])
+    client.upload('a.jpg', jpeg)
+    assert wait_for(lambda: cached_thumbnails(client) == ['a_123.jpg'], 60)
+    thumbnailer = client.app.thumbnailer
+    held = threading.Event()
+    thumbnailer.in_background(lambda _thumbnailer: held.wait(30))      # the background is busy meanwhile
+    for _ in range(20):
+        preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT)
+    waiting = [key for key, _job in list(thumbnailer.backlog.queue)]
+    held.set()
+    assert waiting == [('Fish', 'a.jpg', 123, True)]
 
 
 def test_a_png_with_transparency_keeps_it_as_webp(client, tmp_path):

@@ -221,7 +221,14 @@ def test_discovery_lists_each_endpoint_as_an_absolute_url(client):
     urls = discovered_urls(client.get('/web_asset_store.xml', {}))
     assert urls == {kind: f'http://assets.example.org:8080/{path}' for kind, path in [
         ('read', 'fileget'), ('write', 'fileupload'), ('delete', 'filedelete'),
-        ('getmetadata', 'getmetadata'), ('testkey', 'testkey')]}
+        ('getmetadata', 'getmetadata'), ('testkey', 'testkey'),
+        ('iiif', 'iiif/3'), ('capabilities', 'capabilities.json')]}
+
+
+def test_discovery_keeps_the_five_classic_entries_first_and_in_their_order(client):
+    answer = client.get('/web_asset_store.xml', {})
+    assert [url.get('type') for url in ET.fromstring(answer.body).iter('url')][:5] == [
+        'read', 'write', 'delete', 'getmetadata', 'testkey']
 
 
 def test_discovery_is_text_xml(client):
@@ -231,8 +238,8 @@ def test_discovery_is_text_xml(client):
 def test_discovery_endpoints_are_siblings_of_the_document(client):
     document = 'http://assets.example.org:8080/web_asset_store.xml'
     prefix = document[:-len('/web_asset_store.xml')]
-    for url in discovered_urls(client.get('/web_asset_store.xml', {})).values():
-        assert url.rsplit('/', 1)[0] == prefix
+    for kind, url in discovered_urls(client.get('/web_asset_store.xml', {})).items():
+        assert url.rsplit('/', 2 if kind == 'iiif' else 1)[0] == prefix
 
 
 def test_discovery_leaves_out_the_scheme_default_port_and_says_https_when_set(make_client):

@@ -1603,7 +1603,7 @@ def test_while_thumbnails_wait_their_turn_other_requests_are_answered_at_once(st
 
 def test_a_thumbnail_request_that_waits_longer_than_the_queue_wait_is_answered_503_with_retry_after(start):
     web = start(THREADS='6', THUMBNAIL_WORKERS='1', THUMBNAIL_QUEUE='0', THUMBNAIL_QUEUE_WAIT='1',
-                THUMBNAIL_TIMEOUT='8')
+                THUMBNAIL_TIMEOUT='4')
     (web.base_dir / 'originals').mkdir(parents=True, exist_ok=True)
     (web.base_dir / 'originals' / 'slow.pdf').write_bytes(nested_forms_pdf())     # takes its whole timeout
     (web.base_dir / 'originals' / 'next.jpg').write_bytes(b'\xff\xd8\xff' + bytes(100))
@@ -1614,7 +1614,7 @@ def test_a_thumbnail_request_that_waits_longer_than_the_queue_wait_is_answered_5
         waiting.sendall(f'GET {thumbnail_request("next.jpg")} HTTP/1.1\r\nHost: x\r\n\r\n'.encode())
         status, headers, _ = answer_of(waiting)
     assert (status, headers['Retry-After']) == (503, '5')
-    assert 1 <= time.monotonic() - started < 5
+    assert 1 <= time.monotonic() - started < 3.5           # while the other still converts
     slow.join(60)
 
 

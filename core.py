@@ -115,6 +115,9 @@ def check_config(config):
     for name in ('ORIG_DIR', 'THUMB_DIR'):
         if name_problem(getattr(config, name)):
             raise ConfigError(f'setting {name} must be a single folder name')
+    if config.ORIG_DIR == config.THUMB_DIR:
+        raise ConfigError('settings ORIG_DIR and THUMB_DIR must name different folders (a thumbnail would '
+                          'overwrite an original named like it)')
     if config.COLLECTION_DIRS is not None:
         if not isinstance(config.COLLECTION_DIRS, dict):
             raise ConfigError('setting COLLECTION_DIRS must map collection names to folder names')

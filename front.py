@@ -40,11 +40,13 @@ LINGER_MAX_BYTES = 1024 ** 3     # so that it reads an early answer (413) instea
 WRITE_PIECE = 16 * 1024          # Bytes an answer is sent in, each piece within SOCKET_TIMEOUT (273 B/s at 60 s).
 REFUSALS_LINGERING = 64          # Connections refused over the caps that linger at once; beyond, they are just closed.
 PROXY_HEAD_SECONDS = 2           # A trusted proxy's connection beyond MAX_CONNECTIONS_PER_CLIENT not yet carrying a
-                                 # request must send its head this soon (a proxy sends it at once), else it is closed.
+                                 # request must begin its head this soon (a proxy sends it at once), else it is closed.
 
 log = logging.getLogger('web_asset_server')
 
 HEAD_END = re.compile(rb'\r?\n\r?\n')
+BARE_CR = re.compile(rb'\r(?!\n)')
+FIELD_LINE = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+:[^\r\n]*\r?")     # RFC 9110 token, colon, value
 FORWARDED_FOR = re.compile(rb'^x-forwarded-for:[ \t]*([^\r\n]*)', re.I | re.M)
 REAL_IP = re.compile(rb'^x-real-ip:[ \t]*([^\r\n]*)', re.I | re.M)
 LONGEST_CLIENT = 64              # characters of a client address a proxy names that are kept
@@ -150,6 +152,17 @@ class WaitingRoom:
         """When the soonest waiting request is given up (None: none waits)."""
         with self.lock:
             return min((line[0].waits_until for line in self.waiting.values()), default=None)
+
+
+def framed_strictly(head):
+    """Whether every header line of a request head is `name: value` as RFC 9112 §5 has it: no bare CR (a line
+    end to some parsers), no line without a colon, no whitespace before the colon (§5.1: 400), no obs-fold line
+    (§5.2). Any of these ends the header block early for some parsers and not for others, so that a proxy and this
+    server could disagree about where a request ends."""
+    if BARE_CR.search(head):
+        return False
+    lines = bytes(head).rstrip(b'\r\n').split(b'\n')[1:]
+    return all(FIELD_LINE.fullmatch(line) for line in lines)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -356,6 +369,7 @@ class Front:
             if not data:
                 self.close(connection)
             else:
+                self.unhurry(connection)
                 connection.pending += data
                 self.examine_head(connection)
         else:
@@ -378,6 +392,8 @@ class Front:
             self.answer_and_linger(connection, 414)
         elif (end.end() if end else len(pending)) > MAX_REQUEST_HEAD:
             self.answer_and_linger(connection, 431)
+        elif end and not framed_strictly(pending[:end.end()]):
+            self.answer_and_linger(connection, 400)
         elif end:
             self.dispatch(connection, pending[:end.end()])
 
@@ -416,23 +432,17 @@ class Front:
                 connection.counted = client
 
     def client_of(self, connection, head):
-        """Who limits count a request under: the peer; when the peer is a trusted proxy, the client it names:
-        X-Forwarded-For read from the right past every trusted proxy (as nginx's real_ip_recursive and Apache's
-        mod_remoteip do), else X-Real-IP."""
+        """Who limits count a request under: the peer; when the peer is a trusted proxy, the client it names: the
+        last X-Forwarded-For entry, the one the proxy itself appended (as nginx with real_ip_recursive off: what a
+        client writes left of it is not believed, even from a private network), else X-Real-IP. A header never
+        names this host itself (127.0.0.1, ::1), whose own checks must keep their share."""
         if not self.trusts(connection.peer):
             return connection.peer
         head = bytes(head)
-        named = [address.strip().decode('latin-1') for line in FORWARDED_FOR.findall(head)
-                 for address in line.split(b',')]
-        named = [address for address in named if address]
-        if not named:
-            named = [address.strip().decode('latin-1') for address in REAL_IP.findall(head)][-1:]
-        client = connection.peer
-        for address in reversed(named):
-            client = address[:LONGEST_CLIENT]
-            if not is_trusted(address, self.config.TRUSTED_NETWORKS):
-                break
-        return client or connection.peer
+        named = [address.strip() for line in FORWARDED_FOR.findall(head) for address in line.split(b',')]
+        named = [address for address in named if address] or [address.strip() for address in REAL_IP.findall(head)]
+        client = named[-1][:LONGEST_CLIENT].decode('latin-1') if named else ''
+        return connection.peer if client in ('', '127.0.0.1', '::1') else client
 
     def answer_and_linger(self, connection, code, extra=()):
         """Send one of the front's own small answers (it fits the socket's buffer), then close lingering."""
@@ -461,12 +471,28 @@ class Front:
         for key in list(self.selector.get_map().values()):
             connection = key.data
             if connection and now >= self.next_deadline(connection):
-                if connection.state != 'head':
+                if connection.hurried and self.has_data(connection):
+                    self.readable(connection)       # it began in time; this thread only ran late
+                elif connection.state != 'head':
                     self.close(connection)
                 elif connection.pending:
                     self.answer_and_linger(connection, 408)
                 else:
                     self.close(connection)
+
+    def unhurry(self, connection):
+        """A hurried connection began its request in time: it now has the whole REQUEST_HEAD_TIMEOUT."""
+        if connection.hurried:
+            connection.hurried = False
+            connection.deadline += self.config.REQUEST_HEAD_TIMEOUT - PROXY_HEAD_SECONDS
+
+    @staticmethod
+    def has_data(connection):
+        """Whether bytes from the client wait in the socket unread."""
+        try:
+            return bool(connection.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except OSError:
+            return False
 
     def refuse_waiting(self, connection):
         """A request that waited in vain for a thread: 503 with Retry-After, then the connection lingers."""

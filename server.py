@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import posixpath
 import queue
 import re
 import resource
@@ -38,7 +39,7 @@ import subprocess
 import sys
 import threading
 import time
-from urllib.parse import quote
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import bottle
 import exifread
@@ -123,7 +124,7 @@ def keep_new_key(path):
 # Tokens ######################################################################
 ###############################################################################
 
-TIMESTAMP = re.compile(r'-?\d{1,20}')
+TIMESTAMP = re.compile(r'0|-?[1-9][0-9]{0,19}')    # canonical: as str(int) writes it, ASCII digits only
 
 
 def make_token(key, name, timestamp=None):
@@ -256,6 +257,7 @@ def find_ghostscript(setting):
 INTERACTIVE, BACKGROUND = 'interactive', 'background'
 ROOM_NEEDED = 1024 ** 2          # Free bytes below which a failed conversion counts as the disk's fault (507).
 RETRY_AFTER = 5                  # Seconds a client told 503 (conversions busy, storage unavailable) is asked to wait.
+KEYED_JOBS_QUEUED = 500          # Background jobs asked for by views (browsers' WebPs) queued at once: half the backlog.
 PAGE_QUERY = ('(in) (r) file runpdfbegin 1 pdfgetpage dup /CropBox pget not { dup /MediaBox pget pop } if == '
               'dup /Rotate pget { == } { 0 == } ifelse /UserUnit pget { == } { 1 == } ifelse quit')
 
@@ -616,13 +618,14 @@ class Thumbnailer:
 
     def in_background(self, job, key=None):
         """Queue job(thumbnailer) (a thumbnail to make) as background work; never waits, drops it when 1000 wait.
-        A job with a `key` is queued once until it has run (many views ask for the same WebP)."""
+        A job with a `key` (a browser's WebP) is queued once until it has run, and such jobs take at most half the
+        backlog, so that views never crowd out the pregeneration of uploads."""
         if self.background is None:
             self.background = threading.Thread(target=self._work_backlog, daemon=True,
                                                name='thumbnail-pregeneration')
             self.background.start()
         with self.queued_lock:
-            if key is not None and key in self.queued_keys:
+            if key is not None and (key in self.queued_keys or len(self.queued_keys) >= KEYED_JOBS_QUEUED):
                 return
             try:
                 self.backlog.put_nowait((key, job))
@@ -641,14 +644,15 @@ class Thumbnailer:
         """Work the backlog for the server's lifetime: a job's failure is that job's, never the worker's end."""
         while True:
             key, job = self.backlog.get()
-            with self.queued_lock:
-                self.queued_keys.discard(key)
             try:
                 job(self.as_background())
             except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, OSError, bottle.HTTPError):
                 pass
             except Exception:
                 log.exception('pregeneration failed')
+            finally:
+                with self.queued_lock:
+                    self.queued_keys.discard(key)
 
 
 class EngineChildren:
@@ -2194,13 +2198,18 @@ def start_logging(config):
     logging.basicConfig(level=logging.DEBUG if config.DEBUG else logging.INFO, handlers=[handler])
 
 
-WAITS_FOR_CONVERSIONS = re.compile(rb'[A-Z]+ (?:/iiif/|/(?:fileget|getfileref)\?(?:[^ ]*&)?type=T(?:[& ]|$))')
-
-
 def waits_for_conversions(head):
-    """Whether a request head asks for what may wait for a conversion: a thumbnail or anything IIIF. The front
-    lets at most conversion_threads() of these hold threads (a request it misjudges meets Admission instead)."""
-    return WAITS_FOR_CONVERSIONS.match(head) is not None
+    """Whether a request head asks for what may wait for a conversion: a thumbnail or anything IIIF, its target
+    decoded and normalized as the app will see it. The front lets at most conversion_threads() of these hold
+    threads (a request it misjudges meets Admission instead)."""
+    target = head.split(b'\r\n', 1)[0].split(b'\n', 1)[0].split(b' ')
+    if len(target) < 2:
+        return False
+    parts = urlsplit(target[1].decode('latin-1'))
+    path = posixpath.normpath(unquote(parts.path, encoding='latin-1') or '/')
+    if path.startswith('/iiif/'):
+        return True
+    return path in ('/fileget', '/getfileref') and ('type', 'T') in parse_qsl(parts.query, encoding='latin-1')
 
 
 def serve_with_paste(app, config):

@@ -75,7 +75,7 @@ def institution(folder):
         for flooded in (False, True):
             for name in os.listdir(web.base_dir / 'thumbnails') if (web.base_dir / 'thumbnails').exists() else []:
                 os.unlink(web.base_dir / 'thumbnails' / name)
-            flood = stack.Flood(nginx.port) if flooded else None
+            flood = stack.Flood(nginx.port, rate_per_connection=2) if flooded else None
             time.sleep(1 if flooded else 0)
             cold = load(nginx.port, gallery)
             flood_answers = flood.stop() if flood else None

@@ -1518,14 +1518,25 @@ def test_a_peer_outside_trusted_proxies_cannot_name_another_client_to_escape_its
         release(stop, held)
 
 
-def test_x_forwarded_for_is_read_from_the_right_past_trusted_proxies_only(start):
+def test_only_the_x_forwarded_for_entry_the_trusted_proxy_appended_names_the_client(start):
     web = start(MAX_REQUESTS_PER_CLIENT='1')
-    stop, held = hold_requests(web, 1, forwarded_for='203.0.113.9, 198.51.100.1, 10.1.2.3')
+    stop, held = hold_requests(web, 1, forwarded_for='203.0.113.9, 198.51.100.1')
     try:
         assert wait_for(lambda: len(staged(web)) == 1, 10)
-        assert request_as(web, '198.51.100.1') == 503                # the same client, behind one proxy less
-        assert request_as(web, '203.0.113.9, 198.51.100.2') == 200   # what a client writes left of it is not it
+        assert request_as(web, '10.9.9.9, 198.51.100.1') == 503      # what a client writes left of it is not it
+        assert request_as(web, '198.51.100.1, 198.51.100.2') == 200
         assert wait_for(lambda: '198.51.100.2 GET /health 200' in web.output(), 10)
+    finally:
+        release(stop, held)
+
+
+def test_a_header_naming_this_host_itself_counts_the_request_under_its_peer(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='1')
+    stop, held = hold_requests(web, 1, forwarded_for='127.0.0.1', source='127.0.0.5')
+    try:
+        assert wait_for(lambda: len(staged(web)) == 1, 10)
+        assert request_as(web, source='127.0.0.1') == 200            # the host's own health check keeps its share
+        assert request_as(web, source='127.0.0.5') == 503
     finally:
         release(stop, held)
 
@@ -1662,6 +1673,11 @@ def test_the_waiting_room_gives_up_requests_that_waited_their_time():
     (b'GET /fileget?filename=a.jpg&type=T HTTP/1.1', True),
     (b'GET /getfileref?type=T&filename=a.jpg HTTP/1.1', True),
     (b'GET /iiif/3/a.jpg/info.json HTTP/1.1', True),
+    (b'GET /fileget?filename=a.jpg&type=%54 HTTP/1.1', True),
+    (b'GET /%66ileget?type=T&filename=a.jpg HTTP/1.1', True),
+    (b'GET /./fileget?type=T&filename=a.jpg HTTP/1.1', True),
+    (b'GET /static/../iiif/3/a.jpg/info.json HTTP/1.1', True),
+    (b'GET http://assets.example.org/fileget?type=T&filename=a.jpg HTTP/1.1', True),
     (b'GET /fileget?coll=Fish&type=O&filename=a.jpg HTTP/1.1', False),
     (b'GET /fileget?filename=type=T.jpg HTTP/1.1', False),
     (b'POST /fileupload HTTP/1.1', False),
@@ -1976,6 +1992,36 @@ def test_after_a_storm_of_resets_at_every_stage_a_client_is_again_served_a_full_
     for thread in threads:
         thread.join(60)
     assert wait_for(lambda: serves_a_full_cap(web, 4), 15)
+
+
+# --- Request heads parsed as strictly as RFC 9112 asks ---------------------------------------------------
+
+SMUGGLED = b'GET /health HTTP/1.1\r\nHost: x\r\n\r\n'
+LENIENT_HEADS = {     # each hides a Content-Length from a parser that ends the header block early, or shows one
+    'a bare CR': b'X-A: 1\rContent-Length: 38\r\n',
+    'whitespace before the colon': b'Content-Length : 38\r\n',
+    'a line without a colon': b'X-A 1\r\nContent-Length: 38\r\n',
+    'an obs-fold line': b'X-A: 1\r\n Content-Length: 38\r\n',
+}
+
+
+@pytest.mark.parametrize('fault', LENIENT_HEADS)
+def test_a_head_framed_leniently_is_answered_400_before_dispatch_and_its_body_never_runs(start, fault):
+    web = start()
+    request = b'POST /testkey HTTP/1.1\r\nHost: x\r\n' + LENIENT_HEADS[fault] + b'\r\n' + SMUGGLED
+    with connect(web) as connection:
+        connection.sendall(request)
+        status, headers, body = answer_of(connection)
+    assert (status, headers['Connection'], body) == (400, 'close', b'Bad Request.')
+    assert 'GET /health' not in web.output() and 'POST /testkey' not in web.output()
+
+
+def test_a_head_with_every_line_well_framed_is_served(start):
+    web = start()
+    with connect(web) as connection:
+        connection.sendall(b'GET /health HTTP/1.1\r\nHost: x\r\nX-Empty:\r\nX-Tab:\tcaf\xe9\r\n'
+                           b'Connection: close\r\n\r\n')
+        assert answer_of(connection)[0] == 200
 
 
 # --- Request heads as they arrive ----------------------------------------------------------------------

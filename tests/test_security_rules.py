@@ -128,6 +128,13 @@ def test_a_token_without_a_digest_and_a_whole_number_after_the_last_colon_is_mal
     assert check(token) == 'Malformed token.'
 
 
+@pytest.mark.parametrize('timestamp', ['01000', '-01000', '-0', '00', '\u0661\u0660\u0660\u0660', '１０００'])
+def test_a_timestamp_not_in_the_one_form_str_of_an_integer_writes_is_malformed(timestamp):
+    """Leading zeros and non-ASCII digits (which int() reads) spell a timestamp no client writes."""
+    digest = server.make_token(KEY, 'a.jpg', 1000).partition(':')[0]
+    assert check(f'{digest}:{timestamp}', tolerance=None) == 'Malformed token.'
+
+
 def test_the_timestamp_is_what_follows_the_last_colon():
     assert check('a:b:1000') == 'Bad token.'
 

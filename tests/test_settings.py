@@ -220,3 +220,9 @@ def test_log_lines_carry_the_time_to_the_millisecond_as_the_standard_formatter_w
                                     'msecs': (created - int(created)) * 1000})
     ours.format(earlier)                    # the same second, formatted first
     assert ours.format(record) == standard.format(record)
+
+
+@pytest.mark.parametrize('folder', ['originals', 'thumbnails', 'shared'])
+def test_the_server_refuses_to_start_with_originals_and_thumbnails_in_one_folder(tmp_path, folder):
+    with pytest.raises(server.ConfigError, match='ORIG_DIR and THUMB_DIR must name different folders'):
+        server.load_config({'BASE_DIR': str(tmp_path), 'ORIG_DIR': folder, 'THUMB_DIR': folder}, environ={})

@@ -166,7 +166,7 @@ def browsers(port, paths_of_user):
 
 FLOOD_SCRIPT = """
 import collections, http.client, json, random, sys, threading
-port, source, connections, RATE_PER_CONNECTION = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), 2
+port, source, connections, RATE_PER_CONNECTION = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
 statuses, lock, stopping = collections.Counter(), threading.Lock(), threading.Event()
 
 def ask():
@@ -196,13 +196,14 @@ print(json.dumps(statuses))
 
 class Flood:
     """FLOOD_CONNECTIONS connections from one address, in a process of their own (so that they do not take the
-    browsers' interpreter lock), each asking twice a second (hundreds of requests a second in all) for thumbnails
-    of scales nobody else asks for, each a conversion, until stopped. Paced, because on a machine of 2 CPUs an
-    unpaced flooding process takes a CPU from the server itself, which no server can refuse."""
+    browsers' interpreter lock), each asking `rate_per_connection` times a second (by default a hundred requests
+    a second in all) for thumbnails of scales nobody else asks for, each a conversion, until stopped. Paced,
+    because on a machine of 2 CPUs an unpaced flooding process takes a CPU from the server itself, which no
+    server can refuse."""
 
-    def __init__(self, port, source='127.0.0.250'):
-        self.process = subprocess.Popen([sys.executable, '-c', FLOOD_SCRIPT, str(port), source,
-                                         str(FLOOD_CONNECTIONS)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    def __init__(self, port, source='127.0.0.250', rate_per_connection=1):
+        self.process = subprocess.Popen([sys.executable, '-c', FLOOD_SCRIPT, str(port), source, str(FLOOD_CONNECTIONS),
+                                         str(rate_per_connection)], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
 
     def stop(self):
         """Its answers by status (0: a connection error), once every connection has had its last answer."""

@@ -298,11 +298,7 @@ class Front:
 
     def take(self, connection):
         """Watch a new or returning connection: count it in, then wait for its head, refuse it or linger."""
-        try:
-            connection.sock.setblocking(False)
-            self.selector.register(connection.sock, selectors.EVENT_READ, connection)
-        except (OSError, ValueError):
-            self.close(connection)
+        if not self.watch(connection):
             return
         if connection.state == 'new':
             self.count_in(connection)
@@ -500,13 +496,18 @@ class Front:
         self.release(connection.client)
         self.warn(connection.client, 'A request of %s waited %ss for a thread in vain; refused with 503',
                   self.waiting_room.wait)
+        if self.watch(connection):
+            self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
+
+    def watch(self, connection):
+        """Have the selector watch a connection again (False, and it is closed, when it cannot)."""
         try:
             connection.sock.setblocking(False)
             self.selector.register(connection.sock, selectors.EVENT_READ, connection)
         except (OSError, ValueError):
             self.close(connection)
-            return
-        self.answer_and_linger(connection, 503, extra=(('Retry-After', '5'),))
+            return False
+        return True
 
     def warn(self, client, message, *args):
         """Log a refusal of this client, unless one was logged in the last WARN_EVERY seconds."""

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 import server
-from conftest import (IMAGEMAGICK, PROJECT, RunningServer, free_port, holds_listener, start_nginx, started,
+from conftest import (IMAGEMAGICK, PROJECT, RunningServer, exchange, free_port, holds_listener, start_nginx, started,
                       stop_process)
 from test_compose import compose_schema, schema_errors  # noqa: F401 (a fixture)
 
@@ -72,13 +72,8 @@ class Specify7Nginx:
                                lambda process: holds_listener(process.pid, port), 20, attempts=1)
 
     def request(self, method, path, body=None, headers=None, source='127.0.0.1', timeout=120):
-        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout, source_address=(source, 0))
-        try:
-            connection.request(method, path, body=body, headers=headers or {})
-            answer = connection.getresponse()
-            return answer.status, answer.headers, answer.read()
-        finally:
-            connection.close()
+        return exchange(http.client.HTTPConnection('127.0.0.1', self.port, timeout=timeout,
+                                                   source_address=(source, 0)), method, path, body, headers)
 
     def stop(self):
         stop_process(self.process, patience=10)

@@ -61,7 +61,7 @@ def refuse(status, reason):
 
 ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
 OPTIONAL_TYPES = {'SERVER_PORT': int, 'THUMBNAIL_WORKERS': int, 'TIME_TOLERANCE': int,
-                  'THUMBNAIL_CACHE_MAX_BYTES': int, 'COLLECTION_DIRS': json.loads}   # the rest: text
+                  'COLLECTION_DIRS': json.loads}   # the rest: text
 SCALE_LISTS = {'PREGENERATE_SCALE'}   # a number, a JSON list or numbers separated by commas
 TEXT_LISTS = {'TRUSTED_PROXIES'}      # a JSON list or words separated by commas
 TRUE_WORDS, FALSE_WORDS = {'1', 'true', 'yes', 'on'}, {'0', 'false', 'no', 'off'}
@@ -115,6 +115,9 @@ def check_config(config):
     for name in ('ORIG_DIR', 'THUMB_DIR'):
         if name_problem(getattr(config, name)):
             raise ConfigError(f'setting {name} must be a single folder name')
+    if config.TIME_TOLERANCE is None and config.NO_TIME_WINDOW_ACKNOWLEDGED is not True:
+        raise ConfigError('setting TIME_TOLERANCE is none, so tokens would never expire: set it to seconds, or set '
+                          'NO_TIME_WINDOW_ACKNOWLEDGED to true (see the README)')
     if config.ORIG_DIR == config.THUMB_DIR:
         raise ConfigError('settings ORIG_DIR and THUMB_DIR must name different folders (a thumbnail would '
                           'overwrite an original named like it)')
@@ -129,15 +132,13 @@ def check_config(config):
                  'THUMBNAIL_ADDRESS_SPACE_LIMIT', 'THUMBNAIL_FAILURES_REMEMBERED', 'METADATA_WORKERS',
                  'METADATA_WAIT', 'METADATA_TIMEOUT', 'METADATA_MEMORY_LIMIT', 'METADATA_MAX_READ',
                  'METADATA_MAX_VALUE', 'METADATA_MAX_ANSWER', 'REQUEST_HEAD_TIMEOUT', 'REQUEST_BODY_GRACE',
-                 'REQUEST_BODY_MIN_RATE', 'MAX_CONNECTIONS', 'MAX_CONNECTIONS_PER_CLIENT', 'MAX_REQUESTS_PER_CLIENT',
-                 'THUMBNAIL_OTHER_SCALES', 'THUMBNAIL_OTHER_SCALES_ORIGINALS', 'IIIF_MAX_SIZE',
-                 'IIIF_GRANT_SECONDS'):
+                 'REQUEST_BODY_MIN_RATE', 'ANSWER_GRACE', 'ANSWER_MIN_RATE', 'MAX_CONNECTIONS',
+                 'MAX_CONNECTIONS_PER_CLIENT', 'MAX_REQUESTS_PER_CLIENT', 'THUMBNAIL_OTHER_SCALES',
+                 'THUMBNAIL_OTHER_SCALES_ORIGINALS', 'IIIF_MAX_SIZE', 'IIIF_GRANT_SECONDS'):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
     config.PREGENERATE_SCALES = pregenerated_scales(config)
-    bound = config.THUMBNAIL_CACHE_MAX_BYTES
-    if bound is not None and (not isinstance(bound, int) or isinstance(bound, bool) or bound < 1):
-        raise ConfigError('setting THUMBNAIL_CACHE_MAX_BYTES must be a whole number of bytes above 0, or None')
+    config.THUMBNAIL_CACHE_MAX_BYTES, config.THUMBNAIL_CACHE_SHARE = cache_bound(config.THUMBNAIL_CACHE_MAX_BYTES)
     if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:
         raise ConfigError('setting THUMBNAIL_QUEUE must be a whole number, 0 or more')
     if config.THREADS < 5:
@@ -171,6 +172,22 @@ def conversion_threads(config):
     """Threads that may wait for or run conversions at once: THUMBNAIL_WORKERS + THUMBNAIL_QUEUE, leaving
     five of THREADS (at least one) to every other request."""
     return min(config.THUMBNAIL_WORKERS + config.THUMBNAIL_QUEUE, max(1, config.THREADS - 5))
+
+
+SHARE = re.compile(r'([1-9][0-9]{0,3})%')
+
+
+def cache_bound(value):
+    """(bytes, share of the originals' bytes) that THUMBNAIL_CACHE_MAX_BYTES names: a whole number of bytes (text
+    of digits too, from the environment), 'N%', or None for neither."""
+    if isinstance(value, str) and value.isascii() and value.isdigit():
+        value = int(value)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+        return value, None
+    if isinstance(value, str) and SHARE.fullmatch(value):
+        return None, int(value[:-1]) / 100
+    raise ConfigError("setting THUMBNAIL_CACHE_MAX_BYTES must be a whole number of bytes above 0, a share of the "
+                      "originals' bytes such as '100%', or None")
 
 
 def pregenerated_scales(config):
@@ -576,10 +593,11 @@ class OtherScales:
 
 class CacheSize:
     """The cached thumbnails' total size against THUMBNAIL_CACHE_MAX_BYTES: unknown until a sweep has counted it,
-    then added to as thumbnails are stored; over the bound, a sweep is due, at most one every `sweep_every` seconds."""
+    then added to as thumbnails are stored; over the bound, a sweep is due, at most one every `sweep_every` seconds.
+    A bound given as a `share` of the originals' bytes is set by each sweep, which counts them too."""
 
-    def __init__(self, bound, sweep_every=60, spare_newer_than=60):
-        self.bound, self.sweep_every, self.spare_newer_than = bound, sweep_every, spare_newer_than
+    def __init__(self, bound, share=None, sweep_every=60, spare_newer_than=60):
+        self.bound, self.share, self.sweep_every, self.spare_newer_than = bound, share, sweep_every, spare_newer_than
         self.total, self.sweeping, self.last_sweep = None, False, -math.inf
         self.lock = threading.Lock()
 
@@ -588,7 +606,7 @@ class CacheSize:
         with self.lock:
             if self.total is not None:
                 self.total += added
-            over = self.total is None or self.total > self.bound
+            over = self.total is None or self.bound is None or self.total > self.bound
             if not over or self.sweeping or time.monotonic() - self.last_sweep < self.sweep_every:
                 return False
             self.sweeping = True
@@ -641,7 +659,8 @@ class Layout:
         self.thumbnail_locks = KeyedLocks()
         self.ladder = sorted(config.PREGENERATE_SCALES)      # cached scales a smaller thumbnail may be made from
         self.other_scales = OtherScales(config.THUMBNAIL_OTHER_SCALES, config.THUMBNAIL_OTHER_SCALES_ORIGINALS)
-        self.cache_size = config.THUMBNAIL_CACHE_MAX_BYTES and CacheSize(config.THUMBNAIL_CACHE_MAX_BYTES)
+        self.cache_size = ((config.THUMBNAIL_CACHE_MAX_BYTES or config.THUMBNAIL_CACHE_SHARE)
+                           and CacheSize(config.THUMBNAIL_CACHE_MAX_BYTES, config.THUMBNAIL_CACHE_SHARE))
 
     def larger_scales(self, scale):
         """The configured scales above `scale`, smallest first: where to look for a source smaller than the original."""
@@ -743,22 +762,31 @@ class Layout:
         """Count the cached thumbnails and, over the bound, remove the least recently made down to 90% of it, those
         of scales not configured first; two listings, holding only what is to be removed."""
         try:
-            total = sum(size for *_, size, _modified in self.cached_thumbnails())
-            excess = total - self.cache_size.bound * 9 // 10
-            if total > self.cache_size.bound:
-                for coll, cache_name, size in self._oldest_covering(excess):
-                    self.remove_thumbnail(coll, cache_name)
-                    total -= size
+            total = self.bring_within_bound(self.cache_size, self.cache_size.spare_newer_than)[0]
         except Exception:          # a store that failed is counted again at the next sweep
             log.exception('thumbnail cache sweep failed')
             total = None
         self.cache_size.swept(total)
 
-    def _oldest_covering(self, excess):
+    def bring_within_bound(self, cache, spare_newer_than, dry_run=False):
+        """Over the `cache` size's bound (set first from the originals' bytes when it is a share), remove the least
+        recently made derivatives down to 90% of it: (the total left, files removed, bytes removed)."""
+        if cache.share is not None:
+            cache.bound = int(cache.share * sum(self.originals_bytes(coll) for coll in self.every_collection()))
+        total = sum(size for *_, size, _modified in self.cached_thumbnails())
+        removed = freed = 0
+        if total > cache.bound:
+            for coll, cache_name, size in self._oldest_covering(total - cache.bound * 9 // 10, spare_newer_than):
+                if not dry_run:
+                    self.remove_thumbnail(coll, cache_name)
+                total, removed, freed = total - size, removed + 1, freed + size
+        return total, removed, freed
+
+    def _oldest_covering(self, excess, spare_newer_than):
         """The fewest thumbnails, first in removal order (other scales, then the least recently made), whose sizes
         add up to at least `excess`; never one made in the last `spare_newer_than` seconds (it may be being sent)."""
         newest_first, covered = [], 0          # a heap whose top is the last in removal order
-        spared_from = time.time() - self.cache_size.spare_newer_than
+        spared_from = time.time() - spare_newer_than
         for coll, cache_name, size, modified in self.cached_thumbnails():
             if modified > spared_from:
                 continue
@@ -772,10 +800,13 @@ class Layout:
 
     def cached_thumbnails(self):
         """(collection, cache name, size, modification time) of every cached thumbnail, in every collection folder."""
-        collections = {folder: coll for coll, folder in (self.collections or {None: None}).items()}
-        for coll in collections.values():
+        for coll in self.every_collection():
             for cache_name, size, modified in self.thumbnails(coll):
                 yield coll, cache_name, size, modified
+
+    def every_collection(self):
+        """One collection name per collection folder (None: the one folder)."""
+        return list({folder: coll for coll, folder in (self.collections or {None: None}).items()}.values())
 
     @contextlib.contextmanager
     def turn_at(self, coll, name, scale, webp, thumbnailer):

@@ -17,7 +17,8 @@ once they are an hour old, as the server does when it starts. A file that cannot
 of a kind with no thumbnail, gone meanwhile) is named on standard error, counted and passed over.
 
 prune removes the thumbnails of scales that are not configured and those whose original is gone,
-and says how many files and bytes that frees. It removes only thumbnail cache names
+then, over THUMBNAIL_CACHE_MAX_BYTES, the least recently made derivatives (IIIF and other scales first)
+down to 90% of it, and says how many files and bytes that frees. It removes only thumbnail cache names
 (<root>_<scale><ext>) in thumbnails folders: never an original, another file, or a conversion's
 temporary. --dry-run changes nothing and says what would be made or removed.
 
@@ -252,8 +253,19 @@ def prune(storage, colls, scales, dry_run):
             counts[why][1] += size
     files, freed = (sum(count[at] for count in counts.values()) for at in (0, 1))
     details = ', '.join(f'{count} {why}' for why, (count, _size) in counts.items())
-    return (f'{"would remove" if dry_run else "removed"} {files} thumbnails, {freed} bytes '
-            f'({freed / 1e6:.1f} MB): {details}')
+    summary = (f'{"would remove" if dry_run else "removed"} {files} thumbnails, {freed} bytes '
+               f'({freed / 1e6:.1f} MB): {details}')
+    return summary + within_bound(storage, dry_run)
+
+
+def within_bound(storage, dry_run):
+    """Bring the whole cache under THUMBNAIL_CACHE_MAX_BYTES as the server's sweep does, but at once and sparing
+    nothing: what that removed, and what the cache now holds."""
+    if not storage.cache_size:
+        return ''
+    total, files, freed = storage.bring_within_bound(storage.cache_size, spare_newer_than=0, dry_run=dry_run)
+    return (f'; over THUMBNAIL_CACHE_MAX_BYTES ({storage.cache_size.bound} bytes) '
+            f'{"would remove" if dry_run else "removed"} {files} more, {freed} bytes, leaving {total} bytes')
 
 
 def arguments(argv):

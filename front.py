@@ -37,7 +37,6 @@ MAX_REQUEST_HEAD = 128 * 1024    # Longest request line and headers together; mo
 LINGER_SECONDS = 30              # After a connection's last answer, what the client still sends is read and dropped
 LINGER_QUIET_SECONDS = 5         # for up to this long (until it is quiet this long or has sent LINGER_MAX_BYTES),
 LINGER_MAX_BYTES = 1024 ** 3     # so that it reads an early answer (413) instead of a TCP reset, as nginx does.
-WRITE_PIECE = 16 * 1024          # Bytes an answer is sent in, each piece within SOCKET_TIMEOUT (273 B/s at 60 s).
 REFUSALS_LINGERING = 64          # Connections refused over the caps that linger at once; beyond, they are just closed.
 PROXY_HEAD_SECONDS = 2           # A trusted proxy's connection beyond MAX_CONNECTIONS_PER_CLIENT not yet carrying a
                                  # request must begin its head this soon (a proxy sends it at once), else it is closed.
@@ -218,15 +217,19 @@ class Front:
         else:
             self.hand_over(connection)
 
-    def request_done(self, connection, keep_alive, read_whole):
-        """A request's answer is sent: wait for the next head on this connection, or close it; lingering,
-        as nginx does, only when the client may still be sending (its request was not read whole)."""
-        self.release(connection.client)
+    def thread_done(self, connection):
+        """A request no longer holds its worker thread (its answer may still be sent): the waiting room's next
+        request may take one."""
         if connection.waited:
             connection.waited = False
             let_in = self.waiting_room.leave(connection.client)
             if let_in:
                 self.run_request(let_in)
+
+    def request_done(self, connection, keep_alive, read_whole):
+        """A request's answer is sent: wait for the next head on this connection, or close it; lingering,
+        as nginx does, only when the client may still be sending (its request was not read whole)."""
+        self.release(connection.client)
         if keep_alive:
             self.hand_over(connection)
         elif read_whole and not connection.pending:
@@ -235,6 +238,13 @@ class Front:
         else:
             connection.state = 'linger'
             self.hand_over(connection)
+
+    def abandon(self, connection):
+        """An answer that could not be sent whole: the connection is closed at once."""
+        self.release(connection.client)
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+        self.forget(connection)
 
     def hand_over(self, connection):
         """Give a connection to the selector thread."""
@@ -595,30 +605,18 @@ class RequestReader:
 
 
 class SocketWriter:
-    """The handler's output: each write sent whole, nothing buffered, each WRITE_PIECE bytes of it within
-    SOCKET_TIMEOUT of the last (sendall's timeout covers its whole call), so that only a client silent for
-    that long, not merely a slow one, is dropped. A send takes all the kernel accepts, often the whole
-    answer: each call gives up the interpreter lock, and waiting to take it back cost Paste's threads more
-    than sending."""
+    """The handler's output: what the kernel takes at once is sent, the rest kept (at most the answer's head and
+    one piece of its body, as the handler then stops) for the Sender, so that no client's slow reading holds a
+    worker thread."""
 
     def __init__(self, sock):
-        self.sock, self.closed = sock, False
+        self.sock, self.closed, self.unsent = sock, False, bytearray()
 
     def write(self, data):
-        view, sent, timeout = memoryview(data).cast('B'), 0, self.sock.gettimeout()
-        try:
-            while sent < len(view):
-                piece_end, deadline = min(len(view), sent + WRITE_PIECE), time.monotonic() + timeout
-                sent += self.sock.send(view[sent:])
-                while sent < piece_end:
-                    left = deadline - time.monotonic()
-                    if left <= 0:
-                        raise TimeoutError('timed out')
-                    self.sock.settimeout(left)
-                    sent += self.sock.send(view[sent:])
-        finally:
-            if self.sock.gettimeout() != timeout:
-                self.sock.settimeout(timeout)
+        view = memoryview(data).cast('B')
+        if not self.unsent:
+            view = view[send_now(self.sock, view):]
+        self.unsent += view
         return len(data)
 
     def flush(self):
@@ -626,6 +624,126 @@ class SocketWriter:
 
     def close(self):
         self.closed = True
+
+
+def send_now(sock, view):
+    """Bytes of `view` the kernel takes without waiting (0 when its buffer is full)."""
+    if sock.gettimeout() != 0.0:
+        sock.setblocking(False)
+    try:
+        return sock.send(view)
+    except (BlockingIOError, InterruptedError):
+        return 0
+
+
+class Answer:
+    """What is left to send of one answer: bytes the kernel did not take yet, the body's further pieces."""
+
+    def __init__(self, connection, unsent, chunks, result, keep_alive, read_whole, clock):
+        self.connection, self.unsent, self.chunks, self.result = connection, memoryview(bytes(unsent)), chunks, result
+        self.keep_alive, self.read_whole = keep_alive, read_whole
+        self.started = self.progressed = clock()
+        self.sent = 0
+
+
+class Sender:
+    """Sends, in one thread of its own, the rest of every answer a client did not take at once, so that a slow
+    reader holds a descriptor and one piece of its answer, never a worker thread. An answer must average
+    ANSWER_MIN_RATE bytes a second after ANSWER_GRACE seconds and may never stall for SOCKET_TIMEOUT; a client
+    slower than that is dropped."""
+
+    PIECES_PER_TURN = 8          # pieces one connection is sent before the others get their turn
+
+    def __init__(self, config, finished, abandoned, clock=time.monotonic):
+        self.config, self.finished, self.abandoned, self.clock = config, finished, abandoned, clock
+        self.selector = selectors.DefaultSelector()
+        self.wake_in, self.wake_out = socket.socketpair()
+        self.wake_in.setblocking(False)
+        self.selector.register(self.wake_in, selectors.EVENT_READ)
+        self.arrivals = collections.deque()
+        threading.Thread(target=self.run, name='sender', daemon=True).start()
+
+    def take(self, answer):
+        """From a worker thread: send the rest of this answer."""
+        self.arrivals.append(answer)
+        with contextlib.suppress(OSError):
+            self.wake_out.send(b'.')
+
+    def run(self):
+        while True:
+            for key, _ in self.selector.select(self.seconds_to_next_deadline()):
+                if key.fileobj is self.wake_in:
+                    self.take_arrivals()
+                else:
+                    self.guarded(self.send_more, key.data)
+            for key in list(self.selector.get_map().values()):
+                if key.data and self.clock() >= self.deadline(key.data):
+                    self.end(key.data, complete=False)
+
+    def guarded(self, step, answer):
+        """One answer's step; a fault costs that answer its connection, never the other answers."""
+        try:
+            step(answer)
+        except Exception:
+            log.exception('An answer failed while it was sent')
+            with contextlib.suppress(Exception):
+                self.end(answer, complete=False)
+
+    def take_arrivals(self):
+        with contextlib.suppress(BlockingIOError):
+            while self.wake_in.recv(4096):
+                pass
+        while self.arrivals:
+            answer = self.arrivals.popleft()
+            try:
+                self.selector.register(answer.connection.sock, selectors.EVENT_WRITE, answer)
+            except (OSError, ValueError):
+                self.end(answer, complete=False, watched=False)
+                continue
+            self.guarded(self.send_more, answer)
+
+    def deadline(self, answer):
+        """When an answer that is too slow is given up: stalled for SOCKET_TIMEOUT, or below the minimum rate."""
+        config = self.config
+        return min(answer.progressed + config.SOCKET_TIMEOUT,
+                   answer.started + config.ANSWER_GRACE + answer.sent / config.ANSWER_MIN_RATE)
+
+    def seconds_to_next_deadline(self):
+        deadlines = [self.deadline(key.data) for key in self.selector.get_map().values() if key.data]
+        return max(0.0, min(deadlines) - self.clock()) if deadlines else None
+
+    def send_more(self, answer):
+        """Send what the kernel takes now, a few pieces at most; the answer ends when its body has been sent."""
+        for _ in range(self.PIECES_PER_TURN):
+            if not answer.unsent:
+                piece = next(answer.chunks, None) if answer.chunks else None
+                if piece is None:
+                    self.end(answer, complete=True)
+                    return
+                answer.unsent = memoryview(piece).cast('B')
+                continue
+            try:
+                sent = send_now(answer.connection.sock, answer.unsent)
+            except OSError:
+                self.end(answer, complete=False)
+                return
+            if sent:
+                answer.sent, answer.progressed, answer.unsent = answer.sent + sent, self.clock(), answer.unsent[sent:]
+            if answer.unsent:
+                return
+
+    def end(self, answer, complete, watched=True):
+        """Stop sending: the body's source is closed; the connection goes back to the front whole, or is closed."""
+        if watched:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(answer.connection.sock)
+        if hasattr(answer.result, 'close'):
+            with contextlib.suppress(Exception):
+                answer.result.close()
+        if complete:
+            self.finished(answer.connection, answer.keep_alive, answer.read_whole)
+        else:
+            self.abandoned(answer.connection)
 
 
 class RequestHandler(httpserver.WSGIHandler):
@@ -642,6 +760,7 @@ class RequestHandler(httpserver.WSGIHandler):
         self.rfile = RequestReader(self.request, self.server.config)
         self.wfile = SocketWriter(self.connection)
         self.body_end = None
+        self.rest = None, None            # (the body's further pieces, the app's result) left to the Sender
 
     def handle(self):
         """One request only: a kept-alive connection waits for its next head in the front, not here."""
@@ -668,6 +787,33 @@ class RequestHandler(httpserver.WSGIHandler):
         if len(lengths) > 1 or not all(re.fullmatch(r'[0-9]+', length) for length in lengths):
             return 400
         return None
+
+    def wsgi_execute(self, environ=None):
+        """Paste's, but an answer stops here once the client has not taken a piece at once: the Sender sends its
+        rest (and closes the app's result), and this thread is free."""
+        self.wsgi_setup(environ)
+        try:
+            result = self.server.wsgi_application(self.wsgi_environ, self.wsgi_start_response)
+            try:
+                chunks = iter(result)
+                for chunk in chunks:
+                    self.wsgi_write_chunk(chunk)
+                    if self.wfile.unsent:
+                        self.rest, result = (chunks, result), None
+                        return
+                if not self.wsgi_headers_sent:
+                    self.wsgi_write_chunk(b'')
+            finally:
+                if hasattr(result, 'close'):
+                    result.close()
+        except OSError as error:
+            self.wsgi_connection_drop(error, environ)
+        except Exception:
+            if not self.wsgi_headers_sent:
+                self.wsgi_curr_headers = ('500 Internal Server Error', [('Content-Type', 'text/plain; charset=UTF-8'),
+                                                                        ('Content-Length', '22')])
+                self.wsgi_write_chunk(b'Internal server error.')
+            raise
 
     def wsgi_setup(self, environ=None):
         """Paste's environ, with PATH_INFO as PEP 3333 has it: the path's bytes read as latin-1 (Paste reads
@@ -713,18 +859,26 @@ class FrontedPasteServer(httpserver.WSGIThreadPoolServer):
                                                                     'hung_thread_limit': 3600})
         self.front = Front(config, lambda connection: self.thread_pool.add_task(
             lambda: self.serve_request(connection)), waiting_room)
+        self.sender = Sender(config, self.front.request_done, self.front.abandon)
 
     def process_request(self, request, client_address):
         self.front.admit(request, client_address)
 
     def serve_request(self, connection):
-        """Run one request in this pool thread, then give the connection back to the front."""
+        """Run one request in this pool thread, then give the connection back to the front, or what the client
+        has not yet taken of the answer to the Sender."""
         keep_alive = read_whole = False
+        unsent, (chunks, result) = b'', (None, None)
         try:
             handler = self.RequestHandlerClass(connection, (connection.peer, 0), self)
             read_whole = handler.body_read()
             keep_alive = read_whole and not handler.close_connection
             connection.pending = handler.rfile.leftover()
+            unsent, (chunks, result) = handler.wfile.unsent, handler.rest
         except Exception:
             log.exception('A request failed outside the application')
-        self.front.request_done(connection, keep_alive, read_whole)
+        self.front.thread_done(connection)
+        if unsent:
+            self.sender.take(Answer(connection, unsent, chunks, result, keep_alive, read_whole, self.sender.clock))
+        else:
+            self.front.request_done(connection, keep_alive, read_whole)

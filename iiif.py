@@ -430,13 +430,18 @@ def identifier_for(coll, name, collections):
         return quote(name, safe='')
     if coll not in collections:
         raise ValueError('an identifier names a collection of COLLECTION_DIRS')
+    return spelling(coll, name)
+
+
+def spelling(coll, name):
     raw = coll.encode('utf-8') + b'\0' + name.encode('utf-8')
     return base64.urlsafe_b64encode(raw).rstrip(b'=').decode('ascii')
 
 
-def name_for(identifier, collections):
-    """(collection, name) that the decoded path segment `identifier` names (collection None without
-    COLLECTION_DIRS), or IIIFError 404 when it can name no stored original."""
+def spelled_name(identifier, collections):
+    """(collection, name) that the decoded path segment `identifier` spells (collection None without
+    COLLECTION_DIRS), whether or not the collection is one of them, so that a refusal for want of a token can come
+    first and tell nothing of which collections exist; IIIFError 404 when it spells no name."""
     if not isinstance(identifier, str):
         raise unknown()
     if not collections:
@@ -448,9 +453,18 @@ def name_for(identifier, collections):
     except (binascii.Error, ValueError):                            # not base64, not ASCII, not UTF-8
         raise unknown() from None
     coll, nul, name = text.rpartition('\0')
-    if not nul or coll not in collections or name_problem(name):
+    if not nul or name_problem(name):
         raise unknown()
-    if identifier_for(coll, name, collections) != identifier:      # padding, unused bits: another spelling
+    if spelling(coll, name) != identifier:                        # padding, unused bits: another spelling
+        raise unknown()
+    return coll, name
+
+
+def name_for(identifier, collections):
+    """(collection, name) that the decoded path segment `identifier` names (collection None without
+    COLLECTION_DIRS), or IIIFError 404 when it can name no stored original."""
+    coll, name = spelled_name(identifier, collections)
+    if collections and coll not in collections:
         raise unknown()
     return coll, name
 

@@ -151,6 +151,33 @@ def token_problem(key, token, name, started, tolerance):
     return None
 
 
+class ReadTokens:
+    """Tokens presented for reading, until their window ends (at most `most`, the oldest forgotten first): a
+    token that went into a URL, a browser's history or a proxy's log to read a file cannot then replace or delete
+    it. Specify mints a fresh token for every write, so only a write in the very second of a read of the same
+    name (the same token) is refused."""
+
+    def __init__(self, most):
+        self.most, self.tokens, self.lock = most, collections.OrderedDict(), threading.Lock()
+
+    def note(self, token, now, tolerance):
+        """Remember a token a request read with (until it expires; with no window, until forgotten)."""
+        timestamp = int(token.rpartition(':')[2])
+        with self.lock:
+            self.tokens[token] = None if tolerance is None else timestamp + tolerance
+            self.tokens.move_to_end(token)
+            while self.tokens and (len(self.tokens) > self.most or self.expired(next(iter(self.tokens)), now)):
+                self.tokens.popitem(last=False)
+
+    def expired(self, token, now):
+        ends = self.tokens[token]
+        return ends is not None and ends <= now
+
+    def read_with(self, token):
+        with self.lock:
+            return token in self.tokens
+
+
 GRANT = re.compile(r'([0-9]{1,12})\.([0-9a-f]{32})')
 GRANT_STEP = 60                  # grants are minted to the next whole minute, so one minute's tiles share URLs
 
@@ -1001,6 +1028,10 @@ class DiskStorage(Layout):
         for entry, info in self._listed(coll, self.orig_dir, follow=True):
             yield entry.name, info.st_mtime
 
+    def originals_bytes(self, coll):
+        """The bytes the collection's originals hold."""
+        return sum(info.st_size for _entry, info in self._listed(coll, self.orig_dir, follow=True))
+
     def thumbnails(self, coll):
         """(cache name, size in bytes, modification time in epoch seconds) of each cached thumbnail: only
         names that are thumbnail cache names, never a temporary, a link or anything else in the folder."""
@@ -1506,19 +1537,46 @@ def request_params():
     return {**{name: source.getunicode(name) for name in source}, **fields}
 
 
-def require_token(name):
-    """403 unless the request's token signs `name` (or auth is disabled)."""
+READ_TOKENS_REMEMBERED = 100_000     # tokens read with that are remembered, so that they cannot write (ReadTokens)
+
+
+def require_token(name, reading=True):
+    """403 unless the request's token signs `name` (or auth is disabled); a write's token must not be one that
+    was read with."""
     app = bottle.request.app
-    problem = token_problem(app.key, param('token'), name, bottle.request.environ['wast.started'],
-                            app.settings.TIME_TOLERANCE)
+    token, started = param('token'), bottle.request.environ['wast.started']
+    problem = token_problem(app.key, token, name, started, app.settings.TIME_TOLERANCE)
     if problem:
         refuse(403, problem)
+    if app.key is None:
+        return
+    keep_private()
+    if reading:
+        app.read_tokens.note(token, started, app.settings.TIME_TOLERANCE)
+    elif not name_problem(name) and app.read_tokens.read_with(token):     # a bad name: its own 400 first
+        refuse(403, 'This token was used to read the file: a change needs a token of its own (make a new one).')
+
+
+def keep_private():
+    """The answer needed a token or a grant: no shared cache may keep it (see AssetServer.wsgi)."""
+    bottle.request.environ['wast.private'] = True
+
+
+def note_read_token(name):
+    """A token sent to read though none is needed (REQUIRE_KEY_FOR_GET off) is remembered too, if it is valid:
+    it may have been written into a URL all the same."""
+    app = bottle.request.app
+    token, started = param('token'), bottle.request.environ['wast.started']
+    if token and app.key is not None and not token_problem(app.key, token, name, started,
+                                                           app.settings.TIME_TOLERANCE):
+        app.read_tokens.note(token, started, app.settings.TIME_TOLERANCE)
 
 
 class TokenCheck:
     """Bottle plugin: a route with signed=<param> needs a token over that parameter.
 
-    Routes also marked read=True are checked only when REQUIRE_KEY_FOR_GET is on.
+    Routes also marked read=True are checked only when REQUIRE_KEY_FOR_GET is on; the others are writes (and
+    testkey), which a token read with cannot pass.
     """
     name, api = 'token_check', 2
 
@@ -1526,10 +1584,13 @@ class TokenCheck:
         signed = route.config.get('signed')
         if not signed:
             return callback
+        reading = bool(route.config.get('read'))
 
         def checked(*args, **kwargs):
-            if not route.config.get('read') or route.app.settings.REQUIRE_KEY_FOR_GET:
-                require_token(param(signed) or '')
+            if not reading or route.app.settings.REQUIRE_KEY_FOR_GET:
+                require_token(param(signed) or '', reading)
+            else:
+                note_read_token(param(signed) or '')
             return callback(*args, **kwargs)
         return checked
 
@@ -1551,9 +1612,12 @@ class AssetServer(bottle.Bottle):
         def start_stamped(status, headers, exc_info=None):
             headers.append(('X-Timestamp', str(int(time.time()))))
             headers.append(('Access-Control-Allow-Origin', '*'))
+            if environ.get('wast.private'):
+                headers[:] = private_caching(headers)
             if self.settings.ACCESS_LOG:
                 log.info('%s %s %s %s %.0fms', printable(environ.get('wast.client') or environ.get('REMOTE_ADDR', '-')),
-                         printable(environ.get('REQUEST_METHOD', '')), printable(environ.get('PATH_INFO', '')),
+                         printable(environ.get('REQUEST_METHOD', '')[:LOGGED_PATH]),
+                         printable(logged_path(environ.get('PATH_INFO', ''))),
                          status.split(' ', 1)[0], 1000 * (time.time() - started))
             return start_response(status, headers, exc_info)
         problem = unroutable(environ)
@@ -1563,11 +1627,35 @@ class AssetServer(bottle.Bottle):
         return super().wsgi(environ, start_stamped)
 
     def default_error_handler(self, error):
-        """Errors are short plain text; a fault's traceback goes to the log only."""
+        """Errors are short plain text (a path Bottle echoes cut to ECHOED_TEXT); a fault's traceback goes to the
+        log only."""
         bottle.response.content_type = 'text/plain; charset=UTF-8'
         if error.status_code == 500:
             return 'Internal server error.'
-        return str(error.body)
+        text = str(error.body)
+        return text if len(text) <= ECHOED_TEXT else text[:ECHOED_TEXT] + '…'
+
+
+LOGGED_PATH = 512                 # characters of a request's path (and method) written to the access log
+ECHOED_TEXT = 300                 # characters of an error's text answered (Bottle's 404 names the path)
+GRANT_IN_PATH = re.compile(r'(/iiif/grant/[0-9]{1,12})\.[0-9a-f]{32}')
+
+
+def logged_path(path):
+    """A path as the access log keeps it: a viewer grant reduced to its expiry (it is a credential), the whole
+    cut to LOGGED_PATH characters."""
+    path = GRANT_IN_PATH.sub(r'\1.…', path)
+    return path if len(path) <= LOGGED_PATH else path[:LOGGED_PATH] + '…'
+
+
+def private_caching(headers):
+    """An answer's headers with its Cache-Control made private (a shared cache could serve it after the token
+    that let it out expired), its max-age kept."""
+    kept = [value for name, value in headers if name.lower() == 'cache-control']
+    directives = [part.strip() for value in kept for part in value.split(',')
+                  if part.strip() and part.strip().lower() not in ('public', 'private')]
+    return [(name, value) for name, value in headers if name.lower() != 'cache-control'] + [
+        ('Cache-Control', ', '.join(['private', *directives]))]
 
 
 def public_base_url():
@@ -1938,7 +2026,7 @@ def iiif_original(identifier, grant=None):
     if '%2f' in sent:                     # decoded into a separator before routing: no name holds a slash
         refuse(404, 'No such image.')
     try:
-        coll, name = iiif.name_for(identifier, app.settings.COLLECTION_DIRS)
+        coll, name = iiif.spelled_name(identifier, app.settings.COLLECTION_DIRS)
     except iiif.IIIFError as error:
         refuse(error.status, error.reason)
     if grant is not None:
@@ -1946,8 +2034,13 @@ def iiif_original(identifier, grant=None):
                                 app.settings.IIIF_GRANT_SECONDS)
         if problem:
             refuse(403, problem)
+        keep_private()
     elif app.settings.REQUIRE_KEY_FOR_GET:
         require_token(name)
+    else:
+        note_read_token(name)
+    if app.settings.COLLECTION_DIRS and coll not in app.settings.COLLECTION_DIRS:
+        refuse(404, 'No such image.')       # only now: without the token, a known and an unknown one answer alike
     return coll, name
 
 
@@ -2106,13 +2199,14 @@ def iiif_image(version, identifier, region, size, rotation, quality_format, gran
                     if cache_name and app.storage.store_derivative(coll, name, cache_name, made, identity):
                         app.storage.count_stored(coll, cache_name)
                         return app.storage.send_derivative(coll, cache_name, headers, plan.content_type)
-                    with open(made, 'rb') as out:
-                        body = out.read()
+                    cut = open(made, 'rb')     # read until the answer ends, though its scratch folder goes now
     except FileNotFoundError:
         refuse(404, 'No such file.')
     except ThumbnailError as error:
         refuse(404, str(error))
-    return bottle.HTTPResponse(body, 200, **headers, **{'Content-Type': plan.content_type})
+    size = os.fstat(cut.fileno()).st_size
+    return bottle.HTTPResponse(stream_file(cut, size), 200, **headers,
+                               **{'Content-Type': plan.content_type, 'Content-Length': str(size)})
 
 
 def route_iiif(app):
@@ -2134,6 +2228,7 @@ def create_app(config):
         storage.start_cache_sweep()           # counts the cache, in the background
     app = AssetServer(config, storage, Thumbnailer(config), resolve_key(config))
     app.metadata = MetadataReader(config)
+    app.read_tokens = ReadTokens(READ_TOKENS_REMEMBERED)
     app.view_sizes = ViewSizes(config.THUMBNAIL_FAILURES_REMEMBERED)
     app.iiif_limits = iiif.Limits(max_width=config.IIIF_MAX_SIZE, max_height=config.IIIF_MAX_SIZE)
     app.install(answer_storage_faults)

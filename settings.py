@@ -11,7 +11,8 @@ read too: ATTACHMENT_KEY sets KEY and DEBUG_MODE sets DEBUG.
 KEY = None                       # Shared attachment key (Specify's attachment.key / ASSET_SERVER_KEY). None: use KEY_FILE, made with a random key on first start.
 KEY_FILE = None                  # Where a generated key is kept; None means BASE_DIR/.web-asset-server.key.
 AUTH_DISABLED = False            # True turns every token check off (anyone may write and delete); the server warns at every start.
-TIME_TOLERANCE = 150             # Seconds a token stays valid either side of the server's clock; None turns the window off.
+TIME_TOLERANCE = 150             # Seconds a token stays valid either side of the server's clock; None turns the window off (then NO_TIME_WINDOW_ACKNOWLEDGED too).
+NO_TIME_WINDOW_ACKNOWLEDGED = False  # True lets TIME_TOLERANCE None start: every token ever made, read or leaked then stays valid for good (README, The key).
 REQUIRE_KEY_FOR_GET = False      # True: fileget, getmetadata and /static also need a token (Specify 7: WEB_ATTACHMENT_REQUIRES_KEY_FOR_GET).
 
 # --- Listening and the discovery document ----------------------------------
@@ -28,11 +29,13 @@ DEBUG = False                    # More logging; never shows tracebacks to clien
 FILE_OFFLOAD = None              # 'nginx': fileget answers with X-Accel-Redirect and nginx sends the file; 'apache': X-Sendfile. Disk storage only.
 OFFLOAD_PREFIX = '/protected-attachments/'  # nginx internal location that maps to BASE_DIR (see deploy/nginx.conf).
 ACCESS_LOG = True                # One line per request on standard error.
-THREADS = 20                     # Requests Paste serves at once (long downloads each hold one); at least 5.
+THREADS = 20                     # Requests Paste serves at once (an answer's sending holds none once the client does not take it at once); at least 5.
 SOCKET_TIMEOUT = 60              # Seconds a connection may stay silent while a request body is read or an answer sent before it is dropped.
 REQUEST_HEAD_TIMEOUT = 20        # Seconds a client has for a request's line and headers (from connecting, or from its previous answer); trickling does not extend it. Heads are read without holding a thread. Then 408.
 REQUEST_BODY_GRACE = 20          # Seconds a request body may take before REQUEST_BODY_MIN_RATE counts.
 REQUEST_BODY_MIN_RATE = 4096     # Bytes a second a request body must average after the grace (32 kbit/s; a 1 Mbit/s upload sends 30 times as much); slower is cut off with 408.
+ANSWER_GRACE = 20                # Seconds an answer may take to send before ANSWER_MIN_RATE counts. What a client does not take at once is sent by one thread for all such answers, so a slow reader holds no worker thread.
+ANSWER_MIN_RATE = 4096           # Bytes a second an answer must average after the grace (32 kbit/s; a 1 Mbit/s download takes 30 times as much); a slower reader is dropped.
 MAX_CONNECTIONS = 500            # Open connections at once, idle ones included; more are answered 503 at once.
 MAX_CONNECTIONS_PER_CLIENT = 50  # Open connections from one client; more are answered 503. A trusted proxy's connections count against the client each last carried a request for.
 MAX_REQUESTS_PER_CLIENT = 10     # Requests one client may have in progress or waiting at once (a browser makes 6); more are answered 503. Behind a trusted proxy the client is the one it names.
@@ -78,7 +81,7 @@ THUMBNAIL_FAILURES_REMEMBERED = 10_000   # Failed conversions remembered (per or
 PREGENERATE_SCALE = 123          # Scale, or list of scales (e.g. [1000, 123]; in the environment 1000,123), made in the background right after an upload so the first view is instant: the largest first, each smaller one from it. None turns it off.
 THUMBNAIL_OTHER_SCALES = 3        # Thumbnails of scales not in PREGENERATE_SCALE kept per original (the most recently made); any valid scale is still answered exactly, an older one of these is removed to make room. At least 1 (the one just made is being sent).
 THUMBNAIL_OTHER_SCALES_ORIGINALS = 10_000  # Originals whose other-scale thumbnails this server follows; beyond, the least recently added to loses them. So they number at most this times THUMBNAIL_OTHER_SCALES.
-THUMBNAIL_CACHE_MAX_BYTES = None  # Total bytes of cached thumbnails, IIIF pyramids and tiles. Over it, a sweep in the background (at most one a minute) removes the least recently made (never one made in the last minute), those of other scales and IIIF first, down to 90%. None: no bound beyond THUMBNAIL_OTHER_SCALES.
+THUMBNAIL_CACHE_MAX_BYTES = '100%'  # Total bytes of cached thumbnails, IIIF pyramids and tiles: a number, or a share of the bytes the originals hold ('100%': as many; counted at each sweep), so no client's viewing grows the cache to a multiple of the collection. Over it, a sweep in the background (at most one a minute) removes the least recently made (never one made in the last minute), those of other scales and IIIF first, down to 90%; `derivatives.py prune` does the same at once. None: no bound beyond THUMBNAIL_OTHER_SCALES.
 WEBP_THUMBNAILS = True            # A thumbnail request whose Accept header names image/webp (browsers', not Specify 6's) is answered with a WebP thumbnail (GIF stays GIF), cached beside the other; until that is made (in the background), with the plain one if it is cached. Every thumbnail answer says Vary: Accept.
 
 # --- IIIF (deep zoom) -------------------------------------------------------------

@@ -353,6 +353,27 @@ def test_prune_keeps_the_iiif_pyramid_and_tiles_of_a_stored_original_and_removes
                                                                    'thumbnails/a_iiif,0,0,512,512,512,512.jpg'}
 
 
+def test_prune_brings_the_cache_under_the_default_bound_of_the_originals_bytes_iiif_first(store, photo, capsys):
+    store.put_original('a.jpg', photo)
+    store.put_thumbnail('a_400.jpg', b't' * 10)
+    tile = len(photo) // 2
+    for x in range(6):                              # three times the original's bytes of IIIF answers
+        store.put_thumbnail(f'a_iiif,{x * 512},0,512,512,512,512.jpg', b'p' * tile)
+    assert store.run('prune') == 0
+    cached = sum(len(data) for name, data in store.files().items() if name.startswith('thumbnails/'))
+    assert cached <= len(photo) * 9 // 10 and 'thumbnails/a_400.jpg' in store.files()
+    assert f'over THUMBNAIL_CACHE_MAX_BYTES ({len(photo)} bytes) removed 5 more, {5 * tile} bytes' in \
+        capsys.readouterr().out
+
+
+def test_prune_dry_run_says_what_the_bound_would_remove_and_removes_nothing(store, photo, capsys):
+    store.put_original('a.jpg', photo)
+    store.put_thumbnail('a_iiif.jpg', b'p' * (2 * len(photo)))
+    files = store.files()
+    assert store.run('prune', '--dry-run') == 0
+    assert 'would remove 1 more' in capsys.readouterr().out and store.files() == files
+
+
 def test_generate_makes_thumbnails_beside_iiif_derivatives_without_taking_them_for_scales(store, photo, conversions):
     store.put_original('a.jpg', photo)
     store.put_thumbnail('a_iiif.jpg', b'p' * 10)

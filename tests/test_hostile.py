@@ -40,8 +40,10 @@ from urllib.parse import quote, urlencode
 import pytest
 
 import core
+import derivatives
 import front
 import server
+import test_iiif_grammar
 from conftest import (IMAGEMAGICK, KEY, PROJECT, SERVER_SCRIPT, RunningServer, descendants, image_info, make_image,
                       multipart_body, parent_pids, png_bytes, wait_for, with_exif)
 from test_protocol import specify6_body
@@ -824,6 +826,164 @@ def test_static_answers_a_pdfs_thumbnail_with_an_image_type(launch, store, tmp_p
     assert (answer.status, answer.headers['Content-Type'], answer.body[:8]) == (200, 'image/png', b'\x89PNG\r\n\x1a\n')
 
 
+# === A token read with cannot write ==============================================================================
+
+READ_WITH = b'This token was used to read the file: a change needs a token of its own (make a new one).'
+
+
+def delete_with(target, name, token):
+    """POST /filedelete as Specify sends it, with this token."""
+    return ask(target.web, 'POST', '/filedelete', urlencode({'filename': name, 'coll': 'Fish', 'token': token}).encode(),
+               {'Content-Type': 'application/x-www-form-urlencoded'})
+
+
+def upload_with(target, name, data, token):
+    content_type, body = multipart_body([('store', name), ('type', 'O'), ('coll', 'Fish'), ('token', token),
+                                         ('file', 'blob', data)])
+    return ask(target.web, 'POST', '/fileupload', body, {'Content-Type': content_type})
+
+
+def read_token(target, name):
+    """A token of this second's, the one a reader would be handed."""
+    return server.make_token(target.key, name, int(time.time()))
+
+
+def fresh_token(target, name):
+    """A token Specify would mint for a write: valid, and not one read with (a second earlier)."""
+    return server.make_token(target.key, name, int(time.time()) - 1)
+
+
+def test_a_token_a_file_was_read_with_cannot_delete_it_and_a_fresh_one_can(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name, token = unique('read.jpg'), None
+    target.stored(name, jpeg)
+    token = read_token(target, name)
+    assert target.fileget(name, token=token).status == 200
+    assert delete_with(target, name, token)[::2] == (403, READ_WITH)
+    assert delete_with(target, name, fresh_token(target, name))[::2] == (200, b'Ok.')
+
+
+def test_a_token_a_file_was_read_with_cannot_replace_it(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('read.jpg')
+    target.stored(name, jpeg)
+    token = read_token(target, name)
+    assert target.fileget(name, token=token).status == 200
+    assert upload_with(target, name, b'replaced', token)[::2] == (403, READ_WITH)
+    assert target.fileget(name, token=token).body == jpeg
+
+
+def test_the_token_getfileref_writes_into_a_static_url_cannot_delete_the_file(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('portal.jpg')
+    target.stored(name, jpeg)
+    url = ask(target.web, 'GET', '/getfileref?' + urlencode({'filename': name, 'coll': 'Fish', 'type': 'O',
+                                                             'token': read_token(target, name)}))
+    token = url.body.decode().rpartition('token=')[2].replace('%3A', ':')
+    assert delete_with(target, name, token)[::2] == (403, READ_WITH)
+
+
+def test_a_token_a_static_url_was_read_with_cannot_delete_the_file(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('portal.jpg')
+    target.stored(name, jpeg)
+    token = read_token(target, name)
+    assert ask(target.web, 'GET', f'/static/originals/{quote(name)}?token={token}').status == 200
+    assert delete_with(target, name, token)[::2] == (403, READ_WITH)
+
+
+def test_a_token_a_viewer_was_handed_for_info_json_cannot_delete_the_image(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('viewed.jpg')
+    target.stored(name, jpeg)
+    token = read_token(target, name)
+    assert ask(target.web, 'GET', f'/iiif/3/{quote(name, safe="")}/info.json?token={token}').status == 200
+    assert delete_with(target, name, token)[::2] == (403, READ_WITH)
+
+
+def test_a_token_sent_with_a_read_that_needs_none_cannot_delete_the_file_either(launch, jpeg):
+    target = launch()
+    name = unique('open.jpg')
+    target.stored(name, jpeg)
+    token = read_token(target, name)
+    assert target.fileget(name, token=token).status == 200
+    assert delete_with(target, name, token)[::2] == (403, READ_WITH)
+
+
+def test_a_token_that_wrote_a_file_still_reads_it(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('written.jpg')
+    token = read_token(target, name)
+    assert upload_with(target, name, jpeg, token)[::2] == (200, b'Ok.')
+    assert target.fileget(name, token=token)[::2] == (200, jpeg)
+
+
+# === What an answer that needed a token tells caches, and what the log keeps ========================================
+
+@pytest.mark.parametrize('kind', ['O', 'T'])
+def test_an_answer_that_needed_a_token_is_private_to_the_browser(launch, jpeg, kind):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('private.jpg')
+    target.stored(name, jpeg)
+    answer = target.fileget(name, kind, token=target.token(name), **({'scale': 64} if kind == 'T' else {}))
+    assert (answer.status, answer.headers['Cache-Control'].split(',')[0]) == (200, 'private')
+
+
+def test_a_static_answer_that_needed_a_token_is_private_to_the_browser(launch, jpeg):
+    target = launch(REQUIRE_KEY_FOR_GET='true')
+    name = unique('private.jpg')
+    target.stored(name, jpeg)
+    answer = ask(target.web, 'GET', f'/static/originals/{quote(name)}?token={target.token(name)}')
+    assert (answer.status, answer.headers['Cache-Control']) == (200, 'private')
+
+
+def test_a_thumbnail_that_needed_no_token_keeps_its_public_caching(launch, jpeg):
+    target = launch()
+    name = unique('public.jpg')
+    target.stored(name, jpeg)
+    assert 'private' not in (target.thumbnail(name).headers['Cache-Control'] or '')
+
+
+def collection_identifier(coll, name):
+    return server.iiif.spelling(coll, name)
+
+
+@pytest.mark.parametrize('coll', ['Fish', 'Secret Birds'])
+def test_without_a_token_an_iiif_identifier_answers_alike_for_a_known_and_an_unknown_collection(launch, coll):
+    target = launch(COLLECTION_DIRS='{"Fish": "fish"}', REQUIRE_KEY_FOR_GET='true')
+    answer = ask(target.web, 'GET', f'/iiif/3/{collection_identifier(coll, "a.jpg")}/info.json')
+    assert (answer.status, answer.body) == (403, b'Missing token.')
+
+
+def test_with_its_token_an_iiif_identifier_of_an_unknown_collection_is_404(launch):
+    target = launch(COLLECTION_DIRS='{"Fish": "fish"}', REQUIRE_KEY_FOR_GET='true')
+    answer = ask(target.web, 'GET', f'/iiif/3/{collection_identifier("Secret Birds", "a.jpg")}/info.json?'
+                 f'token={target.token("a.jpg")}')
+    assert (answer.status, answer.body) == (404, b'No such image.')
+
+
+def test_a_viewer_grant_is_written_to_the_access_log_as_its_expiry_only(start, jpeg):
+    web = start(REQUIRE_KEY_FOR_GET='true')
+    head, body = upload_request('viewed.jpg', jpeg, extra='Connection: close\r\n')
+    with connect(web) as uploading:
+        uploading.sendall(head + body)
+        assert statuses(read_all(uploading)) == [200]
+    info = json.loads(web.request('GET', '/iiif/3/viewed.jpg/info.json?token=' + server.make_token(KEY, 'viewed.jpg'))[2])
+    grant = re.search(r'/grant/([0-9]+)\.([0-9a-f]{32})/', info['id'])
+    assert web.request('GET', f'/iiif/grant/{grant[1]}.{grant[2]}/3/viewed.jpg/info.json')[0] == 200
+    assert wait_for(lambda: f'/iiif/grant/{grant[1]}.…/3/viewed.jpg/info.json 200' in web.output(), 5)
+    assert grant[2] not in web.output()
+
+
+def test_a_long_path_is_logged_and_echoed_cut_to_the_stated_length(start):
+    web = start()
+    path = '/' + 'x' * 60_000
+    status, _headers, body = web.request('GET', path)
+    assert (status, len(body.decode())) == (404, server.ECHOED_TEXT + 1)
+    assert wait_for(lambda: '/' + 'x' * (server.LOGGED_PATH - 1) + '… 404' in web.output(), 5)
+    assert 'x' * (server.LOGGED_PATH + 1) not in web.output()
+
+
 # === Specify 6's own uploads ======================================================================================
 
 def test_specify6_uploads_to_a_collection_named_in_iso_8859_1(launch, jpeg):
@@ -1095,6 +1255,31 @@ def test_a_corrupt_originals_failure_is_not_retried_on_every_tile(launch):
     assert [statuses_of(answers) for answers, _spent in later] == [dict.fromkeys(TILES[1:], 404),
                                                                    dict.fromkeys(TILES, 404)]
     assert sum(spent for _answers, spent in later) < 0.25 * failing * (2 * len(TILES) - 1)   # a quarter each
+
+
+def offered_answers(info):
+    """The path (after the identifier) of every tile and size an info.json offers."""
+    entry = info['tiles'][0]
+    tiles = test_iiif_grammar.tile_requests(info['width'], info['height'], entry['width'],
+                                            entry.get('height', entry['width']), entry['scaleFactors'])
+    return ([f'{x},{y},{w},{h}/{sw},{sh}/0/default.jpg' for (x, y, w, h), (sw, sh) in tiles]
+            + [f"full/{size['width']},{size['height']}/0/default.jpg" for size in info['sizes']])
+
+
+def test_viewing_every_tile_and_size_grows_the_cache_beyond_the_originals_only_until_the_bound_is_applied(fresh,
+                                                                                                          photo_2mp):
+    target = fresh()                                         # THUMBNAIL_CACHE_MAX_BYTES: its default, '100%'
+    name = unique('photo.jpg')
+    target.stored(name, photo_2mp)
+    identifier = quote(name, safe='')
+    info = json.loads(ask(target.web, 'GET', f'/iiif/3/{identifier}/info.json').body)
+    answers = target.attack(lambda: [ask(target.web, 'GET', f'/iiif/3/{identifier}/{path}')
+                                     for path in offered_answers(info)])
+    assert {answer.status for answer in answers} == {200}
+    originals = stored_bytes(target.attachments / 'originals')
+    assert stored_bytes(target.attachments / 'thumbnails') > 2 * originals         # what viewing alone leaves
+    assert derivatives.main(['prune', '--nice', '0'], environ={'BASE_DIR': str(target.attachments)}) == 0
+    assert stored_bytes(target.attachments / 'thumbnails') <= originals * 9 // 10
 
 
 # === Start-up ====================================================================================================
@@ -1855,45 +2040,104 @@ def test_a_connection_the_front_admits_sends_its_segments_without_waiting_for_ac
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
 
 
-class TricklingSocket:
-    """A socket stand-in whose kernel takes `per_send` bytes a call, each call `seconds` long on a fake clock."""
-
-    def __init__(self, per_send, seconds, clock):
-        self.per_send, self.seconds, self.clock, self.timeout, self.calls = per_send, seconds, clock, 1.0, 0
-
-    def gettimeout(self):
-        return self.timeout
-
-    def settimeout(self, timeout):
-        self.timeout = timeout
-
-    def send(self, view):
-        self.calls += 1
-        self.clock[0] += self.seconds
-        return min(len(view), self.per_send)
-
-    def sendall(self, view):
-        """As the kernel would, for a writer that hands it a piece at a time."""
-        sent = 0
-        while sent < len(view):
-            sent += self.send(view[sent:])
+def slow_reader(web, path, source='127.0.0.1'):
+    """A connection from `source` with a small receive buffer that asks for `path`, reads the status line and
+    then, unless the test reads on, nothing more."""
+    reader = socket.socket()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    reader.settimeout(30)
+    reader.bind((source, 0))
+    reader.connect(('127.0.0.1', web.port))
+    reader.sendall(f'GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'.encode())
+    assert reader.recv(12) == b'HTTP/1.1 200'
+    return reader
 
 
-def test_an_answer_the_kernel_takes_at_once_is_sent_in_one_call(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(front.time, 'monotonic', lambda: clock[0])
-    sock = TricklingSocket(10 ** 9, 0, clock)
-    assert front.SocketWriter(sock).write(bytes(5 * front.WRITE_PIECE)) == 5 * front.WRITE_PIECE
-    assert sock.calls == 1
+def read_paced(connection, rate, stop=None):
+    """Everything the server sends on `connection`, read at about `rate` bytes a second until it closes."""
+    received, started = bytearray(), time.monotonic()
+    with contextlib.suppress(OSError):
+        while not (stop and stop.is_set()) and (chunk := connection.recv(4096)):
+            received += chunk
+            ahead = started + len(received) / rate - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+    return bytes(received)
 
 
-def test_a_client_taking_less_than_a_piece_per_socket_timeout_is_dropped_though_never_silent(monkeypatch):
-    clock = [0.0]
-    monkeypatch.setattr(front.time, 'monotonic', lambda: clock[0])
-    sock = TricklingSocket(1, 0.01, clock)          # 100 B/s, a piece a second would be 16 KiB/s
-    with pytest.raises(TimeoutError):
-        front.SocketWriter(sock).write(bytes(front.WRITE_PIECE))
-    assert clock[0] <= 1.0 + 0.01 and sock.timeout == 1.0     # given up at the piece's deadline, timeout restored
+def stored_large(web, jpeg, megabytes, name='large.jpg'):
+    """Upload a JPEG padded with noise to `megabytes` MiB: its bytes, and the path that downloads it."""
+    data = jpeg + os.urandom(megabytes * MiB)
+    head, body = upload_request(name, data, extra='Connection: close\r\n')
+    with connect(web) as uploading:
+        uploading.sendall(head + body)
+        assert statuses(read_all(uploading)) == [200]
+    return data, f'/fileget?coll=Fish&type=O&filename={name}'
+
+
+def test_twenty_readers_that_stop_reading_hold_no_thread_so_health_is_answered_at_once(start, jpeg):
+    web = start()                                    # THREADS 20, MAX_REQUESTS_PER_CLIENT 10
+    _data, path = stored_large(web, jpeg, 4)
+    readers = [slow_reader(web, path, source) for source in ('127.0.0.1', '127.0.0.2') for _ in range(10)]
+    try:
+        for _ in range(3):
+            health = ask(web, 'GET', '/health', source='127.0.0.3', timeout=8)
+            assert (health.status, health.seconds < BYSTANDER_SECONDS) == (200, True), health
+    finally:
+        for reader in readers:
+            reader.close()
+
+
+def test_a_reader_slower_than_answer_min_rate_after_the_grace_is_dropped(start, jpeg):
+    web = start(ANSWER_GRACE='1', ANSWER_MIN_RATE='65536')
+    data, path = stored_large(web, jpeg, 4)
+    stop = threading.Event()
+    with slow_reader(web, path) as reader:
+        started, reading = time.monotonic(), Background(lambda: read_paced(reader, 8192, stop))
+        try:
+            assert wait_for(lambda: not holds_connection(web, reader), 10)
+            assert time.monotonic() - started >= 1
+        finally:
+            stop.set()
+        assert len(reading.joined()) < len(data)
+
+
+def test_a_download_at_1_mbit_per_second_completes_past_the_grace_with_the_default_minimum_rate(start, jpeg):
+    web = start(ANSWER_GRACE='1')
+    data, path = stored_large(web, jpeg, 1)
+    with slow_reader(web, path) as reader:
+        started = time.monotonic()
+        received = b'HTTP/1.1 200' + read_paced(reader, 125_000)
+        seconds = time.monotonic() - started
+    assert received.partition(b'\r\n\r\n')[2] == data and seconds > 1     # past the grace, and whole
+
+
+def incompressible_png(width, height):
+    """An RGB PNG of random pixels, which no encoder makes much smaller than width x height x 3 bytes."""
+    def chunk(kind, data):
+        return struct.pack('>I', len(data)) + kind + data + struct.pack('>I', zlib.crc32(kind + data))
+    rows = b''.join(b'\0' + os.urandom(3 * width) for _ in range(height))
+    return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+            + chunk(b'IDAT', zlib.compress(rows, 0)) + chunk(b'IEND', b''))
+
+
+def test_slow_readers_of_iiif_answers_cut_anew_hold_a_piece_of_each_not_the_whole(launch):
+    target = launch()
+    name = unique('noise.png')
+    target.stored(name, incompressible_png(2048, 2048))
+    path = f'/iiif/3/{quote(name, safe="")}/full/max/0/default.png'      # PNG: cut anew for every request
+    whole = ask(target.web, 'GET', path)
+    assert whole.status == 200 and len(whole.body) > 10 * MiB
+    before = rss(target.pid)
+    readers = [slow_reader(target.web, path) for _ in range(8)]
+    try:
+        time.sleep(1)
+        held = rss(target.pid) - before
+        target.assert_bystander_served()
+    finally:
+        for reader in readers:
+            reader.close()
+    assert held < 8 * len(whole.body) / 4, f'{held / MiB:.0f} MiB held by 8 readers of {len(whole.body) / MiB:.0f} MiB'
 
 
 # --- Request framing ------------------------------------------------------------------------------

@@ -153,7 +153,28 @@ def test_sweeps_start_at_most_once_a_sweep_interval():
     assert (first, size.sweep_due(added=10), size.total) == (True, False, 510)
 
 
-@pytest.mark.parametrize('value', [0, -5, 'big', True])
+def test_by_default_a_sweep_keeps_the_cache_within_the_bytes_the_originals_hold(make_client, tmp_path):
+    client = make_client(PREGENERATE_SCALE=[300], THUMBNAIL_OTHER_SCALES=5)
+    original = make_image(tmp_path, 'plasma:', '600x400', 'jpg')
+    client.upload('a.jpg', original)
+    for scale in (300, 250, 260, 270, 280, 290):
+        preview(client, 'a.jpg', scale)
+    storage = client.app.storage
+    assert cached_bytes(client) > len(original)
+    storage.cache_size.spare_newer_than = 0
+    storage.sweep_cache()
+    assert storage.cache_size.bound == len(original) and cached_bytes(client) <= len(original) * 9 // 10
+    assert 'a_300.jpg' in cached_thumbnails(client)
+
+
+@pytest.mark.parametrize('value, bound', [('100%', (None, 1.0)), ('250%', (None, 2.5)), ('5000', (5000, None)),
+                                          (5000, (5000, None)), (None, (None, None))])
+def test_the_size_bound_is_bytes_or_a_share_of_the_originals_bytes(value, bound, tmp_path):
+    config = server.load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})
+    assert (config.THUMBNAIL_CACHE_MAX_BYTES, config.THUMBNAIL_CACHE_SHARE) == bound
+
+
+@pytest.mark.parametrize('value', [0, -5, 'big', True, '0%', '5.5%', '%'])
 def test_a_size_bound_that_is_not_a_positive_number_of_bytes_is_refused_at_start(value, tmp_path):
     with pytest.raises(server.ConfigError, match='THUMBNAIL_CACHE_MAX_BYTES'):
         server.load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.disk_only
 def test_environment_variables_are_read_with_the_settings_types(tmp_path):
     config = server.load_config(environ={
         'PORT': '9090', 'REQUIRE_KEY_FOR_GET': 'true', 'ALLOW_STATIC_FILE_ACCESS': 'no',
-        'TIME_TOLERANCE': 'none', 'COLLECTION_DIRS': '{"Fish": "fish"}', 'BASE_DIR': str(tmp_path),
+        'TIME_TOLERANCE': 'none', 'NO_TIME_WINDOW_ACKNOWLEDGED': 'true', 'COLLECTION_DIRS': '{"Fish": "fish"}', 'BASE_DIR': str(tmp_path),
         'SERVER_NAME': 'assets.museum.org', 'SERVER_PORT': '443', 'MAX_UPLOAD_SIZE': '1000',
         'MAX_THUMBNAIL_SCALE': '600', 'PUBLIC_SCHEME': 'https', 'TRUST_PROXY_HEADERS': '1'})
     assert (config.PORT, config.REQUIRE_KEY_FOR_GET, config.ALLOW_STATIC_FILE_ACCESS) == (9090, True, False)
@@ -226,3 +226,14 @@ def test_log_lines_carry_the_time_to_the_millisecond_as_the_standard_formatter_w
 def test_the_server_refuses_to_start_with_originals_and_thumbnails_in_one_folder(tmp_path, folder):
     with pytest.raises(server.ConfigError, match='ORIG_DIR and THUMB_DIR must name different folders'):
         server.load_config({'BASE_DIR': str(tmp_path), 'ORIG_DIR': folder, 'THUMB_DIR': folder}, environ={})
+
+
+def test_the_server_refuses_to_start_without_a_token_window_unless_that_is_acknowledged(tmp_path):
+    with pytest.raises(server.ConfigError, match='tokens would never expire'):
+        server.load_config({'BASE_DIR': str(tmp_path), 'TIME_TOLERANCE': None}, environ={})
+
+
+def test_a_start_without_a_token_window_that_is_acknowledged_keeps_no_window(tmp_path):
+    config = server.load_config({'BASE_DIR': str(tmp_path)}, environ={'TIME_TOLERANCE': 'none',
+                                                                     'NO_TIME_WINDOW_ACKNOWLEDGED': 'true'})
+    assert config.TIME_TOLERANCE is None

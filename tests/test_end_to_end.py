@@ -47,7 +47,8 @@ def test_a_specify_session_over_http_uploads_reads_thumbnails_and_deletes(runnin
     status, headers, thumb = web.request('GET', '/fileget?' + urlencode(dict(read, type='T', scale=123)))
     assert (status, image_info(thumb, tmp_path)) == (200, ('JPEG', 123, 82))
     assert web.request('GET', '/fileget?' + urlencode(dict(read, type='O', token='')))[0] == 403
-    delete = dict(read, token=server.make_token(KEY, 'a.jpg', int(time.time()) - 1))   # minted for it, not read with
+    minted = int(read['token'].rpartition(':')[2]) - 1                      # for the delete, not the reads' own
+    delete = dict(read, token=server.make_token(KEY, 'a.jpg', minted))
     status, _, body = web.request('POST', '/filedelete', urlencode(delete),
                                   {'Content-Type': 'application/x-www-form-urlencoded'})
     assert (status, body) == (200, b'Ok.')

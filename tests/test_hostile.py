@@ -848,9 +848,9 @@ def read_token(target, name):
     return server.make_token(target.key, name, int(time.time()))
 
 
-def fresh_token(target, name):
-    """A token Specify would mint for a write: valid, and not one read with (a second earlier)."""
-    return server.make_token(target.key, name, int(time.time()) - 1)
+def fresh_token(target, name, read):
+    """A token Specify would mint for a write: valid, and not the one read with (a second before it)."""
+    return server.make_token(target.key, name, int(read.rpartition(':')[2]) - 1)
 
 
 def test_a_token_a_file_was_read_with_cannot_delete_it_and_a_fresh_one_can(launch, jpeg):
@@ -860,7 +860,7 @@ def test_a_token_a_file_was_read_with_cannot_delete_it_and_a_fresh_one_can(launc
     token = read_token(target, name)
     assert target.fileget(name, token=token).status == 200
     assert delete_with(target, name, token)[::2] == (403, READ_WITH)
-    assert delete_with(target, name, fresh_token(target, name))[::2] == (200, b'Ok.')
+    assert delete_with(target, name, fresh_token(target, name, token))[::2] == (200, b'Ok.')
 
 
 def test_a_token_a_file_was_read_with_cannot_replace_it(launch, jpeg):
@@ -1605,8 +1605,21 @@ def test_a_flood_of_connections_from_one_address_keeps_the_servers_descriptors_b
             assert get(other)[0] == 200
 
 
+def client_connections(web):
+    """Connections to the server's port that its process still holds (its listening socket left out)."""
+    with open('/proc/net/tcp') as rows:
+        inodes = {f'socket:[{fields[9]}]' for fields in map(str.split, rows)
+                  if fields[1].endswith(f':{web.port:04X}') and fields[3] != '0A'}
+    held = 0
+    for fd in os.listdir(f'/proc/{web.process.pid}/fd'):
+        with contextlib.suppress(FileNotFoundError):           # closed while we looked
+            held += os.readlink(f'/proc/{web.process.pid}/fd/{fd}') in inodes
+    return held
+
+
 def test_connections_beyond_max_connections_are_answered_503_whoever_opens_them(start):
     web = start(MAX_CONNECTIONS='4', MAX_CONNECTIONS_PER_CLIENT='50')
+    assert wait_for(lambda: client_connections(web) == 0, 10)      # the start's own check has been counted out
     with held_open([connect(web, source=f'127.0.0.{2 + i}') for i in range(4)]):
         with connect(web, source='127.0.0.9') as extra:
             assert get(extra)[0] == 503

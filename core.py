@@ -138,7 +138,7 @@ def check_config(config):
         if not isinstance(getattr(config, name), int) or getattr(config, name) < 1:
             raise ConfigError(f'setting {name} must be a whole number above 0')
     config.PREGENERATE_SCALES = pregenerated_scales(config)
-    config.THUMBNAIL_CACHE_MAX_BYTES, config.THUMBNAIL_CACHE_SHARE = cache_bound(config.THUMBNAIL_CACHE_MAX_BYTES)
+    config.THUMBNAIL_CACHE_BOUND = cache_bound(config.THUMBNAIL_CACHE_MAX_BYTES)
     if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:
         raise ConfigError('setting THUMBNAIL_QUEUE must be a whole number, 0 or more')
     if config.THREADS < 5:
@@ -659,8 +659,7 @@ class Layout:
         self.thumbnail_locks = KeyedLocks()
         self.ladder = sorted(config.PREGENERATE_SCALES)      # cached scales a smaller thumbnail may be made from
         self.other_scales = OtherScales(config.THUMBNAIL_OTHER_SCALES, config.THUMBNAIL_OTHER_SCALES_ORIGINALS)
-        self.cache_size = ((config.THUMBNAIL_CACHE_MAX_BYTES or config.THUMBNAIL_CACHE_SHARE)
-                           and CacheSize(config.THUMBNAIL_CACHE_MAX_BYTES, config.THUMBNAIL_CACHE_SHARE))
+        self.cache_size = any(config.THUMBNAIL_CACHE_BOUND) and CacheSize(*config.THUMBNAIL_CACHE_BOUND)
 
     def larger_scales(self, scale):
         """The configured scales above `scale`, smallest first: where to look for a source smaller than the original."""
@@ -772,10 +771,14 @@ class Layout:
         """Over the `cache` size's bound (set first from the originals' bytes when it is a share), remove the least
         recently made derivatives down to 90% of it: (the total left, files removed, bytes removed)."""
         if cache.share is not None:
-            cache.bound = int(cache.share * sum(self.originals_bytes(coll) for coll in self.every_collection()))
+            originals = sum(self.originals_bytes(coll) for coll in self.every_collection())
+            cache.bound = int(cache.share * originals) or None
+            if cache.bound is None:
+                log.warning('No originals were counted (a folder not mounted, a wrong S3 prefix?): the thumbnail '
+                            'cache is not bounded by THUMBNAIL_CACHE_MAX_BYTES until some are')
         total = sum(size for *_, size, _modified in self.cached_thumbnails())
         removed = freed = 0
-        if total > cache.bound:
+        if cache.bound is not None and total > cache.bound:
             for coll, cache_name, size in self._oldest_covering(total - cache.bound * 9 // 10, spare_newer_than):
                 if not dry_run:
                     self.remove_thumbnail(coll, cache_name)

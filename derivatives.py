@@ -264,6 +264,9 @@ def within_bound(storage, dry_run):
     if not storage.cache_size:
         return ''
     total, files, freed = storage.bring_within_bound(storage.cache_size, spare_newer_than=0, dry_run=dry_run)
+    if storage.cache_size.bound is None:
+        return (f'; no originals counted, so nothing removed for THUMBNAIL_CACHE_MAX_BYTES '
+                f'(the cache holds {total} bytes)')
     return (f'; over THUMBNAIL_CACHE_MAX_BYTES ({storage.cache_size.bound} bytes) '
             f'{"would remove" if dry_run else "removed"} {files} more, {freed} bytes, leaving {total} bytes')
 

@@ -13,6 +13,7 @@ Imports run one way: settings.py -> core.py -> s3storage.py -> front.py (this) -
 """
 
 import collections
+import concurrent.futures
 import contextlib
 import functools
 import ipaddress
@@ -71,6 +72,7 @@ class Connection:
         self.counted = peer[0]         # the client this connection counts against: its peer, or the client a
                                        # trusted proxy last named on it
         self.waited = False            # whether its request went through the waiting room
+        self.kind = None               # what it waited for there ('conversion', 'body')
         self.waits_until = 0.0         # when its request, waiting for a thread there, is answered 503
         self.hurried = False           # a trusted peer's beyond the cap: its head is due in PROXY_HEAD_SECONDS
         self.pending = bytearray()     # bytes read from the client and not yet given to a request
@@ -83,56 +85,71 @@ class Connection:
 
 
 class WaitingRoom:
-    """Requests that may wait for conversions (`needs_turn(head)`: thumbnails, IIIF) hold at most `budget` threads,
-    one client at most half of them; the others wait here, holding no thread, each for at most `wait` seconds. A
-    freed thread goes to the next client in turn below its fair share (the budget over the clients present), so a
-    museum's burst waits its turn instead of being refused, a client's flood leaves the other half of the threads
-    to everyone else, and every other request still finds threads."""
+    """Requests that hold a thread long (`needs_turn(head)` names their kind: conversions for thumbnails and IIIF,
+    bodies for uploads) hold at most `total` threads together and each kind at most its `budget`, one client at
+    most half of each; the others wait here, holding no thread, each for at most `wait` seconds. A freed thread
+    goes to the next client in turn below its fair share, so a museum's burst waits its turn instead of being
+    refused, a client's flood leaves the other half of the threads to everyone else, and every other request
+    (/health, cached files) still finds threads."""
 
-    def __init__(self, needs_turn, budget, wait, clock=time.monotonic):
-        self.needs_turn, self.budget, self.wait, self.clock = needs_turn, budget, wait, clock
-        self.most_per_client = -(-budget // 2)
-        self.running = collections.Counter()         # client -> its requests let in and not yet over
+    def __init__(self, needs_turn, budget, wait, clock=time.monotonic, total=None):
+        self.needs_turn, self.wait, self.clock = needs_turn, wait, clock
+        self.budgets = budget if isinstance(budget, dict) else collections.defaultdict(lambda: budget)
+        self.total = total or (max(budget.values()) if isinstance(budget, dict) else budget)
+        self.running = collections.Counter()         # (client, kind) -> its requests let in and not yet over
         self.waiting = collections.OrderedDict()     # client -> its waiting connections, oldest first
         self.lock = threading.Lock()
 
     def enter(self, connection):
         """True when the request may take a thread now; else it waits in its client's line. (While a thread is
-        free, every client waiting is at its most: nobody is passed over.)"""
+        free for its kind, every client waiting for that kind is at its most: nobody is passed over.)"""
         with self.lock:
-            client = connection.client
-            if sum(self.running.values()) < self.budget and self.running[client] < self.most_per_client:
-                self.running[client] += 1
+            if self.fits(connection, self.most(kind_of(connection))):
+                self.running[connection.client, kind_of(connection)] += 1
                 return True
             connection.waits_until = self.clock() + self.wait
-            self.waiting.setdefault(client, collections.deque()).append(connection)
+            self.waiting.setdefault(connection.client, collections.deque()).append(connection)
             return False
 
-    def leave(self, client):
-        """A request of `client` let in is over: the next one to let in, or None."""
-        with self.lock:
-            self.running[client] -= 1
-            if self.running[client] <= 0:
-                del self.running[client]
-            chosen = self.next_client()
-            if chosen is None:
-                return None
-            line = self.waiting.pop(chosen)
-            connection = line.popleft()
-            if line:
-                self.waiting[chosen] = line            # to the end of the turn
-            self.running[chosen] += 1
-            return connection
+    def most(self, kind, clients=1):
+        """What one client may hold of a kind's threads: half, or its fair share among `clients`."""
+        return -(-self.budgets[kind] // max(2, clients))
 
-    def next_client(self):
-        """The first waiting client in turn below its fair share, else below its most; None for none."""
-        if not self.waiting:
-            return None
-        share = -(-self.budget // len(self.waiting.keys() | self.running.keys()))
-        for most in (min(share, self.most_per_client), self.most_per_client):
-            for client in self.waiting:
-                if self.running[client] < most:
-                    return client
+    def fits(self, connection, most):
+        """Whether a thread is free for the connection's kind, and its client holds fewer than `most` of them."""
+        kind = kind_of(connection)
+        of_kind = sum(count for (_client, held), count in self.running.items() if held == kind)
+        return (sum(self.running.values()) < self.total and of_kind < self.budgets[kind]
+                and self.running[connection.client, kind] < most)
+
+    def leave(self, client, kind=True):
+        """A request of `client` (of `kind`) let in is over: the waiting ones to let in now (a thread freed for one
+        kind may free the total for another)."""
+        with self.lock:
+            self.running[client, kind] -= 1
+            if self.running[client, kind] <= 0:
+                del self.running[client, kind]
+            let_in = []
+            while (chosen := self.next_waiting()) is not None:
+                client, connection = chosen
+                line = self.waiting.pop(client)
+                line.remove(connection)
+                if line:
+                    self.waiting[client] = line            # to the end of the turn
+                self.running[client, kind_of(connection)] += 1
+                let_in.append(connection)
+            return let_in
+
+    def next_waiting(self):
+        """(client, connection): the first waiting client in turn below its fair share of its request's kind, else
+        below its most, and its oldest request a thread is free for; None for none."""
+        present = len(self.waiting.keys() | {client for client, _kind in self.running})
+        for fair in (True, False):
+            for client, line in self.waiting.items():
+                for connection in line:
+                    kind = kind_of(connection)
+                    if self.fits(connection, self.most(kind, present) if fair else self.most(kind)):
+                        return client, connection
         return None
 
     def expired(self, now):
@@ -151,6 +168,11 @@ class WaitingRoom:
         """When the soonest waiting request is given up (None: none waits)."""
         with self.lock:
             return min((line[0].waits_until for line in self.waiting.values()), default=None)
+
+
+def kind_of(connection):
+    """What a connection waits for (what needs_turn named; True when no kind was named)."""
+    return getattr(connection, 'kind', True)
 
 
 def framed_strictly(head):
@@ -222,8 +244,7 @@ class Front:
         request may take one."""
         if connection.waited:
             connection.waited = False
-            let_in = self.waiting_room.leave(connection.client)
-            if let_in:
+            for let_in in self.waiting_room.leave(connection.client, connection.kind):
                 self.run_request(let_in)
 
     def request_done(self, connection, keep_alive, read_whole):
@@ -423,7 +444,8 @@ class Front:
         self.selector.unregister(connection.sock)
         connection.sock.settimeout(self.config.SOCKET_TIMEOUT)    # bounds a silent client, reading or sending
         connection.scanned, connection.line_ended = 0, False
-        connection.waited = bool(self.waiting_room) and self.waiting_room.needs_turn(bytes(head))
+        connection.kind = self.waiting_room.needs_turn(bytes(head)) if self.waiting_room else None
+        connection.waited = bool(connection.kind)
         if not connection.waited or self.waiting_room.enter(connection):
             self.run_request(connection)
 
@@ -644,15 +666,18 @@ class Answer:
         self.keep_alive, self.read_whole = keep_alive, read_whole
         self.started = self.progressed = clock()
         self.sent = 0
+        self.ended = False
 
 
 class Sender:
     """Sends, in one thread of its own, the rest of every answer a client did not take at once, so that a slow
-    reader holds a descriptor and one piece of its answer, never a worker thread. An answer must average
-    ANSWER_MIN_RATE bytes a second after ANSWER_GRACE seconds and may never stall for SOCKET_TIMEOUT; a client
-    slower than that is dropped."""
+    reader holds a descriptor and one piece of its answer, never a worker thread. Pieces are read by a few reader
+    threads (a store's stream may block), never by the sending thread. An answer must average ANSWER_MIN_RATE
+    bytes a second after ANSWER_GRACE seconds and may never stall for SOCKET_TIMEOUT (time spent reading a piece
+    not counted); a client slower than that is dropped."""
 
-    PIECES_PER_TURN = 8          # pieces one connection is sent before the others get their turn
+    PIECES_PER_TURN = 4          # sends to one connection before the others get their turn
+    READERS = 4                  # threads that read the next pieces of answers
 
     def __init__(self, config, finished, abandoned, clock=time.monotonic):
         self.config, self.finished, self.abandoned, self.clock = config, finished, abandoned, clock
@@ -660,47 +685,59 @@ class Sender:
         self.wake_in, self.wake_out = socket.socketpair()
         self.wake_in.setblocking(False)
         self.selector.register(self.wake_in, selectors.EVENT_READ)
-        self.arrivals = collections.deque()
+        self.arrivals, self.pieces = collections.deque(), collections.deque()
+        self.readers = concurrent.futures.ThreadPoolExecutor(self.READERS, thread_name_prefix='answer-reader')
         threading.Thread(target=self.run, name='sender', daemon=True).start()
 
     def take(self, answer):
         """From a worker thread: send the rest of this answer."""
         self.arrivals.append(answer)
+        self.wake()
+
+    def wake(self):
         with contextlib.suppress(OSError):
             self.wake_out.send(b'.')
 
     def run(self):
         while True:
-            for key, _ in self.selector.select(self.seconds_to_next_deadline()):
-                if key.fileobj is self.wake_in:
-                    self.take_arrivals()
-                else:
-                    self.guarded(self.send_more, key.data)
-            for key in list(self.selector.get_map().values()):
-                if key.data and self.clock() >= self.deadline(key.data):
-                    self.end(key.data, complete=False)
+            try:
+                self.turn()
+            except Exception:           # never the end of every answer in flight
+                log.exception('The sender failed')
 
-    def guarded(self, step, answer):
+    def turn(self):
+        """Send what the ready connections take, take new answers and pieces read, drop those too slow."""
+        for key, _ in self.selector.select(self.seconds_to_next_deadline()):
+            if key.fileobj is self.wake_in:
+                with contextlib.suppress(BlockingIOError):
+                    while self.wake_in.recv(4096):
+                        pass
+            else:
+                self.guarded(self.send_more, key.data)
+        while self.arrivals:
+            self.guarded(self.start, self.arrivals.popleft())
+        while self.pieces:
+            answer, piece, failed = self.pieces.popleft()
+            self.guarded(self.go_on, answer, piece, failed)
+        now = self.clock()
+        for key in list(self.selector.get_map().values()):
+            if key.data and now >= self.deadline(key.data):
+                self.end(key.data, complete=False)
+
+    def guarded(self, step, answer, *args):
         """One answer's step; a fault costs that answer its connection, never the other answers."""
         try:
-            step(answer)
+            step(answer, *args)
         except Exception:
             log.exception('An answer failed while it was sent')
-            with contextlib.suppress(Exception):
-                self.end(answer, complete=False)
+            self.end(answer, complete=False)
 
-    def take_arrivals(self):
-        with contextlib.suppress(BlockingIOError):
-            while self.wake_in.recv(4096):
-                pass
-        while self.arrivals:
-            answer = self.arrivals.popleft()
-            try:
-                self.selector.register(answer.connection.sock, selectors.EVENT_WRITE, answer)
-            except (OSError, ValueError):
-                self.end(answer, complete=False, watched=False)
-                continue
-            self.guarded(self.send_more, answer)
+    def start(self, answer):
+        self.watch(answer)
+        self.send_more(answer)
+
+    def watch(self, answer):
+        self.selector.register(answer.connection.sock, selectors.EVENT_WRITE, answer)
 
     def deadline(self, answer):
         """When an answer that is too slow is given up: stalled for SOCKET_TIMEOUT, or below the minimum rate."""
@@ -713,30 +750,53 @@ class Sender:
         return max(0.0, min(deadlines) - self.clock()) if deadlines else None
 
     def send_more(self, answer):
-        """Send what the kernel takes now, a few pieces at most; the answer ends when its body has been sent."""
+        """Send what the kernel takes now, a few sends at most; then ask for the next piece, or end the answer."""
         for _ in range(self.PIECES_PER_TURN):
             if not answer.unsent:
-                piece = next(answer.chunks, None) if answer.chunks else None
-                if piece is None:
-                    self.end(answer, complete=True)
-                    return
-                answer.unsent = memoryview(piece).cast('B')
-                continue
+                break
             try:
                 sent = send_now(answer.connection.sock, answer.unsent)
             except OSError:
                 self.end(answer, complete=False)
                 return
-            if sent:
-                answer.sent, answer.progressed, answer.unsent = answer.sent + sent, self.clock(), answer.unsent[sent:]
-            if answer.unsent:
+            if not sent:
                 return
+            answer.sent, answer.progressed, answer.unsent = answer.sent + sent, self.clock(), answer.unsent[sent:]
+        if answer.unsent:
+            return
+        if answer.chunks is None:
+            self.end(answer, complete=True)
+            return
+        self.selector.unregister(answer.connection.sock)     # not watched (nor timed) while its piece is read
+        self.readers.submit(self.read_piece, answer)
 
-    def end(self, answer, complete, watched=True):
-        """Stop sending: the body's source is closed; the connection goes back to the front whole, or is closed."""
-        if watched:
-            with contextlib.suppress(KeyError, ValueError):
-                self.selector.unregister(answer.connection.sock)
+    def read_piece(self, answer):
+        """In a reader thread: the body's next piece (None at its end), handed to the sending thread."""
+        try:
+            piece, failed = next(answer.chunks, None), False
+        except Exception:
+            log.exception('An answer failed while its body was read')
+            piece, failed = None, True
+        self.pieces.append((answer, piece, failed))
+        self.wake()
+
+    def go_on(self, answer, piece, failed):
+        """A piece read: send it, or end the answer (whole at the body's end, cut off after a failed read)."""
+        if failed or piece is None:
+            self.end(answer, complete=not failed)
+            return
+        answer.unsent, answer.progressed = memoryview(piece).cast('B'), self.clock()
+        self.watch(answer)
+        self.send_more(answer)
+
+    def end(self, answer, complete):
+        """Stop sending, once: the body's source is closed; the connection goes back to the front whole, or is
+        closed."""
+        if answer.ended:
+            return
+        answer.ended = True
+        with contextlib.suppress(KeyError, ValueError):
+            self.selector.unregister(answer.connection.sock)
         if hasattr(answer.result, 'close'):
             with contextlib.suppress(Exception):
                 answer.result.close()

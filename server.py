@@ -2008,13 +2008,15 @@ def static(path):
     also for one of its thumbnails (as getfileref hands the token on)."""
     app = bottle.request.app
     parts = path.split('/')
+    signed = parts[-1]
+    if len(parts) > 1 and parts[-2] == app.settings.THUMB_DIR:
+        signed = thumbnail_source(signed)
     if app.settings.REQUIRE_KEY_FOR_GET:
-        signed = parts[-1]
-        if len(parts) > 1 and parts[-2] == app.settings.THUMB_DIR:
-            signed = thumbnail_source(signed)
-            if signed is None:
-                refuse(404, 'No such file.')
+        if signed is None:
+            refuse(404, 'No such file.')
         require_token(signed)
+    elif signed is not None:
+        note_read_token(signed)
     return app.storage.send_static(parts)
 
 
@@ -2309,9 +2311,22 @@ def waits_for_conversions(head):
     return path in ('/fileget', '/getfileref') and ('type', 'T') in parse_qsl(parts.query, encoding='latin-1')
 
 
+BODY_LENGTH = re.compile(rb'^(content-length:[ \t]*0*[1-9]|transfer-encoding:)', re.I | re.M)
+
+
+def waits_its_turn(head):
+    """What a request waits for in the front's waiting room: 'conversion' (a thumbnail or IIIF), 'body' (a body
+    arrives, at a client's pace, while it holds a thread), or None."""
+    if waits_for_conversions(head):
+        return 'conversion'
+    return 'body' if BODY_LENGTH.search(head) else None
+
+
 def serve_with_paste(app, config):
     """Bind first, then say where we listen: a port in use ends the start with one clear line."""
-    waiting_room = WaitingRoom(waits_for_conversions, conversion_threads(config), config.THUMBNAIL_QUEUE_WAIT)
+    long_threads = max(1, config.THREADS - 5)
+    waiting_room = WaitingRoom(waits_its_turn, {'conversion': conversion_threads(config), 'body': long_threads},
+                               config.THUMBNAIL_QUEUE_WAIT, total=long_threads)
     try:
         listening = FrontedPasteServer(app, config, waiting_room)
     except OSError as error:

@@ -918,6 +918,15 @@ def test_a_token_that_wrote_a_file_still_reads_it(launch, jpeg):
     assert target.fileget(name, token=token)[::2] == (200, jpeg)
 
 
+def test_a_token_a_static_url_was_read_with_though_none_was_needed_cannot_delete_the_file(launch, jpeg):
+    target = launch()
+    name = unique('portal.jpg')
+    target.stored(name, jpeg)
+    token = read_token(target, name)
+    assert ask(target.web, 'GET', f'/static/originals/{quote(name)}?token={token}').status == 200
+    assert delete_with(target, name, token)[::2] == (403, READ_WITH)
+
+
 # === What an answer that needed a token tells caches, and what the log keeps ========================================
 
 @pytest.mark.parametrize('kind', ['O', 'T'])
@@ -1660,6 +1669,64 @@ def test_requests_beyond_max_requests_per_client_in_progress_are_answered_503_an
         release(stop, held)
 
 
+def test_slow_uploads_from_two_clients_leave_threads_for_health(start):
+    web = start(THREADS='7')                             # two threads for requests that hold one long
+    stops = [hold_requests(web, 4, source) for source in ('127.0.0.1', '127.0.0.2')]
+    try:
+        assert wait_for(lambda: len(staged(web)) == 2, 10)
+        for _ in range(3):
+            health = ask(web, 'GET', '/health', source='127.0.0.3', timeout=8)
+            assert (health.status, health.seconds < BYSTANDER_SECONDS) == (200, True), health
+        assert len(staged(web)) == 2                     # the others wait without a thread
+    finally:
+        for stop, held in stops:
+            release(stop, held)
+
+
+def test_an_upload_waiting_for_a_thread_is_let_in_when_one_is_free_and_stored(start, jpeg):
+    web = start(THREADS='6')                             # one thread for requests that hold one long
+    stop, held = hold_requests(web, 1, '127.0.0.2')
+    head, body = upload_request('waited.jpg', jpeg, extra='Connection: close\r\n')
+    with connect(web, '127.0.0.3') as uploading:
+        try:
+            assert wait_for(lambda: len(staged(web)) == 1, 10)
+            uploading.sendall(head + body)
+            waiting = Background(lambda: answer_of(uploading))
+            time.sleep(1)
+            assert waiting.running() and len(staged(web)) == 1
+            release(stop, held)
+            assert waiting.joined(30)[::2] == (200, b'Ok.')
+        finally:
+            release(stop, held)
+
+
+@pytest.mark.parametrize('head, kind', [
+    (b'POST /fileupload HTTP/1.1\r\nContent-Length: 5000\r\n\r\n', 'body'),
+    (b'POST /filedelete HTTP/1.1\r\ncontent-length:  12\r\n\r\n', 'body'),
+    (b'POST /fileupload HTTP/1.1\r\nContent-Length: 0\r\n\r\n', None),
+    (b'GET /health HTTP/1.1\r\nX-Content-Length: 5\r\n\r\n', None),
+    (b'GET /fileget?type=T&filename=a.jpg HTTP/1.1\r\n\r\n', 'conversion')])
+def test_requests_with_a_body_wait_their_turn_as_conversions_do(head, kind):
+    assert server.waits_its_turn(head) == kind
+
+
+def test_the_waiting_room_keeps_each_kind_within_its_budget_and_all_within_the_total():
+    room = front.WaitingRoom(lambda head: True, {'conversion': 2, 'body': 3}, wait=60, total=3)
+    conversions = [types.SimpleNamespace(client=f'c{i}', kind='conversion') for i in range(3)]
+    upload = types.SimpleNamespace(client='u', kind='body')
+    assert [room.enter(connection) for connection in conversions] == [True, True, False]
+    assert room.enter(upload) is True                   # the total's last thread
+    assert room.enter(types.SimpleNamespace(client='v', kind='body')) is False
+    assert [connection.client for connection in room.leave('u', 'body')] == ['v']   # not the third conversion
+
+
+def test_no_client_holds_more_than_half_of_a_kinds_threads_though_the_total_is_larger():
+    room = front.WaitingRoom(lambda head: True, {'conversion': 4, 'body': 10}, wait=60, total=10)
+    flood = [types.SimpleNamespace(client='flood', kind='conversion') for _ in range(4)]
+    assert [room.enter(connection) for connection in flood] == [True, True, False, False]
+    assert room.enter(types.SimpleNamespace(client='bystander', kind='conversion')) is True
+
+
 def test_behind_a_trusted_proxy_requests_are_counted_per_forwarded_client_and_logged_under_it(start):
     web = start(MAX_REQUESTS_PER_CLIENT='1', TRUST_PROXY_HEADERS='true')
     stop, held = hold_requests(web, 1, forwarded_for='203.0.113.7, 198.51.100.1')
@@ -1833,7 +1900,8 @@ def test_the_waiting_room_lets_clients_in_one_at_a_time_in_turn():
                 [('a', 'a1'), ('a', 'a2'), ('a', 'a3'), ('a', 'a4'), ('b', 'b1'), ('c', 'c1'), ('b', 'b2')]]
     admitted_at_once = [room.enter(connection) for connection in arriving]
     order, done = [], arriving[0]
-    while (done := room.leave(done.client)) is not None:
+    while let_in := room.leave(done.client):
+        done, = let_in
         order.append(done.name)
     assert admitted_at_once == [True] + [False] * 6
     assert order == ['a2', 'b1', 'c1', 'a3', 'b2', 'a4']
@@ -1851,7 +1919,7 @@ def test_the_waiting_room_lets_in_a_client_under_its_fair_share_before_one_at_it
     arriving = [types.SimpleNamespace(client=client, name=name) for client, name in
                 [('f', 'f0'), ('f', 'f1'), ('c', 'c0'), ('c', 'c1'), ('c', 'c2'), ('a', 'a0'), ('f', 'f2'), ('a', 'a1')]]
     assert [room.enter(connection) for connection in arriving] == [True] * 6 + [False, False]
-    assert room.leave('c').name == 'a1'              # f has its share of 2 running, a only 1
+    assert [connection.name for connection in room.leave('c')] == ['a1']   # f has its share of 2 running, a 1
 
 
 def test_the_waiting_room_gives_up_requests_that_waited_their_time():

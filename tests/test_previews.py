@@ -167,11 +167,22 @@ def test_by_default_a_sweep_keeps_the_cache_within_the_bytes_the_originals_hold(
     assert 'a_300.jpg' in cached_thumbnails(client)
 
 
+def test_a_share_of_no_originals_counted_removes_nothing(make_client, jpeg):
+    client = make_client(THUMBNAIL_OTHER_SCALES=5)
+    client.upload('a.jpg', jpeg)
+    preview(client, 'a.jpg', 100)
+    storage = client.app.storage
+    storage.originals_bytes = lambda coll: 0          # the originals' folder not mounted, say
+    storage.cache_size.spare_newer_than = 0
+    storage.sweep_cache()
+    assert cached_thumbnails(client) == ['a_100.jpg'] and storage.cache_size.bound is None
+
+
 @pytest.mark.parametrize('value, bound', [('100%', (None, 1.0)), ('250%', (None, 2.5)), ('5000', (5000, None)),
                                           (5000, (5000, None)), (None, (None, None))])
 def test_the_size_bound_is_bytes_or_a_share_of_the_originals_bytes(value, bound, tmp_path):
     config = server.load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})
-    assert (config.THUMBNAIL_CACHE_MAX_BYTES, config.THUMBNAIL_CACHE_SHARE) == bound
+    assert config.THUMBNAIL_CACHE_BOUND == bound
 
 
 @pytest.mark.parametrize('value', [0, -5, 'big', True, '0%', '5.5%', '%'])

@@ -770,13 +770,13 @@ class Layout:
     def bring_within_bound(self, cache, spare_newer_than, dry_run=False):
         """Over the `cache` size's bound (set first from the originals' bytes when it is a share), remove the least
         recently made derivatives down to 90% of it: (the total left, files removed, bytes removed)."""
+        total = sum(size for *_, size, _modified in self.cached_thumbnails())
         if cache.share is not None:
             originals = sum(self.originals_bytes(coll) for coll in self.every_collection())
             cache.bound = int(cache.share * originals) or None
-            if cache.bound is None:
-                log.warning('No originals were counted (a folder not mounted, a wrong S3 prefix?): the thumbnail '
-                            'cache is not bounded by THUMBNAIL_CACHE_MAX_BYTES until some are')
-        total = sum(size for *_, size, _modified in self.cached_thumbnails())
+            if cache.bound is None and total:
+                log.warning('Thumbnails are cached but no originals were counted (a folder not mounted, a wrong S3 '
+                            'prefix?): none is removed for THUMBNAIL_CACHE_MAX_BYTES until originals are counted')
         removed = freed = 0
         if cache.bound is not None and total > cache.bound:
             for coll, cache_name, size in self._oldest_covering(total - cache.bound * 9 // 10, spare_newer_than):

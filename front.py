@@ -633,11 +633,15 @@ class SocketWriter:
 
     def __init__(self, sock):
         self.sock, self.closed, self.unsent = sock, False, bytearray()
+        self.sent, self.started = 0, None        # bytes the kernel took, and when the answer began
 
     def write(self, data):
         view = memoryview(data).cast('B')
+        if self.started is None:
+            self.started = time.monotonic()
         if not self.unsent:
-            view = view[send_now(self.sock, view):]
+            sent = send_now(self.sock, view)
+            self.sent, view = self.sent + sent, view[sent:]
         self.unsent += view
         return len(data)
 
@@ -661,11 +665,12 @@ def send_now(sock, view):
 class Answer:
     """What is left to send of one answer: bytes the kernel did not take yet, the body's further pieces."""
 
-    def __init__(self, connection, unsent, chunks, result, keep_alive, read_whole, clock):
-        self.connection, self.unsent, self.chunks, self.result = connection, memoryview(bytes(unsent)), chunks, result
+    def __init__(self, connection, writer, chunks, result, keep_alive, read_whole):
+        self.connection, self.unsent, self.chunks, self.result = connection, memoryview(bytes(writer.unsent)), \
+            chunks, result
         self.keep_alive, self.read_whole = keep_alive, read_whole
-        self.started = self.progressed = clock()
-        self.sent = 0
+        self.started, self.sent = writer.started, writer.sent     # the rate counts what the worker thread sent too
+        self.progressed = time.monotonic()
         self.ended = False
 
 
@@ -928,17 +933,17 @@ class FrontedPasteServer(httpserver.WSGIThreadPoolServer):
         """Run one request in this pool thread, then give the connection back to the front, or what the client
         has not yet taken of the answer to the Sender."""
         keep_alive = read_whole = False
-        unsent, (chunks, result) = b'', (None, None)
+        writer, (chunks, result) = None, (None, None)
         try:
             handler = self.RequestHandlerClass(connection, (connection.peer, 0), self)
             read_whole = handler.body_read()
             keep_alive = read_whole and not handler.close_connection
             connection.pending = handler.rfile.leftover()
-            unsent, (chunks, result) = handler.wfile.unsent, handler.rest
+            writer, (chunks, result) = handler.wfile, handler.rest
         except Exception:
             log.exception('A request failed outside the application')
         self.front.thread_done(connection)
-        if unsent:
-            self.sender.take(Answer(connection, unsent, chunks, result, keep_alive, read_whole, self.sender.clock))
+        if writer is not None and writer.unsent:
+            self.sender.take(Answer(connection, writer, chunks, result, keep_alive, read_whole))
         else:
             self.front.request_done(connection, keep_alive, read_whole)

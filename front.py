@@ -79,7 +79,8 @@ class Connection:
         self.scanned = 0               # how far `pending` is known to hold no end of a head
         self.line_ended = False        # whether `pending` holds the request line's end
         self.state = 'new'             # 'new': not counted in yet; 'head': waiting for a request; 'linger':
-                                       # closing; 'refused': over a cap, closing; 'dropped': closed at once
+                                       # closing; 'refused': over a cap, closing; 'dropped': closed at once;
+                                       # 'closed': closed and counted out
         self.deadline = self.quiet_until = 0.0
         self.dropped = 0               # bytes read and dropped while lingering
 
@@ -386,6 +387,8 @@ class Front:
 
     def readable(self, connection):
         """Read what came: more of a head, or bytes to drop while lingering; the client's end closes it."""
+        if connection.state == 'closed':
+            return
         try:
             data = connection.sock.recv(CHUNK)
         except (BlockingIOError, InterruptedError):
@@ -558,8 +561,11 @@ class Front:
         self.forget(connection)
 
     def forget(self, connection):
-        """A closed connection no longer counts against its client or the total."""
+        """A closed connection no longer counts against its client or the total (once: close_those_closed_by may
+        close a connection whose end the same select() also reported)."""
         with self.lock:
+            if connection.state == 'closed':
+                return
             if connection.state == 'refused':
                 self.refusing -= 1
             else:
@@ -568,6 +574,7 @@ class Front:
                 self.open[connection.counted] -= 1
                 if not self.open[connection.counted]:
                     del self.open[connection.counted]
+            connection.state = 'closed'
 
 
 class RequestReader:

@@ -2111,6 +2111,22 @@ def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(
         assert len(read_all(reader)) < len(data)
 
 
+def test_a_connection_closed_twice_is_counted_out_once(tmp_path):
+    """close_those_closed_by may close a connection whose end the same select() reported: MAX_CONNECTIONS held
+    open by four clients let a fifth in after a storm of resets."""
+    front_ = front.Front(server.load_config({'BASE_DIR': str(tmp_path), 'KEY': KEY}, environ={}), lambda _: None)
+    with socket.create_server(('127.0.0.1', 0)) as listener, front_.wake_in, front_.wake_out, \
+            socket.create_connection(listener.getsockname()):
+        accepted, peer = listener.accept()
+        front_.admit(accepted, peer)
+        assert wait_for(lambda: [key.data for key in front_.selector.get_map().values() if key.data], 5)
+        connection, = [key.data for key in front_.selector.get_map().values() if key.data]
+        front_.close(connection)
+        front_.readable(connection)                  # its end, reported by the same select()
+        front_.close(connection)
+        assert (front_.total, dict(front_.open)) == (0, {})
+
+
 def test_a_connection_the_front_admits_sends_its_segments_without_waiting_for_acks(tmp_path):
     front_ = front.Front(server.load_config({'BASE_DIR': str(tmp_path), 'KEY': KEY}, environ={}), lambda _: None)
     with socket.create_server(('127.0.0.1', 0)) as listener, front_.wake_in, front_.wake_out, \

@@ -1,5 +1,6 @@
 """Shared helpers: an app per test on a fresh attachments folder, Specify-style requests, images."""
 
+import contextlib
 import os
 import http.client
 import random
@@ -345,6 +346,19 @@ class RunningServer:
         except RuntimeError as failure:
             self.log.close()
             raise RuntimeError(f'server did not start: {failure}') from None
+        wait_for(lambda: self.client_connections() == 0, 10)     # the check's own connection counted out, so a
+                                                                # test's connections meet the caps alone
+
+    def client_connections(self):
+        """Connections to the server's port that its process still holds (its listening socket left out)."""
+        with open('/proc/net/tcp') as rows:
+            inodes = {f'socket:[{fields[9]}]' for fields in map(str.split, rows)
+                      if fields[1].endswith(f':{self.port:04X}') and fields[3] != '0A'}
+        held = 0
+        for fd in os.listdir(f'/proc/{self.process.pid}/fd'):
+            with contextlib.suppress(FileNotFoundError):           # closed while we looked
+                held += os.readlink(f'/proc/{self.process.pid}/fd/{fd}') in inodes
+        return held
 
     def _answers(self, process):
         """True once our own process listens on the port and answers GET / there."""

@@ -1693,19 +1693,26 @@ def test_no_client_holds_more_than_half_of_a_kinds_threads_though_the_total_is_l
     assert room.enter(types.SimpleNamespace(client='bystander', kind='conversion')) is True
 
 
-def test_behind_a_trusted_proxy_requests_are_counted_per_forwarded_client_and_logged_under_it(start):
-    web = start(MAX_REQUESTS_PER_CLIENT='1', TRUST_PROXY_HEADERS='true')
-    stop, held = hold_requests(web, 1, forwarded_for='203.0.113.7, 198.51.100.1')
+@contextlib.contextmanager
+def one_upload_held(web, forwarded_for):
+    """One upload in progress from 127.0.0.1, through a proxy naming `forwarded_for`, while the block runs."""
+    stop, held = hold_requests(web, 1, forwarded_for=forwarded_for)
     try:
         assert wait_for(lambda: len(staged(web)) == 1, 10)
+        yield
+    finally:
+        release(stop, held)
+
+
+def test_behind_a_trusted_proxy_requests_are_counted_per_forwarded_client_and_logged_under_it(start):
+    web = start(MAX_REQUESTS_PER_CLIENT='1', TRUST_PROXY_HEADERS='true')
+    with one_upload_held(web, '203.0.113.7, 198.51.100.1'):
         for forwarded, expected in (('198.51.100.1', 503), ('198.51.100.2', 200)):
             with connect(web) as connection:
                 connection.sendall(f'GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n'
                                    f'X-Forwarded-For: {forwarded}\r\n\r\n'.encode())
                 assert answer_of(connection)[0] == expected
         assert wait_for(lambda: '198.51.100.2 GET /health 200' in web.output(), 10)
-    finally:
-        release(stop, held)
 
 
 # --- Behind the proxies institutions run (TRUSTED_PROXIES) ------------------------------------------
@@ -1720,45 +1727,29 @@ def request_as(web, client=None, header='X-Forwarded-For', path='/health', sourc
 
 def test_by_default_a_loopback_proxy_is_trusted_to_name_each_client_for_its_share(start):
     web = start(MAX_REQUESTS_PER_CLIENT='1')
-    stop, held = hold_requests(web, 1, forwarded_for='198.51.100.1')
-    try:
-        assert wait_for(lambda: len(staged(web)) == 1, 10)
+    with one_upload_held(web, '198.51.100.1'):
         assert (request_as(web, '198.51.100.1'), request_as(web, '198.51.100.2')) == (503, 200)
-    finally:
-        release(stop, held)
 
 
 def test_x_real_ip_names_the_client_when_there_is_no_x_forwarded_for(start):
     web = start(MAX_REQUESTS_PER_CLIENT='1')
-    stop, held = hold_requests(web, 1, forwarded_for='198.51.100.1')
-    try:
-        assert wait_for(lambda: len(staged(web)) == 1, 10)
+    with one_upload_held(web, '198.51.100.1'):
         assert [request_as(web, client, 'X-Real-IP') for client in ('198.51.100.1', '198.51.100.2')] == [503, 200]
-    finally:
-        release(stop, held)
 
 
 def test_a_peer_outside_trusted_proxies_cannot_name_another_client_to_escape_its_share(start):
     web = start(MAX_REQUESTS_PER_CLIENT='1', TRUSTED_PROXIES='10.0.0.0/8')
-    stop, held = hold_requests(web, 1, forwarded_for='198.51.100.1')
-    try:
-        assert wait_for(lambda: len(staged(web)) == 1, 10)
+    with one_upload_held(web, '198.51.100.1'):
         assert request_as(web, '198.51.100.2') == 503                 # still counted as 127.0.0.1
         assert request_as(web, '198.51.100.2', source='127.0.0.2') == 200
-    finally:
-        release(stop, held)
 
 
 def test_only_the_x_forwarded_for_entry_the_trusted_proxy_appended_names_the_client(start):
     web = start(MAX_REQUESTS_PER_CLIENT='1')
-    stop, held = hold_requests(web, 1, forwarded_for='203.0.113.9, 198.51.100.1')
-    try:
-        assert wait_for(lambda: len(staged(web)) == 1, 10)
+    with one_upload_held(web, '203.0.113.9, 198.51.100.1'):
         assert request_as(web, '10.9.9.9, 198.51.100.1') == 503      # what a client writes left of it is not it
         assert request_as(web, '198.51.100.1, 198.51.100.2') == 200
         assert wait_for(lambda: '198.51.100.2 GET /health 200' in web.output(), 10)
-    finally:
-        release(stop, held)
 
 
 def test_a_header_naming_this_host_itself_counts_the_request_under_its_peer(start):

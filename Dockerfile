@@ -14,6 +14,8 @@ COPY requirements.txt ./
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
 COPY *.py ./
+COPY storages ./storages
+COPY engines ./engines
 COPY views ./views
 
 RUN mkdir -p /home/specify/attachments && chown specify:specify /home/specify/attachments

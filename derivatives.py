@@ -34,9 +34,16 @@ import threading
 import time
 import types
 
-import core
-import server
-from s3storage import ObjectChanged
+from cache import DerivativeCache
+from config import ConfigError, conversion_threads, load_config
+from engines.imagemagick import ImageMagick
+from engines.scheduling import BACKGROUND, Scheduler
+from engines.vips import Vips
+from errors import ObjectChanged, StorageUnavailable, ThumbnailError
+from files import NO_SPACE
+from kinds import kind_of
+from names import parse_derivative, printable
+from storages import make_storage
 
 TERMINAL_EVERY = 0.2    # seconds between redraws of the progress bar on a terminal
 LINE_EVERY = 5          # seconds between progress lines when standard error is not a terminal
@@ -51,11 +58,11 @@ def collections(config, chosen):
     folders = config.COLLECTION_DIRS
     if folders is None:
         if chosen is not None:
-            raise core.ConfigError('--collection needs COLLECTION_DIRS (without it there is one folder for all)')
+            raise ConfigError('--collection needs COLLECTION_DIRS (without it there is one folder for all)')
         return [None]
     if chosen is not None:
         if chosen not in folders:
-            raise core.ConfigError(f'COLLECTION_DIRS names no collection {chosen!r}')
+            raise ConfigError(f'COLLECTION_DIRS names no collection {chosen!r}')
         return [chosen]
     first = {}
     for coll, folder in folders.items():       # two names for one folder: walked once
@@ -65,19 +72,7 @@ def collections(config, chosen):
 
 def label(coll, name):
     """How a file is named in messages: its collection and name, control characters escaped."""
-    return core.printable(name if coll is None else f'{coll}/{name}')
-
-
-def owner_and_scale(cache_name):
-    """(original's name, scale, webp) of a cache name <root>_<scale>[_webp]<ext> that a storage listed (one
-    core.derivative_source accepts: taken apart here without checking it again, 10^6 of them); scale None for an
-    IIIF pyramid or answer."""
-    root, ext = os.path.splitext(cache_name)
-    if core.IIIF_MARK in root and core.iiif_source(cache_name):
-        return core.iiif_source(cache_name), None, False
-    webp = root.endswith(core.WEBP_MARK)
-    owner, _, scale = (root[:-len(core.WEBP_MARK)] if webp else root).rpartition('_')
-    return owner + ext, int(scale), webp
+    return printable(name if coll is None else f'{coll}/{name}')
 
 
 def missing_scales(storage, coll, scales):
@@ -85,9 +80,10 @@ def missing_scales(storage, coll, scales):
     one listing of its thumbnails and one of its originals: fresh is not older than the original."""
     position = {scale: at for at, scale in enumerate(scales)}
     made = {}               # original's name -> the times of its thumbnails at the configured scales
-    for cache, _size, modified in storage.thumbnails(coll):
-        owner, scale, webp = owner_and_scale(cache)
-        if scale in position and not webp:          # a WebP is made when a browser first asks
+    for cache, _size, modified in storage.derivatives(coll):
+        derivative = parse_derivative(cache)
+        owner, scale = derivative.source, derivative.scale
+        if scale in position and not derivative.webp:          # a WebP is made when a browser first asks
             made.setdefault(owner, [None] * len(scales))[position[scale]] = modified
     shared = {}             # one tuple per combination of scales: a long to-do list holds names, not copies
     for name, modified in storage.originals_modified(coll):
@@ -96,13 +92,12 @@ def missing_scales(storage, coll, scales):
         yield name, shared.setdefault(missing, missing)
 
 
-class PacedThumbnailer(server.Thumbnailer):
-    """The server's thumbnailer, as background work, counting its conversions and resting `pause` s after each."""
+class PacedImageMagick(ImageMagick):
+    """The server's ImageMagick engine, counting its conversions and resting `pause` s after each."""
 
-    def __init__(self, config, pause):
-        super().__init__(config)
-        self.work, self.pause = server.BACKGROUND, pause
-        self.made, self.counting = 0, threading.Lock()
+    def __init__(self, config, scheduler, pause):
+        super().__init__(config, scheduler)
+        self.pause, self.made, self.counting = pause, 0, threading.Lock()
 
     @contextlib.contextmanager
     def converted(self, *args, **kwargs):
@@ -114,34 +109,38 @@ class PacedThumbnailer(server.Thumbnailer):
             time.sleep(self.pause)
 
 
-def thumbnailer_for(config, jobs, pause):
-    """A thumbnailer whose `jobs` background conversions may all run at once (background work leaves one
-    slot free for interactive work, which this process has none of)."""
-    return PacedThumbnailer(types.SimpleNamespace(**{**vars(config), 'THUMBNAIL_WORKERS': jobs + 1}), pause)
+def cache_for(config, storage, jobs=1, pause=0):
+    """The server's derivative cache of `storage`, whose `jobs` background conversions may all run at once
+    (background work leaves one slot free for interactive work, which this process has none of)."""
+    config = types.SimpleNamespace(**{**vars(config), 'THUMBNAIL_WORKERS': jobs + 1})
+    scheduler = Scheduler(config, conversion_threads(config))
+    imagemagick = PacedImageMagick(config, scheduler, pause)
+    return DerivativeCache(config, storage, scheduler, imagemagick, Vips(config, scheduler, imagemagick))
 
 
 def thumbnailable(storage, coll, name, kinds):
     """Whether the original's first bytes are of a kind that gets thumbnails (read without fetching it whole)."""
     with storage.open(coll, name) as original:
-        return core.kind_of(original.read(1024)) in kinds
+        return kind_of(original.read(1024)) in kinds
 
 
-def make_one(storage, coll, name, scales, thumbnailer):
+def make_one(cache, coll, name, scales):
     """Make an original's missing thumbnails, largest first; None, or why they could not be (the run goes on).
     Stop when no other file could be made either."""
     try:
-        if not thumbnailable(storage, coll, name, thumbnailer.kinds):
+        if not thumbnailable(cache.storage, coll, name, cache.imagemagick.kinds):
             return 'No thumbnail can be made from this kind of file.'
-        server.pregenerate_thumbnails(storage, coll, name, scales, thumbnailer)
+        for scale in scales:            # the largest first: each smaller one is made from the one before
+            cache.ensure_thumbnail(coll, name, scale, work=BACKGROUND)
         return None
-    except (core.ThumbnailError, ObjectChanged) as error:
+    except (ThumbnailError, ObjectChanged) as error:
         return str(error)
     except FileNotFoundError:
         return 'No such file.'
-    except core.StorageUnavailable as error:
+    except StorageUnavailable as error:
         raise Stop(f'the storage is unavailable: {error}') from None
     except OSError as error:
-        if error.errno in server.NO_SPACE:
+        if error.errno in NO_SPACE:
             raise Stop('there is no room left for thumbnails') from None
         return error.strerror or str(error)
     except Exception as error:          # a fault of ours with one file: named, counted, the run goes on
@@ -187,8 +186,9 @@ class Progress:
             self.stream.write('\n')
 
 
-def generate(storage, thumbnailer, colls, scales, jobs, dry_run):
+def generate(cache, colls, scales, jobs, dry_run):
     """Make the missing scales of every original of `colls`, `jobs` at a time; the summary line to print."""
+    storage = cache.storage
     todo, originals = [], 0
     for coll in colls:
         for name, missing in missing_scales(storage, coll, scales):
@@ -211,7 +211,7 @@ def generate(storage, thumbnailer, colls, scales, jobs, dry_run):
             if name is None:
                 return
             try:
-                problem = make_one(storage, coll, name, missing, thumbnailer)
+                problem = make_one(cache, coll, name, missing)
             except Stop as error:
                 stopped.append(error)
                 return
@@ -230,17 +230,17 @@ def generate(storage, thumbnailer, colls, scales, jobs, dry_run):
         raise stopped[0]
     seconds = time.monotonic() - started
     return (f'{originals} originals: {fresh} already fresh, {len(todo) - failed[0]} done, {failed[0]} failed; '
-            f'made {thumbnailer.made} thumbnails in {seconds:.1f} s ({len(todo) / max(seconds, 1e-6):.1f} originals/s)')
+            f'made {cache.imagemagick.made} thumbnails in {seconds:.1f} s ({len(todo) / max(seconds, 1e-6):.1f} originals/s)')
 
 
-def prune(storage, colls, scales, dry_run):
+def prune(cache, colls, scales, dry_run):
     """Remove the thumbnails of scales not configured and the derivatives whose original is gone (IIIF pyramids
     and answers of originals still stored are kept: viewers made them); the summary line."""
-    wanted, counts = set(scales), {'of scales not configured': [0, 0], 'orphans': [0, 0]}
+    storage, wanted, counts = cache.storage, set(scales), {'of scales not configured': [0, 0], 'orphans': [0, 0]}
     for coll in colls:
         originals = set(storage.originals(coll))
-        for cache, size, _modified in storage.thumbnails(coll):
-            owner, scale, _webp = owner_and_scale(cache)
+        for cache_name, size, _modified in storage.derivatives(coll):
+            owner, scale = parse_derivative(cache_name)[:2]
             if scale is not None and scale not in wanted:
                 why = 'of scales not configured'
             elif owner not in originals and not storage.exists(coll, owner):    # not stored since the listing
@@ -248,26 +248,26 @@ def prune(storage, colls, scales, dry_run):
             else:
                 continue
             if not dry_run:
-                storage.remove_thumbnail(coll, cache)
+                storage.remove_derivative(coll, cache_name)
             counts[why][0] += 1
             counts[why][1] += size
     files, freed = (sum(count[at] for count in counts.values()) for at in (0, 1))
     details = ', '.join(f'{count} {why}' for why, (count, _size) in counts.items())
     summary = (f'{"would remove" if dry_run else "removed"} {files} thumbnails, {freed} bytes '
                f'({freed / 1e6:.1f} MB): {details}')
-    return summary + within_bound(storage, dry_run)
+    return summary + within_bound(cache, dry_run)
 
 
-def within_bound(storage, dry_run):
+def within_bound(cache, dry_run):
     """Bring the whole cache under THUMBNAIL_CACHE_MAX_BYTES as the server's sweep does, but at once and sparing
     nothing: what that removed, and what the cache now holds."""
-    if not storage.cache_size:
+    if not cache.cache_size:
         return ''
-    total, files, freed = storage.bring_within_bound(storage.cache_size, spare_newer_than=0, dry_run=dry_run)
-    if storage.cache_size.bound is None:
+    total, files, freed = cache.bring_within_bound(cache.cache_size, spare_newer_than=0, dry_run=dry_run)
+    if cache.cache_size.bound is None:
         return (f'; no originals counted, so nothing removed for THUMBNAIL_CACHE_MAX_BYTES '
                 f'(the cache holds {total} bytes)')
-    return (f'; over THUMBNAIL_CACHE_MAX_BYTES ({storage.cache_size.bound} bytes) '
+    return (f'; over THUMBNAIL_CACHE_MAX_BYTES ({cache.cache_size.bound} bytes) '
             f'{"would remove" if dry_run else "removed"} {files} more, {freed} bytes, leaving {total} bytes')
 
 
@@ -291,24 +291,25 @@ def main(argv=None, environ=None):
     args = arguments(argv)
     os.nice(args.nice)
     try:
-        config = core.load_config(environ=environ)
+        config = load_config(environ=environ)
         if not config.PREGENERATE_SCALES:
-            raise core.ConfigError('PREGENERATE_SCALE names no scale (to make, or to keep when pruning)')
+            raise ConfigError('PREGENERATE_SCALE names no scale (to make, or to keep when pruning)')
         colls = collections(config, args.collection)
-        storage = server.make_storage(config)
+        storage = make_storage(config)
         health = storage.health()
         if health != 'ok':
             raise Stop(f'the storage is {health}')
         if args.action == 'prune':
-            print(prune(storage, colls, config.PREGENERATE_SCALES, args.dry_run))
+            print(prune(DerivativeCache(config, storage, None, None, None), colls, config.PREGENERATE_SCALES,
+                        args.dry_run))
         else:
             if not args.dry_run:
                 storage.sweep_temporaries()         # a killed run's scratch folders, once an hour old (as at start-up)
-            thumbnailer = thumbnailer_for(config, args.jobs, args.pause)
-            print(generate(storage, thumbnailer, colls, config.PREGENERATE_SCALES, args.jobs, args.dry_run))
-    except core.ConfigError as error:
+            cache = cache_for(config, storage, args.jobs, args.pause)
+            print(generate(cache, colls, config.PREGENERATE_SCALES, args.jobs, args.dry_run))
+    except ConfigError as error:
         sys.exit(f'derivatives: {error}')
-    except (Stop, core.StorageUnavailable) as error:
+    except (Stop, StorageUnavailable) as error:
         sys.exit(f'derivatives: {error}; run it again when that is mended (it resumes)')
     except KeyboardInterrupt:
         sys.exit('derivatives: interrupted; run it again to go on where it stopped')

@@ -29,8 +29,7 @@ and the identifier is only [A-Za-z0-9_-], which no proxy, percent-decoding or pa
 in between can alter. name_for re-encodes what it decoded and refuses any other spelling, so one
 attachment has exactly one identifier. An identifier that names no possible attachment is a 404.
 
-Imports run one way: settings -> core -> s3storage -> front -> iiif (this) -> pyramids -> server -> migrate
--> derivatives.
+Imports run one way: this module imports only names (the shared name rules); server.py builds on it.
 """
 
 import base64
@@ -43,7 +42,7 @@ import typing
 from fractions import Fraction
 from urllib.parse import quote
 
-from core import name_problem
+from names import name_problem
 
 PROTOCOL = 'http://iiif.io/api/image'
 CONTEXT = {3: 'http://iiif.io/api/image/3/context.json', 2: 'http://iiif.io/api/image/2/context.json'}

@@ -32,8 +32,12 @@ import stat
 import sys
 import time
 
-import core
-from s3storage import SOURCE_ETAG, TRANSFER, made_from, make_client, store_errors
+from config import ConfigError, load_config
+from errors import StorageUnavailable
+from files import make_temp_file, remove_quietly
+from kinds import content_type, sniff_kind
+from names import TEMP_PREFIX, name_problem, parse_derivative
+from storages.s3 import SOURCE_ETAG, TRANSFER, made_from, make_client, store_errors
 
 PART = TRANSFER.multipart_chunksize
 COUNTS = ('copied', 'already there', 'failed', 'conflicts', 'skipped', 'thumbnails left out')
@@ -76,12 +80,12 @@ def folder_files(folder, config):
     """(relative parts, path) of every attachment file in an upstream-layout folder."""
     kinds = (config.ORIG_DIR, config.THUMB_DIR)
     for top, dirs, files in os.walk(folder):
-        dirs[:] = [d for d in dirs if not d.startswith(core.TEMP_PREFIX)]
+        dirs[:] = [d for d in dirs if not d.startswith(TEMP_PREFIX)]
         parts = os.path.relpath(top, folder).split(os.sep)
         if parts == ['.'] or parts[-1] not in kinds or len(parts) > 2:
             continue
         for name in sorted(files):
-            if not core.name_problem(name) and all(not core.name_problem(p) for p in parts):
+            if not name_problem(name) and all(not name_problem(p) for p in parts):
                 yield [*parts, name], os.path.join(top, name)
 
 
@@ -104,10 +108,10 @@ def source_problem(relative, path):
 
 
 def thumbnail_owner(parts, config):
-    """The relative parts of the original a thumbnail's cache name <root>_<scale><ext> belongs to, or None."""
-    root, ext = os.path.splitext(parts[-1])
-    match = re.fullmatch(r'(.+)_[0-9]+', root, re.DOTALL)
-    return match and [*parts[:-2], config.ORIG_DIR, match.group(1) + ext]
+    """The relative parts of the original a derivative's cache name (a thumbnail, WebP, pyramid or IIIF answer)
+    belongs to, or None."""
+    derivative = parse_derivative(parts[-1])
+    return derivative and [*parts[:-2], config.ORIG_DIR, derivative.source]
 
 
 def say(message):
@@ -185,8 +189,8 @@ def upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite):
     elif dry_run:
         outcome = 'copied'
     else:
-        kind = core.content_type(path, parts[-1]) if parts[-2] == config.ORIG_DIR \
-            else core.sniff_kind(path) or 'application/octet-stream'
+        kind = content_type(path, parts[-1]) if parts[-2] == config.ORIG_DIR \
+            else sniff_kind(path) or 'application/octet-stream'
         with open_regular(path) as source_file, store_errors():
             client.upload_fileobj(source_file, config.S3_BUCKET, key, Config=TRANSFER,
                                   ExtraArgs={'ContentType': kind, 'Metadata': metadata})
@@ -224,7 +228,7 @@ def bucket_objects(client, config):
             for item in page.get('Contents', []):
                 parts = item['Key'][len(start):].split('/')
                 if 2 <= len(parts) <= 3 and parts[-2] in (config.ORIG_DIR, config.THUMB_DIR) \
-                        and not any(core.name_problem(p) for p in parts):
+                        and not any(name_problem(p) for p in parts):
                     yield parts, item['Key'], item['Size'], item['ETag'], item['LastModified']
 
 
@@ -289,7 +293,7 @@ def fresh_thumbnail_time(client, config, folder, parts, key, originals, dry_run)
 
 def download_one(client, config, key, target, size, etag, mtime):
     """Download one object next to `target`, and put it in place dated `mtime` only if verified."""
-    temp, handle = core.make_temp_file(os.path.dirname(target))
+    temp, handle = make_temp_file(os.path.dirname(target))
     handle.close()
     try:
         with store_errors():
@@ -302,7 +306,7 @@ def download_one(client, config, key, target, size, etag, mtime):
             os.replace(temp, target)
         return verified
     finally:
-        core.remove_quietly(temp)
+        remove_quietly(temp)
 
 
 def main(argv=None):
@@ -314,16 +318,16 @@ def main(argv=None):
                         help='to-s3: replace objects in the bucket whose bytes differ from the folder\'s files')
     args = parser.parse_args(argv)
     try:
-        config = core.load_config()
+        config = load_config()
         if not config.S3_BUCKET:
-            raise core.ConfigError('setting S3_BUCKET must name the bucket to copy to or from')
-    except core.ConfigError as error:
+            raise ConfigError('setting S3_BUCKET must name the bucket to copy to or from')
+    except ConfigError as error:
         sys.exit(f'migrate: {error}')
     folder = os.path.abspath(args.folder or config.BASE_DIR)
     try:
         counts = to_s3(config, folder, args.dry_run, args.overwrite) if args.direction == 'to-s3' \
             else from_s3(config, folder, args.dry_run)
-    except core.StorageUnavailable as error:
+    except StorageUnavailable as error:
         sys.exit(f'migrate: {error}; run it again when the store is back (it resumes)')
     verb = 'would copy' if args.dry_run else 'copied'
     print(', '.join([f"{verb} {counts['copied']}"] + [f'{name} {counts[name]}' for name in COUNTS[1:]]))

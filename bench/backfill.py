@@ -28,11 +28,12 @@ PROJECT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, 'out')
 sys.path[:0] = [PROJECT, os.path.join(PROJECT, 'tests')]
 
-import server  # noqa: E402
 from common import InBackground  # noqa: E402
 from conftest import RunningServer, SeaweedFS, multipart_body  # noqa: E402
+from engines.imagemagick import find_imagemagick  # noqa: E402
+from tokens import make_token  # noqa: E402
 
-CONVERT = server.find_imagemagick(None)
+CONVERT = find_imagemagick(None)
 KEY = 'benchmark-key'
 SCALES = '1000,123'
 PAGE = ('<< /PageSize [595 842] >> setpagedevice\n/Helvetica findfont 11 scalefont setfont\n'
@@ -145,7 +146,7 @@ def measure(label, base, settings, files, baseline_seconds, interval):
 def upload_live(web, data):
     """The original whose cached thumbnail the live client fetches, stored through the server."""
     content_type, body = multipart_body([('store', 'live.jpg'), ('type', 'O'),
-                                         ('token', server.make_token(KEY, 'live.jpg')), ('file', 'live.jpg', data)])
+                                         ('token', make_token(KEY, 'live.jpg')), ('file', 'live.jpg', data)])
     status, _headers, answer = web.request('POST', '/fileupload', body, {'Content-Type': content_type}, timeout=300)
     assert answer == b'Ok.', (status, answer[:200])
 

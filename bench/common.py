@@ -16,10 +16,11 @@ PROJECT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, 'out')
 sys.path[:0] = [PROJECT, os.path.join(PROJECT, 'tests')]
 
-import server  # noqa: E402
 from conftest import free_port, holds_listener, multipart_body, parent_pids, started  # noqa: E402
+from engines.imagemagick import find_imagemagick  # noqa: E402
+from tokens import make_token  # noqa: E402
 
-CONVERT = server.find_imagemagick(None)     # the real ImageMagick, not a fake one earlier on PATH
+CONVERT = find_imagemagick(None)     # the real ImageMagick, not a fake one earlier on PATH
 
 BARE_APP = '''
 import sys
@@ -102,7 +103,7 @@ class PeakMemory(InBackground):
 
 def upload(web, key, name, data):
     """Store `data` as original `name` through the server's /fileupload."""
-    content_type, body = multipart_body([('store', name), ('type', 'O'), ('token', server.make_token(key, name)),
+    content_type, body = multipart_body([('store', name), ('type', 'O'), ('token', make_token(key, name)),
                                          ('file', name, data)])
     status, _headers, answer = web.request('POST', '/fileupload', body, {'Content-Type': content_type}, timeout=300)
     assert answer == b'Ok.', (status, answer[:200])

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 from common import OUT  # noqa: F401 (puts the project and tests/ on sys.path)
-import server  # noqa: E402
 from conftest import RunningServer, free_port, holds_listener, start_nginx, started, stop_process  # noqa: E402
 import test_specify7_stack as stack  # noqa: E402
+from engines.imagemagick import find_imagemagick  # noqa: E402
 
 SHEETS = 12
 
@@ -149,7 +149,7 @@ def timed_get(web, path, accept, expect=None):
 def main():
     folder = Folder()
     try:
-        print(f'## Institution benchmark: {os.cpu_count()} CPUs, ImageMagick {server.find_imagemagick(None)}')
+        print(f'## Institution benchmark: {os.cpu_count()} CPUs, ImageMagick {find_imagemagick(None)}')
         institution(folder)
         first_views(folder)
     finally:

@@ -26,8 +26,9 @@ from urllib.parse import urlencode
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
 
-import server  # noqa: E402
 from conftest import KEY, RunningServer, multipart_body, png_bytes  # noqa: E402
+from names import TEMP_PREFIX  # noqa: E402
+from tokens import make_token  # noqa: E402
 
 
 def process_figures(pid):
@@ -46,7 +47,7 @@ class Client:
         self.random = random.Random(number)
 
     def token(self, name):
-        return server.make_token(KEY, name)
+        return make_token(KEY, name)
 
     def request(self, *args):
         """One request as a well-behaved client makes it: a 503 with Retry-After is asked again (up to five
@@ -137,7 +138,7 @@ def conversions(pid):
                 if int(stat.read().rsplit(b')', 1)[1].split()[1]) != pid:
                     continue
             with open(f'/proc/{entry}/cmdline', 'rb') as cmdline:
-                if b'metadata_child' not in cmdline.read():
+                if b'engines.exif_child' not in cmdline.read():
                     found.append(int(entry))
         except (OSError, IndexError, ValueError):
             pass
@@ -148,7 +149,7 @@ def temporaries(folder):
     """The server's temporary files and folders (os.walk, unlike rglob, copes with folders vanishing)."""
     found = set()
     for top, dirs, files in os.walk(folder):
-        found.update(os.path.join(top, name) for name in dirs + files if name.startswith(server.TEMP_PREFIX))
+        found.update(os.path.join(top, name) for name in dirs + files if name.startswith(TEMP_PREFIX))
     return found
 
 

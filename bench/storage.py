@@ -18,8 +18,8 @@ from urllib.parse import urlencode
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
 
-import server  # noqa: E402
 from conftest import KEY, RunningServer, SeaweedFS  # noqa: E402
+from tokens import make_token  # noqa: E402
 
 SIZE, RUNS, BLOCK = 256 * 2**20, 3, os.urandom(2**20)
 
@@ -28,7 +28,7 @@ def upload(web, name):
     boundary = 'benchboundary'
     head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n\r\n'.encode()
     tail = (''.join(f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}'
-                    for k, v in [('store', name), ('type', 'O'), ('token', server.make_token(KEY, name))])
+                    for k, v in [('store', name), ('type', 'O'), ('token', make_token(KEY, name))])
             + f'\r\n--{boundary}--\r\n').encode()
 
     def body():

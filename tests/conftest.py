@@ -19,9 +19,13 @@ import webtest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import server  # noqa: E402
+from config import load_config  # noqa: E402
+from engines.imagemagick import find_imagemagick  # noqa: E402
+from names import TEMP_PREFIX  # noqa: E402
+from tokens import make_token  # noqa: E402
 
 KEY = 'test-attachment-key'
-IMAGEMAGICK = server.find_imagemagick(None)
+IMAGEMAGICK = find_imagemagick(None)
 
 
 class Client:
@@ -35,7 +39,7 @@ class Client:
         self.base = config.BASE_DIR
 
     def token(self, name, timestamp=None):
-        return server.make_token(KEY, name, timestamp)
+        return make_token(KEY, name, timestamp)
 
     def upload(self, store, data, coll='Fish', style=7, token=None, kind='O', status=None, **extra):
         """POST /fileupload like Specify 7 (file part first, named `file`) or 6 (fields first)."""
@@ -98,7 +102,7 @@ class Client:
     def leftovers(self):
         """Temporary files or folders of the server's left under BASE_DIR."""
         return [os.path.join(folder, name) for folder, dirs, files in os.walk(self.base)
-                for name in dirs + files if name.startswith(server.TEMP_PREFIX)]
+                for name in dirs + files if name.startswith(TEMP_PREFIX)]
 
 
 def expect(status, answer):
@@ -180,7 +184,7 @@ def make_client(tmp_path, storage):
                     'PREGENERATE_SCALE': None, 'SERVER_NAME': 'assets.example.org', 'SERVER_PORT': 8080,
                     **storage}
         settings.update(overrides)
-        return Client(server.load_config(settings, environ={}))
+        return Client(load_config(settings, environ={}))
     return build
 
 

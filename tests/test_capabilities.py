@@ -13,8 +13,8 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import core
 from conftest import KEY, RunningServer, launch_chromium
+from config import VERSION
 
 SPECIFY6_TYPES = ('read', 'write', 'delete', 'fileget', 'getmetadata', 'testkey')
 SPECIFY7_SETTINGS = ('collection', 'token_required_for_get')
@@ -30,7 +30,7 @@ def capabilities(client):
 
 def test_capabilities_name_the_server_and_its_version(client):
     assert {key: capabilities(client)[key] for key in ('server', 'version')} == {
-        'server': 'Web Asset Server for Specify', 'version': core.VERSION}
+        'server': 'Web Asset Server for Specify', 'version': VERSION}
 
 
 def test_capabilities_give_the_largest_upload_accepted(make_client):

@@ -14,9 +14,9 @@ import jsonschema
 import pytest
 import yaml
 
-import core
 import settings
 from conftest import PROJECT, WEED
+from config import ConfigError, ENV_ALIASES, VERSION, load_config, parse_setting
 
 OPTION = re.compile(r'^([ \t]*)# ([ \t]*[A-Za-z_][\w.-]*:(?:[ \t]|$))', re.M)   # `# name: value`
 VARIANTS = ['as shipped', 'options on']
@@ -166,7 +166,7 @@ def test_the_seaweedfs_image_is_the_build_the_tests_run():
 
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_every_environment_name_is_a_setting_the_server_reads(variant):
-    readable = {name for name in dir(settings) if name.isupper()} | set(core.ENV_ALIASES)
+    readable = {name for name in dir(settings) if name.isupper()} | set(ENV_ALIASES)
     names = environment(compose_file(variant)['services']['asset-server'])
     assert sorted(set(names) - readable) == []
 
@@ -175,10 +175,10 @@ def test_every_environment_name_is_a_setting_the_server_reads(variant):
 def test_every_environment_value_parses_as_its_setting(variant):
     unreadable = []
     for name, text in environment(compose_file(variant)['services']['asset-server']).items():
-        setting = core.ENV_ALIASES.get(name, name)
+        setting = ENV_ALIASES.get(name, name)
         try:
-            core.parse_setting(setting, text, getattr(settings, setting))
-        except core.ConfigError as error:
+            parse_setting(setting, text, getattr(settings, setting))
+        except ConfigError as error:
             unreadable.append(str(error))
     assert unreadable == []
 
@@ -186,10 +186,10 @@ def test_every_environment_value_parses_as_its_setting(variant):
 @pytest.mark.parametrize('variant', VARIANTS)
 def test_the_server_starts_with_the_environment_compose_sets(variant, tmp_path):
     given = environment(compose_file(variant)['services']['asset-server'])
-    config = core.load_config(environ=dict(given, BASE_DIR=str(tmp_path)))
-    settings_given = {core.ENV_ALIASES.get(name, name): text for name, text in given.items()}
+    config = load_config(environ=dict(given, BASE_DIR=str(tmp_path)))
+    settings_given = {ENV_ALIASES.get(name, name): text for name, text in given.items()}
     assert {name: getattr(config, name) for name in settings_given} == \
-        {name: core.parse_setting(name, text, getattr(settings, name)) for name, text in settings_given.items()}
+        {name: parse_setting(name, text, getattr(settings, name)) for name, text in settings_given.items()}
 
 
 # --- What the compose file shares with the Dockerfile ----------------------------------------
@@ -211,4 +211,4 @@ def test_the_published_port_is_the_one_the_image_listens_on():
 
 def test_the_servers_image_tag_is_the_release_the_capabilities_document_names():
     assert compose_file('as shipped')['services']['asset-server']['image'] == \
-        f'specify-web-asset-server:{core.VERSION}'
+        f'specify-web-asset-server:{VERSION}'

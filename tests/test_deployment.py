@@ -25,9 +25,10 @@ from urllib.parse import quote, urlencode
 import pytest
 import yaml
 
-import server
 from conftest import (KEY, PROJECT, Nginx, RunningServer, image_info, launch_chromium, make_image, multipart_body,
                       wait_for)
+from config import load_config
+from tokens import make_token
 
 pytestmark = pytest.mark.disk_only
 
@@ -80,7 +81,7 @@ def test_compose_reads_the_names_existing_deployments_use():
 def test_the_names_compose_sets_are_the_ones_the_server_reads(tmp_path):
     environment = yaml.safe_load(project_file('docker-compose.yml'))['services']['asset-server']['environment']
     environment = {name: str(value).replace('${ATTACHMENT_KEY:-}', 'from-compose') for name, value in environment.items()}
-    config = server.load_config(environ=dict(environment, BASE_DIR=str(tmp_path)))
+    config = load_config(environ=dict(environment, BASE_DIR=str(tmp_path)))
     assert (config.SERVER_NAME, config.SERVER_PORT, config.KEY, config.DEBUG) == ('localhost', 8080, 'from-compose', False)
 
 
@@ -235,7 +236,7 @@ def sandboxed(tmp_path_factory):
 
 def sandboxed_upload(web, name, data):
     content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
-                                         ('token', server.make_token(KEY, name))])
+                                         ('token', make_token(KEY, name))])
     return web.request('POST', '/fileupload', body, {'Content-Type': content_type})[0]
 
 
@@ -298,7 +299,7 @@ def proxied(tmp_path_factory):
 
 def upload_through(proxy, name, data, token=None):
     content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
-                                         ('token', token or server.make_token(KEY, name))])
+                                         ('token', token or make_token(KEY, name))])
     return proxy.request('POST', '/fileupload', body, {'Content-Type': content_type})
 
 
@@ -569,7 +570,7 @@ def test_an_upload_at_1_mbit_per_second_passes_the_proxy(proxied):
     proxy, web = proxied
     data = os.urandom(600 * 1024)
     content_type, body = multipart_body([('file', 'slow.bin', data), ('store', 'slow.bin'), ('type', 'O'),
-                                         ('coll', 'Fish'), ('token', server.make_token(KEY, 'slow.bin'))])
+                                         ('coll', 'Fish'), ('token', make_token(KEY, 'slow.bin'))])
     start = time.monotonic()
     status, _, answer = proxy.request('POST', '/fileupload', paced(body, 125 * 1024),
                                       {'Content-Type': content_type, 'Content-Length': str(len(body))})
@@ -691,7 +692,7 @@ def test_a_browser_uploads_cross_origin_sees_the_thumbnail_and_a_403_as_403(tmp_
             browser = launch_chromium(playwright)
             page = browser.new_page()
             page.goto(f'http://localhost:{site.server_address[1]}/index.html')     # another origin
-            assert page.evaluate(f'upload({json.dumps(server.make_token(KEY, store))})') == 200
+            assert page.evaluate(f'upload({json.dumps(make_token(KEY, store))})') == 200
             assert page.evaluate('thumbnail()') > 0
             assert page.evaluate('upload("0123456789abcdef0123456789abcdef:1")') == 403
             browser.close()

@@ -12,10 +12,12 @@ import time
 
 import pytest
 
-import core
 import derivatives
-import server
 from conftest import KEY, PROJECT, image_info, make_image, wait_for
+from config import load_config
+from engines.imagemagick import ImageMagick
+from names import TEMP_PREFIX, thumbnail_source
+from storages import make_storage
 
 SCALES = '400,64'
 
@@ -27,7 +29,7 @@ class Store:
         self.tmp_path = tmp_path
         self.environ = {'BASE_DIR': str(tmp_path / 'attachments'), 'KEY': KEY, 'PREGENERATE_SCALE': SCALES,
                         **{name: str(value) for name, value in storage.items()}, **settings}
-        self.storage = server.make_storage(server.load_config(environ=self.environ))
+        self.storage = make_storage(load_config(environ=self.environ))
         self.s3 = self.environ.get('STORAGE') == 's3'
 
     def put_original(self, name, data, coll=None):
@@ -45,11 +47,11 @@ class Store:
         """Rewrite an original without the server (so its thumbnails stay), newer than any thumbnail."""
         parts = self.storage.original_parts(None, name)
         if self.s3:      # LastModified counts whole seconds: the new version must fall in a later one
-            newest = max(modified for _, _, modified in self.storage.thumbnails(None))
+            newest = max(modified for _, _, modified in self.storage.derivatives(None))
             assert wait_for(lambda: time.time() >= int(newest) + 1.1, 5)
         else:           # its thumbnails made ten seconds before (a file system's clock may be coarse)
-            for cache_name, _size, modified in self.storage.thumbnails(None):
-                if core.thumbnail_source(cache_name) == name:
+            for cache_name, _size, modified in self.storage.derivatives(None):
+                if thumbnail_source(cache_name) == name:
                     path = self.storage.path([self.storage.thumb_dir, cache_name])
                     os.utime(path, (modified - 10, modified - 10))
         self._put(parts, data)
@@ -82,7 +84,7 @@ class Store:
         return found
 
     def thumbnail_times(self, coll=None):
-        return {name: modified for name, _size, modified in self.storage.thumbnails(coll)}
+        return {name: modified for name, _size, modified in self.storage.derivatives(coll)}
 
     def run(self, *args, **settings):
         """derivatives.main in this process (not reniced), with the store's settings; its exit status."""
@@ -109,12 +111,12 @@ def photo(tmp_path_factory):
 def conversions(monkeypatch):
     """(scale, width of the image converted) of every conversion made in this process, in order."""
     made = []
-    convert = server.Thumbnailer._convert
+    convert = ImageMagick._convert
 
     def counted(self, kind, scale, size, scratch, *rest):
         convert(self, kind, scale, size, scratch, *rest)
         made.append((scale, size.width))
-    monkeypatch.setattr(server.Thumbnailer, '_convert', counted)
+    monkeypatch.setattr(ImageMagick, '_convert', counted)
     return made
 
 
@@ -139,7 +141,7 @@ def test_a_rerun_converts_nothing_and_checks_no_file_one_by_one_when_every_scale
     store.run('generate')
     conversions.clear()
     checked = []
-    monkeypatch.setattr(type(store.storage), 'thumbnail_is_fresh', lambda *args: checked.append(args))
+    monkeypatch.setattr(type(store.storage), 'derivative_is_fresh', lambda *args: checked.append(args))
     assert store.run('generate') == 0
     assert (conversions, checked) == ([], [])
     assert '3 originals: 3 already fresh, 0 done, 0 failed; made 0 thumbnails' in capsys.readouterr().out
@@ -181,7 +183,7 @@ def test_a_run_killed_with_sigkill_is_finished_by_a_rerun_that_converts_none_twi
 def test_generate_removes_the_scratch_folders_a_killed_run_left_once_they_are_an_hour_old(store, photo):
     store.put_original('a.jpg', photo)
     thumbnails = os.path.join(store.environ['BASE_DIR'], 'thumbnails')
-    old, recent = (os.path.join(thumbnails, core.TEMP_PREFIX + tag) for tag in ('0123456789abcdef', 'fedcba9876543210'))
+    old, recent = (os.path.join(thumbnails, TEMP_PREFIX + tag) for tag in ('0123456789abcdef', 'fedcba9876543210'))
     for scratch, age in ((old, 7200), (recent, 60)):
         os.makedirs(scratch)
         open(os.path.join(scratch, 'out'), 'wb').close()

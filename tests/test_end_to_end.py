@@ -12,8 +12,8 @@ from urllib.parse import urlencode
 import pytest
 
 import conftest
-import server
 from conftest import KEY, PROJECT, RunningServer, holds_listener, image_info, multipart_body, wait_for
+from tokens import make_token
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def running(tmp_path):
 
 
 def token(name):
-    return server.make_token(KEY, name)
+    return make_token(KEY, name)
 
 
 def test_a_specify_session_over_http_uploads_reads_thumbnails_and_deletes(running, jpeg, tmp_path):
@@ -48,7 +48,7 @@ def test_a_specify_session_over_http_uploads_reads_thumbnails_and_deletes(runnin
     assert (status, image_info(thumb, tmp_path)) == (200, ('JPEG', 123, 82))
     assert web.request('GET', '/fileget?' + urlencode(dict(read, type='O', token='')))[0] == 403
     minted = int(read['token'].rpartition(':')[2]) - 1                      # for the delete, not the reads' own
-    delete = dict(read, token=server.make_token(KEY, 'a.jpg', minted))
+    delete = dict(read, token=make_token(KEY, 'a.jpg', minted))
     status, _, body = web.request('POST', '/filedelete', urlencode(delete),
                                   {'Content-Type': 'application/x-www-form-urlencoded'})
     assert (status, body) == (200, b'Ok.')
@@ -61,7 +61,7 @@ def test_a_server_started_without_a_key_makes_one_and_says_where(running, tmp_pa
     key_file = tmp_path / 'attachments' / '.web-asset-server.key'
     key = key_file.read_text().strip()
     assert str(key_file) in web.output() and key not in web.output()
-    query = urlencode({'random': '1', 'token': server.make_token(key, '1')})
+    query = urlencode({'random': '1', 'token': make_token(key, '1')})
     assert web.request('GET', '/testkey?' + query)[0] == 200
 
 
@@ -70,7 +70,7 @@ def test_docker_environment_names_configure_the_server(running):
                   SERVER_PORT='80', DEBUG_MODE='false')
     body = web.request('GET', '/web_asset_store.xml')[2]
     assert b'<url type="read">http://assets.museum.org/fileget</url>' in body
-    query = urlencode({'random': '1', 'token': server.make_token('docker-key', '1')})
+    query = urlencode({'random': '1', 'token': make_token('docker-key', '1')})
     assert web.request('GET', '/testkey?' + query)[0] == 200
 
 

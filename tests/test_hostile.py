@@ -39,9 +39,9 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
-import core
 import derivatives
 import front
+from waiting_room import WaitingRoom
 import server
 import test_iiif_grammar
 from conftest import (IMAGEMAGICK, KEY, PROJECT, SERVER_SCRIPT, RunningServer, descendants, image_info, make_image,
@@ -49,6 +49,9 @@ from conftest import (IMAGEMAGICK, KEY, PROJECT, SERVER_SCRIPT, RunningServer, d
 from test_protocol import specify6_body
 from test_reliability import NO_ROOM, fill_up, small_disk, use_every_inode  # noqa: F401 (small_disk: a fixture)
 from test_thumbnails import TWO_PAGES, gif, huge_page_pdf, nested_forms_pdf, pdf, with_fill_bytes
+from config import load_config
+from names import TEMP_PREFIX, pyramid_name, thumbnail_name
+from tokens import make_token
 
 MiB = 1024 ** 2
 MEMORY_BOUND = 350 * MiB     # twice the largest peak measured (171 MiB, Ghostscript on a huge page): the unfixed
@@ -229,7 +232,7 @@ class Target:
     # --- Requests as Specify sends them ---
 
     def token(self, name):
-        return server.make_token(self.key, name)
+        return make_token(self.key, name)
 
     def upload(self, name, data, coll='Fish'):
         content_type, body = multipart_body([('store', name), ('type', 'O'), ('coll', coll),
@@ -305,7 +308,7 @@ class Target:
             for name in files:
                 parts = os.path.relpath(os.path.join(folder, name), self.attachments).split(os.sep)
                 stored = (not self.s3 and len(parts) in (2, 3) and parts[-2] in ('originals', 'thumbnails')
-                          and not name.startswith(core.TEMP_PREFIX))
+                          and not name.startswith(TEMP_PREFIX))
                 if not (stored or parts == [KEY_FILE] or parts[0].startswith('planted-')):
                     found.append('/'.join(parts))
         return found
@@ -463,7 +466,7 @@ def readers_of(pid):
                 return cmdline.read()
         except OSError:
             return b''
-    return [child for child, parent in parent_pids().items() if parent == pid and b'metadata_child' in command(child)]
+    return [child for child, parent in parent_pids().items() if parent == pid and b'engines.exif_child' in command(child)]
 
 
 def cpu_limit(pid):
@@ -822,7 +825,7 @@ def test_static_answers_a_pdfs_thumbnail_with_an_image_type(launch, store, tmp_p
     name = unique('notebook.pdf')
     target.stored(name, pdf(tmp_path, TWO_PAGES))
     assert target.thumbnail(name, 64).status == 200
-    answer = target.attack(lambda: ask(target.web, 'GET', '/static/thumbnails/' + quote(core.thumbnail_name(name, 64))))
+    answer = target.attack(lambda: ask(target.web, 'GET', '/static/thumbnails/' + quote(thumbnail_name(name, 64))))
     assert (answer.status, answer.headers['Content-Type'], answer.body[:8]) == (200, 'image/png', b'\x89PNG\r\n\x1a\n')
 
 
@@ -845,12 +848,12 @@ def upload_with(target, name, data, token):
 
 def read_token(target, name):
     """A token of this second's, the one a reader would be handed."""
-    return server.make_token(target.key, name, int(time.time()))
+    return make_token(target.key, name, int(time.time()))
 
 
 def fresh_token(target, name, read):
     """A token Specify would mint for a write: valid, and not the one read with (a second before it)."""
-    return server.make_token(target.key, name, int(read.rpartition(':')[2]) - 1)
+    return make_token(target.key, name, int(read.rpartition(':')[2]) - 1)
 
 
 READS = {'fileget': '/fileget?coll=Fish&type=O&filename={name}&token={token}',
@@ -956,7 +959,7 @@ def test_a_viewer_grant_is_written_to_the_access_log_as_its_expiry_only(start, j
     with connect(web) as uploading:
         uploading.sendall(head + body)
         assert statuses(read_all(uploading)) == [200]
-    info = json.loads(web.request('GET', '/iiif/3/viewed.jpg/info.json?token=' + server.make_token(KEY, 'viewed.jpg'))[2])
+    info = json.loads(web.request('GET', '/iiif/3/viewed.jpg/info.json?token=' + make_token(KEY, 'viewed.jpg'))[2])
     grant = re.search(r'/grant/([0-9]+)\.([0-9a-f]{32})/', info['id'])
     assert web.request('GET', f'/iiif/grant/{grant[1]}.{grant[2]}/3/viewed.jpg/info.json')[0] == 200
     assert wait_for(lambda: f'/iiif/grant/{grant[1]}.…/3/viewed.jpg/info.json 200' in web.output(), 5)
@@ -1079,7 +1082,7 @@ def identifier_attacks(name):
     return {'%2e%2e': 404, '%2E%2E%2F%2E%2E%2Fsettings.py': 404, '..%2F..%2Fserver.py': 404,
             '%2e%2e%2foriginals%2f' + name: 404, name + '%00': 404, '%00': 404,
             '%5C..%5C' + name: 404, '%252e%252e%252f' + name: 404, '%C0%AE%C0%AE': 400,
-            quote(core.TEMP_PREFIX) + name: 404, 'a' * 252 + '.jpg': 404, '%C3%A9' * 126 + '.jpg': 404,
+            quote(TEMP_PREFIX) + name: 404, 'a' * 252 + '.jpg': 404, '%C3%A9' * 126 + '.jpg': 404,
             'a' * 60_000: 404, 'a' * 70_000: 414}
 
 
@@ -1212,7 +1215,7 @@ def test_a_small_jpeg_claiming_48_mp_is_viewed_within_the_memory_bound_from_one_
     target.stored(name, claiming(jpeg, 8000, 6000))
     answers = target.attack(lambda: iiif_answers(target, TILES[:2] + ['/3/{}/info.json'], name))
     assert {answer.status for answer in answers.values()} == {200}
-    assert (target.attachments / 'thumbnails' / core.pyramid_name(name)).is_file()
+    assert (target.attachments / 'thumbnails' / pyramid_name(name)).is_file()
 
 
 def noise_png(width, height):
@@ -1292,11 +1295,11 @@ def test_upload_temporaries_a_crash_left_over_an_hour_ago_are_swept_at_start_on_
     attachments = tmp_path / 'swept' / 'attachments'
     attachments.mkdir(parents=True)
     for name in ('old.part', 'fresh.part'):
-        (attachments / (core.TEMP_PREFIX + name)).write_bytes(b'staged')
+        (attachments / (TEMP_PREFIX + name)).write_bytes(b'staged')
     two_hours_ago = time.time() - 7200
-    os.utime(attachments / (core.TEMP_PREFIX + 'old.part'), (two_hours_ago, two_hours_ago))
+    os.utime(attachments / (TEMP_PREFIX + 'old.part'), (two_hours_ago, two_hours_ago))
     fresh('s3', folder=tmp_path / 'swept')
-    assert sorted(os.listdir(attachments)) == sorted([core.TEMP_PREFIX + 'fresh.part', KEY_FILE])
+    assert sorted(os.listdir(attachments)) == sorted([TEMP_PREFIX + 'fresh.part', KEY_FILE])
 
 
 # === Slow and greedy clients: request heads, bodies, connection caps, keep-alive, lingering close ===============
@@ -1342,7 +1345,7 @@ def get(connection, path='/'):
 def upload_request(name, data, extra=''):
     """The head and body of a Specify upload of `data` as `name`, with `extra` header lines."""
     content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'), ('coll', 'Fish'),
-                                         ('token', server.make_token(KEY, name))])
+                                         ('token', make_token(KEY, name))])
     head = (f'POST /fileupload HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{extra}'
             f'Content-Length: {len(body)}\r\n\r\n').encode()
     return head, body
@@ -1370,7 +1373,7 @@ def in_background(target, *args):
 
 def staged(web):
     """Uploads in progress: the server's temporary files."""
-    return [path for path in web.base_dir.rglob(server.TEMP_PREFIX + '*') if path.is_file()]
+    return [path for path in web.base_dir.rglob(TEMP_PREFIX + '*') if path.is_file()]
 
 
 # --- Request heads -----------------------------------------------------------------------------
@@ -1677,7 +1680,7 @@ def test_requests_with_a_body_wait_their_turn_as_conversions_do(head, kind):
 
 
 def test_the_waiting_room_keeps_each_kind_within_its_budget_and_all_within_the_total():
-    room = front.WaitingRoom(lambda head: True, {'conversion': 2, 'body': 3}, wait=60, total=3)
+    room = WaitingRoom(lambda head: True, {'conversion': 2, 'body': 3}, wait=60, total=3)
     conversions = [types.SimpleNamespace(client=f'c{i}', kind='conversion') for i in range(3)]
     upload = types.SimpleNamespace(client='u', kind='body')
     assert [room.enter(connection) for connection in conversions] == [True, True, False]
@@ -1687,7 +1690,7 @@ def test_the_waiting_room_keeps_each_kind_within_its_budget_and_all_within_the_t
 
 
 def test_no_client_holds_more_than_half_of_a_kinds_threads_though_the_total_is_larger():
-    room = front.WaitingRoom(lambda head: True, {'conversion': 4, 'body': 10}, wait=60, total=10)
+    room = WaitingRoom(lambda head: True, {'conversion': 4, 'body': 10}, wait=60, total=10)
     flood = [types.SimpleNamespace(client='flood', kind='conversion') for _ in range(4)]
     assert [room.enter(connection) for connection in flood] == [True, True, False, False]
     assert room.enter(types.SimpleNamespace(client='bystander', kind='conversion')) is True
@@ -1852,7 +1855,7 @@ def test_a_thumbnail_request_that_waits_longer_than_the_queue_wait_is_answered_5
 
 
 def test_the_waiting_room_lets_clients_in_one_at_a_time_in_turn():
-    room = front.WaitingRoom(lambda head: True, budget=1, wait=60)
+    room = WaitingRoom(lambda head: True, budget=1, wait=60)
     arriving = [types.SimpleNamespace(client=client, name=name) for client, name in
                 [('a', 'a1'), ('a', 'a2'), ('a', 'a3'), ('a', 'a4'), ('b', 'b1'), ('c', 'c1'), ('b', 'b2')]]
     admitted_at_once = [room.enter(connection) for connection in arriving]
@@ -1865,14 +1868,14 @@ def test_the_waiting_room_lets_clients_in_one_at_a_time_in_turn():
 
 
 def test_no_client_holds_more_than_half_the_waiting_rooms_threads_so_another_is_let_in_at_once():
-    room = front.WaitingRoom(lambda head: True, budget=3, wait=60)
+    room = WaitingRoom(lambda head: True, budget=3, wait=60)
     flood = [types.SimpleNamespace(client='flood') for _ in range(5)]
     assert [room.enter(connection) for connection in flood] == [True, True, False, False, False]
     assert room.enter(types.SimpleNamespace(client='bystander')) is True
 
 
 def test_the_waiting_room_lets_in_a_client_under_its_fair_share_before_one_at_it():
-    room = front.WaitingRoom(lambda head: True, budget=6, wait=60)       # three clients present: a share is 2
+    room = WaitingRoom(lambda head: True, budget=6, wait=60)       # three clients present: a share is 2
     arriving = [types.SimpleNamespace(client=client, name=name) for client, name in
                 [('f', 'f0'), ('f', 'f1'), ('c', 'c0'), ('c', 'c1'), ('c', 'c2'), ('a', 'a0'), ('f', 'f2'), ('a', 'a1')]]
     assert [room.enter(connection) for connection in arriving] == [True] * 6 + [False, False]
@@ -1881,7 +1884,7 @@ def test_the_waiting_room_lets_in_a_client_under_its_fair_share_before_one_at_it
 
 def test_the_waiting_room_gives_up_requests_that_waited_their_time():
     now = [0.0]
-    room = front.WaitingRoom(lambda head: True, budget=1, wait=20, clock=lambda: now[0])
+    room = WaitingRoom(lambda head: True, budget=1, wait=20, clock=lambda: now[0])
     first, late, later = (types.SimpleNamespace(client=client) for client in 'abc')
     room.enter(first)
     room.enter(late)
@@ -2071,7 +2074,7 @@ def test_a_client_that_stops_reading_a_download_is_dropped_after_socket_timeout(
 def test_a_connection_closed_twice_is_counted_out_once(tmp_path):
     """close_those_closed_by may close a connection whose end the same select() reported: MAX_CONNECTIONS held
     open by four clients let a fifth in after a storm of resets."""
-    front_ = front.Front(server.load_config({'BASE_DIR': str(tmp_path), 'KEY': KEY}, environ={}), lambda _: None)
+    front_ = front.Front(load_config({'BASE_DIR': str(tmp_path), 'KEY': KEY}, environ={}), lambda _: None)
     with socket.create_server(('127.0.0.1', 0)) as listener, front_.wake_in, front_.wake_out, \
             socket.create_connection(listener.getsockname()):
         accepted, peer = listener.accept()
@@ -2085,7 +2088,7 @@ def test_a_connection_closed_twice_is_counted_out_once(tmp_path):
 
 
 def test_a_connection_the_front_admits_sends_its_segments_without_waiting_for_acks(tmp_path):
-    front_ = front.Front(server.load_config({'BASE_DIR': str(tmp_path), 'KEY': KEY}, environ={}), lambda _: None)
+    front_ = front.Front(load_config({'BASE_DIR': str(tmp_path), 'KEY': KEY}, environ={}), lambda _: None)
     with socket.create_server(('127.0.0.1', 0)) as listener, front_.wake_in, front_.wake_out, \
             socket.create_connection(listener.getsockname()):
         accepted, peer = listener.accept()
@@ -2241,7 +2244,7 @@ def curl_upload(web, path, name):
     verbose trace and the figures it reports."""
     done = subprocess.run(['curl', '-sS', '-v', '-w', r'\n%{http_code} %{size_upload}', '-F', f'file=@{path}',
                            '-F', f'store={name}', '-F', 'type=O', '-F', 'coll=Fish', '-F',
-                           f'token={server.make_token(KEY, name)}', f'http://127.0.0.1:{web.port}/fileupload'],
+                           f'token={make_token(KEY, name)}', f'http://127.0.0.1:{web.port}/fileupload'],
                           capture_output=True, text=True, timeout=60)
     status, uploaded = done.stdout.rsplit('\n', 1)[1].split()
     return done.stderr, int(status), int(uploaded)

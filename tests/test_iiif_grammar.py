@@ -12,9 +12,9 @@ from urllib.parse import unquote
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import core
 import iiif
 from iiif import IIIFError, Limits, Plan
+from names import TEMP_PREFIX, name_problem
 
 W, H = 300, 200
 NONE = Limits()
@@ -646,7 +646,7 @@ def test_without_collection_dirs_the_decoded_identifier_names_the_attachment(nam
 
 
 @pytest.mark.parametrize('segment', ['', '.', '..', 'a/b.jpg', 'a\\b.jpg', 'a\x00.jpg', 'x' * 256,
-                                     core.TEMP_PREFIX + 'upload', None])
+                                     TEMP_PREFIX + 'upload', None])
 def test_without_collection_dirs_a_segment_no_attachment_can_be_named_is_a_404(segment):
     with pytest.raises(IIIFError) as refused:
         iiif.name_for(segment, None)
@@ -670,7 +670,7 @@ NOT_IDENTIFIERS = [
     base64.b64encode(b'KU Fish\x00>>>.jpg').decode(),   # the standard alphabet's '+' for '-'
     b64(b'Elsewhere\x00a.jpg'),             # a collection COLLECTION_DIRS does not name
     b64(b'KU Fish a.jpg'),                  # no NUL
-    b64(b'KU Fish\x00..'), b64(b'KU Fish\x00'), b64(b'KU Fish\x00' + core.TEMP_PREFIX.encode() + b'x'),
+    b64(b'KU Fish\x00..'), b64(b'KU Fish\x00'), b64(b'KU Fish\x00' + TEMP_PREFIX.encode() + b'x'),
     b64(b'KU Fish\x00a\\b'), b64(b'KU Fish\x00' + b'x' * 256),
     b64(b'KU Fish\x00\xff.jpg'),            # not UTF-8
     'a', '', '!!!!', 'a b', 'a/b', 'A' * 5000, None,
@@ -684,7 +684,7 @@ def test_with_collection_dirs_an_identifier_that_is_not_the_one_spelling_of_an_a
     assert refused.value.status == 404
 
 
-NAMES = st.text(min_size=1, max_size=80).filter(lambda name: core.name_problem(name) is None)
+NAMES = st.text(min_size=1, max_size=80).filter(lambda name: name_problem(name) is None)
 
 
 @settings(max_examples=200, deadline=None)
@@ -702,5 +702,5 @@ def test_with_collection_dirs_any_segment_names_a_valid_attachment_by_its_one_id
     except IIIFError as refused:
         assert refused.status == 404
         return
-    assert core.name_problem(name) is None and coll in COLLECTIONS
+    assert name_problem(name) is None and coll in COLLECTIONS
     assert iiif.identifier_for(coll, name, COLLECTIONS) == identifier

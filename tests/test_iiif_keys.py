@@ -13,8 +13,8 @@ import time
 import pytest
 
 import iiif
-import server
 from conftest import KEY, make_image
+from tokens import make_token
 
 BASE = 'http://assets.example.org:8080'
 NAME, OTHER = 'sheet.jpg', 'other.jpg'
@@ -148,7 +148,7 @@ def altered(text, at):
 
 def beyond_tolerance(direction):
     def token(client):
-        return server.make_token(KEY, NAME, int(time.time()) + direction * (client.config.TIME_TOLERANCE + 5))
+        return make_token(KEY, NAME, int(time.time()) + direction * (client.config.TIME_TOLERANCE + 5))
     return token
 
 

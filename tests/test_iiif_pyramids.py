@@ -9,10 +9,12 @@ import time
 
 import pytest
 
-import server
 from conftest import make_image, with_exif
 from test_iiif_service import near
 from test_thumbnails import TWO_PAGES, decoded, pdf, pixel
+from engines.children import ChildPool
+from engines.imagemagick import ImageMagick
+from errors import ThumbnailError
 
 BASE = 'http://assets.example.org:8080'
 
@@ -27,7 +29,7 @@ def sheet(tmp_path_factory):
 def runs(monkeypatch):
     """The jobs the engine ran ('build', 'cut') and the other tools' runs (their program's name)."""
     seen = []
-    run_tool, run_job = server.Thumbnailer._run, server.EngineChildren.run
+    run_tool, run_job = ImageMagick.run, ChildPool.run
 
     def tool(self, program, *args, **kwargs):
         seen.append((str(program).rsplit('/', 1)[-1], 'tool'))
@@ -36,8 +38,8 @@ def runs(monkeypatch):
     def job(self, name, *args, **kwargs):
         seen.append(('engine', name))
         return run_job(self, name, *args, **kwargs)
-    monkeypatch.setattr(server.Thumbnailer, '_run', tool)
-    monkeypatch.setattr(server.EngineChildren, 'run', job)
+    monkeypatch.setattr(ImageMagick, 'run', tool)
+    monkeypatch.setattr(ChildPool, 'run', job)
     return seen
 
 
@@ -182,15 +184,15 @@ def test_a_heic_photo_is_viewed_through_imagemagick(client, tmp_path):
 def test_the_cache_listing_counts_pyramids_and_tiles_as_the_originals_derivatives(client, sheet):
     client.upload('sheet.jpg', sheet)
     client.get('/iiif/3/sheet.jpg/0,0,512,512/512,512/0/default.jpg', {})
-    listed = sorted(name for name, _size, _modified in client.app.storage.thumbnails(None))
+    listed = sorted(name for name, _size, _modified in client.app.storage.derivatives(None))
     assert listed == ['sheet_iiif,0,0,512,512,512,512.jpg', 'sheet_iiif.jpg']
-    assert all(size > 0 for _name, size, _modified in client.app.storage.thumbnails(None))
+    assert all(size > 0 for _name, size, _modified in client.app.storage.derivatives(None))
 
 
 # --- The engine's children ----------------------------------------------------------------------
 
 def engine_pids(client):
-    return [child.pid for child in client.app.thumbnailer.engine.idle]
+    return [child.pid for child in client.app.vips.children.idle]
 
 
 def test_an_engine_child_stays_for_the_next_job(client, sheet):
@@ -204,7 +206,7 @@ def test_an_engine_child_stays_for_the_next_job(client, sheet):
 def test_a_child_gone_while_idle_is_replaced_by_a_new_one(client, sheet):
     client.upload('sheet.jpg', sheet)
     client.get('/iiif/3/sheet.jpg/0,0,100,100/100,100/0/default.jpg', {})
-    [gone] = client.app.thumbnailer.engine.idle
+    [gone] = client.app.vips.children.idle
     os.kill(gone.pid, signal.SIGKILL)
     gone.wait()
     client.get('/iiif/3/sheet.jpg/0,0,200,100/100,50/0/default.jpg', {})
@@ -214,17 +216,17 @@ def test_a_child_gone_while_idle_is_replaced_by_a_new_one(client, sheet):
 def test_a_child_that_does_not_answer_in_time_is_killed_and_the_request_refused(client, sheet):
     client.upload('sheet.jpg', sheet)
     client.get('/iiif/3/sheet.jpg/0,0,100,100/100,100/0/default.jpg', {})
-    [stuck] = client.app.thumbnailer.engine.idle
+    [stuck] = client.app.vips.children.idle
     os.kill(stuck.pid, signal.SIGSTOP)
-    client.app.thumbnailer.timeout = 1
+    client.app.vips.timeout = 1
     answer = client.get('/iiif/3/sheet.jpg/0,0,200,100/100,50/0/default.jpg', {}, status=404)
     assert 'too long' in answer.text and stuck.poll() == -signal.SIGKILL
     assert engine_pids(client) == []
 
 
 def test_a_job_the_engine_cannot_do_ends_its_child_with_a_clean_error(client):
-    engine = client.app.thumbnailer.engine
-    with pytest.raises(server.ThumbnailError):
+    engine = client.app.vips.children
+    with pytest.raises(ThumbnailError):
         engine.run('cut', ['missing.tif', 'out', '{}'], str(client.path()), time.monotonic() + 30)
     assert engine.idle == []
 

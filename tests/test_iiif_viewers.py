@@ -17,8 +17,8 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
-import server
 from conftest import IMAGEMAGICK, KEY, RunningServer, launch_chromium, make_image, multipart_body
+from tokens import make_token
 
 HERE = pathlib.Path(__file__).parent
 CACHE = HERE / '.cache' / 'viewers'
@@ -105,7 +105,7 @@ def serving(folder, sheet, **settings):
     """The real server on a free loopback port, the sheet uploaded to it as Specify does."""
     web = RunningServer(folder / 'attachments', folder / 'server.log', **settings)
     content_type, body = multipart_body([('file', 'blob', sheet), ('store', NAME), ('type', 'O'), ('coll', 'Fish'),
-                                         ('token', server.make_token(KEY, NAME))])
+                                         ('token', make_token(KEY, NAME))])
     assert web.request('POST', '/fileupload', body, {'Content-Type': content_type})[0] == 200
     web.url = f'http://127.0.0.1:{web.port}'
     return web
@@ -245,7 +245,7 @@ def test_mirador_opens_the_manifest_by_url_and_shows_the_image_from_its_service(
 # --- With REQUIRE_KEY_FOR_GET ----------------------------------------------------------------------
 
 def test_openseadragon_given_info_json_with_a_token_zooms_in_through_the_grant(view, keyed_server):
-    viewing = view('osd', info_url(keyed_server, server.make_token(KEY, NAME)))
+    viewing = view('osd', info_url(keyed_server, make_token(KEY, NAME)))
     assert viewing.settled() is True
     after, before = zoomed_in(viewing)
     assert {status for _url, status in before + after} == {200} and min(scale_factors(after)) == 1
@@ -256,7 +256,7 @@ def test_openseadragon_given_info_json_with_a_token_zooms_in_through_the_grant(v
 def test_leaflet_given_the_identifier_with_a_token_zooms_in_through_the_grant(view, keyed_server):
     """The page follows the bare identifier's 303 to the granted info.json: Leaflet-IIIF makes tile URLs from
     the info.json URL it is given, not from the id inside it."""
-    token = server.make_token(KEY, NAME)
+    token = make_token(KEY, NAME)
     viewing = view('leaflet', f'{keyed_server.url}/iiif/3/{quote(NAME)}?token={quote(token)}')
     assert viewing.settled() is True
     after, before = zoomed_in(viewing)

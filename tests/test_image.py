@@ -11,11 +11,11 @@ from urllib.parse import urlencode
 
 import pytest
 
-import core
-import server
 from conftest import PROJECT, image_info, make_image, multipart_body, wait_for, with_exif
 from podman_image import Container, ImageError, build, ensure_base, inspect, missing, snapshot
 from test_thumbnails import TWO_PAGES, pdf
+from names import pyramid_name
+from tokens import make_token
 
 
 @pytest.fixture(scope='session')
@@ -60,7 +60,7 @@ class Deployment:
             raise
 
     def token(self, name):
-        return server.make_token(self.key, name)
+        return make_token(self.key, name)
 
     def stop(self):
         try:
@@ -100,12 +100,12 @@ def launch(image, tmp_path):
 def upload(web, key, name, data, coll='Fish'):
     """POST /fileupload as Specify 7 does: the file part first, then store, type, coll and token."""
     content_type, body = multipart_body([('file', 'blob', data), ('store', name), ('type', 'O'), ('coll', coll),
-                                         ('token', server.make_token(key, name))])
+                                         ('token', make_token(key, name))])
     return web.request('POST', '/fileupload', body, {'Content-Type': content_type})
 
 
 def fileget(web, key, name, **params):
-    query = {'filename': name, 'coll': 'Fish', 'type': 'O', 'token': server.make_token(key, name), **params}
+    query = {'filename': name, 'coll': 'Fish', 'type': 'O', 'token': make_token(key, name), **params}
     return web.request('GET', '/fileget?' + urlencode(query))
 
 
@@ -125,7 +125,7 @@ def test_discovery_gives_server_name_and_server_port_as_the_public_address(deplo
 
 def test_tokens_are_checked_with_attachment_key(deployed):
     signed = {'random': '7', 'token': deployed.token('7')}
-    other = {'random': '7', 'token': server.make_token('not-' + deployed.key, '7')}
+    other = {'random': '7', 'token': make_token('not-' + deployed.key, '7')}
     assert deployed.web.request('GET', '/testkey?' + urlencode(signed))[:3:2] == (200, b'Ok.')
     assert deployed.web.request('GET', '/testkey?' + urlencode(other))[0] == 403
 
@@ -172,7 +172,7 @@ def test_the_image_serves_iiif_tiles_cut_from_a_pyramid_in_the_volume(deployed, 
     assert upload(deployed.web, deployed.key, name, sample(kind, tmp_path))[0] == 200
     status, _, tile = deployed.web.request('GET', f'/iiif/3/{name}/full/100,/0/default.jpg')
     assert (status, image_info(tile, tmp_path)[:2]) == (200, ('JPEG', 100)), tile[:200]
-    assert (deployed.volume / 'thumbnails' / core.pyramid_name(name)).stat().st_uid == 999
+    assert (deployed.volume / 'thumbnails' / pyramid_name(name)).stat().st_uid == 999
 
 
 def test_a_delete_removes_the_original_from_the_volume(deployed, png):
@@ -222,7 +222,7 @@ def test_a_generated_key_is_kept_in_the_volume_readable_only_by_the_server_user(
     info = kept.stat()
     assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (0o600, 999, 999)
     key = kept.read_text().strip()
-    query = urlencode({'random': '1', 'token': server.make_token(key, '1')})
+    query = urlencode({'random': '1', 'token': make_token(key, '1')})
     assert keyless.request('GET', '/testkey?' + query)[0] == 200
 
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-import core
 from conftest import with_exif
+from names import thumbnail_name
 
 # '{parent}' stands for the test's folder: an absolute name that lands in it, not in the real /.
 HOSTILE = ['../escape.jpg', '../../escape.jpg', '../../../escape.jpg', '../../../../escape.jpg',
@@ -40,7 +40,7 @@ def plant_canaries(client, name, jpeg, thumbnail):
     planted = {}
     marker = 'canary-original-' + hashlib.md5(name.encode('utf-8', 'replace')).hexdigest()
     original = resolved(client, client.config.ORIG_DIR, name)
-    cached = resolved(client, client.config.THUMB_DIR, core.thumbnail_name(name, SCALE)) if thumbnail else None
+    cached = resolved(client, client.config.THUMB_DIR, thumbnail_name(name, SCALE)) if thumbnail else None
     for path, data, mark in ((original, with_exif(jpeg, make=marker), marker.encode()),
                              (cached, b'canary-thumbnail ' + marker.encode(), b'canary-thumbnail ' + marker.encode())):
         if path and path not in planted:

@@ -7,10 +7,14 @@ import threading
 
 import pytest
 
-import core
 import server
 from conftest import make_image, wait_for
 from test_thumbnails import decoded
+from cache import CacheSize, DerivativeCache
+from config import ConfigError, load_config
+from engines.scheduling import BACKGROUND, INTERACTIVE
+from names import TEMP_PREFIX
+from storages.disk import DiskStorage
 
 CHROME_IMAGE_ACCEPT = 'image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8'
 JAVA_ACCEPT = 'text/html, image/gif, image/jpeg, *; q=.2, */*; q=.2'     # what Specify 6's HttpURLConnection sends
@@ -25,7 +29,7 @@ def cached_thumbnails(client):
         return sorted(item['Key'][len(prefix):] for item in listed)
     folder = os.path.join(client.config.BASE_DIR, client.config.THUMB_DIR)
     names = os.listdir(folder) if os.path.isdir(folder) else []
-    return sorted(name for name in names if not name.startswith(server.TEMP_PREFIX))
+    return sorted(name for name in names if not name.startswith(TEMP_PREFIX))
 
 
 def preview(client, name, scale, accept=None):
@@ -75,19 +79,19 @@ def test_a_kept_other_scale_asked_again_is_served_from_the_cache(make_client, jp
     client = make_client(THUMBNAIL_OTHER_SCALES=3)
     client.upload('a.jpg', jpeg)
     first = preview(client, 'a.jpg', 77).body
-    conversions = counted_conversions(client.app.thumbnailer)
+    conversions = counted_conversions(client.app.imagemagick)
     assert preview(client, 'a.jpg', 77).body == first and conversions == []
 
 
 @pytest.mark.parametrize('setting, value', [('THUMBNAIL_OTHER_SCALES', 0), ('THUMBNAIL_OTHER_SCALES', 'many'),
                                             ('THUMBNAIL_OTHER_SCALES_ORIGINALS', 0)])
 def test_other_scale_settings_out_of_range_are_refused_at_start(setting, value, tmp_path):
-    with pytest.raises(server.ConfigError, match=setting):
-        server.load_config({'BASE_DIR': str(tmp_path), setting: value}, environ={})
+    with pytest.raises(ConfigError, match=setting):
+        load_config({'BASE_DIR': str(tmp_path), setting: value}, environ={})
 
 
 def cached_bytes(client):
-    return sum(size for *_, size, _modified in client.app.storage.cached_thumbnails())
+    return sum(size for *_, size, _modified in client.app.cache.cached_derivatives())
 
 
 def test_a_sweep_over_the_size_bound_removes_other_scales_before_configured_ones_down_to_90_percent(
@@ -99,29 +103,29 @@ def test_a_sweep_over_the_size_bound_removes_other_scales_before_configured_ones
     configured = cached_bytes(client)
     for scale in (250, 260, 270):
         preview(client, 'a.jpg', scale)
-    storage = client.app.storage
-    storage.cache_size = core.CacheSize(bound=configured * 10 // 9 + 1, spare_newer_than=0)
+    storage = client.app.cache
+    storage.cache_size = CacheSize(bound=configured * 10 // 9 + 1, spare_newer_than=0)
     storage.sweep_cache()
     assert cached_thumbnails(client) == ['a_300.jpg', 'b_300.jpg']
     assert storage.cache_size.total == configured
 
 
 def test_a_sweep_removes_the_least_recently_made_first_other_scales_before_configured_ones(tmp_path):
-    storage = server.DiskStorage(server.load_config({'BASE_DIR': str(tmp_path), 'PREGENERATE_SCALE': [300]},
-                                                    environ={}))
+    config = load_config({'BASE_DIR': str(tmp_path), 'PREGENERATE_SCALE': [300]}, environ={})
+    storage = DerivativeCache(config, DiskStorage(config), None, None, None)
     listing = [(None, 'new_300.jpg', 40, 3000.0), (None, 'old_300.jpg', 40, 1000.0), (None, 'mid_300.jpg', 40, 2000.0),
                (None, 'newest_64.jpg', 10, 9000.0)]
-    storage.cached_thumbnails = lambda: iter(listing)
-    storage.cache_size = core.CacheSize(bound=100)
+    storage.cached_derivatives = lambda: iter(listing)
+    storage.cache_size = CacheSize(bound=100)
     removed = []
-    storage.remove_thumbnail = lambda coll, cache_name: removed.append(cache_name)
+    storage.storage.remove_derivative = lambda coll, cache_name: removed.append(cache_name)
     storage.sweep_cache()                   # 130 bytes, 90 to be left: 40 to go
     assert (sorted(removed), storage.cache_size.total) == (['newest_64.jpg', 'old_300.jpg'], 80)
 
 
 def test_storing_a_thumbnail_over_the_size_bound_starts_a_sweep_that_spares_the_one_just_made(make_client, jpeg):
     client = make_client(THUMBNAIL_CACHE_MAX_BYTES=10 ** 9, THUMBNAIL_OTHER_SCALES=5)
-    storage = client.app.storage
+    storage = client.app.cache
     client.upload('a.jpg', jpeg)
     client.upload('b.jpg', jpeg)
     assert wait_for(lambda: storage.cache_size.total == 0, 30)                  # the count at start
@@ -140,14 +144,14 @@ def test_a_sweep_never_removes_a_thumbnail_made_in_its_last_minute(make_client, 
     client = make_client(THUMBNAIL_OTHER_SCALES=5)
     client.upload('a.jpg', jpeg)
     preview(client, 'a.jpg', 100)
-    storage = client.app.storage
-    storage.cache_size = core.CacheSize(bound=1)
+    storage = client.app.cache
+    storage.cache_size = CacheSize(bound=1)
     storage.sweep_cache()
     assert cached_thumbnails(client) == ['a_100.jpg'] and storage.cache_size.total > 1
 
 
 def test_sweeps_start_at_most_once_a_sweep_interval():
-    size = core.CacheSize(bound=100, sweep_every=60)
+    size = CacheSize(bound=100, sweep_every=60)
     first = size.sweep_due()
     size.swept(500)
     assert (first, size.sweep_due(added=10), size.total) == (True, False, 510)
@@ -159,7 +163,7 @@ def test_by_default_a_sweep_keeps_the_cache_within_the_bytes_the_originals_hold(
     client.upload('a.jpg', original)
     for scale in (300, 250, 260, 270, 280, 290):
         preview(client, 'a.jpg', scale)
-    storage = client.app.storage
+    storage = client.app.cache
     assert cached_bytes(client) > len(original)
     storage.cache_size.spare_newer_than = 0
     storage.sweep_cache()
@@ -171,8 +175,8 @@ def test_a_share_of_no_originals_counted_removes_nothing(make_client, jpeg):
     client = make_client(THUMBNAIL_OTHER_SCALES=5)
     client.upload('a.jpg', jpeg)
     preview(client, 'a.jpg', 100)
-    storage = client.app.storage
-    storage.originals_bytes = lambda coll: 0          # the originals' folder not mounted, say
+    storage = client.app.cache
+    storage.storage.originals_bytes = lambda coll: 0          # the originals' folder not mounted, say
     storage.cache_size.spare_newer_than = 0
     storage.sweep_cache()
     assert cached_thumbnails(client) == ['a_100.jpg'] and storage.cache_size.bound is None
@@ -181,14 +185,14 @@ def test_a_share_of_no_originals_counted_removes_nothing(make_client, jpeg):
 @pytest.mark.parametrize('value, bound', [('100%', (None, 1.0)), ('250%', (None, 2.5)), ('5000', (5000, None)),
                                           (5000, (5000, None)), (None, (None, None))])
 def test_the_size_bound_is_bytes_or_a_share_of_the_originals_bytes(value, bound, tmp_path):
-    config = server.load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})
+    config = load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})
     assert config.THUMBNAIL_CACHE_BOUND == bound
 
 
 @pytest.mark.parametrize('value', [0, -5, 'big', True, '0%', '5.5%', '%'])
 def test_a_size_bound_that_is_not_a_positive_number_of_bytes_is_refused_at_start(value, tmp_path):
-    with pytest.raises(server.ConfigError, match='THUMBNAIL_CACHE_MAX_BYTES'):
-        server.load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})
+    with pytest.raises(ConfigError, match='THUMBNAIL_CACHE_MAX_BYTES'):
+        load_config({'BASE_DIR': str(tmp_path), 'THUMBNAIL_CACHE_MAX_BYTES': value}, environ={})
 
 
 def counted_conversions(thumbnailer):
@@ -231,7 +235,7 @@ def test_the_webp_and_the_jpeg_preview_are_cached_separately(client, jpeg):
     client.upload('a.jpg', jpeg)
     webp_answer = preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT).body
     jpeg_answer = preview(client, 'a.jpg', 123, JAVA_ACCEPT).body
-    conversions = counted_conversions(client.app.thumbnailer)
+    conversions = counted_conversions(client.app.imagemagick)
     again = (preview(client, 'a.jpg', 123, JAVA_ACCEPT).body, preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT).body)
     assert again == (jpeg_answer, webp_answer) and conversions == []
     assert cached_thumbnails(client) == ['a_123.jpg', 'a_123_webp.jpg']
@@ -243,8 +247,8 @@ def test_a_browser_is_answered_the_pregenerated_jpeg_without_a_conversion_while_
     assert wait_for(lambda: cached_thumbnails(client) == ['a_123.jpg'], 60)
     pregenerated = preview(client, 'a.jpg', 123, JAVA_ACCEPT).body
     converting = []
-    real = client.app.thumbnailer.converted
-    client.app.thumbnailer.converted = lambda *args, **kwargs: (
+    real = client.app.imagemagick.converted
+    client.app.imagemagick.converted = lambda *args, **kwargs: (
         converting.append(threading.current_thread().name) or real(*args, **kwargs))
     answer = preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT)
     assert (answer.content_type, answer.headers['Vary'], answer.body) == ('image/jpeg', 'Accept', pregenerated)
@@ -266,9 +270,9 @@ def test_many_views_before_the_webp_exists_queue_its_making_once(make_client, jp
     client = make_client(PREGENERATE_SCALE=[123])
     client.upload('a.jpg', jpeg)
     assert wait_for(lambda: cached_thumbnails(client) == ['a_123.jpg'], 60)
-    thumbnailer = client.app.thumbnailer
+    thumbnailer = client.app.scheduler
     held = threading.Event()
-    thumbnailer.in_background(lambda _thumbnailer: held.wait(30))      # the background is busy meanwhile
+    thumbnailer.in_background(lambda: held.wait(30))      # the background is busy meanwhile
     for _ in range(20):
         preview(client, 'a.jpg', 123, CHROME_IMAGE_ACCEPT)
     waiting = [key for key, _job in list(thumbnailer.backlog.queue)]
@@ -343,7 +347,7 @@ class SlotLog:
 
 def test_after_a_burst_of_500_uploads_a_waiting_client_waits_for_at_most_one_conversion(make_client, jpeg):
     client = make_client(PREGENERATE_SCALE=[1000, 123], THUMBNAIL_WORKERS=1)
-    thumbnailer = client.app.thumbnailer
+    thumbnailer = client.app.scheduler
     log = thumbnailer.slots = SlotLog(thumbnailer.slots)
     try:
         for number in range(500):
@@ -351,22 +355,22 @@ def test_after_a_burst_of_500_uploads_a_waiting_client_waits_for_at_most_one_con
         assert log.first_held.wait(60)
         waiting = threading.Thread(target=lambda: preview(client, 'upload-499.jpg', 64))
         waiting.start()
-        assert wait_for(lambda: log.slots.waiting[server.INTERACTIVE] == 1, 30)
+        assert wait_for(lambda: log.slots.waiting[INTERACTIVE] == 1, 30)
         log.gate.set()
         waiting.join(60)
     finally:
         log.gate.set()
         with thumbnailer.backlog.mutex:
             thumbnailer.backlog.queue.clear()
-    assert log.started[:2] == [server.BACKGROUND, server.INTERACTIVE]
+    assert log.started[:2] == [BACKGROUND, INTERACTIVE]
 
 
 def test_a_background_job_failing_unexpectedly_does_not_stop_the_jobs_after_it(make_client):
-    thumbnailer = make_client().app.thumbnailer
+    thumbnailer = make_client().app.scheduler
     later_job_ran = threading.Event()
 
-    def failing(_thumbnailer):
+    def failing():
         raise RuntimeError('a fault no storage error class names')
     thumbnailer.in_background(failing)
-    thumbnailer.in_background(lambda _thumbnailer: later_job_ran.set())
+    thumbnailer.in_background(lambda: later_job_ran.set())
     assert later_job_ran.wait(30)

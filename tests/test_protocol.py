@@ -12,15 +12,16 @@ from urllib.parse import quote
 
 import pytest
 
-import server
 from conftest import KEY, image_info, make_image, multipart_body, with_exif
+from names import TEMP_PREFIX
+from tokens import make_token
 
 
 # --- Clock and tokens -----------------------------------------------------------
 
 def test_token_is_hex_hmac_md5_of_timestamp_then_name_with_timestamp_after_colon():
     expected = hmac.new(KEY.encode(), '1700000000sp6123.att.jpg'.encode(), hashlib.md5).hexdigest()
-    assert server.make_token(KEY, 'sp6123.att.jpg', 1700000000) == f'{expected}:1700000000'
+    assert make_token(KEY, 'sp6123.att.jpg', 1700000000) == f'{expected}:1700000000'
 
 
 def test_token_over_unicode_name_signs_its_utf8_bytes(client, jpeg):
@@ -36,7 +37,7 @@ def test_testkey_accepts_a_token_signed_over_random(client):
 
 
 def test_testkey_refuses_a_token_signed_with_another_key(client):
-    token = server.make_token('some other key', '42')
+    token = make_token('some other key', '42')
     assert client.get('/testkey', {'random': '42', 'token': token}, status=403).status_int == 403
 
 
@@ -410,15 +411,15 @@ def test_temporaries_a_crash_left_in_the_staging_folder_over_an_hour_ago_are_rem
     base = tmp_path / 'attachments'
     base.mkdir()
     for name in ('old.part', 'fresh.part'):
-        (base / (server.TEMP_PREFIX + name)).write_bytes(b'staged')
-    (base / (server.TEMP_PREFIX + 'scratch')).mkdir()
-    (base / (server.TEMP_PREFIX + 'scratch') / 'in').write_bytes(b'staged')
+        (base / (TEMP_PREFIX + name)).write_bytes(b'staged')
+    (base / (TEMP_PREFIX + 'scratch')).mkdir()
+    (base / (TEMP_PREFIX + 'scratch') / 'in').write_bytes(b'staged')
     (base / 'kept.txt').write_bytes(b'not ours')
     two_hours_ago = time.time() - 7200
-    for name in (server.TEMP_PREFIX + 'old.part', server.TEMP_PREFIX + 'scratch', 'kept.txt'):
+    for name in (TEMP_PREFIX + 'old.part', TEMP_PREFIX + 'scratch', 'kept.txt'):
         os.utime(base / name, (two_hours_ago, two_hours_ago))
     make_client()
-    assert sorted(os.listdir(base)) == [server.TEMP_PREFIX + 'fresh.part', 'kept.txt']
+    assert sorted(os.listdir(base)) == [TEMP_PREFIX + 'fresh.part', 'kept.txt']
 
 
 def test_upload_without_content_length_is_411(client, jpeg):
@@ -668,7 +669,7 @@ def test_static_never_serves_the_generated_key_file(make_client, jpeg, path):
     client = make_client(KEY=None)                   # the server makes its key in BASE_DIR
     key = open(client.path('.web-asset-server.key'), 'rb').read().strip()
     assert key == client.app.key.encode()
-    client.upload('a.jpg', jpeg, token=server.make_token(client.app.key, 'a.jpg'))
+    client.upload('a.jpg', jpeg, token=make_token(client.app.key, 'a.jpg'))
     client.fileget('a.jpg', 'T', scale='50')           # so the thumbnails folder exists too
     answer = client.unlinted.get(path, status=404, expect_errors=True)
     assert key not in answer.body

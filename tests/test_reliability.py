@@ -23,8 +23,11 @@ from urllib.parse import quote, urlencode
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-import server
 from conftest import KEY, Client, RunningServer, multipart_body, png_bytes
+from config import load_config
+from names import TEMP_PREFIX
+import tokens
+from tokens import make_token
 
 settings.register_profile('ci', max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -69,7 +72,7 @@ def fuzzed(tmp_path_factory):
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_bytes(SECRET)
     base = root / 'up' / 'mid' / 'attachments'
-    client = Client(server.load_config({'BASE_DIR': str(base), 'KEY': KEY, 'ACCESS_LOG': False,
+    client = Client(load_config({'BASE_DIR': str(base), 'KEY': KEY, 'ACCESS_LOG': False,
                                         'PREGENERATE_SCALE': None, 'THUMBNAIL_TIMEOUT': 10}, environ={}))
     client.upload('a.jpg', png_bytes(40, 30))
     client.fileget('a.jpg', 'T', scale='10')            # a thumbnails folder too, so ../ resolves through it
@@ -110,7 +113,7 @@ def signed(params, name_field):
     """Sometimes sign the request properly, so the checks behind the token are reached too."""
     value = params.get(name_field)
     if isinstance(value, str) and 'token' not in params:
-        params['token'] = server.make_token(KEY, value)
+        params['token'] = make_token(KEY, value)
     return params
 
 
@@ -149,7 +152,7 @@ def test_any_upload_body_is_answered_safely(fuzzed, fields, store, kind, file_na
     if sign:
         store = dict(fields).get('store')
         if store is not None:
-            fields.append(('token', server.make_token(KEY, store)))
+            fields.append(('token', make_token(KEY, store)))
     parts = list(fields)
     if file_name is not None:
         part = ('file', file_name.replace('"', ''), data)
@@ -210,7 +213,7 @@ def test_the_files_inside_and_above_survive_the_fuzzing(fuzzed):
 def test_digests_are_compared_in_constant_time(client, monkeypatch):
     calls = []
     real = hmac.compare_digest
-    monkeypatch.setattr(server.hmac, 'compare_digest', lambda a, b: calls.append((a, b)) or real(a, b))
+    monkeypatch.setattr(tokens.hmac, 'compare_digest', lambda a, b: calls.append((a, b)) or real(a, b))
     client.get('/testkey', {'random': '1', 'token': client.token('1')})
     client.get('/testkey', {'random': '1', 'token': '0' * 32 + f':{int(time.time())}'}, status=403)
     assert len(calls) == 2
@@ -231,7 +234,7 @@ def limit_file_size(size):
 
 def upload_over_http(web, name, data):
     content_type, body = multipart_body([('file', name, data), ('store', name), ('type', 'O'),
-                                         ('token', server.make_token(KEY, name))])
+                                         ('token', make_token(KEY, name))])
     return web.request('POST', '/fileupload', body, {'Content-Type': content_type})
 
 
@@ -405,7 +408,7 @@ def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_pat
     web.stop()
     print(f'\n{len(answered)} of {len(payloads)} uploads answered Ok. before SIGKILL')
     assert 0 < len(answered) < len(payloads)
-    stored = {p.name: p.read_bytes() for p in (base / 'originals').iterdir() if not p.name.startswith(server.TEMP_PREFIX)}
+    stored = {p.name: p.read_bytes() for p in (base / 'originals').iterdir() if not p.name.startswith(TEMP_PREFIX)}
     assert answered <= set(stored)
     for name, data in stored.items():
         assert data == payloads[name], f'{name} is not what was sent'
@@ -413,7 +416,7 @@ def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_pat
     try:
         for name in answered:
             assert again.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[2] == payloads[name]
-        leftovers = [p.name for p in base.rglob(server.TEMP_PREFIX + '*')]
+        leftovers = [p.name for p in base.rglob(TEMP_PREFIX + '*')]
         for name in leftovers:
             assert again.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[0] == 400
     finally:

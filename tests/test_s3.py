@@ -17,16 +17,17 @@ import boto3
 import pytest
 from botocore.response import StreamingBody
 
-import core
 import migrate
 import server
 from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, _ifd, image_info, wait_for
+from config import load_config
+from tokens import make_token
 
 
 def s3_client(tmp_path, store, prefix, **overrides):
     settings = {'BASE_DIR': str(tmp_path / f'local-{secrets.token_hex(3)}'), 'KEY': KEY, 'ACCESS_LOG': False,
                 'PREGENERATE_SCALE': None, **store.settings(prefix), **overrides}
-    return Client(server.load_config(settings, environ={}))
+    return Client(load_config(settings, environ={}))
 
 
 def test_two_servers_on_one_bucket_act_as_one(tmp_path, seaweed, jpeg):
@@ -354,7 +355,7 @@ def test_a_fifo_to_copy_is_refused_without_waiting_for_a_writer(tmp_path):
 
 
 def disk_client(tmp_path, folder):
-    return Client(server.load_config({'BASE_DIR': str(folder), 'KEY': KEY, 'ACCESS_LOG': False,
+    return Client(load_config({'BASE_DIR': str(folder), 'KEY': KEY, 'ACCESS_LOG': False,
                                       'PREGENERATE_SCALE': None, 'STORAGE': 'disk'}, environ={}))
 
 
@@ -445,7 +446,7 @@ def test_migration_reports_a_copy_whose_bytes_the_store_got_wrong(seaweed, upstr
                                                                     monkeypatch, capsys, damaged, copied, left_out):
     folder, _files = upstream_folder
     prefix = 'corrupted-' + secrets.token_hex(4)
-    config = core.load_config(seaweed.settings(prefix), environ={})
+    config = load_config(seaweed.settings(prefix), environ={})
     corrupting(monkeypatch, damaged, tmp_path)
     assert migrate.to_s3(config, str(folder), dry_run=False) == {
         'copied': copied, 'already there': 0, 'failed': 1, 'conflicts': 0, 'skipped': 0, 'thumbnails left out': left_out}
@@ -457,7 +458,7 @@ def test_migration_back_keeps_no_file_whose_downloaded_bytes_are_wrong(seaweed, 
     folder, _files = upstream_folder
     prefix = 'corrupted-back-' + secrets.token_hex(4)
     run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder))
-    config = core.load_config(seaweed.settings(prefix), environ={})
+    config = load_config(seaweed.settings(prefix), environ={})
     corrupting(monkeypatch, 'fish/originals/a.jpg', tmp_path)
     back = tmp_path / 'back'
     assert migrate.from_s3(config, str(back), dry_run=False) == {     # a.jpg's thumbnail without its original too
@@ -481,7 +482,7 @@ def test_a_1_gb_upload_to_s3_keeps_the_server_under_150_mb(tmp_path, seaweed):
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="scan.tif"\r\n\r\n').encode()
         tail = ''.join(f'\r\n--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}'
                        for k, v in [('store', 'scan.tif'), ('type', 'O'),
-                                    ('token', server.make_token(KEY, 'scan.tif'))]) + f'\r\n--{boundary}--\r\n'
+                                    ('token', make_token(KEY, 'scan.tif'))]) + f'\r\n--{boundary}--\r\n'
         block = os.urandom(1024 * 1024)
 
         def body():

@@ -11,10 +11,12 @@ import types
 import pytest
 from botocore.exceptions import ClientError
 
-import core
 import migrate
 import server
 from conftest import KEY
+from kinds import may_run_scripts
+from names import is_derivative_of, name_problem, parse_derivative, thumbnail_name, thumbnail_source
+from tokens import make_token, token_problem
 
 pytestmark = pytest.mark.disk_only
 SERVER = 'http://assets.example.org:8080'
@@ -47,12 +49,12 @@ def test_a_name_may_hold_every_printable_ascii_character_but_slash_and_backslash
 
 
 def test_a_name_of_exactly_255_bytes_is_allowed():
-    assert core.name_problem('x' * 255) is None
+    assert name_problem('x' * 255) is None
 
 
 def test_a_name_with_a_lone_surrogate_from_an_undecodable_file_name_is_measured_not_an_error():
-    assert core.name_problem('\udcff' * 85) is None
-    assert core.name_problem('\udcff' * 86) == 'is longer than 255 bytes'
+    assert name_problem('\udcff' * 85) is None
+    assert name_problem('\udcff' * 86) == 'is longer than 255 bytes'
 
 
 def test_only_names_beginning_with_the_temporary_prefix_are_reserved(client):
@@ -62,7 +64,7 @@ def test_only_names_beginning_with_the_temporary_prefix_are_reserved(client):
 
 @pytest.mark.parametrize('scale', ['1', '2000'])
 def test_scales_from_1_to_max_thumbnail_scale_are_accepted(scale):
-    assert core.valid_scale(scale, 2000) == int(scale)
+    assert server.valid_scale(scale, 2000) == int(scale)
 
 
 @pytest.mark.parametrize('scale', ['0', '2001', '0000000005', ' 5', '+5', '5.0', '', None])
@@ -74,13 +76,13 @@ def test_a_scale_that_is_not_a_whole_number_from_1_to_the_bound_is_a_400(client,
 
 
 def test_a_thumbnail_cache_name_puts_the_scale_between_the_last_root_and_the_extension():
-    assert core.thumbnail_name('a.b.jpg', 64) == 'a.b_64.jpg'
-    assert core.thumbnail_name('noext', 64) == 'noext_64'
+    assert thumbnail_name('a.b.jpg', 64) == 'a.b_64.jpg'
+    assert thumbnail_name('noext', 64) == 'noext_64'
 
 
 def test_a_webp_thumbnails_cache_name_marks_it_after_the_scale():
-    assert core.thumbnail_name('a.b.jpg', 64, webp=True) == 'a.b_64_webp.jpg'
-    assert core.thumbnail_name('noext', 64, webp=True) == 'noext_64_webp'
+    assert thumbnail_name('a.b.jpg', 64, webp=True) == 'a.b_64_webp.jpg'
+    assert thumbnail_name('noext', 64, webp=True) == 'noext_64_webp'
 
 
 @pytest.mark.parametrize('candidate, owned', [('a_64.jpg', True), ('a_0.jpg', True), ('a_.jpg', False),
@@ -89,29 +91,29 @@ def test_a_webp_thumbnails_cache_name_marks_it_after_the_scale():
                                               ('a_64_webp.jpg', True), ('a_webp.jpg', False), ('a_64_webpx.jpg', False),
                                               ('a_64_webp_webp.jpg', False), ('a_64.jpg_webp', False)])
 def test_a_thumbnail_of_a_jpg_is_named_root_underscore_digits_jpg_and_nothing_else(candidate, owned):
-    assert core.is_thumbnail_of(candidate, 'a.jpg') is owned
+    assert is_derivative_of(candidate, 'a.jpg') is owned
 
 
 def test_regex_characters_in_a_name_match_only_themselves():
-    assert core.is_thumbnail_of('a+_1.jpg', 'a+.jpg')
-    assert not core.is_thumbnail_of('aa_1.jpg', 'a+.jpg')
+    assert is_derivative_of('a+_1.jpg', 'a+.jpg')
+    assert not is_derivative_of('aa_1.jpg', 'a+.jpg')
 
 
 # --- Tokens ---------------------------------------------------------------------------------------
 
 def test_a_token_is_hex_hmac_md5_of_the_timestamp_then_the_name_with_the_timestamp_after_a_colon():
     digest = hmac.new(KEY.encode(), '1700000000ä.jpg'.encode('utf-8'), hashlib.md5).hexdigest()
-    assert server.make_token(KEY, 'ä.jpg', 1700000000) == f'{digest}:1700000000'
+    assert make_token(KEY, 'ä.jpg', 1700000000) == f'{digest}:1700000000'
 
 
 def test_a_token_made_without_a_timestamp_is_stamped_now():
     before = int(time.time())
-    stamped = int(server.make_token(KEY, 'a.jpg').rpartition(':')[2])
+    stamped = int(make_token(KEY, 'a.jpg').rpartition(':')[2])
     assert before <= stamped <= int(time.time())
 
 
 def check(token, name='a.jpg', started=1000, tolerance=150, key=KEY):
-    return server.token_problem(key, token, name, started, tolerance)
+    return token_problem(key, token, name, started, tolerance)
 
 
 def test_without_a_key_every_token_passes():
@@ -131,7 +133,7 @@ def test_a_token_without_a_digest_and_a_whole_number_after_the_last_colon_is_mal
 @pytest.mark.parametrize('timestamp', ['01000', '-01000', '-0', '00', '\u0661\u0660\u0660\u0660', '１０００'])
 def test_a_timestamp_not_in_the_one_form_str_of_an_integer_writes_is_malformed(timestamp):
     """Leading zeros and non-ASCII digits (which int() reads) spell a timestamp no client writes."""
-    digest = server.make_token(KEY, 'a.jpg', 1000).partition(':')[0]
+    digest = make_token(KEY, 'a.jpg', 1000).partition(':')[0]
     assert check(f'{digest}:{timestamp}', tolerance=None) == 'Malformed token.'
 
 
@@ -144,25 +146,25 @@ def test_a_timestamp_of_20_digits_is_read_and_judged_by_age():
 
 
 def test_a_negative_timestamp_is_read_when_the_window_is_off():
-    assert check(server.make_token(KEY, 'a.jpg', -5), tolerance=None) is None
+    assert check(make_token(KEY, 'a.jpg', -5), tolerance=None) is None
 
 
 @pytest.mark.parametrize('age', [-149, 149])
 def test_a_token_less_than_the_tolerance_away_from_the_request_time_passes(age):
-    assert check(server.make_token(KEY, 'a.jpg', 1000 - age)) is None
+    assert check(make_token(KEY, 'a.jpg', 1000 - age)) is None
 
 
 @pytest.mark.parametrize('age', [-150, 150])
 def test_a_token_the_tolerance_or_more_away_from_the_request_time_has_expired(age):
-    assert check(server.make_token(KEY, 'a.jpg', 1000 - age)) == 'Token expired: check the clocks of client and server.'
+    assert check(make_token(KEY, 'a.jpg', 1000 - age)) == 'Token expired: check the clocks of client and server.'
 
 
 def test_a_token_over_another_name_is_a_bad_token():
-    assert check(server.make_token(KEY, 'b.jpg', 1000)) == 'Bad token.'
+    assert check(make_token(KEY, 'b.jpg', 1000)) == 'Bad token.'
 
 
 def test_a_token_over_the_empty_name_signs_a_missing_name():
-    assert check(server.make_token(KEY, '', 1000), name=None) is None
+    assert check(make_token(KEY, '', 1000), name=None) is None
 
 
 def test_a_digest_with_a_lone_surrogate_is_a_bad_token_not_an_error():
@@ -297,20 +299,20 @@ def test_a_token_over_an_original_does_not_read_an_original_named_like_its_thumb
 
 @pytest.mark.parametrize('name', ['a.jpg', 'a_64.jpg', 'noext', '.hidden', 'a.b.c', 'a.', 'x\n_1.jpg', '_1.jpg'])
 def test_a_thumbnails_cache_name_leads_back_to_its_original_and_only_to_it(name):
-    assert [core.thumbnail_source(core.thumbnail_name(name, scale)) for scale in (1, 64, 2000)] == [name] * 3
-    assert [core.parse_thumbnail_name(core.thumbnail_name(name, 64, webp)) for webp in (False, True)] == [
+    assert [thumbnail_source(thumbnail_name(name, scale)) for scale in (1, 64, 2000)] == [name] * 3
+    assert [parse_derivative(thumbnail_name(name, 64, webp))[:3] for webp in (False, True)] == [
         (name, 64, False), (name, 64, True)]
 
 
 def test_the_webp_thumbnail_of_a_name_without_extension_is_not_the_thumbnail_of_its_webp_namesake():
-    assert core.thumbnail_name('a', 64, webp=True) != core.thumbnail_name('a.webp', 64)
-    assert not core.is_thumbnail_of(core.thumbnail_name('a', 64, webp=True), 'a.webp')
+    assert thumbnail_name('a', 64, webp=True) != thumbnail_name('a.webp', 64)
+    assert not is_derivative_of(thumbnail_name('a', 64, webp=True), 'a.webp')
 
 
 @pytest.mark.parametrize('candidate', ['a.jpg', '_64.jpg', 'a_064.jpg', 'a_.jpg', 'a_6x.jpg', 'a.b_64', '',
                                        'a_webp.jpg', 'a_064_webp.jpg', '_64_webp.jpg'])
 def test_a_name_no_original_has_as_a_thumbnail_leads_to_none(candidate):
-    assert core.thumbnail_source(candidate) is None
+    assert thumbnail_source(candidate) is None
 
 
 def test_static_serves_a_cached_thumbnail(client, jpeg):
@@ -366,7 +368,7 @@ def test_static_with_collection_folders_serves_only_a_collections_originals_and_
                                             ('application/pdf', False), ('text/plain', False),
                                             ('application/json', False)])
 def test_only_media_and_passive_types_may_be_served_unsandboxed(mimetype, runs):
-    assert core.may_run_scripts(mimetype) is runs
+    assert may_run_scripts(mimetype) is runs
 
 
 # --- Storage paths and deletion -----------------------------------------------------------------------

@@ -6,15 +6,18 @@ import stat
 
 import pytest
 
-import core
 import server
 from conftest import KEY
+from config import ConfigError, load_config
+from engines.imagemagick import find_imagemagick, version_text
+import tokens
+from tokens import make_token, resolve_key
 
 pytestmark = pytest.mark.disk_only
 
 
 def test_environment_variables_are_read_with_the_settings_types(tmp_path):
-    config = server.load_config(environ={
+    config = load_config(environ={
         'PORT': '9090', 'REQUIRE_KEY_FOR_GET': 'true', 'ALLOW_STATIC_FILE_ACCESS': 'no',
         'TIME_TOLERANCE': 'none', 'NO_TIME_WINDOW_ACKNOWLEDGED': 'true', 'COLLECTION_DIRS': '{"Fish": "fish"}', 'BASE_DIR': str(tmp_path),
         'SERVER_NAME': 'assets.museum.org', 'SERVER_PORT': '443', 'MAX_UPLOAD_SIZE': '1000',
@@ -27,20 +30,20 @@ def test_environment_variables_are_read_with_the_settings_types(tmp_path):
 
 
 def test_docker_names_attachment_key_and_debug_mode_are_read():
-    config = server.load_config(environ={'ATTACHMENT_KEY': 'from-docker', 'DEBUG_MODE': 'true'})
+    config = load_config(environ={'ATTACHMENT_KEY': 'from-docker', 'DEBUG_MODE': 'true'})
     assert (config.KEY, config.DEBUG) == ('from-docker', True)
 
 
 def test_key_wins_over_attachment_key_when_both_are_set():
-    assert server.load_config(environ={'ATTACHMENT_KEY': 'alias', 'KEY': 'own'}).KEY == 'own'
+    assert load_config(environ={'ATTACHMENT_KEY': 'alias', 'KEY': 'own'}).KEY == 'own'
 
 
 def test_server_port_defaults_to_the_listen_port():
-    assert server.load_config(environ={'PORT': '8181'}).SERVER_PORT == 8181
+    assert load_config(environ={'PORT': '8181'}).SERVER_PORT == 8181
 
 
 def test_relative_base_dir_is_taken_from_the_project_folder():
-    config = server.load_config(environ={'BASE_DIR': 'attachments'})
+    config = load_config(environ={'BASE_DIR': 'attachments'})
     assert config.BASE_DIR == os.path.join(os.path.dirname(os.path.abspath(server.__file__)), 'attachments')
 
 
@@ -50,8 +53,8 @@ def test_relative_base_dir_is_taken_from_the_project_folder():
                                          ('COLLECTION_DIRS', '["fish"]'), ('PUBLIC_SCHEME', 'ftp'),
                                          ('THUMB_DIR', '../thumbs')])
 def test_a_bad_setting_stops_the_start_with_its_name(name, value):
-    with pytest.raises(server.ConfigError, match=name):
-        server.load_config(environ={name: value})
+    with pytest.raises(ConfigError, match=name):
+        load_config(environ={name: value})
 
 
 def test_without_a_key_a_random_one_is_made_and_kept_beside_the_attachments(make_client, jpeg, caplog):
@@ -64,7 +67,7 @@ def test_without_a_key_a_random_one_is_made_and_kept_beside_the_attachments(make
     assert key_file in caplog.text and 'ASSET_SERVER_KEY' in caplog.text
     assert key not in caplog.text
     client.upload('a.jpg', jpeg, token='', status=403)
-    client.upload('a.jpg', jpeg, token=server.make_token(key, 'a.jpg'))
+    client.upload('a.jpg', jpeg, token=make_token(key, 'a.jpg'))
 
 
 def test_the_kept_key_survives_a_restart(make_client):
@@ -78,7 +81,7 @@ def test_an_empty_key_file_stops_the_start_with_a_message_naming_it_and_is_left_
     key_file = make_client().path('.web-asset-server.key')
     with open(key_file, 'w') as f:
         f.write(content)
-    with pytest.raises(server.ConfigError, match='key file ' + key_file + ' is empty'):
+    with pytest.raises(ConfigError, match='key file ' + key_file + ' is empty'):
         make_client(KEY=None)
     with open(key_file) as f:
         assert f.read() == content
@@ -90,34 +93,34 @@ def test_a_new_key_files_folder_is_fsynced_once_the_file_holds_the_key(make_clie
     def fsync_folder(folder):
         key_file = os.path.join(folder, '.web-asset-server.key')
         synced.append((folder, open(key_file).read() if os.path.exists(key_file) else None))
-    monkeypatch.setattr(server, 'fsync_folder', fsync_folder)
+    monkeypatch.setattr(tokens, 'fsync_folder', fsync_folder)
     client = make_client(KEY=None)
     assert (client.base, client.app.key + '\n') in synced
 
 
 def test_an_instance_starting_while_another_makes_the_key_file_uses_the_same_key(tmp_path, monkeypatch):
-    config = server.load_config({'BASE_DIR': str(tmp_path), 'KEY': None}, environ={})
+    config = load_config({'BASE_DIR': str(tmp_path), 'KEY': None}, environ={})
     real_open, other = os.open, []
 
     def open_then_start_another(path, flags, *mode):
         descriptor = real_open(path, flags, *mode)
         if flags & os.O_CREAT and not other:         # the first instance has just made a file of its own
             other.append(None)
-            other[0] = server.resolve_key(config)
+            other[0] = resolve_key(config)
         return descriptor
     monkeypatch.setattr(os, 'open', open_then_start_another)
-    assert server.resolve_key(config) == other[0]
+    assert resolve_key(config) == other[0]
     assert os.listdir(tmp_path) == ['.web-asset-server.key']
 
 
 def test_a_key_file_on_a_file_system_without_hard_links_stops_the_start_with_a_message(tmp_path, monkeypatch):
-    config = server.load_config({'BASE_DIR': str(tmp_path), 'KEY': None}, environ={})
+    config = load_config({'BASE_DIR': str(tmp_path), 'KEY': None}, environ={})
 
     def no_links(source, target):
         raise PermissionError(1, 'Operation not permitted')
     monkeypatch.setattr(os, 'link', no_links)
-    with pytest.raises(server.ConfigError, match='cannot keep a new key in .*Operation not permitted.*set KEY'):
-        server.resolve_key(config)
+    with pytest.raises(ConfigError, match='cannot keep a new key in .*Operation not permitted.*set KEY'):
+        resolve_key(config)
     assert os.listdir(tmp_path) == []
 
 
@@ -158,28 +161,28 @@ def fake_program(folder, name, says):
 def test_a_convert_earlier_on_path_that_is_not_imagemagick_is_passed_over(tmp_path, monkeypatch):
     fake_program(tmp_path, 'convert', 'convert: not the program you are looking for')
     monkeypatch.setenv('PATH', f'{tmp_path}:/usr/bin:/bin')
-    found = server.find_imagemagick.__wrapped__(None)
-    assert found != str(tmp_path / 'convert') and 'ImageMagick' in server.version_text(found, '-version')
+    found = find_imagemagick.__wrapped__(None)
+    assert found != str(tmp_path / 'convert') and 'ImageMagick' in version_text(found, '-version')
 
 
 def test_a_named_program_that_is_not_imagemagick_stops_the_start_clearly(tmp_path):
     fake = fake_program(tmp_path, 'magick', 'Version: GraphicsMagick')
-    with pytest.raises(server.ConfigError, match='ImageMagick was not found'):
-        server.find_imagemagick.__wrapped__(str(fake))
+    with pytest.raises(ConfigError, match='ImageMagick was not found'):
+        find_imagemagick.__wrapped__(str(fake))
 
 
 def test_a_wrapper_script_is_passed_over_for_the_native_binary(tmp_path, monkeypatch):
-    real = server.find_imagemagick(None)
+    real = find_imagemagick(None)
     wrapper = tmp_path / 'convert'
     wrapper.write_text(f'#!/bin/sh\nexec {real} "$@"\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv('PATH', f'{tmp_path}:{os.path.dirname(real)}')
-    assert server.find_imagemagick.__wrapped__(None) == real
+    assert find_imagemagick.__wrapped__(None) == real
 
 
 def test_fewer_than_five_threads_is_refused():
-    with pytest.raises(server.ConfigError, match='THREADS'):
-        server.load_config(environ={'THREADS': '4'})
+    with pytest.raises(ConfigError, match='THREADS'):
+        load_config(environ={'THREADS': '4'})
 
 
 def test_control_characters_in_a_path_cannot_forge_log_lines(make_client, caplog):
@@ -201,14 +204,14 @@ def test_access_log_escapes_control_characters_in_the_method(make_client, caplog
 @pytest.mark.parametrize('text, scales', [('1000,123', [1000, 123]), ('[123, 1000]', [1000, 123]), ('123', [123]),
                                           ('none', [])])
 def test_pregenerate_scale_takes_a_number_or_a_list_largest_first(tmp_path, text, scales):
-    config = server.load_config(environ={'PREGENERATE_SCALE': text, 'BASE_DIR': str(tmp_path)})
+    config = load_config(environ={'PREGENERATE_SCALE': text, 'BASE_DIR': str(tmp_path)})
     assert config.PREGENERATE_SCALES == scales
 
 
 @pytest.mark.parametrize('text', ['0', '1000,3000', '[1.5]', 'big'])
 def test_a_pregenerate_scale_outside_1_to_max_thumbnail_scale_stops_the_start(tmp_path, text):
-    with pytest.raises(core.ConfigError, match='PREGENERATE_SCALE'):
-        server.load_config(environ={'PREGENERATE_SCALE': text, 'BASE_DIR': str(tmp_path)})
+    with pytest.raises(ConfigError, match='PREGENERATE_SCALE'):
+        load_config(environ={'PREGENERATE_SCALE': text, 'BASE_DIR': str(tmp_path)})
 
 
 @pytest.mark.parametrize('created', [1764640000.0, 1764640000.123, 1764640000.999, 1764640001.5])
@@ -224,16 +227,16 @@ def test_log_lines_carry_the_time_to_the_millisecond_as_the_standard_formatter_w
 
 @pytest.mark.parametrize('folder', ['originals', 'thumbnails', 'shared'])
 def test_the_server_refuses_to_start_with_originals_and_thumbnails_in_one_folder(tmp_path, folder):
-    with pytest.raises(server.ConfigError, match='ORIG_DIR and THUMB_DIR must name different folders'):
-        server.load_config({'BASE_DIR': str(tmp_path), 'ORIG_DIR': folder, 'THUMB_DIR': folder}, environ={})
+    with pytest.raises(ConfigError, match='ORIG_DIR and THUMB_DIR must name different folders'):
+        load_config({'BASE_DIR': str(tmp_path), 'ORIG_DIR': folder, 'THUMB_DIR': folder}, environ={})
 
 
 def test_the_server_refuses_to_start_without_a_token_window_unless_that_is_acknowledged(tmp_path):
-    with pytest.raises(server.ConfigError, match='tokens would never expire'):
-        server.load_config({'BASE_DIR': str(tmp_path), 'TIME_TOLERANCE': None}, environ={})
+    with pytest.raises(ConfigError, match='tokens would never expire'):
+        load_config({'BASE_DIR': str(tmp_path), 'TIME_TOLERANCE': None}, environ={})
 
 
 def test_a_start_without_a_token_window_that_is_acknowledged_keeps_no_window(tmp_path):
-    config = server.load_config({'BASE_DIR': str(tmp_path)}, environ={'TIME_TOLERANCE': 'none',
+    config = load_config({'BASE_DIR': str(tmp_path)}, environ={'TIME_TOLERANCE': 'none',
                                                                      'NO_TIME_WINDOW_ACKNOWLEDGED': 'true'})
     assert config.TIME_TOLERANCE is None

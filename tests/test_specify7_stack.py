@@ -23,10 +23,10 @@ import time
 import pytest
 import yaml
 
-import server
 from conftest import (IMAGEMAGICK, PROJECT, RunningServer, exchange, free_port, holds_listener, start_nginx, started,
                       stop_process)
 from test_compose import compose_schema, schema_errors  # noqa: F401 (a fixture)
+from tokens import make_token
 
 STOCK_KEY = 'stock composition key'
 BROWSER_ACCEPT = 'image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8'
@@ -243,7 +243,7 @@ def test_10_users_uploading_at_once_through_nginx_store_every_byte(stack):
 
     def upload(number, name, data):
         boundary = secrets.token_hex(16)
-        fields = {'store': name, 'type': 'O', 'coll': 'Fish', 'token': server.make_token(STOCK_KEY, name)}
+        fields = {'store': name, 'type': 'O', 'coll': 'Fish', 'token': make_token(STOCK_KEY, name)}
         body = b''.join(f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"\r\n\r\n{value}\r\n'.encode()
                         for field, value in fields.items())
         body += (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{name}"\r\n'

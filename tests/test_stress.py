@@ -6,9 +6,9 @@ import os
 import time
 from urllib.parse import urlencode
 
-import core
-import server
 from conftest import KEY, RunningServer, make_image, multipart_body
+from names import TEMP_PREFIX, thumbnail_source
+from tokens import make_token
 
 FILES, SCALES, CONCURRENCY = 20, 25, 16          # 500 distinct conversions
 
@@ -22,7 +22,7 @@ def test_500_conversions_at_concurrency_16_all_finish(tmp_path):
         names = [f'{i}.{"jpg" if i % 2 == 0 else "png"}' for i in range(FILES)]
         for i, name in enumerate(names):
             content_type, body = multipart_body([('file', name, images[i % 2]), ('store', name), ('type', 'O'),
-                                                 ('token', server.make_token(KEY, name))])
+                                                 ('token', make_token(KEY, name))])
             assert web.request('POST', '/fileupload', body, {'Content-Type': content_type})[0] == 200
         jobs = [(name, scale) for name in names for scale in range(20, 20 + SCALES)]
 
@@ -40,8 +40,8 @@ def test_500_conversions_at_concurrency_16_all_finish(tmp_path):
         assert [status for status, _ in results] == [200] * len(jobs)
         assert all(size > 0 for _, size in results)
         thumbnails = os.listdir(tmp_path / 'attachments' / 'thumbnails')
-        assert not [n for n in thumbnails if n.startswith(server.TEMP_PREFIX)]
-        per_original = collections.Counter(core.thumbnail_source(n) for n in thumbnails)
+        assert not [n for n in thumbnails if n.startswith(TEMP_PREFIX)]
+        per_original = collections.Counter(thumbnail_source(n) for n in thumbnails)
         assert per_original == {name: 3 for name in names}       # THUMBNAIL_OTHER_SCALES: these scales are not configured
     finally:
         web.stop()

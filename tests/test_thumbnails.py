@@ -21,9 +21,11 @@ import zlib
 import exifread
 import pytest
 
-import core
-import server
 from conftest import IMAGEMAGICK, make_image, parent_pids, wait_for, with_exif
+from engines.scheduling import BACKGROUND, ConversionSlots, INTERACTIVE
+from errors import ThumbnailsBusy
+from kinds import TIFF_PAGES_READ, image_size, sniff_kind, tiff_pages
+from storages.disk import SmallFiles
 
 
 def decoded(data, tmp_path, fields='%m %w %h %[colorspace] %z %A %n'):
@@ -115,12 +117,12 @@ def test_pdf_thumbnail_is_its_first_page_on_white_as_png(client, tmp_path):
 
 def test_pdf_thumbnails_do_not_need_imagemagicks_pdf_coder(client, tmp_path, monkeypatch):
     calls = []
-    real = client.app.thumbnailer._run
+    real = client.app.imagemagick.run
 
     def spy(program, *args, **limits):
         calls.append(args)
         return real(program, *args, **limits)
-    monkeypatch.setattr(client.app.thumbnailer, '_run', spy)
+    monkeypatch.setattr(client.app.imagemagick, "run", spy)
     thumbnail(client, 'notebook.pdf', pdf(tmp_path, TWO_PAGES))
     ghostscript = calls[:-1]
     assert ghostscript and all('-dSAFER' in args for args in ghostscript)
@@ -287,7 +289,7 @@ def test_a_preview_of_a_large_photograph_or_text_sheet_matches_one_from_the_full
     ('1801x1201', 900, '900x600', None)])                   # odd sides: decoded whole
 def test_a_jpeg_is_decoded_reduced_only_to_exact_sides_at_least_twice_its_thumbnails_size(
         client, tmp_path, size, scale, expected, hint):
-    runs = run_counter(client.app.thumbnailer)
+    runs = run_counter(client.app.imagemagick)
     answer = thumbnail(client, 'photo.jpg', make_image(tmp_path, 'plasma:', size, 'jpg'), scale=scale)
     assert 'x'.join(map(str, decoded(answer.body, tmp_path)[1:3])) == expected     # as from the whole image
     assert [arg for arg in runs[-1] if arg.startswith('jpeg:size=')] == ([hint] if hint else [])
@@ -360,8 +362,8 @@ def test_a_reduced_page_of_another_shape_is_not_used_for_a_tiffs_thumbnail(clien
 
 
 def test_a_tiffs_pages_are_read_only_up_to_the_bound(tmp_path):
-    (tmp_path / 'many.tif').write_bytes(tiff_of_pages([(8, 6, RED, 1)] * (core.TIFF_PAGES_READ + 4)))
-    assert core.tiff_pages(tmp_path / 'many.tif') == [(8, 6, 1)] * core.TIFF_PAGES_READ
+    (tmp_path / 'many.tif').write_bytes(tiff_of_pages([(8, 6, RED, 1)] * (TIFF_PAGES_READ + 4)))
+    assert tiff_pages(tmp_path / 'many.tif') == [(8, 6, 1)] * TIFF_PAGES_READ
 
 
 # --- The derivative ladder: a smaller thumbnail from a cached larger one -----------------------
@@ -372,7 +374,7 @@ def record_sources(thumbnailer):
     real = thumbnailer.converted
 
     def recording(source, *args, **kwargs):
-        found = server.image_size(source, server.sniff_kind(source))
+        found = image_size(source, sniff_kind(source))
         sizes.append((found.width, found.height) if found else None)
         return real(source, *args, **kwargs)
     thumbnailer.converted = recording
@@ -382,7 +384,7 @@ def record_sources(thumbnailer):
 def ladder_client(make_client, scales):
     """A client whose server climbs down from `scales`, its uploads not pregenerated (the test asks itself)."""
     client = make_client(PREGENERATE_SCALE=scales)
-    client.app.thumbnailer.in_background = lambda job: None
+    client.app.scheduler.in_background = lambda job, key=None: None
     return client
 
 
@@ -390,7 +392,7 @@ def test_a_smaller_thumbnail_is_made_from_the_cached_larger_scale(make_client, t
     client = ladder_client(make_client, [600])
     client.upload('sheet.jpg', detailed_jpeg)
     assert client.fileget('sheet.jpg', 'T', scale='600').status_int == 200
-    sources = record_sources(client.app.thumbnailer)
+    sources = record_sources(client.app.imagemagick)
     answer = client.fileget('sheet.jpg', 'T', scale='123')
     assert sources == [(600, 450)]                       # the cached 600, not the 2400x1800 original
     kind, width, height = decoded(answer.body, tmp_path)[:3]
@@ -402,7 +404,7 @@ def test_a_cached_larger_thumbnail_of_replaced_bytes_is_not_used(make_client, tm
     client.upload('sheet.jpg', detailed_jpeg)
     assert client.fileget('sheet.jpg', 'T', scale='600').status_int == 200
     client.upload('sheet.jpg', make_image(tmp_path, 'plasma:', '900x1200', 'jpg'))
-    sources = record_sources(client.app.thumbnailer)
+    sources = record_sources(client.app.imagemagick)
     client.fileget('sheet.jpg', 'T', scale='123')
     assert sources == [(900, 1200)]
 
@@ -413,16 +415,15 @@ def test_a_cached_larger_thumbnail_that_cannot_be_read_falls_back_to_the_origina
     client.upload('photo.jpg', jpeg)
     client.upload('garbage.jpg', b'\xff\xd8 not a picture')
     storage = client.app.storage
-    garbage = storage.original_parts('Fish', 'garbage.jpg')
-    broken = storage.key(garbage) if hasattr(storage, 'key') else storage.path(garbage)
-    storage.larger_fresh_thumbnail = lambda *args: broken
+    client.app.cache.larger_fresh_thumbnail = lambda *args: 'photo_600.jpg'
+    storage.local_derivative = lambda coll, cache_name: storage.local_original('Fish', 'garbage.jpg')
     answer = client.fileget('photo.jpg', 'T', scale='123')
     assert decoded(answer.body, tmp_path)[:3] == ('JPEG', 123, 82)
 
 
 def test_pregenerated_scales_are_made_largest_first_each_from_the_one_before(make_client, detailed_jpeg):
     client = make_client(PREGENERATE_SCALE=[123, 600])
-    sources = record_sources(client.app.thumbnailer)
+    sources = record_sources(client.app.imagemagick)
     client.upload('sheet.jpg', detailed_jpeg)
     assert wait_for(lambda: len(sources) == 2, 60)
     assert sources == [(2400, 1800), (600, 450)]
@@ -647,8 +648,8 @@ def joined(threads, results):
 
 def test_concurrent_requests_for_one_new_thumbnail_share_one_conversion(client, tmp_path):
     client.upload('a.jpg', make_image(tmp_path, 'plasma:', '1000x800', 'jpg'))
-    seen = gate_conversions(client.app.thumbnailer)
-    arrivals = client.app.storage.thumbnail_locks = Arrivals(client.app.storage.thumbnail_locks)
+    seen = gate_conversions(client.app.imagemagick)
+    arrivals = client.app.cache.locks = Arrivals(client.app.cache.locks)
     requests = in_threads(8, lambda i: client.fileget('a.jpg', 'T', scale='123').body)
     all_waiting = wait_for(lambda: arrivals.count == 8 and seen['running'] == 1, seconds=30)
     seen['gate'].set()
@@ -662,8 +663,8 @@ def test_no_more_than_thumbnail_workers_conversions_run_at_once(make_client, jpe
     client = make_client(THUMBNAIL_WORKERS=2)
     for i in range(6):
         client.upload(f'{i}.jpg', jpeg)
-    seen = gate_conversions(client.app.thumbnailer)
-    slots = client.app.thumbnailer.slots = Arrivals(client.app.thumbnailer.slots)
+    seen = gate_conversions(client.app.imagemagick)
+    slots = client.app.scheduler.slots = Arrivals(client.app.scheduler.slots)
     requests = in_threads(6, lambda i: client.fileget(f'{i}.jpg', 'T', scale='100').status_int)
     all_arrived = wait_for(lambda: slots.count == 6 and seen['running'] == 2, seconds=30)
     most_while_held = seen['most']
@@ -677,14 +678,14 @@ def test_no_more_than_thumbnail_workers_conversions_run_at_once(make_client, jpe
 
 def test_a_thumbnail_made_from_replaced_bytes_is_not_kept(client, jpeg, png, tmp_path):
     client.upload('a.jpg', jpeg)
-    real = client.app.thumbnailer._convert
+    real = client.app.imagemagick._convert
     replaced = []
 
     def convert_then_replace(*args):
         real(*args)
         if not replaced:
             replaced.append(client.upload('a.jpg', png).text)    # new bytes land mid-conversion
-    client.app.thumbnailer._convert = convert_then_replace
+    client.app.imagemagick._convert = convert_then_replace
     answer = client.fileget('a.jpg', 'T', scale='123')
     assert replaced == ['Ok.']
     assert decoded(answer.body, tmp_path)[:3] == ('PNG', 80, 60)
@@ -711,10 +712,10 @@ def test_postscript_that_mentions_pdf_is_not_given_to_ghostscript(client):
 
 def test_thumbnails_work_under_a_low_hard_file_size_limit(make_client, jpeg, monkeypatch):
     real = resource.getrlimit
-    monkeypatch.setattr('server.resource.getrlimit',
+    monkeypatch.setattr('engines.imagemagick.resource.getrlimit',
                         lambda which: (10 ** 6, 10 ** 6) if which == resource.RLIMIT_FSIZE else real(which))
     client = make_client()
-    assert client.app.thumbnailer.disk_limit == 10 ** 6
+    assert client.app.imagemagick.disk_limit == 10 ** 6
     assert thumbnail(client, 'a.jpg', jpeg).status_int == 200
 
 
@@ -817,18 +818,18 @@ def test_a_pdf_with_a_huge_page_is_rendered_at_a_bounded_size_in_time(make_clien
 def run_counter(thumbnailer):
     """Count the tools a thumbnailer runs."""
     runs = []
-    real = thumbnailer._run
+    real = thumbnailer.run
 
     def counted(program, *args, **limits):
         runs.append(args)
         return real(program, *args, **limits)
-    thumbnailer._run = counted
+    thumbnailer.run = counted
     return runs
 
 
 def test_a_failed_conversion_is_answered_again_without_converting(client):
     client.upload('broken.png', png_claiming(100, 100))
-    runs = run_counter(client.app.thumbnailer)
+    runs = run_counter(client.app.imagemagick)
     first = client.fileget('broken.png', 'T', scale='123', status=404).text
     again = client.fileget('broken.png', 'T', scale='123', status=404).text
     assert (first, again, len(runs)) == ('This file could not be thumbnailed.',) * 2 + (1,)
@@ -847,7 +848,7 @@ def test_a_failed_ghostscript_page_is_remembered_at_every_scale(make_client):
 def test_an_upload_forgets_the_failures_of_the_file_it_replaces(client, png, same_bytes):
     client.upload('label.png', png_claiming(100, 100))
     client.fileget('label.png', 'T', scale='123', status=404)
-    runs = run_counter(client.app.thumbnailer)
+    runs = run_counter(client.app.imagemagick)
     client.upload('label.png', png_claiming(100, 100) if same_bytes else png)
     client.fileget('label.png', 'T', scale='123', status=404 if same_bytes else 200)
     assert len(runs) == 1
@@ -857,7 +858,7 @@ def test_a_delete_forgets_the_failures_of_the_file(client):
     client.upload('label.png', png_claiming(100, 100))
     client.fileget('label.png', 'T', scale='123', status=404)
     client.delete('label.png')
-    failures = client.app.thumbnailer.failures
+    failures = client.app.scheduler.failures
     assert failures.reasons == {}
 
 
@@ -866,7 +867,7 @@ def test_failures_remembered_are_bounded_oldest_forgotten_first(make_client):
     for i in range(3):
         client.upload(f'{i}.png', png_claiming(100, 100))
         client.fileget(f'{i}.png', 'T', scale='123', status=404)
-    assert [key[0][0][-1] for key in client.app.thumbnailer.failures.reasons] == ['1.png', '2.png']
+    assert [key[0][0][-1] for key in client.app.scheduler.failures.reasons] == ['1.png', '2.png']
 
 
 def process_limit(pid, name):
@@ -917,8 +918,8 @@ def test_a_thumbnail_request_beyond_the_queue_is_answered_503_with_retry_after_a
     client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE=1)
     for name in ('a.jpg', 'b.jpg', 'c.jpg'):
         client.upload(name, jpeg)
-    seen = gate_conversions(client.app.thumbnailer)
-    slots = client.app.thumbnailer.slots = Arrivals(client.app.thumbnailer.slots)
+    seen = gate_conversions(client.app.imagemagick)
+    slots = client.app.scheduler.slots = Arrivals(client.app.scheduler.slots)
     held = in_threads(2, lambda i: client.fileget('ab'[i] + '.jpg', 'T', scale='100').status_int)
     try:
         assert wait_for(lambda: slots.count == 2 and seen['running'] == 1, 30)     # one converting, one queued
@@ -940,7 +941,7 @@ def the_one_slot_held(client, jpeg):
     yields the list that then holds that request's status."""
     client.upload('a.jpg', jpeg)
     client.upload('b.jpg', jpeg)
-    seen = gate_conversions(client.app.thumbnailer)
+    seen = gate_conversions(client.app.imagemagick)
     held, statuses = in_threads(1, lambda i: client.fileget('a.jpg', 'T', scale='100').status_int), []
     try:
         assert wait_for(lambda: seen['running'] == 1, 30)
@@ -973,7 +974,7 @@ class SlotHolder:
             with slots(work):
                 self.taken.set()
                 self.release.wait(30)
-        except server.ThumbnailsBusy:
+        except ThumbnailsBusy:
             self.failed.append('busy')
 
     def done(self):
@@ -982,12 +983,12 @@ class SlotHolder:
 
 
 def test_background_work_never_holds_every_slot():
-    slots = server.ConversionSlots(workers=2, wait=10)
-    first, second = SlotHolder(slots, server.BACKGROUND), SlotHolder(slots, server.BACKGROUND)
+    slots = ConversionSlots(workers=2, wait=10)
+    first, second = SlotHolder(slots, BACKGROUND), SlotHolder(slots, BACKGROUND)
     try:
         assert wait_for(lambda: first.taken.is_set() or second.taken.is_set())
         one_slot_left = not wait_for(lambda: first.taken.is_set() and second.taken.is_set(), 1)
-        interactive = SlotHolder(slots, server.INTERACTIVE)
+        interactive = SlotHolder(slots, INTERACTIVE)
         interactive_ran = interactive.taken.wait(5)
         interactive.done()
     finally:
@@ -997,13 +998,13 @@ def test_background_work_never_holds_every_slot():
 
 
 def test_interactive_work_waiting_goes_ahead_of_background_work():
-    slots = server.ConversionSlots(workers=1, wait=10)
-    running = SlotHolder(slots, server.INTERACTIVE)
+    slots = ConversionSlots(workers=1, wait=10)
+    running = SlotHolder(slots, INTERACTIVE)
     assert running.taken.wait(5)
-    waiting = SlotHolder(slots, server.INTERACTIVE)
-    assert wait_for(lambda: slots.waiting[server.INTERACTIVE] == 1)
-    background = SlotHolder(slots, server.BACKGROUND)
-    assert wait_for(lambda: slots.waiting[server.BACKGROUND] == 1)
+    waiting = SlotHolder(slots, INTERACTIVE)
+    assert wait_for(lambda: slots.waiting[INTERACTIVE] == 1)
+    background = SlotHolder(slots, BACKGROUND)
+    assert wait_for(lambda: slots.waiting[BACKGROUND] == 1)
     running.done()
     try:
         assert waiting.taken.wait(5)
@@ -1018,10 +1019,10 @@ def test_interactive_work_waiting_goes_ahead_of_background_work():
 def test_a_request_waits_for_a_background_conversion_of_its_thumbnail_no_longer_than_thumbnail_queue_wait(
         make_client, jpeg):
     client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE_WAIT=1)
-    locks = client.app.storage.thumbnail_locks = Arrivals(client.app.storage.thumbnail_locks)
+    locks = client.app.cache.locks = Arrivals(client.app.cache.locks)
     with the_one_slot_held(client, jpeg):
-        client.app.thumbnailer.in_background(            # as an upload's pregeneration: b's lock, waiting for a slot
-            functools.partial(client.app.storage.ensure_thumbnail, 'Fish', 'b.jpg', 100))
+        client.app.scheduler.in_background(            # as an upload's pregeneration: b's lock, waiting for a slot
+            functools.partial(client.app.cache.ensure_thumbnail, 'Fish', 'b.jpg', 100, work=BACKGROUND))
         assert wait_for(lambda: locks.count == 2, 30)
         started = time.monotonic()
         answer = answer_soon(lambda: client.fileget('b.jpg', 'T', scale='100', status=503), seconds=10)
@@ -1040,7 +1041,7 @@ def test_a_small_file_served_from_memory_is_read_again_once_it_is_replaced(tmp_p
     """SMALL_FILES answers a kept file after one stat; a file replaced under the same path is read anew."""
     path = tmp_path / 'kept.bin'
     path.write_bytes(b'first')
-    kept = server.SmallFiles(most=1024, largest=64)
+    kept = SmallFiles(most=1024, largest=64)
     assert kept.get(str(path)) is None
     kept.put(str(path), os.stat(path), b'first')
     assert kept.get(str(path))[1] == b'first'
@@ -1051,7 +1052,7 @@ def test_a_small_file_served_from_memory_is_read_again_once_it_is_replaced(tmp_p
 
 
 def test_small_files_keep_at_most_their_bound_dropping_the_least_recently_used(tmp_path):
-    kept = server.SmallFiles(most=10, largest=8)
+    kept = SmallFiles(most=10, largest=8)
     for name in 'abc':
         (tmp_path / name).write_bytes(b'1234')
         kept.put(str(tmp_path / name), os.stat(tmp_path / name), b'1234')

@@ -7,7 +7,7 @@ memory: uploads go up from the staged file (multipart when large), downloads str
 read through ranged GETs. Every answer's ETag, length and bytes come from one version of an
 object: a plain GET is answered from that GET's own metadata, and every other GET is pinned with
 If-Match to the ETag of the HEAD that described it. A store that cannot be reached raises
-StorageUnavailable (503), as does an object that keeps changing while it is read.
+StorageUnavailable, as does an object that keeps changing while it is read.
 """
 
 import collections
@@ -19,15 +19,16 @@ import os
 import threading
 
 import boto3
-import bottle
 from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from core import (CHUNK, Layout, SeekableReader, StorageUnavailable, ThumbnailError, content_type, file_answer,
-                  derivative_source, make_temp_file, name_problem, refuse, remove_quietly, sniff_kind,
-                  thumbnail_name)
+from errors import ObjectChanged, StorageUnavailable
+from files import CHUNK, SeekableReader, make_temp_file, remove_quietly
+from kinds import content_type, sniff_kind
+from names import derivative_source, name_problem, parse_derivative
+from storages.base import Found, Identity, Storage
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
@@ -57,10 +58,6 @@ def make_client(config):
             max_pool_connections=config.THREADS + 8,
             request_checksum_calculation='when_required',      # S3-compatible stores vary in checksum support
             response_checksum_validation='when_required'))
-
-
-class ObjectChanged(StorageUnavailable):
-    """The object was replaced or removed between requests that had to see one version of it."""
 
 
 @contextlib.contextmanager
@@ -137,7 +134,7 @@ class LocalCopies:
                 remove_quietly(path)
 
 
-class S3Storage(Layout):
+class S3Storage(Storage):
     """Attachments as objects in one bucket, in the upstream layout below S3_PREFIX."""
     local_pyramids = 8          # local copies of pyramids kept for cutting IIIF answers
 
@@ -171,27 +168,27 @@ class S3Storage(Layout):
         return self.head(self.key(self.original_parts(coll, name))) is not None
 
     def save(self, coll, name, staged):
-        """Upload a complete staged file (a PUT is all or nothing), then drop the old bytes' thumbnails."""
+        """Upload a complete staged file (a PUT is all or nothing), then drop the old bytes' derivatives."""
         with store_errors():
             self.client.upload_file(staged, self.bucket, self.key(self.original_parts(coll, name)),
                                     ExtraArgs={'ContentType': content_type(staged, name)}, Config=TRANSFER)
         remove_quietly(staged)
-        self._delete_thumbnails(coll, name)
+        self._delete_derivatives(coll, name)
 
     def delete(self, coll, name):
-        """Remove an original and exactly its own thumbnails; False when it is not there."""
+        """Remove an original and exactly its own derivatives; False when it is not there."""
         key = self.key(self.original_parts(coll, name))
         if self.head(key) is None:
             return False
         with store_errors():
             self.client.delete_object(Bucket=self.bucket, Key=key)
-        self._delete_thumbnails(coll, name)
+        self._delete_derivatives(coll, name)
         return True
 
-    def _delete_thumbnails(self, coll, name):
+    def _delete_derivatives(self, coll, name):
         folder = self.key([*self.folder_parts(coll), self.thumb_dir]) + '/'
         prefix = folder + os.path.splitext(name)[0] + '_'
-        owned = self.owns_thumbnail(coll, name)
+        owned = self.owns_derivative(coll, name)
         with store_errors():
             for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get('Contents', []):
@@ -206,28 +203,21 @@ class S3Storage(Layout):
             raise FileNotFoundError(key)
         return io.BufferedReader(RangeReader(self, key, head['ContentLength'], head['ETag']), 64 * 1024)
 
-    @contextlib.contextmanager
     def local_original(self, coll, name):
         """A local copy of the original, removed after (FileNotFoundError when there is none)."""
+        return self.local_copy(self.key(self.original_parts(coll, name)))
+
+    @contextlib.contextmanager
+    def local_copy(self, key):
+        """A local copy of the object at `key`, removed after."""
         local, handle = make_temp_file(self.staging_folder())
         handle.close()
         try:
             with store_errors():
-                self.client.download_file(self.bucket, self.key(self.original_parts(coll, name)), local, Config=TRANSFER)
+                self.client.download_file(self.bucket, key, local, Config=TRANSFER)
             yield local
         finally:
             remove_quietly(local)
-
-    def send(self, coll, name, headers=None):
-        return self.send_object(self.key(self.original_parts(coll, name)), headers)
-
-    def send_thumbnail(self, coll, name, scale, headers=None, webp=False, seen=None):
-        return self.send_object(self.key(self.thumbnail_parts(coll, name, scale, webp)), headers)
-
-    def send_static(self, parts):
-        if not self.is_static_parts(parts):
-            refuse(404, 'No such file.')
-        return self.send_object(self.key(parts))
 
     def get_version(self, key, etag, start, end, size):
         """Bytes start..end of the version `etag` of an object of `size` bytes; ObjectChanged once it is replaced or gone."""
@@ -238,42 +228,31 @@ class S3Storage(Layout):
         except FileNotFoundError:
             raise ObjectChanged('the file was removed while it was read') from None
 
-    def send_object(self, key, headers=None):
-        """Stream an object, with the validators and ranges every storage supports; once more if it changed meanwhile."""
-        try:
-            return self.send_version(key, headers)
-        except ObjectChanged:
-            return self.send_version(key, headers)
+    def found(self, parts, whole=False, seen=None):
+        """One version of the object: a `whole` answer from one GET's own body and metadata, anything else from a
+        HEAD and GETs pinned to its ETag (ObjectChanged once that version is gone)."""
+        key = self.key(parts)
+        got = None
+        if whole:
+            with store_errors():
+                got = self.client.get_object(Bucket=self.bucket, Key=key)
+        described = got or self.head(key)
+        if described is None:
+            raise FileNotFoundError(key)
+        size = described['ContentLength']
 
-    def send_version(self, key, headers):
-        """Answer from one version: a plain GET by that GET's own metadata, anything else by a HEAD and GETs pinned to it."""
-        whole = None
-        if is_plain_get():
-            try:
-                with store_errors():
-                    whole = self.client.get_object(Bucket=self.bucket, Key=key)
-            except FileNotFoundError:
-                refuse(404, 'No such file.')
-        found = whole or self.head(key)
-        if found is None:
-            refuse(404, 'No such file.')
-        size = found['ContentLength']
-
-        def body_for(start, end):
-            if whole and (start, end) == (0, size):
-                return stream(whole['Body'])
-            return stream(self.get_version(key, found['ETag'], start, end, size))
-        return file_answer(size, found['ETag'], found['LastModified'].timestamp(),
-                           found.get('ContentType') or 'application/octet-stream', headers, body_for)
-
-    def thumbnail_is_fresh(self, coll, name, scale, webp=False):
-        return self.derivative_is_fresh(coll, name, thumbnail_name(name, scale, webp))
+        def body(start, end):
+            if got and (start, end) == (0, size):
+                return stream(got['Body'])
+            return stream(self.get_version(key, described['ETag'], start, end, size))
+        return Found(size, described['ETag'], described['LastModified'].timestamp(),
+                     described.get('ContentType') or None, body, got['Body'].close if got else lambda: None)
 
     def derivative_is_fresh(self, coll, name, cache_name, identity=None):
         """A stored derivative counts when it was made from the original's current bytes (`identity`, when known)."""
         derivative = self.head(self.key(self.derivative_parts(coll, cache_name)))
         if derivative and identity:
-            return made_from(derivative, {'ETag': identity[1], 'LastModified': identity[2]})
+            return made_from(derivative, {'ETag': identity.version[0], 'LastModified': identity.version[1]})
         original = derivative and self.head(self.key(self.original_parts(coll, name)))
         return bool(original) and made_from(derivative, original)
 
@@ -282,7 +261,7 @@ class S3Storage(Layout):
         head = self.head(self.key(self.original_parts(coll, name)))
         if head is None:
             raise FileNotFoundError(name)
-        return tuple(self.original_parts(coll, name)), head['ETag'], head['LastModified']
+        return Identity(tuple(self.original_parts(coll, name)), (head['ETag'], head['LastModified']))
 
     def store_derivative(self, coll, name, cache_name, made, identity):
         """Store a made derivative as made from the original's bytes `identity`; False (and removed again) when
@@ -290,23 +269,24 @@ class S3Storage(Layout):
         key = self.key(self.derivative_parts(coll, cache_name))
         with store_errors():
             self.client.upload_file(made, self.bucket, key, Config=TRANSFER, ExtraArgs={
-                'ContentType': sniff_kind(made) or 'application/octet-stream', 'Metadata': {SOURCE_ETAG: identity[1]}})
+                'ContentType': sniff_kind(made) or 'application/octet-stream', 'Metadata': {SOURCE_ETAG: identity.version[0]}})
         now = self.head(self.key(self.original_parts(coll, name)))
-        if now is None or now['ETag'] != identity[1]:
+        if now is None or now['ETag'] != identity.version[0]:
             with store_errors():
                 self.client.delete_object(Bucket=self.bucket, Key=key)
             return False
         return True
 
-    def send_derivative(self, coll, cache_name, headers=None, mimetype=None, seen=None):
-        """A stored derivative (its type is the one stored with it: `mimetype` and `seen` are for disk's sake)."""
-        return self.send_object(self.key(self.derivative_parts(coll, cache_name)), headers)
-
     @contextlib.contextmanager
     def local_derivative(self, coll, cache_name):
-        """A local copy of a stored derivative (FileNotFoundError when there is none): one of the few kept of
-        the latest versions used, so the tiles cut from one pyramid fetch it once."""
+        """A local copy of a stored derivative (FileNotFoundError when there is none). A pyramid's is one of the
+        few kept of the latest versions used, so the tiles cut from one pyramid fetch it once; any other's is
+        removed after."""
         key = self.key(self.derivative_parts(coll, cache_name))
+        if parse_derivative(cache_name).kind != 'pyramid':
+            with self.local_copy(key) as path:
+                yield path
+            return
         head = self.head(key)
         if head is None:
             raise FileNotFoundError(key)
@@ -318,62 +298,7 @@ class S3Storage(Layout):
         with store_errors():
             self.client.download_file(self.bucket, key, local, Config=TRANSFER)
 
-    def make_thumbnail(self, coll, name, scale, thumbnailer, webp=False):
-        """Fetch the smallest fresh stored larger thumbnail if there is one, else the original; convert it
-        locally, store the result; False if the original changed meanwhile."""
-        original_key = self.key(self.original_parts(coll, name))
-        thumbnail_key = self.key(self.thumbnail_parts(coll, name, scale, webp))
-        head = self.head(original_key)
-        if head is None:
-            raise ThumbnailError('No such file.')
-        identity = (tuple(self.original_parts(coll, name)), head['ETag'], head['LastModified'])
-        thumbnailer.raise_remembered_failure(identity, scale)      # before the download
-        larger = self.larger_fresh_thumbnail(coll, name, scale, head)
-        convert = functools.partial(self._convert_and_store, thumbnailer, scale=scale, webp=webp,
-                                    thumbnail_key=thumbnail_key, original=head)
-        try:
-            convert(larger or original_key, remembered=None if larger else identity)
-        except (ThumbnailError, FileNotFoundError):            # the stored source may have just gone
-            if not larger:
-                raise
-            convert(original_key, remembered=identity)
-        now = self.head(original_key)
-        if now is None or now['ETag'] != head['ETag']:
-            with store_errors():
-                self.client.delete_object(Bucket=self.bucket, Key=thumbnail_key)
-            return False
-        return True
-
-    def larger_fresh_thumbnail(self, coll, name, scale, original):
-        """The key of the smallest stored thumbnail of a configured larger scale made from the original's
-        current bytes, or None."""
-        for larger in self.larger_scales(scale):
-            key = self.key(self.thumbnail_parts(coll, name, larger))
-            stored = self.head(key)
-            if stored and made_from(stored, original):
-                return key
-        return None
-
-    def _convert_and_store(self, thumbnailer, source_key, *, scale, webp, thumbnail_key, original, remembered):
-        """Fetch `source_key`, convert it locally and store the result as made from the original's bytes; a
-        failure is remembered only for the original itself (`remembered`): a stored source may just have gone."""
-        local, handle = make_temp_file(self.staging_folder())
-        handle.close()
-        try:
-            with store_errors():
-                self.client.download_file(self.bucket, source_key, local, Config=TRANSFER)
-            with thumbnailer.converted(local, scale, self.staging_folder(), remembered, webp) as made, store_errors():
-                self.client.upload_file(made, self.bucket, thumbnail_key, Config=TRANSFER, ExtraArgs={
-                    'ContentType': sniff_kind(made) or 'application/octet-stream',
-                    'Metadata': {SOURCE_ETAG: original['ETag']}})
-        finally:
-            remove_quietly(local)
-
     # --- Listing: what derivatives.py walks and the cache bound weighs -----------------------
-
-    def originals(self, coll):
-        """The names of the collection's originals (coll: a COLLECTION_DIRS key, or None without them)."""
-        return (name for name, _modified in self.originals_modified(coll))
 
     def originals_modified(self, coll):
         """(name, LastModified in epoch seconds) of each original, a page of the listing at a time."""
@@ -384,20 +309,18 @@ class S3Storage(Layout):
         """The bytes the collection's originals hold, a page of the listing at a time."""
         return sum(size for _name, size, _modified in self._listed(coll, self.orig_dir))
 
-    def thumbnails(self, coll):
-        """(cache name, size in bytes, LastModified in epoch seconds) of each stored thumbnail: only names
-        that are thumbnail cache names, a page of the listing at a time."""
+    def derivatives(self, coll):
+        """(cache name, size in bytes, LastModified in epoch seconds) of each stored derivative, a page of the
+        listing at a time."""
         for listed in self._listed(coll, self.thumb_dir):
             if derivative_source(listed[0]) is not None:
                 yield listed
 
-    def remove_thumbnail(self, coll, cache_name):
-        """Remove one stored thumbnail; ValueError for a name that is not a thumbnail cache name."""
+    def remove_derivative(self, coll, cache_name):
         if name_problem(cache_name) or derivative_source(cache_name) is None:
-            raise ValueError(f'not a thumbnail cache name: {cache_name!r}')
+            raise ValueError(f'not a derivative cache name: {cache_name!r}')
         with store_errors():
-            self.client.delete_object(Bucket=self.bucket, Key=self.key([*self.folder_parts(coll), self.thumb_dir,
-                                                                         cache_name]))
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(self.derivative_parts(coll, cache_name)))
 
     def stored_size(self, parts):
         head = self.head(self.key(parts))
@@ -419,13 +342,6 @@ def made_from(thumbnail, original):
     """Whether a thumbnail was made from the original's current bytes (both as HEAD or a listing describes them)."""
     source = thumbnail.get('Metadata', {}).get(SOURCE_ETAG)
     return source == original['ETag'] if source else thumbnail['LastModified'] >= original['LastModified']
-
-
-def is_plain_get():
-    """A GET without Range or validators: its answer is the whole object, so one GET describes it."""
-    environ = bottle.request.environ
-    return environ['REQUEST_METHOD'] == 'GET' and not any(
-        field in environ for field in ('HTTP_RANGE', 'HTTP_IF_NONE_MATCH', 'HTTP_IF_MODIFIED_SINCE'))
 
 
 def stream(body):

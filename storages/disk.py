@@ -1,0 +1,268 @@
+"""Attachments in folders under BASE_DIR, in the upstream layout (STORAGE = 'disk').
+
+An original is in place only when complete (a staged temporary, synced, renamed, the folder synced); a lock per
+original orders replacing, deleting and putting a derivative in place, so no derivative of old bytes lands
+after the new ones. Small files served often are answered from memory while their stat is unchanged.
+"""
+
+import collections
+import contextlib
+import errno
+import os
+import shutil
+import threading
+import time
+
+from files import CHUNK, KeyedLocks, stream_file, file_identity, fsync_folder, make_temp_file, remove_quietly, sweep_folder
+from kinds import kind_of
+from names import derivative_source, name_problem
+from storages.base import Found, Identity, Storage
+
+FILE_LOCKS = KeyedLocks()        # Held while an original is replaced or deleted, or a derivative of it put in place.
+
+
+class DiskStorage(Storage):
+    """Attachments in folders under BASE_DIR, in the upstream layout."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.base = config.BASE_DIR
+
+    def path(self, parts):
+        return os.path.join(self.base, *parts)
+
+    def original_path(self, coll, name):
+        return self.path(self.original_parts(coll, name))
+
+    def exists(self, coll, name):
+        return os.path.isfile(self.original_path(coll, name))
+
+    def save(self, coll, name, staged):
+        """Move a complete staged file into place durably, then drop the old bytes' derivatives."""
+        target = self.original_path(coll, name)
+        folder = os.path.dirname(target)
+        os.makedirs(folder, exist_ok=True)
+        with FILE_LOCKS(target):
+            try:
+                os.replace(staged, target)
+            except OSError as error:
+                if error.errno != errno.EXDEV:
+                    raise
+                self._copy_into(staged, target)
+            fsync_folder(folder)
+            self._delete_derivatives(coll, name)
+
+    def _copy_into(self, source, target):
+        """Copy across file systems: to a temporary beside the target, then rename; a failed copy leaves no temporary."""
+        temp, out = make_temp_file(os.path.dirname(target))
+        try:
+            with out, open(source, 'rb') as src:
+                shutil.copyfileobj(src, out, CHUNK)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temp, target)
+        except BaseException:
+            remove_quietly(temp)
+            raise
+        os.remove(source)
+
+    def delete(self, coll, name):
+        """Remove an original and exactly its own derivatives; False when it is not there."""
+        target = self.original_path(coll, name)
+        with FILE_LOCKS(target):
+            try:
+                os.remove(target)
+            except FileNotFoundError:
+                return False
+            self._delete_derivatives(coll, name)
+        return True
+
+    def _delete_derivatives(self, coll, name):
+        folder = self.path([*self.folder_parts(coll), self.thumb_dir])
+        try:
+            entries = os.listdir(folder)
+        except FileNotFoundError:
+            return
+        owned = self.owns_derivative(coll, name)
+        for entry in entries:
+            if owned(entry):
+                remove_quietly(os.path.join(folder, entry))
+
+    def open(self, coll, name):
+        """The original opened for reading (FileNotFoundError when there is none)."""
+        return open(self.original_path(coll, name), 'rb')
+
+    @contextlib.contextmanager
+    def local_original(self, coll, name):
+        """The original's path on this machine (FileNotFoundError when there is none)."""
+        path = self.original_path(coll, name)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        yield path
+
+    def original_identity(self, coll, name):
+        """What names the original's current bytes (FileNotFoundError when there is none)."""
+        return Identity(tuple(self.original_parts(coll, name)), file_identity(self.original_path(coll, name)))
+
+    def found(self, parts, whole=False, seen=None):
+        """The file at `parts`, from SMALL_FILES while its inode, time and size (`seen`: its stat just taken) are
+        those it was read with; a larger one opened and streamed from that open file even if replaced meanwhile."""
+        path = self.path(parts)
+        small = SMALL_FILES.get(path, seen)
+        if small is None:
+            try:
+                handle = open(path, 'rb')
+            except (IsADirectoryError, NotADirectoryError):
+                raise FileNotFoundError(path) from None
+            info = os.fstat(handle.fileno())
+            if info.st_size > SMALL_FILES.largest:
+                kind = kind_of(handle.read(1024))
+                return Found(info.st_size, etag_of(info), info.st_mtime, kind,
+                             lambda start, end: file_body(handle, start, end), handle.close)
+            with handle:
+                small = info, handle.read()
+            SMALL_FILES.put(path, *small)
+        info, data = small
+        return Found(info.st_size, etag_of(info), info.st_mtime, kind_of(data[:1024]),
+                     lambda start, end: data[start:end], lambda: None)
+
+    def local_path(self, parts):
+        return self.path(parts)
+
+    def derivative_is_fresh(self, coll, name, cache_name, identity=None):
+        """A cached derivative counts when it is not older than its original (whose `identity` may be known):
+        its stat then, else False."""
+        try:
+            derivative = os.stat(self.path(self.derivative_parts(coll, cache_name)))
+            original = identity.version[1] if identity else os.stat(self.original_path(coll, name)).st_mtime_ns
+            return derivative if derivative.st_mtime_ns >= original else False
+        except FileNotFoundError:
+            return False
+
+    def store_derivative(self, coll, name, cache_name, made, identity):
+        """Rename a made derivative into place, unless the original is no longer `identity` (then False)."""
+        original = self.original_path(coll, name)
+        with FILE_LOCKS(original):
+            try:
+                if self.original_identity(coll, name) != identity:
+                    return False
+            except FileNotFoundError:
+                return False
+            target = self.path(self.derivative_parts(coll, cache_name))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            os.replace(made, target)
+        return True
+
+    @contextlib.contextmanager
+    def local_derivative(self, coll, cache_name):
+        """The derivative's path on this machine (FileNotFoundError when there is none)."""
+        path = self.path(self.derivative_parts(coll, cache_name))
+        if not os.path.isfile(path):
+            raise FileNotFoundError(path)
+        yield path
+
+    def health(self):
+        return 'ok' if os.path.isdir(self.base) and os.access(self.base, os.W_OK | os.X_OK) else 'not writable'
+
+    def sweep_temporaries(self, older_than=3600):
+        """Remove temporaries left by a crash (not touched for an hour) in every folder of ours."""
+        folders = [self.base] + [os.path.join(self.base, f) for f in (self.collections or {}).values()]
+        cutoff = time.time() - older_than
+        for folder in folders:
+            for sub in (folder, os.path.join(folder, self.orig_dir), os.path.join(folder, self.thumb_dir)):
+                sweep_folder(sub, cutoff)
+
+    # --- Listing ------------------------------------------------------------------------------------------------
+
+    def originals_modified(self, coll):
+        """(name, modification time in epoch seconds) of each original, the time thumbnails are judged fresh by."""
+        for entry, info in self._listed(coll, self.orig_dir, follow=True):
+            yield entry.name, info.st_mtime
+
+    def originals_bytes(self, coll):
+        return sum(info.st_size for _entry, info in self._listed(coll, self.orig_dir, follow=True))
+
+    def derivatives(self, coll):
+        """(cache name, size, modification time) of each cached derivative: never a temporary, a link or anything
+        else in the folder."""
+        for entry, info in self._listed(coll, self.thumb_dir, follow=False):
+            if derivative_source(entry.name) is not None:
+                yield entry.name, info.st_size, info.st_mtime
+
+    def remove_derivative(self, coll, cache_name):
+        if name_problem(cache_name) or derivative_source(cache_name) is None:
+            raise ValueError(f'not a derivative cache name: {cache_name!r}')
+        remove_quietly(self.path(self.derivative_parts(coll, cache_name)))
+
+    def stored_size(self, parts):
+        return os.path.getsize(self.path(parts))
+
+    def _listed(self, coll, folder, follow):
+        """(entry, stat) of the regular files (through a link when `follow`) of one of the collection's
+        folders, read once; a file gone meanwhile is left out."""
+        try:
+            entries = os.scandir(self.path([*self.folder_parts(coll), folder]))
+        except FileNotFoundError:
+            return
+        with entries:
+            for entry in entries:
+                try:
+                    if not name_problem(entry.name) and entry.is_file(follow_symlinks=follow):
+                        yield entry, entry.stat(follow_symlinks=follow)
+                except FileNotFoundError:
+                    continue
+
+
+def etag_of(info):
+    return f'"{info.st_size:x}-{info.st_mtime_ns:x}"'
+
+
+class SmallFiles:
+    """The bytes of recently served small files (thumbnails, tiles), at most `most` bytes, each at most `largest`:
+    answered after one stat that finds the file as it was read (inode, time, size), the least recently used
+    dropped first."""
+
+    def __init__(self, most, largest):
+        self.most, self.largest, self.held = most, largest, 0
+        self.files, self.lock = collections.OrderedDict(), threading.Lock()
+
+    def get(self, path, seen=None):
+        """(stat, bytes) of the file at `path` if kept and unchanged (as `seen`, a stat just taken, or one taken now),
+        else None."""
+        with self.lock:
+            kept = self.files.get(path)
+        if kept is None:
+            return None
+        try:
+            now = seen if isinstance(seen, os.stat_result) else os.stat(path)
+        except OSError:
+            return None
+        info, _data = kept
+        if (now.st_ino, now.st_mtime_ns, now.st_size) != (info.st_ino, info.st_mtime_ns, info.st_size):
+            return None
+        with self.lock:
+            if path in self.files:
+                self.files.move_to_end(path)
+        return kept
+
+    def put(self, path, info, data):
+        with self.lock:
+            old = self.files.pop(path, None)
+            self.held -= len(old[1]) if old else 0
+            self.files[path] = (info, data)
+            self.held += len(data)
+            while self.held > self.most:
+                _path, (_info, dropped) = self.files.popitem(last=False)
+                self.held -= len(dropped)
+
+
+SMALL_FILES = SmallFiles(most=32 * 1024 ** 2, largest=256 * 1024)    # 32 MiB of answers of up to 256 KiB
+
+
+def file_body(handle, start, end):
+    """Bytes start..end of an open file: read at once when small, else streamed (closing the file)."""
+    handle.seek(start)
+    if end - start <= CHUNK:
+        return handle.read(end - start)
+    return stream_file(handle, end - start)
+

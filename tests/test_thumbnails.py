@@ -399,6 +399,37 @@ def test_a_smaller_thumbnail_is_made_from_the_cached_larger_scale(make_client, t
     assert (kind, width) == ('JPEG', 123) and abs(height - 92) <= 1     # 92 from the original: 1800 * 123 / 2400
 
 
+def test_without_pregeneration_a_smaller_thumbnail_is_made_from_a_larger_one_made_on_request(
+        make_client, tmp_path, detailed_jpeg):
+    client = make_client(PREGENERATE_SCALE=None)
+    client.upload('sheet.jpg', detailed_jpeg)
+    assert client.fileget('sheet.jpg', 'T', scale='1000').status_int == 200      # a preview viewed first
+    sources = record_sources(client.app.imagemagick)
+    answer = client.fileget('sheet.jpg', 'T', scale='123')
+    assert sources == [(1000, 750)]                      # the cached 1000, not the 2400x1800 original
+    kind, width, height = decoded(answer.body, tmp_path)[:3]
+    assert (kind, width) == ('JPEG', 123) and abs(height - 92) <= 1
+
+
+def test_the_smallest_cached_larger_thumbnail_is_the_source(make_client, detailed_jpeg):
+    client = make_client(PREGENERATE_SCALE=[1000])
+    client.upload('sheet.jpg', detailed_jpeg)
+    for scale in ('1000', '400'):
+        assert client.fileget('sheet.jpg', 'T', scale=scale).status_int == 200
+    sources = record_sources(client.app.imagemagick)
+    client.fileget('sheet.jpg', 'T', scale='123')
+    assert sources == [(400, 300)]
+
+
+def test_a_webp_thumbnail_made_on_request_is_never_the_source_of_a_smaller_one(make_client, detailed_jpeg):
+    client = make_client(PREGENERATE_SCALE=None, WEBP_THUMBNAILS=True)
+    client.upload('sheet.jpg', detailed_jpeg)
+    client.fileget('sheet.jpg', 'T', scale='1000', headers={'Accept': 'image/webp'})
+    sources = record_sources(client.app.imagemagick)
+    client.fileget('sheet.jpg', 'T', scale='123')
+    assert sources == [(2400, 1800)]
+
+
 def test_a_cached_larger_thumbnail_of_replaced_bytes_is_not_used(make_client, tmp_path, detailed_jpeg):
     client = ladder_client(make_client, [600])
     client.upload('sheet.jpg', detailed_jpeg)

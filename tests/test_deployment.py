@@ -86,7 +86,7 @@ def test_the_names_compose_sets_are_the_ones_the_server_reads(tmp_path):
 
 
 def test_the_readme_documents_what_the_deployment_files_do():
-    readme = project_file('README.md')
+    readme = project_file('docs/deployment.md')
     for fact in ('/home/specify/attachments', '`specify`', 'docker compose', 'deploy/nginx.conf',
                  'deploy/web-asset-server.service', 'authbind', 'FILE_OFFLOAD', '/health'):
         assert fact in readme

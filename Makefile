@@ -3,13 +3,16 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test bench bench-storage bench-serve bench-previews bench-iiif bench-backfill bench-institution soak mutation packages test-packages venv
+.PHONY: run test lint bench bench-storage bench-serve bench-previews bench-iiif bench-backfill bench-institution soak mutation packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
 
-test: packages test-packages venv
+test: packages test-packages venv lint
 	$(PY) -m pytest -q tests
+
+lint: venv
+	$(PY) -m ruff check .
 
 bench: packages test-packages venv
 	$(PY) bench/thumbnails.py

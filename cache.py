@@ -16,12 +16,20 @@ import logging
 import math
 import threading
 import time
+import types
+import typing
 
-from engines.scheduling import BACKGROUND, INTERACTIVE, PYRAMID
+import cachetools
+
+from engines.imagemagick import ImageMagick
+from engines.scheduling import BACKGROUND, INTERACTIVE, PYRAMID, Scheduler
+from engines.vips import Vips
 from errors import ThumbnailError, ThumbnailsBusy
 from files import KeyedLocks
 from kinds import tiff_pages
+from iiif import Plan
 from names import parse_derivative, pyramid_name, thumbnail_name, tile_name
+from storages.base import Coll, Identity, Storage
 
 log = logging.getLogger('web_asset_server')
 
@@ -29,7 +37,8 @@ log = logging.getLogger('web_asset_server')
 class DerivativeCache:
     """The policy for every derivative of one storage, made by the given engines."""
 
-    def __init__(self, config, storage, scheduler, imagemagick, vips):
+    def __init__(self, config: types.SimpleNamespace, storage: Storage, scheduler: Scheduler | None,
+                 imagemagick: ImageMagick | None, vips: Vips | None) -> None:
         self.storage, self.scheduler, self.imagemagick, self.vips = storage, scheduler, imagemagick, vips
         self.locks = KeyedLocks()
         self.ladder = sorted(config.PREGENERATE_SCALES)      # configured scales, kept whatever else is removed
@@ -38,7 +47,7 @@ class DerivativeCache:
         self.view_sizes = ViewSizes(config.THUMBNAIL_FAILURES_REMEMBERED)
 
     @contextlib.contextmanager
-    def one_at_a_time(self, coll, cache_name, work):
+    def one_at_a_time(self, coll: Coll, cache_name: str, work: str) -> typing.Iterator[None]:
         """Hold the lock of one derivative; ThumbnailsBusy when a client would wait for it longer than its turn."""
         try:
             with self.locks((coll, cache_name), self.scheduler.turn_wait(work)):
@@ -46,13 +55,14 @@ class DerivativeCache:
         except TimeoutError:
             raise ThumbnailsBusy() from None
 
-    def original_changed(self, coll, name):
+    def original_changed(self, coll: Coll, name: str) -> None:
         """After an upload or delete of the original: its remembered failures no longer hold."""
         self.scheduler.failures.forget(tuple(self.storage.original_parts(coll, name)))
 
     # --- Thumbnails (previews are large thumbnails) ---------------------------------------------------------------
 
-    def ensure_thumbnail(self, coll, name, scale, webp=False, work=INTERACTIVE):
+    def ensure_thumbnail(self, coll: Coll, name: str, scale: int, webp: bool = False,
+                         work: str = INTERACTIVE) -> object:
         """Make the thumbnail of `name` at `scale` unless a fresh one is stored; one conversion at a time. What
         found one fresh at once (on disk its stat, which sending it need not take again), else None."""
         cache_name = thumbnail_name(name, scale, webp)
@@ -70,7 +80,7 @@ class DerivativeCache:
                     return None
             raise ThumbnailError('The file kept changing while its thumbnail was made.')
 
-    def ensure_answerable_thumbnail(self, coll, name, scale, webp=False):
+    def ensure_answerable_thumbnail(self, coll: Coll, name: str, scale: int, webp: bool = False) -> tuple[object, bool]:
         """(what found it fresh, whether it is WebP) for a thumbnail request: a browser that accepts WebP gets the
         plain thumbnail while only that is cached (pregenerated ones are plain), its WebP made in the background,
         so that a first view needs no conversion; else as ensure_thumbnail."""
@@ -83,7 +93,7 @@ class DerivativeCache:
                 return plain, False
         return self.ensure_thumbnail(coll, name, scale, webp), webp
 
-    def make_thumbnail(self, coll, name, scale, webp=False, work=INTERACTIVE):
+    def make_thumbnail(self, coll: Coll, name: str, scale: int, webp: bool = False, work: str = INTERACTIVE) -> bool:
         """Convert the smallest fresh cached thumbnail larger than `scale` if there is one, else the original, and
         store the result; False if the original changed meanwhile. A failure is remembered only for the original
         itself: a cached source may just have gone."""
@@ -106,11 +116,12 @@ class DerivativeCache:
         except FileNotFoundError:
             raise ThumbnailError('No such file.') from None
 
-    def _convert_and_store(self, source, coll, name, cache_name, scale, webp, remembered, identity, work):
+    def _convert_and_store(self, source: str, coll: Coll, name: str, cache_name: str, scale: int, webp: bool,
+                           remembered: Identity | None, identity: Identity, work: str) -> bool:
         with self.imagemagick.converted(source, scale, self.storage.staging_folder(), remembered, webp, work) as made:
             return self.storage.store_derivative(coll, name, cache_name, made, identity)
 
-    def larger_fresh_thumbnail(self, coll, name, scale, identity):
+    def larger_fresh_thumbnail(self, coll: Coll, name: str, scale: int, identity: Identity) -> str | None:
         """The cache name of the smallest cached plain thumbnail larger than `scale` made from the original's current
         bytes, of a configured scale or one made on request, or None."""
         for larger in sorted({*self.ladder, *self.other_scales.scales_of((coll, name))}):
@@ -119,17 +130,17 @@ class DerivativeCache:
                 return cache_name
         return None
 
-    def pregenerate(self, coll, name, scales):
+    def pregenerate(self, coll: Coll, name: str, scales: list[int]) -> None:
         """Queue the making of each of `scales` as background work, largest first, so that each smaller one is
         made from the one before."""
-        def make_each():
+        def make_each() -> None:
             for scale in scales:
                 self.ensure_thumbnail(coll, name, scale, work=BACKGROUND)
         self.scheduler.in_background(make_each)
 
     # --- IIIF: pyramids and the answers cut from them ------------------------------------------------------------
 
-    def viewed(self, coll, name):
+    def viewed(self, coll: Coll, name: str) -> tuple[Identity, tuple[int, int]]:
         """(identity, (width, height) as shown) of an original to view, its pyramid made if need be; FileNotFoundError
         for a missing original, ThumbnailError for one that is no viewable image (remembered, so a corrupt file is
         not tried again for every tile)."""
@@ -142,7 +153,7 @@ class DerivativeCache:
                 size = self.view_sizes.get(identity) or self.pyramid_size(coll, name, identity)
         return identity, size
 
-    def ensure_pyramid(self, coll, name, identity, work=INTERACTIVE):
+    def ensure_pyramid(self, coll: Coll, name: str, identity: Identity, work: str = INTERACTIVE) -> None:
         """Build and store the original's pyramid unless a fresh one is stored; one build at a time per original."""
         cache_name = pyramid_name(name)
         if len(cache_name.encode('utf-8', 'surrogatepass')) > 255:      # a valid name's can only be too long
@@ -159,7 +170,7 @@ class DerivativeCache:
             self.view_sizes.remember(identity, size)
             self.count_stored(coll, cache_name)
 
-    def pyramid_size(self, coll, name, identity):
+    def pyramid_size(self, coll: Coll, name: str, identity: Identity) -> tuple[int, int]:
         """The size of a stored pyramid's full level (its first TIFF page), remembered for the original's identity."""
         with self.storage.local_derivative(coll, pyramid_name(name)) as path:
             pages = tiff_pages(path)
@@ -168,7 +179,7 @@ class DerivativeCache:
         self.view_sizes.remember(identity, pages[0][:2])
         return pages[0][:2]
 
-    def cached_answer(self, coll, name, plan, identity):
+    def cached_answer(self, coll: Coll, name: str, plan: Plan, identity: Identity) -> tuple[str | None, object]:
         """(cache name, what found it fresh) of an IIIF answer worth keeping: (None, False) for one too long to name."""
         cache_name = tile_name(name, *plan[:2])
         if len(cache_name.encode('utf-8', 'surrogatepass')) > 255:
@@ -176,7 +187,8 @@ class DerivativeCache:
         return cache_name, self.storage.derivative_is_fresh(coll, name, cache_name, identity)
 
     @contextlib.contextmanager
-    def cut(self, coll, name, plan, identity, cache_name=None):
+    def cut(self, coll: Coll, name: str, plan: Plan, identity: Identity,
+            cache_name: str | None = None) -> typing.Iterator[tuple[bool, str | None]]:
         """Yield (stored, path): an IIIF answer cut from the original's pyramid (made if need be). When `cache_name`
         is given and the original is unchanged it is stored under it (stored true, the path gone); else `path` is
         the scratch file, removed when the caller is done."""
@@ -192,7 +204,7 @@ class DerivativeCache:
 
     # --- Bounds -----------------------------------------------------------------------------------------------
 
-    def keep_within_bounds(self, coll, name, scale, webp):
+    def keep_within_bounds(self, coll: Coll, name: str, scale: int, webp: bool) -> None:
         """After storing a thumbnail: remove what OtherScales says is too many of other scales, and count it
         against THUMBNAIL_CACHE_MAX_BYTES."""
         if scale not in self.ladder:
@@ -200,17 +212,17 @@ class DerivativeCache:
                 self.storage.remove_derivative(old_coll, cache_name)
         self.count_stored(coll, thumbnail_name(name, scale, webp))
 
-    def count_stored(self, coll, cache_name):
+    def count_stored(self, coll: Coll, cache_name: str) -> None:
         """Count a derivative just stored against THUMBNAIL_CACHE_MAX_BYTES (a sweep starts when one is due)."""
         if self.cache_size:
             self.start_cache_sweep(self.storage.stored_size(self.storage.derivative_parts(coll, cache_name)))
 
-    def start_cache_sweep(self, added=0):
+    def start_cache_sweep(self, added: int = 0) -> None:
         """Count `added` bytes of new derivative; when a sweep is due, run one in a thread of its own."""
         if self.cache_size.sweep_due(added):
             threading.Thread(target=self.sweep_cache, daemon=True, name='thumbnail-cache-sweep').start()
 
-    def sweep_cache(self):
+    def sweep_cache(self) -> None:
         """Count the cached derivatives and, over the bound, remove the least recently made down to 90% of it, those
         of scales not configured first; two listings, holding only what is to be removed."""
         try:
@@ -220,7 +232,8 @@ class DerivativeCache:
             total = None
         self.cache_size.swept(total)
 
-    def bring_within_bound(self, cache, spare_newer_than, dry_run=False):
+    def bring_within_bound(self, cache: 'CacheSize', spare_newer_than: float,
+                           dry_run: bool = False) -> tuple[int, int, int]:
         """Over the `cache` size's bound (set first from the originals' bytes when it is a share), remove the least
         recently made derivatives down to 90% of it: (the total left, files removed, bytes removed)."""
         total = sum(size for *_, size, _modified in self.cached_derivatives())
@@ -238,7 +251,7 @@ class DerivativeCache:
                 total, removed, freed = total - size, removed + 1, freed + size
         return total, removed, freed
 
-    def _oldest_covering(self, excess, spare_newer_than):
+    def _oldest_covering(self, excess: int, spare_newer_than: float) -> list[tuple[Coll, str, int]]:
         """The fewest thumbnails, first in removal order (other scales, then the least recently made), whose sizes
         add up to at least `excess`; never one made in the last `spare_newer_than` seconds (it may be being sent)."""
         newest_first, covered = [], 0          # a heap whose top is the last in removal order
@@ -253,7 +266,7 @@ class DerivativeCache:
                 covered -= heapq.heappop(newest_first)[4]
         return [(coll, cache_name, size) for *_, coll, cache_name, size in newest_first]
 
-    def cached_derivatives(self):
+    def cached_derivatives(self) -> typing.Iterator[tuple[Coll, str, int, float]]:
         """(collection, cache name, size, modification time) of every cached derivative, in every collection folder."""
         for coll in self.storage.every_collection():
             for cache_name, size, modified in self.storage.derivatives(coll):
@@ -265,11 +278,11 @@ class OtherScales:
     at most `per_original`, and at most `originals` originals are followed (the least recently added to is
     dropped, its thumbnails with it), so no client can fill the cache by asking for every scale."""
 
-    def __init__(self, per_original, originals):
+    def __init__(self, per_original: int, originals: int) -> None:
         self.per_original, self.originals = per_original, originals
         self.kept, self.lock = collections.OrderedDict(), threading.Lock()
 
-    def added(self, owner, cache_name):
+    def added(self, owner: tuple, cache_name: str) -> list[tuple[tuple, str]]:
         """Note a thumbnail just stored for `owner`; return the (owner, cache name)s to remove now."""
         with self.lock:
             names = [kept for kept in self.kept.pop(owner, []) if kept != cache_name] + [cache_name]
@@ -280,7 +293,7 @@ class OtherScales:
                 removed += [(dropped, old) for old in old_names]
             return removed
 
-    def scales_of(self, owner):
+    def scales_of(self, owner: tuple) -> set[int]:
         """The scales of the plain thumbnails kept for `owner`."""
         with self.lock:
             names = list(self.kept.get(owner, ()))
@@ -292,12 +305,13 @@ class CacheSize:
     then added to as thumbnails are stored; over the bound, a sweep is due, at most one every `sweep_every` seconds.
     A bound given as a `share` of the originals' bytes is set by each sweep, which counts them too."""
 
-    def __init__(self, bound, share=None, sweep_every=60, spare_newer_than=60):
+    def __init__(self, bound: int | None, share: float | None = None, sweep_every: float = 60,
+                 spare_newer_than: float = 60) -> None:
         self.bound, self.share, self.sweep_every, self.spare_newer_than = bound, share, sweep_every, spare_newer_than
         self.total, self.sweeping, self.last_sweep = None, False, -math.inf
         self.lock = threading.Lock()
 
-    def sweep_due(self, added=0):
+    def sweep_due(self, added: int = 0) -> bool:
         """Count `added` bytes; True when a sweep should start now (the caller then runs it and calls swept)."""
         with self.lock:
             if self.total is not None:
@@ -308,7 +322,7 @@ class CacheSize:
             self.sweeping = True
             return True
 
-    def swept(self, total):
+    def swept(self, total: int | None) -> None:
         with self.lock:
             self.total, self.sweeping, self.last_sweep = total, False, time.monotonic()
 
@@ -317,18 +331,13 @@ class ViewSizes:
     """The size as shown of recently viewed originals, by their identity (at most `entries`, the oldest forgotten
     first): a cached tile is answered without reading the original or its pyramid."""
 
-    def __init__(self, entries):
-        self.entries, self.sizes, self.lock = entries, collections.OrderedDict(), threading.Lock()
+    def __init__(self, entries: int) -> None:
+        self.sizes, self.lock = cachetools.LRUCache(entries), threading.Lock()
 
-    def get(self, identity):
+    def get(self, identity: Identity) -> tuple[int, int] | None:
         with self.lock:
-            size = self.sizes.get(identity)
-            if size:
-                self.sizes.move_to_end(identity)
-            return size
+            return self.sizes.get(identity)
 
-    def remember(self, identity, size):
+    def remember(self, identity: Identity, size: tuple[int, int]) -> None:
         with self.lock:
             self.sizes[identity] = size
-            while len(self.sizes) > self.entries:
-                self.sizes.popitem(last=False)

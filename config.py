@@ -10,7 +10,7 @@ import types
 import settings
 from names import name_problem
 
-VERSION = '1.1.0'                # This server's release: the capabilities document says it; raise the image tag with it.
+VERSION = '1.1.0'                # This release, as the capabilities document says; raise the image tag with it.
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 ENV_ALIASES = {'ATTACHMENT_KEY': 'KEY', 'DEBUG_MODE': 'DEBUG'}
@@ -75,7 +75,7 @@ def check_config(config):
             raise ConfigError(f'setting {name} must be a single folder name')
     if config.TIME_TOLERANCE is None and config.NO_TIME_WINDOW_ACKNOWLEDGED is not True:
         raise ConfigError('setting TIME_TOLERANCE is none, so tokens would never expire: set it to seconds, or set '
-                          'NO_TIME_WINDOW_ACKNOWLEDGED to true (see the README)')
+                          'NO_TIME_WINDOW_ACKNOWLEDGED to true (see docs/settings.md)')
     if config.ORIG_DIR == config.THUMB_DIR:
         raise ConfigError('settings ORIG_DIR and THUMB_DIR must name different folders (a thumbnail would '
                           'overwrite an original named like it)')

@@ -43,10 +43,8 @@ from errors import ObjectChanged, StorageUnavailable, ThumbnailError
 from files import NO_SPACE
 from kinds import kind_of
 from names import parse_derivative, printable
+from progress import Progress
 from storages import make_storage
-
-TERMINAL_EVERY = 0.2    # seconds between redraws of the progress bar on a terminal
-LINE_EVERY = 5          # seconds between progress lines when standard error is not a terminal
 
 
 class Stop(Exception):
@@ -147,45 +145,6 @@ def make_one(cache, coll, name, scales):
         return f'unexpected {type(error).__name__}: {error}'
 
 
-class Progress:
-    """Originals done of the total, rate and time left on standard error: redrawn in place on a terminal,
-    else a line every LINE_EVERY seconds; messages go on lines of their own."""
-
-    def __init__(self, total, stream):
-        self.total, self.stream, self.tty = total, stream, stream.isatty()
-        self.done = 0
-        self.started = self.shown = time.monotonic()
-        self.lock = threading.Lock()
-
-    def advance(self):
-        with self.lock:
-            self.done += 1
-            now = time.monotonic()
-            if now - self.shown >= (TERMINAL_EVERY if self.tty else LINE_EVERY) or self.done == self.total:
-                self._show(now)
-
-    def say(self, message):
-        with self.lock:
-            self.stream.write(('\r\x1b[K' if self.tty else '') + message + '\n')
-            if self.tty:
-                self._show(time.monotonic())
-
-    def _show(self, now):
-        self.shown = now
-        elapsed = max(now - self.started, 1e-6)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate else None
-        eta = '--:--:--' if left is None else time.strftime('%H:%M:%S', time.gmtime(min(left, 359999)))
-        bar = '#' * (30 * self.done // max(self.total, 1))
-        line = f'[{bar:<30}] {self.done}/{self.total} originals, {rate:.1f}/s, ETA {eta}'
-        self.stream.write(f'\r{line}\x1b[K' if self.tty else line + '\n')
-        self.stream.flush()
-
-    def close(self):
-        if self.tty and self.done:
-            self.stream.write('\n')
-
-
 def generate(cache, colls, scales, jobs, dry_run):
     """Make the missing scales of every original of `colls`, `jobs` at a time; the summary line to print."""
     storage = cache.storage
@@ -201,7 +160,7 @@ def generate(cache, colls, scales, jobs, dry_run):
                 f'{fresh} of {originals} originals already fresh')
     sys.stderr.write(f'{originals} originals, {fresh} already fresh, {len(todo)} to make '
                      f'(scales {", ".join(map(str, scales))}), {jobs} at a time\n')
-    progress, failed, stopped = Progress(len(todo), sys.stderr), [0], []
+    progress, failed, stopped = Progress(len(todo), sys.stderr, 'originals'), [0], []
     pending, taking, started = iter(todo), threading.Lock(), time.monotonic()
 
     def work():
@@ -230,7 +189,8 @@ def generate(cache, colls, scales, jobs, dry_run):
         raise stopped[0]
     seconds = time.monotonic() - started
     return (f'{originals} originals: {fresh} already fresh, {len(todo) - failed[0]} done, {failed[0]} failed; '
-            f'made {cache.imagemagick.made} thumbnails in {seconds:.1f} s ({len(todo) / max(seconds, 1e-6):.1f} originals/s)')
+            f'made {cache.imagemagick.made} thumbnails in {seconds:.1f} s '
+            f'({len(todo) / max(seconds, 1e-6):.1f} originals/s)')
 
 
 def prune(cache, colls, scales, dry_run):

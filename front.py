@@ -7,7 +7,7 @@ per client and in total and requests in progress per client, and lingers on clos
 request heads reach a thread (as nginx and Apache's event MPM do). Behind a trusted proxy (TRUSTED_PROXIES)
 the client is the address the proxy names, so one nginx in front of a whole institution is not one client.
 Requests that wait for conversions hold at most a bounded number of threads; the rest wait here, without a
-thread, in turn client by client (WaitingRoom). See the README's security section.
+thread, in turn client by client (WaitingRoom). See docs/security.md.
 
 Imports run one way: this module imports only the shared pieces (files, names) and waiting_room.py; server.py
 builds on it.

@@ -30,13 +30,13 @@ import os
 import re
 import stat
 import sys
-import time
 
 from config import ConfigError, load_config
 from errors import StorageUnavailable
 from files import make_temp_file, remove_quietly
 from kinds import content_type, sniff_kind
 from names import TEMP_PREFIX, name_problem, parse_derivative
+from progress import Progress
 from storages.s3 import SOURCE_ETAG, TRANSFER, made_from, make_client, store_errors
 
 PART = TRANSFER.multipart_chunksize
@@ -114,33 +114,6 @@ def thumbnail_owner(parts, config):
     return derivative and [*parts[:-2], config.ORIG_DIR, derivative.source]
 
 
-def say(message):
-    """A message on a line of its own, below the progress bar."""
-    sys.stderr.write(f'\n{message}\n')
-
-
-class Progress:
-    """A one-line progress bar on standard error."""
-
-    def __init__(self, total_files, total_bytes):
-        self.total_files, self.total_bytes = total_files, max(total_bytes, 1)
-        self.files = self.bytes = 0
-        self.started = time.time()
-
-    def advance(self, size):
-        self.files += 1
-        self.bytes += size
-        share = self.bytes / self.total_bytes
-        rate = self.bytes / max(time.time() - self.started, 1e-6) / 1e6
-        bar = '#' * int(30 * share)
-        sys.stderr.write(f'\r[{bar:<30}] {self.files}/{self.total_files} files, '
-                         f'{self.bytes / 1e6:.1f}/{self.total_bytes / 1e6:.1f} MB, {rate:.1f} MB/s')
-        sys.stderr.flush()
-
-    def done(self):
-        sys.stderr.write('\n')
-
-
 def to_s3(config, folder, dry_run, overwrite=False):
     """Upload every attachment of `folder` the bucket does not already hold, verified; originals first,
     so that each fresh thumbnail can record the ETag its original has in the bucket."""
@@ -148,7 +121,7 @@ def to_s3(config, folder, dry_run, overwrite=False):
     files = [(parts, path, os.lstat(path).st_size) for parts, path in
              sorted(folder_files(folder, config), key=lambda found: found[0][-2] == config.THUMB_DIR)]
     counts, in_bucket = dict.fromkeys(COUNTS, 0), {}
-    progress = Progress(len(files), sum(size for _, _, size in files))
+    progress = Progress(len(files), sys.stderr, 'files', sum(size for _, _, size in files))
     for parts, path, size in files:
         try:
             outcome, message = upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite)
@@ -156,9 +129,9 @@ def to_s3(config, folder, dry_run, overwrite=False):
             outcome, message = 'skipped', f'skipped {shown("/".join(parts))}: {error}'
         counts[outcome] += 1
         if message:
-            say(message)
+            progress.say(message)
         progress.advance(size)
-    progress.done()
+    progress.close()
     return counts
 
 
@@ -254,7 +227,7 @@ def from_s3(config, folder, dry_run):
     originals = {'/'.join(parts): {'ETag': etag, 'LastModified': modified}
                  for parts, _, _, etag, modified in objects if parts[-2] == config.ORIG_DIR}
     counts = dict.fromkeys(COUNTS, 0)
-    progress = Progress(len(objects), sum(size for _, _, size, _, _ in objects))
+    progress = Progress(len(objects), sys.stderr, 'files', sum(size for _, _, size, _, _ in objects))
     for parts, key, size, etag, modified in objects:
         target = os.path.join(folder, *parts)
         mtime = nanoseconds(modified)
@@ -270,9 +243,9 @@ def from_s3(config, folder, dry_run):
             verified = download_one(client, config, key, target, size, etag, mtime)
             counts['copied' if verified else 'failed'] += 1
             if not verified:
-                say(f'verification failed: {shown(key)}')
+                progress.say(f'verification failed: {shown(key)}')
         progress.advance(size)
-    progress.done()
+    progress.close()
     return counts
 
 

@@ -1,7 +1,7 @@
 """Web Asset Server for Specify: stores attachments and makes their thumbnails.
 
 Specify 6 and 7 reach this server through views/web_asset_store.xml and sign each request with an HMAC-MD5
-token over a shared key (see README.md). This is the one Bottle application and the entry point: run it with
+token over a shared key (docs/internals.md). This is the one Bottle application and the entry point: run it with
 `python server.py` (Paste serves it, behind front.py). Sections: request plumbing, the token check, the
 application, routes, IIIF routes, start-up.
 
@@ -423,7 +423,7 @@ def fileget():
 
 
 def accepts_webp(accept):
-    """Whether an Accept header names image/webp with a quality above 0 (`*/*` does not count: Java's default has it)."""
+    """Whether an Accept header names image/webp with a quality above 0 (`*/*` does not: Java's default has it)."""
     for item in accept.split(','):
         media_type, *parameters = [part.strip().lower() for part in item.split(';')]
         if media_type == 'image/webp':

@@ -12,7 +12,7 @@ KEY = None                       # Shared attachment key (Specify's attachment.k
 KEY_FILE = None                  # Where a generated key is kept; None means BASE_DIR/.web-asset-server.key.
 AUTH_DISABLED = False            # True turns every token check off (anyone may write and delete); the server warns at every start.
 TIME_TOLERANCE = 150             # Seconds a token stays valid either side of the server's clock; None turns the window off (then NO_TIME_WINDOW_ACKNOWLEDGED too).
-NO_TIME_WINDOW_ACKNOWLEDGED = False  # True lets TIME_TOLERANCE None start: every token ever made, read or leaked then stays valid for good (README, The key).
+NO_TIME_WINDOW_ACKNOWLEDGED = False  # True lets TIME_TOLERANCE None start: every token ever made, read or leaked then stays valid for good (docs/internals.md, The key).
 REQUIRE_KEY_FOR_GET = False      # True: fileget, getmetadata and /static also need a token (Specify 7: WEB_ATTACHMENT_REQUIRES_KEY_FOR_GET).
 
 # --- Listening and the discovery document ----------------------------------
@@ -23,7 +23,7 @@ SERVER_NAME = 'localhost'        # Public host name written into web_asset_store
 SERVER_PORT = None               # Public port written into web_asset_store.xml; None means PORT. Left out of URLs when it is the scheme's default.
 PUBLIC_SCHEME = 'http'           # Public scheme written into web_asset_store.xml: 'https' behind a TLS proxy.
 TRUST_PROXY_HEADERS = False      # True: take scheme, host and port from X-Forwarded-Proto/-Host/-Port (only behind a proxy that sets them); every peer then also counts as a trusted proxy for client addresses.
-TRUSTED_PROXIES = ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7']  # Peers (networks) believed when the last X-Forwarded-For entry (else X-Real-IP) names the client, so per-client bounds follow real clients through Specify 7's nginx; [] (or none) trusts no peer. A lying peer gains at most the totals below, never a token or a file (README, Inside Specify 7's composition).
+TRUSTED_PROXIES = ['127.0.0.0/8', '::1/128', '10.0.0.0/8', '172.16.0.0/12', '192.168.0.0/16', 'fc00::/7']  # Peers (networks) believed when the last X-Forwarded-For entry (else X-Real-IP) names the client, so per-client bounds follow real clients through Specify 7's nginx; [] (or none) trusts no peer. A lying peer gains at most the totals below, never a token or a file (docs/deployment.md, Inside Specify 7's composition).
 SERVER = 'paste'                 # Bottle server adapter that runs the app; Paste is the one tested and recommended.
 DEBUG = False                    # More logging; never shows tracebacks to clients.
 FILE_OFFLOAD = None              # 'nginx': fileget answers with X-Accel-Redirect and nginx sends the file; 'apache': X-Sendfile. Disk storage only.
@@ -87,7 +87,7 @@ WEBP_THUMBNAILS = True            # A thumbnail request whose Accept header name
 # --- IIIF (deep zoom) -------------------------------------------------------------
 
 IIIF_MAX_SIZE = 4096             # Largest width and height of an IIIF image answer (info.json's maxWidth/maxHeight); larger requests are refused, `max` is fitted within it.
-IIIF_GRANT_SECONDS = 3600        # With REQUIRE_KEY_FOR_GET: how long a viewer let in by one token may go on zooming into that one image (the grant in its URLs; README, "The key").
+IIIF_GRANT_SECONDS = 3600        # With REQUIRE_KEY_FOR_GET: how long a viewer let in by one token may go on zooming into that one image (the grant in its URLs; docs/internals.md, "The key").
 
 # --- Metadata (getmetadata) -----------------------------------------------------
 

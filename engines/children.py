@@ -1,9 +1,10 @@
-"""Child processes that stay for the next job, spoken to in JSON lines: one line per job on standard input,
-one answer line per job on standard output. Starting a child costs an interpreter and its libraries (50 ms for
-libvips); keeping a few costs nothing while idle."""
+"""Child processes that stay for the next job, shared by every engine that runs its work apart from the server's
+threads (libvips for IIIF, exifread for metadata). Starting a child costs an interpreter and its libraries (50 ms
+for libvips); keeping a few costs nothing while idle. Each speaks engines/framing.py: it says it is ready, then
+takes one job message at a time, may ask the server for what it needs meanwhile, and ends the job with a message
+that says `ok`."""
 
 import json
-import logging
 import os
 import select
 import signal
@@ -12,66 +13,130 @@ import threading
 import time
 
 from config import HERE
-from errors import PassingFailure, ThumbnailError
-from names import printable
+from engines.framing import LONGEST_LINE, encoded
 
-log = logging.getLogger('web_asset_server')
+
+class ChildFailed(Exception):
+    """A child could not start, ended, or broke the framing. `at_start`: it never became ready (the machine, not the
+    job, is at fault); `killed`: it was killed (by the kernel's out-of-memory killer, say)."""
+
+    def __init__(self, reason, at_start=False, killed=False):
+        super().__init__(reason)
+        self.at_start, self.killed = at_start, killed
 
 
 class ChildPool:
-    """Children running `command`, at most `workers` kept idle. Each runs under `limit_child` in `environment`;
-    one that overruns its deadline is killed, one that fails or ends is not used again, and each is replaced
-    after `jobs_per_child` jobs."""
+    """Children running `command` (a `python -m` module), at most `workers` kept idle, each under `limit_child` in
+    `environment` (None: the server's), none answering more than `longest_data` bytes. One that overruns its
+    deadline is killed, one that fails or ends is not used again, and each is replaced after `jobs_per_child` jobs."""
     jobs_per_child = 200
+    start_timeout = 30           # seconds a new child may take to say it is ready (a busy machine: not the job's fault)
 
-    def __init__(self, command, workers, environment, limit_child, timeout):
+    def __init__(self, command, workers, environment=None, limit_child=None, longest_data=0):
         self.command, self.workers, self.environment, self.limit_child = command, workers, environment, limit_child
-        self.timeout = timeout          # only for the log: the caller sets each job's deadline
+        self.longest_data = longest_data
         self.idle, self.lock = [], threading.Lock()
 
-    def run(self, job, args, scratch, deadline):
-        """What the job printed; ThumbnailError when it fails, ends or overruns the deadline."""
+    def run(self, job, args, folder, deadline, serve=None):
+        """(the child's last message for the job, its data). `serve(message, data)` answers each request the child
+        makes meanwhile with (message, data); the time it takes does not count against the deadline (a slow store
+        is not the job's fault). TimeoutError when the deadline passes (the child is killed), ChildFailed when the
+        child cannot start, ends or breaks the framing. A child is kept for the next job only after an answer `ok`."""
         child = self._child()
         try:
-            os.write(child.stdin.fileno(), json.dumps({'job': job, 'args': args, 'folder': scratch}).encode() + b'\n')
-            answer = json.loads(read_line(child.stdout.fileno(), deadline))
+            self._send(child, {'job': job, 'args': args, 'folder': folder}, b'', deadline)
+            while True:
+                message, data = self._receive(child, deadline)
+                if 'ok' in message:
+                    break
+                if serve is None:
+                    raise ChildFailed('the child asked for what nobody serves')
+                started = time.monotonic()
+                reply, reply_data = served(serve, message, data)
+                deadline += time.monotonic() - started
+                self._send(child, reply, reply_data, deadline)
+        except ServingFailed as failed:         # the server's own fault (a store unreachable): raised as it is
+            self._end(child)
+            raise failed.error from None
         except TimeoutError:
             self._end(child)
-            log.warning('IIIF %s killed after %s s (THUMBNAIL_TIMEOUT)', job, self.timeout)
-            raise ThumbnailError('Making the image took too long.') from None
-        except (OSError, ValueError):
+            raise
+        except (OSError, ValueError, KeyError, TypeError, ChildFailed) as error:
             self._end(child)
-            failure = PassingFailure if child.returncode == -signal.SIGKILL else ThumbnailError   # the OOM killer
-            raise failure('This file could not be viewed.') from None
+            raise ChildFailed(str(error), killed=child.returncode == -signal.SIGKILL) from None
         child.jobs += 1
         with self.lock:
-            if answer.get('ok') and child.jobs < self.jobs_per_child and len(self.idle) < self.workers:
+            if message.get('ok') and child.jobs < self.jobs_per_child and len(self.idle) < self.workers:
                 self.idle.append(child)
                 child = None
         if child is not None:
             self._end(child)
-        if not answer.get('ok'):
-            log.info('IIIF %s failed: %s', job, printable(str(answer.get('error', '')))[:500])
-            raise ThumbnailError('This file could not be viewed.')
-        return answer.get('printed', '')
+        return message, data
 
     def _child(self):
-        """An idle child still alive, or a new one (libvips is loaded by its first job)."""
+        """An idle child still alive, or a new one once it has said it is ready."""
         with self.lock:
             while self.idle:
                 child = self.idle.pop()
                 if child.poll() is None:
                     return child
         try:
-            child = subprocess.Popen(self.command, cwd=HERE, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=self.environment,
-                                     preexec_fn=self.limit_child, bufsize=0)
+            child = subprocess.Popen(self.command, cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=self.environment, preexec_fn=self.limit_child, bufsize=0)
         except OSError as error:
-            log.warning('could not start the IIIF engine: %s', error)
-            raise PassingFailure('This file could not be viewed.') from None
+            raise ChildFailed(f'could not start {self.command[-1]}: {error}', at_start=True) from None
+        os.set_blocking(child.stdin.fileno(), False)
         os.set_blocking(child.stdout.fileno(), False)
-        child.jobs = 0
-        return child
+        child.jobs, child.received = 0, bytearray()
+        try:
+            ready, _data = self._receive(child, time.monotonic() + self.start_timeout)
+            if ready.get('ready'):
+                return child
+        except (TimeoutError, OSError, ValueError, ChildFailed):
+            pass
+        self._end(child)
+        raise ChildFailed(f'{self.command[-1]} did not start within {self.start_timeout} s', at_start=True)
+
+    def _send(self, child, message, data, deadline):
+        view = memoryview(encoded(message, data))
+        while view:
+            wait_for(child.stdin.fileno(), deadline, reading=False)
+            try:
+                view = view[os.write(child.stdin.fileno(), view):]
+            except BlockingIOError:
+                continue
+
+    def _receive(self, child, deadline):
+        """The child's next message and its data, read before the deadline (bounded in length)."""
+        line = self._read_until(child, deadline, lambda: child.received.find(b'\n') + 1, LONGEST_LINE + 1)
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise ChildFailed('the child sent something else than a message')
+        count = message.get('bytes', 0)
+        if not isinstance(count, int) or not 0 <= count <= self.longest_data:
+            raise ChildFailed('the child announced more bytes than it may send')
+        data = self._read_until(child, deadline, lambda: count if len(child.received) >= count else 0, count)
+        return message, data
+
+    @staticmethod
+    def _read_until(child, deadline, complete, most):
+        """The first `complete()` bytes of what the child sent (0: not yet), reading more until then."""
+        while True:
+            length = complete()
+            if length or most == 0:
+                taken = bytes(child.received[:length])
+                del child.received[:length]
+                return taken
+            if len(child.received) >= most:
+                raise ChildFailed('the child sent more than a message may hold')
+            wait_for(child.stdout.fileno(), deadline, reading=True)
+            try:
+                chunk = os.read(child.stdout.fileno(), 64 * 1024)
+            except BlockingIOError:
+                continue
+            if not chunk:
+                raise ChildFailed('the child ended without an answer')
+            child.received += chunk
 
     @staticmethod
     def _end(child):
@@ -81,18 +146,26 @@ class ChildPool:
         child.stdout.close()
 
 
-def read_line(descriptor, deadline):
-    """One line from a non-blocking pipe before the deadline (TimeoutError; OSError when it closes first)."""
-    data = bytearray()
-    while not data.endswith(b'\n'):
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([descriptor], [], [], left)[0]:
-            raise TimeoutError()
-        try:
-            chunk = os.read(descriptor, 64 * 1024)
-        except BlockingIOError:
-            continue
-        if not chunk:
-            raise OSError('the engine ended without an answer')
-        data += chunk
-    return bytes(data)
+class ServingFailed(Exception):
+    """What serving a child's request raised (other than ChildFailed), carried past the pool's own handling."""
+
+    def __init__(self, error):
+        super().__init__(str(error))
+        self.error = error
+
+
+def served(serve, message, data):
+    """serve(message, data), its failures other than the child's own (ChildFailed) carried as ServingFailed."""
+    try:
+        return serve(message, data)
+    except ChildFailed:
+        raise
+    except Exception as error:
+        raise ServingFailed(error) from error
+
+
+def wait_for(descriptor, deadline, reading):
+    """Until a pipe can be read (or written); TimeoutError once the deadline has passed."""
+    left = deadline - time.monotonic()
+    if left <= 0 or not any(select.select([descriptor] if reading else [], [] if reading else [descriptor], [], left)):
+        raise TimeoutError()

@@ -1,9 +1,10 @@
-"""The metadata reader's child: `python -m engines.exif_child MEMORY TIMEOUT MAX_VALUE MAX_ANSWER`, started by
-engines/metadata.py. It reads one file per job through its pipe (never the storage), runs exifread on it under
-its own memory and CPU limits, and answers Specify 6's groups as JSON. It imports none of the server's app.
+"""The metadata reader's child: `python -m engines.exif_child MEMORY TIMEOUT MAX_VALUE MAX_ANSWER`, kept by
+engines/metadata.py's child pool. It reads one file per job through its pipe (never the storage), runs exifread on
+it under its own memory and CPU limits, and answers Specify 6's groups as JSON. It imports none of the server's app.
 
-The pipe's framing, both ways: the server sends a job (the file's size); the child asks for reads (offset,
-length) and gets each as a length and the bytes; it ends the job with DONE and its JSON, or TOO_LARGE.
+In the framing of engines/framing.py: a job {"job": "exif", "args": [size]}; the child asks {"read": [offset,
+length]} and gets the bytes; it answers {"ok": true} with the JSON as its bytes, or {"ok": false} when the file
+needed more than MEMORY or its answer would be longer than MAX_ANSWER.
 """
 
 import io
@@ -11,16 +12,14 @@ import json
 import logging
 import os
 import resource
-import struct
 import sys
 
 import exifread
 
+from engines.framing import ChildChannel
 from files import SeekableReader
 
-JOB, READ, LENGTH = struct.Struct('>Q'), struct.Struct('>QI'), struct.Struct('>I')   # the pipe's framing
-
-READY, READ_REQUEST, DONE, TOO_LARGE = b'+', b'R', b'D', b'T'     # what the child says
+TOO_LARGE = {'ok': False, 'error': 'too large'}
 
 
 def metadata_child():
@@ -28,20 +27,22 @@ def metadata_child():
     memory, timeout, max_value, max_answer = map(int, sys.argv[1:5])
     lower_limit(resource.RLIMIT_AS, memory)
     os.nice(10)                         # the server's own threads come first when CPUs are short
-    channel = os.dup(1)
-    os.dup2(2, 1)                       # nothing printed in here can reach the server as an answer
+    channel = ChildChannel()            # nothing printed in here can reach the server as a message
     exhausted = watch_exif_log()
-    write_all(channel, READY)
+    channel.send({'ready': True})
     while True:
-        job = read_exactly(0, JOB.size, at_start=True)
-        if not job:
+        job, _data = channel.receive()
+        if job is None:
             return
         used = resource.getrusage(resource.RUSAGE_SELF)     # a backstop should the server be gone:
         lower_limit(resource.RLIMIT_CPU, int(used.ru_utime + used.ru_stime) + timeout + 2)   # SIGXCPU ends it
-        source = io.BufferedReader(ServedFile(JOB.unpack(job)[0], channel), 64 * 1024)
+        source = io.BufferedReader(ServedFile(int(job['args'][0]), channel), 64 * 1024)
         exhausted.seen = False
-        answer = child_answer(source, max_value, max_answer)
-        write_all(channel, TOO_LARGE if exhausted.seen else answer)
+        text = answer_text(source, max_value, max_answer)
+        if exhausted.seen or text is None:
+            channel.send(TOO_LARGE)
+        else:
+            channel.send({'ok': True}, text)
 
 
 def lower_limit(kind, soft):
@@ -71,8 +72,8 @@ class MemoryExhausted(logging.Handler):
         self.seen = self.seen or str(record.msg).startswith('MemoryError')
 
 
-def child_answer(source, max_value, max_answer):
-    """DONE + the groups as JSON (values cut to max_value), or TOO_LARGE."""
+def answer_text(source, max_value, max_answer):
+    """The groups as JSON bytes (values cut to max_value), or None when they need too much memory or room."""
     try:
         try:
             tags = exifread.process_file(source, details=False, extract_thumbnail=False)
@@ -82,10 +83,8 @@ def child_answer(source, max_value, max_answer):
             tags = {}
         text = json.dumps(exif_groups(tags, max_value)).encode()
     except MemoryError:
-        return TOO_LARGE
-    if len(text) > max_answer:
-        return TOO_LARGE
-    return DONE + LENGTH.pack(len(text)) + text
+        return None
+    return text if len(text) <= max_answer else None
 
 
 def exif_groups(tags, max_value):
@@ -107,32 +106,11 @@ class ServedFile(SeekableReader):
         self.channel = channel
 
     def fetch(self, position, size):
-        write_all(self.channel, READ_REQUEST + READ.pack(position, size))
-        length = LENGTH.unpack(read_exactly(0, LENGTH.size))[0]
-        return read_exactly(0, length)
-
-
-def read_exactly(descriptor, count, at_start=False):
-    """`count` bytes from the server's pipe; b'' when it closed at the start of a job, else the child ends."""
-    data = bytearray()
-    while len(data) < count:
-        chunk = os.read(descriptor, count - len(data))
-        if not chunk:
-            if at_start and not data:
-                return b''
+        self.channel.send({'read': [position, size]})
+        answer, data = self.channel.receive()
+        if answer is None:
             os._exit(0)                 # the server is gone or gave up on this job
-        data += chunk
-    return bytes(data)
-
-
-def write_all(descriptor, data):
-    """All of `data` to the server's pipe; the child ends quietly when the server is gone."""
-    view = memoryview(data)
-    try:
-        while view:
-            view = view[os.write(descriptor, view):]
-    except BrokenPipeError:
-        os._exit(0)
+        return data
 
 
 if __name__ == '__main__':

@@ -1,10 +1,11 @@
 """The libvips engine behind IIIF: a tiled, multi-resolution TIFF (a pyramid) per original, and IIIF answers
 cut from it.
 
-Each job runs in a child process of its own (`python pyramids.py build|cut ...`), started by the server's
-Thumbnailer under its time, memory and file-size limits and conversion slots, so that a hostile file
+Each job runs in a child process (`python -m engines.pyramids build|cut ...`, or kept: `serve`), started by the
+server's libvips engine (engines/vips.py) under its time, memory and file-size limits and conversion slots, so that
+a hostile file
 costs one bounded child, never the server. libvips reads only the tiles of the one level a cut needs,
-where ImageMagick decodes the whole image for every tile (the README has the measurements).
+where ImageMagick decodes the whole image for every tile (docs/performance.md has the measurements).
 
     build <source> <out> jpeg|lossless
                             the source image (JPEG, PNG, GIF, TIFF; other kinds arrive as PNG) as shown
@@ -14,17 +15,19 @@ where ImageMagick decodes the whole image for every tile (the README has the mea
     cut <pyramid> <out> <plan as JSON>
                             the plan's region of the full image, from the smallest level that still has
                             the pixels its size needs, scaled, mirrored, rotated, in its quality and format
-    serve                   the same jobs, one JSON line each on standard input ({"job", "args",
-                            "folder"}), one answer line each ({"ok", "printed"} or {"ok", "error"}),
-                            until standard input closes: a child kept for the next job starts no
-                            interpreter and loads no libvips again
+    serve                   the same jobs as messages (engines/framing.py: {"job", "args", "folder"}),
+                            one answer each ({"ok", "printed"} or {"ok", "error"}), until the server
+                            closes the pipe: a child kept for the next job starts no interpreter and
+                            loads no libvips again
 
-Imports run one way: this module imports nothing of the server's; the server runs it.
+Imports run one way: this module imports only engines/framing.py; the server runs it.
 """
 
 import json
 import os
 import sys
+
+from engines.framing import ChildChannel
 
 TILE = 256                      # the pyramid's own tiles (IIIF tiles of 512 are cut from four of them)
 PYRAMID_QUALITY = 85            # JPEG quality of the pyramid's tiles, what answers are cut from (colour at half
@@ -129,13 +132,16 @@ JOBS = {'build': (build, 3), 'cut': (cut, 3)}
 
 
 def serve(pyvips):
-    """Answer jobs from standard input until it closes; a job that ran out of memory ends the child after its answer."""
-    channel = os.fdopen(os.dup(1), 'w')
-    os.dup2(2, 1)                               # nothing libvips or a job prints can reach the server as an answer
-    for line in sys.stdin:
+    """Answer jobs from the server (engines/framing.py) until it closes the pipe; a job that ran out of memory ends
+    the child after its answer."""
+    channel = ChildChannel()                    # nothing libvips or a job prints can reach the server as a message
+    channel.send({'ready': True})
+    while True:
+        job, _data = channel.receive()
+        if job is None:
+            return
         exhausted = False
         try:
-            job = json.loads(line)
             work, count = JOBS[job['job']]
             if len(job['args']) != count:
                 raise ValueError('wrong number of arguments')
@@ -145,8 +151,7 @@ def serve(pyvips):
             answer, exhausted = {'ok': False, 'error': 'out of memory'}, True
         except (pyvips.Error, OSError, ValueError, KeyError, TypeError) as error:
             answer = {'ok': False, 'error': str(error)[:500]}
-        channel.write(json.dumps(answer) + '\n')
-        channel.flush()
+        channel.send(answer)
         if exhausted:
             return
 
@@ -159,7 +164,8 @@ def main(arguments):
     elif arguments[:1] and arguments[0] in JOBS and len(arguments) == JOBS[arguments[0]][1] + 1:
         print(JOBS[arguments[0]][0](pyvips, *arguments[1:]))
     else:
-        sys.exit('usage: pyramids.py build <source> <out> jpeg|lossless | cut <pyramid> <out> <plan> | serve')
+        sys.exit('usage: python -m engines.pyramids '
+                 'build <source> <out> jpeg|lossless | cut <pyramid> <out> <plan> | serve')
 
 
 if __name__ == '__main__':

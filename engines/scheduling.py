@@ -5,11 +5,12 @@ recent conversions remembered so that a corrupt original costs one attempt, not 
 Shared by every engine (ImageMagick and Ghostscript thumbnails, libvips pyramids and IIIF answers).
 """
 
-import collections
 import contextlib
 import logging
 import queue
 import threading
+
+import cachetools
 
 from errors import PassingFailure, StorageUnavailable, ThumbnailError, ThumbnailsBusy
 
@@ -17,7 +18,7 @@ log = logging.getLogger('web_asset_server')
 
 INTERACTIVE, BACKGROUND = 'interactive', 'background'
 BACKLOG = 1000                   # Background jobs queued at once; more are dropped (they are made when asked for).
-KEYED_JOBS_QUEUED = 500          # Background jobs asked for by views (browsers' WebPs) queued at once: half the backlog.
+KEYED_JOBS_QUEUED = 500          # Background jobs asked for by views (browsers' WebPs) queued at once: half BACKLOG.
 EVERY_SCALE = None               # What a failure of the file itself (its kind, header or page) is remembered for.
 PYRAMID = 'pyramid'              # What a pyramid's failure is remembered for (a thumbnail's: its scale).
 
@@ -98,18 +99,15 @@ class FailureMemory:
     """
 
     def __init__(self, entries):
-        self.entries, self.reasons, self.lock = entries, collections.OrderedDict(), threading.Lock()
+        self.reasons, self.lock = cachetools.LRUCache(entries), threading.Lock()
 
     def reason(self, identity, scale):
         with self.lock:
-            return self.reasons.get((identity, None)) or self.reasons.get((identity, scale))
+            return self.reasons.get((identity, EVERY_SCALE)) or self.reasons.get((identity, scale))
 
     def remember(self, identity, scale, reason):
         with self.lock:
             self.reasons[(identity, scale)] = reason
-            self.reasons.move_to_end((identity, scale))
-            while len(self.reasons) > self.entries:
-                self.reasons.popitem(last=False)
 
     def forget(self, parts):
         """Forget the failures of the original at these path parts (it was replaced or deleted)."""

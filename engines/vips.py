@@ -5,21 +5,23 @@ as PNG first."""
 
 import contextlib
 import json
+import logging
 import os
 import sys
 import time
 
-from config import HERE
-from engines.children import ChildPool
+from engines.children import ChildFailed, ChildPool
 from engines.imagemagick import INPUT_CODERS
 from engines.scheduling import INTERACTIVE, PYRAMID
-from errors import ThumbnailError
+from errors import PassingFailure, ThumbnailError
 from kinds import sniff_kind
+from names import printable
+
+log = logging.getLogger('web_asset_server')
 
 IIIF_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff', 'image/heic', 'image/heif', 'application/pdf'}
 VIPS_KINDS = {'image/jpeg', 'image/png', 'image/gif', 'image/tiff'}     # read by libvips itself; others as PNG first
 LOSSLESS_KINDS = {'image/png', 'image/gif'}    # their pyramids stay lossless (deflate); the rest are stored as JPEG
-PYRAMIDS = os.path.join(HERE, 'engines', 'pyramids.py')   # the libvips engine, run as kept children
 PDF_VIEW_SIZE = 4096            # long side in pixels of a PDF's first page as IIIF serves it (about 350 dpi for A4)
 
 
@@ -28,8 +30,26 @@ class Vips:
 
     def __init__(self, config, scheduler, imagemagick):
         self.scheduler, self.imagemagick, self.timeout = scheduler, imagemagick, config.THUMBNAIL_TIMEOUT
-        self.children = ChildPool([sys.executable, PYRAMIDS, 'serve'], config.THUMBNAIL_WORKERS,
-                                  imagemagick.environment(config.BASE_DIR), imagemagick.limit_child, self.timeout)
+        self.children = ChildPool([sys.executable, '-m', 'engines.pyramids', 'serve'], config.THUMBNAIL_WORKERS,
+                                  imagemagick.environment(config.BASE_DIR), imagemagick.limit_child)
+
+    def run_job(self, job, args, scratch, deadline):
+        """What a libvips job printed; ThumbnailError when it fails, ends or overruns the deadline (PassingFailure
+        when its child could not start or was killed by another: worth trying again)."""
+        try:
+            answer, _data = self.children.run(job, args, scratch, deadline)
+        except TimeoutError:
+            log.warning('IIIF %s killed after %s s (THUMBNAIL_TIMEOUT)', job, self.timeout)
+            raise ThumbnailError('Making the image took too long.') from None
+        except ChildFailed as failure:
+            if failure.at_start:
+                log.warning('could not start the IIIF engine: %s', failure)
+            passing = failure.at_start or failure.killed
+            raise (PassingFailure if passing else ThumbnailError)('This file could not be viewed.') from None
+        if not answer.get('ok'):
+            log.info('IIIF %s failed: %s', job, printable(str(answer.get('error', '')))[:500])
+            raise ThumbnailError('This file could not be viewed.')
+        return str(answer.get('printed', ''))
 
     @contextlib.contextmanager
     def pyramid_built(self, source, folder, identity, work=INTERACTIVE):
@@ -44,7 +64,8 @@ class Vips:
         with self.imagemagick.scratch_for(source, folder) as scratch:
             with self.scheduler.slots(work):
                 deadline = time.monotonic() + self.timeout
-                shown = self.scheduler.remembering(identity, PYRAMID, lambda: self._build(kind, scratch, deadline)).split()
+                built = self.scheduler.remembering(identity, PYRAMID, lambda: self._build(kind, scratch, deadline))
+                shown = built.split()
             if len(shown) != 2 or not all(part.isdigit() for part in shown):
                 self.scheduler.remembering(identity, PYRAMID, raise_unviewable)
             made = os.path.join(scratch, 'pyramid')
@@ -59,11 +80,12 @@ class Vips:
             self.imagemagick.render_page(scratch, PDF_VIEW_SIZE, deadline)
             source = 'page.png'
         elif kind not in VIPS_KINDS:
-            self.imagemagick.run(self.imagemagick.convert, *self.imagemagick.limits, f'{INPUT_CODERS[kind]}:in[0]', '-auto-orient', '-colorspace',
-                      'sRGB', '-depth', '8', '-strip', 'png:whole.png', scratch=scratch, deadline=deadline)
+            magick = self.imagemagick
+            magick.run(magick.convert, *magick.limits, f'{INPUT_CODERS[kind]}:in[0]', '-auto-orient', '-colorspace',
+                       'sRGB', '-depth', '8', '-strip', 'png:whole.png', scratch=scratch, deadline=deadline)
             source = 'whole.png'
         compression = 'lossless' if kind in LOSSLESS_KINDS else 'jpeg'
-        return self.children.run('build', [source, 'pyramid', compression], scratch, deadline)
+        return self.run_job('build', [source, 'pyramid', compression], scratch, deadline)
 
     @contextlib.contextmanager
     def iiif_cut(self, pyramid, plan, folder, work=INTERACTIVE):
@@ -73,7 +95,7 @@ class Vips:
                           'rotation': plan.rotation, 'quality': plan.quality, 'format': plan.format})
         with self.imagemagick.scratch_for(pyramid, folder) as scratch:
             with self.scheduler.slots(work):
-                self.children.run('cut', ['in', 'out', job], scratch, time.monotonic() + self.timeout)
+                self.run_job('cut', ['in', 'out', job], scratch, time.monotonic() + self.timeout)
             yield os.path.join(scratch, 'out')
 
 

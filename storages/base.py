@@ -7,11 +7,16 @@ pyramids, IIIF answers). A storage knows nothing of HTTP: the app answers from w
 
 import os
 import time
+import types
 import typing
 
 from errors import UnknownCollection
 from files import sweep_folder
 from names import is_derivative_of, name_problem
+
+
+Coll = str | None                # a COLLECTION_DIRS key, or None without COLLECTION_DIRS
+Parts = typing.Sequence[str]     # a stored file's path below BASE_DIR (or S3_PREFIX), one name per folder
 
 
 class Identity(typing.NamedTuple):
@@ -37,14 +42,14 @@ class Storage:
     """The layout, and the primitives a storage implements (each raises FileNotFoundError for a missing file,
     StorageUnavailable when the store fails)."""
 
-    def __init__(self, config):
+    def __init__(self, config: types.SimpleNamespace) -> None:
         self.collections = config.COLLECTION_DIRS
         self.orig_dir, self.thumb_dir = config.ORIG_DIR, config.THUMB_DIR
         self.staging = config.BASE_DIR
 
     # --- The layout ---------------------------------------------------------------------------------------------
 
-    def folder_parts(self, coll):
+    def folder_parts(self, coll: Coll) -> list[str]:
         """The collection's folder as path parts; UnknownCollection for one COLLECTION_DIRS does not name."""
         if self.collections is None:
             return []
@@ -52,14 +57,14 @@ class Storage:
             raise UnknownCollection('Unknown collection.')
         return [self.collections[coll]]
 
-    def original_parts(self, coll, name):
+    def original_parts(self, coll: Coll, name: str) -> list[str]:
         return [*self.folder_parts(coll), self.orig_dir, name]
 
-    def derivative_parts(self, coll, cache_name):
+    def derivative_parts(self, coll: Coll, cache_name: str) -> list[str]:
         """Where a cached derivative (a thumbnail, a pyramid, an IIIF answer) of the collection is kept."""
         return [*self.folder_parts(coll), self.thumb_dir, cache_name]
 
-    def owns_derivative(self, coll, name):
+    def owns_derivative(self, coll: Coll, name: str) -> typing.Callable[[str], bool]:
         """A test for the cache names of `name`'s derivatives, and for a PDF also the <root>_<scale>.png that
         older servers made, unless a PNG original of that name owns them."""
         root, ext = os.path.splitext(name)
@@ -68,7 +73,7 @@ class Storage:
             owners.append(root + '.png')
         return lambda candidate: any(is_derivative_of(candidate, owner) for owner in owners)
 
-    def is_static_parts(self, parts):
+    def is_static_parts(self, parts: Parts) -> bool:
         """True when a /static/ path names a file in an originals or thumbnails folder."""
         if any(name_problem(part) for part in parts):
             return False
@@ -78,93 +83,93 @@ class Storage:
             parts = parts[1:]
         return len(parts) == 2 and parts[0] in (self.orig_dir, self.thumb_dir)
 
-    def every_collection(self):
+    def every_collection(self) -> list[Coll]:
         """One collection name per collection folder (None: the one folder)."""
         return list({folder: coll for coll, folder in (self.collections or {None: None}).items()}.values())
 
-    def staging_folder(self):
+    def staging_folder(self) -> str:
         """A local folder for uploads in progress and conversions' scratch folders."""
         return self.staging
 
-    def sweep_temporaries(self, older_than=3600):
+    def sweep_temporaries(self, older_than: float = 3600) -> None:
         """Remove temporaries left by a crash (not touched for an hour) in the staging folder."""
         sweep_folder(self.staging, time.time() - older_than)
 
     # --- Originals ----------------------------------------------------------------------------------------------
 
-    def exists(self, coll, name) -> bool:
+    def exists(self, coll: Coll, name: str) -> bool:
         raise NotImplementedError
 
-    def save(self, coll, name, staged: str) -> None:
+    def save(self, coll: Coll, name: str, staged: str) -> None:
         """Put a complete staged file in place as the original, atomically and durably; then remove the old
         bytes' derivatives."""
         raise NotImplementedError
 
-    def delete(self, coll, name) -> bool:
+    def delete(self, coll: Coll, name: str) -> bool:
         """Remove an original and exactly its own derivatives; False when it is not there."""
         raise NotImplementedError
 
-    def open(self, coll, name) -> typing.BinaryIO:
+    def open(self, coll: Coll, name: str) -> typing.BinaryIO:
         """The original as a seekable file opened for reading."""
         raise NotImplementedError
 
-    def local_original(self, coll, name) -> typing.ContextManager[str]:
+    def local_original(self, coll: Coll, name: str) -> typing.ContextManager[str]:
         """The original's path on this machine while held (a copy where the store is remote)."""
         raise NotImplementedError
 
-    def original_identity(self, coll, name) -> Identity:
+    def original_identity(self, coll: Coll, name: str) -> Identity:
         raise NotImplementedError
 
     # --- Any stored file, by its path parts -----------------------------------------------------------------------
 
-    def found(self, parts, whole=False, seen=None) -> Found:
+    def found(self, parts: Parts, whole: bool = False, seen: object = None) -> Found:
         """One version of the file at `parts` to answer from. `whole`: the answer is all of it (a store may fetch
         it at once); `seen`: what derivative_is_fresh returned for it just now."""
         raise NotImplementedError
 
-    def local_path(self, parts) -> str | None:
+    def local_path(self, parts: Parts) -> str | None:
         """The file's path on this machine, for a web server in front to send (FILE_OFFLOAD); None: none."""
         return None
 
     # --- Derivatives ----------------------------------------------------------------------------------------------
 
-    def derivative_is_fresh(self, coll, name, cache_name, identity=None):
+    def derivative_is_fresh(self, coll: Coll, name: str, cache_name: str, identity: Identity | None = None) -> object:
         """Something true (handed to `found` as `seen`) when the derivative is stored and was made from the
         original's current bytes (`identity`, when known), else False."""
         raise NotImplementedError
 
-    def store_derivative(self, coll, name, cache_name, made: str, identity: Identity) -> bool:
+    def store_derivative(self, coll: Coll, name: str, cache_name: str, made: str, identity: Identity) -> bool:
         """Put a made derivative in place, unless the original is no longer `identity` (then False)."""
         raise NotImplementedError
 
-    def local_derivative(self, coll, cache_name) -> typing.ContextManager[str]:
+    def local_derivative(self, coll: Coll, cache_name: str) -> typing.ContextManager[str]:
         """The derivative's path on this machine while held."""
         raise NotImplementedError
 
-    def remove_derivative(self, coll, cache_name) -> None:
+    def remove_derivative(self, coll: Coll, cache_name: str) -> None:
         """Remove one cached derivative; ValueError for a name that is not a derivative's."""
         raise NotImplementedError
 
     # --- Listing: what derivatives.py walks and the cache bound weighs -------------------------------------------
 
-    def originals(self, coll):
+    def originals(self, coll: Coll) -> typing.Iterator[str]:
         """The names of the collection's originals (coll: a COLLECTION_DIRS key, or None without them)."""
         return (name for name, _modified in self.originals_modified(coll))
 
-    def originals_modified(self, coll) -> typing.Iterator[tuple[str, float]]:
+    def originals_modified(self, coll: Coll) -> typing.Iterator[tuple[str, float]]:
         """(name, modification time in epoch seconds) of each original."""
         raise NotImplementedError
 
-    def originals_bytes(self, coll) -> int:
+    def originals_bytes(self, coll: Coll) -> int:
         """The bytes the collection's originals hold."""
         raise NotImplementedError
 
-    def derivatives(self, coll) -> typing.Iterator[tuple[str, int, float]]:
+    def derivatives(self, coll: Coll) -> typing.Iterator[tuple[str, int, float]]:
         """(cache name, size in bytes, modification time in epoch seconds) of each cached derivative: only names
         that parse as derivatives' names."""
         raise NotImplementedError
 
-    def stored_size(self, parts) -> int:
+    def stored_size(self, parts: Parts) -> int:
         raise NotImplementedError
 
     def health(self) -> str:

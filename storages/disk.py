@@ -5,7 +5,6 @@ original orders replacing, deleting and putting a derivative in place, so no der
 after the new ones. Small files served often are answered from memory while their stat is unchanged.
 """
 
-import collections
 import contextlib
 import errno
 import os
@@ -13,7 +12,10 @@ import shutil
 import threading
 import time
 
-from files import CHUNK, KeyedLocks, stream_file, file_identity, fsync_folder, make_temp_file, remove_quietly, sweep_folder
+import cachetools
+
+from files import (CHUNK, KeyedLocks, file_identity, fsync_folder, make_temp_file, remove_quietly, stream_file,
+                   sweep_folder)
 from kinds import kind_of
 from names import derivative_source, name_problem
 from storages.base import Found, Identity, Storage
@@ -53,7 +55,7 @@ class DiskStorage(Storage):
             self._delete_derivatives(coll, name)
 
     def _copy_into(self, source, target):
-        """Copy across file systems: to a temporary beside the target, then rename; a failed copy leaves no temporary."""
+        """Copy across file systems: to a temporary beside the target, then rename; a failed copy leaves none."""
         temp, out = make_temp_file(os.path.dirname(target))
         try:
             with out, open(source, 'rb') as src:
@@ -223,8 +225,12 @@ class SmallFiles:
     dropped first."""
 
     def __init__(self, most, largest):
-        self.most, self.largest, self.held = most, largest, 0
-        self.files, self.lock = collections.OrderedDict(), threading.Lock()
+        self.largest, self.lock = largest, threading.Lock()
+        self.files = cachetools.LRUCache(most, getsizeof=lambda kept: len(kept[1]))
+
+    @property
+    def held(self):
+        return self.files.currsize
 
     def get(self, path, seen=None):
         """(stat, bytes) of the file at `path` if kept and unchanged (as `seen`, a stat just taken, or one taken now),
@@ -240,20 +246,11 @@ class SmallFiles:
         info, _data = kept
         if (now.st_ino, now.st_mtime_ns, now.st_size) != (info.st_ino, info.st_mtime_ns, info.st_size):
             return None
-        with self.lock:
-            if path in self.files:
-                self.files.move_to_end(path)
         return kept
 
     def put(self, path, info, data):
         with self.lock:
-            old = self.files.pop(path, None)
-            self.held -= len(old[1]) if old else 0
             self.files[path] = (info, data)
-            self.held += len(data)
-            while self.held > self.most:
-                _path, (_info, dropped) = self.files.popitem(last=False)
-                self.held -= len(dropped)
 
 
 SMALL_FILES = SmallFiles(most=32 * 1024 ** 2, largest=256 * 1024)    # 32 MiB of answers of up to 256 KiB

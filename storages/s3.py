@@ -62,7 +62,7 @@ def make_client(config):
 
 @contextlib.contextmanager
 def store_errors():
-    """Missing objects become FileNotFoundError, a failed If-Match ObjectChanged; every other failure StorageUnavailable."""
+    """Missing objects become FileNotFoundError, a failed If-Match ObjectChanged; the rest StorageUnavailable."""
     try:
         yield
     except ClientError as error:
@@ -220,7 +220,7 @@ class S3Storage(Storage):
             remove_quietly(local)
 
     def get_version(self, key, etag, start, end, size):
-        """Bytes start..end of the version `etag` of an object of `size` bytes; ObjectChanged once it is replaced or gone."""
+        """Bytes start..end of the version `etag` of an object of `size` bytes; ObjectChanged once it is gone."""
         wanted = {} if (start, end) == (0, size) else {'Range': f'bytes={start}-{end - 1}'}
         try:
             with store_errors():
@@ -269,7 +269,8 @@ class S3Storage(Storage):
         key = self.key(self.derivative_parts(coll, cache_name))
         with store_errors():
             self.client.upload_file(made, self.bucket, key, Config=TRANSFER, ExtraArgs={
-                'ContentType': sniff_kind(made) or 'application/octet-stream', 'Metadata': {SOURCE_ETAG: identity.version[0]}})
+                'ContentType': sniff_kind(made) or 'application/octet-stream',
+                'Metadata': {SOURCE_ETAG: identity.version[0]}})
         now = self.head(self.key(self.original_parts(coll, name)))
         if now is None or now['ETag'] != identity.version[0]:
             with store_errors():

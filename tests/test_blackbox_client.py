@@ -300,10 +300,16 @@ def ok_body(r):
     return r.body.strip() == b"Ok."
 
 
+def names_under(base):
+    """Every file and folder under base, as a walk finds them: a scratch folder the server removes meanwhile (a
+    conversion ending) is passed over, not an error."""
+    return [Path(folder, name) for folder, folders, files in os.walk(base) for name in folders + files]
+
+
 def thumbnail_files(base, root):
     """Files anywhere under base named like a thumbnail of <root>."""
     pat = re.compile(re.escape(root) + r"_\d+(\.[^.]*)?$")
-    return [p for p in base.rglob("*") if p.is_file() and pat.match(p.name)]
+    return [p for p in names_under(base) if p.is_file() and pat.match(p.name)]
 
 
 def ts_header_ok(r):
@@ -523,7 +529,7 @@ def test_upload_thumbnail_type_is_ignored_and_stores_nothing(server, images):
     assert r.status == 200
     assert r.body.strip() == b"Ignoring thumbnail upload!"
     assert server.fileget(store).status == 404
-    assert not [p for p in server.root.rglob("*") if p.name.startswith("sp69999999999")]
+    assert not [p for p in names_under(server.root) if p.name.startswith("sp69999999999")]
 
 
 def test_upload_thumbnail_type_does_not_replace_original(server, images):
@@ -896,7 +902,7 @@ def test_hostile_store_name_upload_is_400_and_creates_nothing(server, images, na
     r = server.upload7(name, images["small_jpg"])
     assert r.status == 400, r
     assert [set(folder.iterdir()) - was for folder, was in zip(beside, before)] == [set(), set()]
-    assert list(server.base.rglob("hx*")) == []
+    assert [p for p in names_under(server.base) if p.name.startswith("hx")] == []
     assert Path("/tmp/hx6.jpg").exists() == tmp_existed
 
 

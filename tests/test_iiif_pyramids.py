@@ -225,10 +225,9 @@ def test_a_child_that_does_not_answer_in_time_is_killed_and_the_request_refused(
 
 
 def test_a_job_the_engine_cannot_do_ends_its_child_with_a_clean_error(client):
-    engine = client.app.vips.children
     with pytest.raises(ThumbnailError):
-        engine.run('cut', ['missing.tif', 'out', '{}'], str(client.path()), time.monotonic() + 30)
-    assert engine.idle == []
+        client.app.vips.run_job('cut', ['missing.tif', 'out', '{}'], str(client.path()), time.monotonic() + 30)
+    assert client.app.vips.children.idle == []
 
 
 # --- On S3 --------------------------------------------------------------------------------------

@@ -15,29 +15,29 @@ lint: venv
 	$(PY) -m ruff check .
 
 bench: packages test-packages venv
-	$(PY) bench/thumbnails.py
+	$(PY) -m bench.thumbnails
 
 bench-storage: packages test-packages venv
-	$(PY) bench/storage.py
+	$(PY) -m bench.storage
 
 bench-iiif: packages test-packages venv
 	sh deploy/install-packages.sh bench/packages.txt
-	$(PY) bench/iiif.py
+	$(PY) -m bench.iiif
 
 bench-backfill: packages test-packages venv
-	$(PY) bench/backfill.py
+	$(PY) -m bench.backfill
 
 bench-serve: packages test-packages venv
 	sh deploy/install-packages.sh bench/packages.txt
-	$(PY) bench/serve.py
+	$(PY) -m bench.serve
 
 bench-previews: packages test-packages venv
 	sh deploy/install-packages.sh bench/packages.txt
-	$(PY) bench/previews.py
+	$(PY) -m bench.previews
 
 soak: packages test-packages venv
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -s tests/test_reliability.py
-	$(PY) bench/soak.py --seconds 300
+	$(PY) -m bench.soak --seconds 300
 
 # Mutation testing of the security rules (slow, not in CI): mutmut in a venv of its own, scope in
 # bench/mutation.py, tests in setup.cfg [mutmut]; score and survivors in bench/out/mutation.txt.
@@ -61,4 +61,4 @@ $(VENV)/.installed: requirements.txt tests/requirements.txt
 	touch $@
 
 bench-institution: packages test-packages venv
-	$(PY) bench/institution.py
+	$(PY) -m bench.institution

@@ -1,6 +1,6 @@
 """Backfill benchmark: `derivatives.py generate` over 200 mixed originals, on disk and on S3, next to a live server.
 
-Run with `make bench-backfill` (or .venv/bin/python bench/backfill.py). It makes its inputs in
+Run with `make bench-backfill` (or .venv/bin/python -m bench.backfill). It makes its inputs in
 bench/out/ (kept between runs): JPEGs of several sizes (a few 5000x7000 sheets among them), PNGs,
 TIFFs and PDFs, 200 originals in all. For each storage (a folder, then SeaweedFS started as the
 tests start it) it stores them as an existing collection would have them, starts `python server.py`
@@ -23,15 +23,17 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
+
+from bench.common import InBackground
+from harness.client import multipart_body
+from harness.seaweed import SeaweedFS
+from harness.servers import RunningServer
+from engines.imagemagick import find_imagemagick
+from tokens import make_token
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, 'out')
-sys.path[:0] = [PROJECT, os.path.join(PROJECT, 'tests')]
-
-from common import InBackground  # noqa: E402
-from conftest import RunningServer, SeaweedFS, multipart_body  # noqa: E402
-from engines.imagemagick import find_imagemagick  # noqa: E402
-from tokens import make_token  # noqa: E402
 
 CONVERT = find_imagemagick(None)
 KEY = 'benchmark-key'

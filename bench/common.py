@@ -1,7 +1,7 @@
 """What the benchmarks share: made inputs, timing, peak memory of process trees, wrk, a bare Paste app.
 
-Not a benchmark itself; bench/thumbnails.py, bench/serve.py and bench/previews.py import it (and
-the tests' helpers in tests/conftest.py, which it puts on sys.path).
+Not a benchmark itself; the benchmarks import it and the harness (harness/) that the tests use too. They
+run as modules from the project's folder (`python -m bench.previews`, as the Makefile does).
 """
 
 import os
@@ -11,14 +11,14 @@ import sys
 import threading
 import time
 
+from harness.client import multipart_body
+from harness.processes import free_port, holds_listener, parent_pids, started
+from engines.imagemagick import find_imagemagick
+from tokens import make_token
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROJECT = os.path.dirname(HERE)
 OUT = os.path.join(HERE, 'out')
-sys.path[:0] = [PROJECT, os.path.join(PROJECT, 'tests')]
-
-from conftest import free_port, holds_listener, multipart_body, parent_pids, started  # noqa: E402
-from engines.imagemagick import find_imagemagick  # noqa: E402
-from tokens import make_token  # noqa: E402
 
 CONVERT = find_imagemagick(None)     # the real ImageMagick, not a fake one earlier on PATH
 

@@ -51,9 +51,11 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode, urlsplit
 
-from common import OUT, CONVERT, PeakMemory, bare_paste_app, make, timed, upload, wrk, wrk_rates  # noqa: E402
-from conftest import (KEY, RunningServer, descendants, exchange, free_port, holds_listener, parent_pids,  # noqa: E402
-                      start_nginx, started, stop_process)
+from bench.common import OUT, CONVERT, PeakMemory, bare_paste_app, make, timed, upload, wrk, wrk_rates
+from harness.client import KEY
+from harness.nginx import start_nginx
+from harness.processes import descendants, free_port, holds_listener, parent_pids, started, stop_process
+from harness.servers import exchange, RunningServer
 
 NAME = 'iiif-sheet-7000x5000.jpg'
 WIDTH, HEIGHT = 7000, 5000

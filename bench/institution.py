@@ -23,10 +23,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import OUT  # noqa: F401 (puts the project and tests/ on sys.path)
-from conftest import RunningServer, free_port, holds_listener, start_nginx, started, stop_process  # noqa: E402
+from bench.common import OUT
+from harness.nginx import start_nginx
+from harness.processes import free_port, holds_listener, started, stop_process
+from harness.servers import RunningServer
+from engines.imagemagick import find_imagemagick
+
+sys.path.append(os.path.join(os.path.dirname(OUT), os.pardir, 'tests'))   # the Specify 7 site of the stack test
 import test_specify7_stack as stack  # noqa: E402
-from engines.imagemagick import find_imagemagick  # noqa: E402
 
 SHEETS = 12
 

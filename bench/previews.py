@@ -33,10 +33,10 @@ import subprocess
 import tempfile
 from urllib.parse import urlencode
 
-from common import OUT, CONVERT, PeakMemory, bare_paste_app, make, timed, upload, wrk  # noqa: E402
-from kinds import image_size, kind_of  # noqa: E402
-from names import thumbnail_name  # noqa: E402
-from conftest import RunningServer  # noqa: E402
+from bench.common import OUT, CONVERT, PeakMemory, bare_paste_app, make, timed, upload, wrk
+from kinds import image_size, kind_of
+from names import thumbnail_name
+from harness.servers import RunningServer
 
 KEY = 'benchmark-key'
 SHEETS = 24

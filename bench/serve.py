@@ -24,10 +24,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-from common import bare_paste_app, upload as upload_as, wrk  # noqa: E402  (puts the project on sys.path)
-from conftest import (KEY, Nginx, RunningServer, free_port, holds_listener, make_image,  # noqa: E402
-                      start_nginx, started, wait_for)
-from tokens import make_token  # noqa: E402
+from bench.common import bare_paste_app, upload as upload_as, wrk
+from harness.client import KEY
+from harness.images import make_image
+from harness.nginx import Nginx, start_nginx
+from harness.processes import free_port, holds_listener, started, wait_for
+from harness.servers import RunningServer
+from tokens import make_token
 
 
 def upload(web, name, data):

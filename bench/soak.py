@@ -1,6 +1,6 @@
 """Soak: a mixed Specify workload at concurrency 32 against `python server.py` on loopback.
 
-    .venv/bin/python bench/soak.py --seconds 300     # the long run (make soak); CI runs 20 s
+    .venv/bin/python -m bench.soak --seconds 300    # the long run (make soak); CI runs 20 s
 
 Each client thread uploads files (random bytes and PNGs), reads them back and checks their
 SHA-256, asks for thumbnails, metadata and testkey, and deletes files (then expects 404). It
@@ -23,12 +23,13 @@ import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
+from harness.client import KEY, multipart_body
+from harness.images import png_bytes
+from harness.servers import RunningServer
+from names import TEMP_PREFIX
+from tokens import make_token
 
-from conftest import KEY, RunningServer, multipart_body, png_bytes  # noqa: E402
-from names import TEMP_PREFIX  # noqa: E402
-from tokens import make_token  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def process_figures(pid):

@@ -1,6 +1,6 @@
 """Storage benchmark: upload and download throughput through the server, on disk and on S3.
 
-Run with `.venv/bin/python bench/storage.py` (after `make test` has set things up). It starts a
+Run with `.venv/bin/python -m bench.storage` (after `make test` has set things up). It starts a
 SeaweedFS S3 server and two `python server.py` instances on loopback, one per storage, and for
 each moves the same 256 MiB file up (multipart POST /fileupload) and down (GET /fileget) three
 times, printing the median throughput, the S3/disk ratio and the server's peak resident memory.
@@ -8,18 +8,18 @@ times, printing the median throughput, the S3/disk ratio and the server's peak r
 
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from urllib.parse import urlencode
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), 'tests')]
+from harness.client import KEY
+from harness.seaweed import SeaweedFS
+from harness.servers import RunningServer
+from tokens import make_token
 
-from conftest import KEY, RunningServer, SeaweedFS  # noqa: E402
-from tokens import make_token  # noqa: E402
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SIZE, RUNS, BLOCK = 256 * 2**20, 3, os.urandom(2**20)
 

@@ -1,6 +1,6 @@
 """Thumbnail benchmark: cold thumbnails through the running server next to a plain `convert -resize`.
 
-Run with `make bench` (or .venv/bin/python bench/thumbnails.py). It makes its own test set in
+Run with `make bench` (or .venv/bin/python -m bench.thumbnails). It makes its own test set in
 bench/out/ (kept between runs), starts `python server.py` on a free loopback port, and prints
 Markdown tables: per format, the median cold latency at scale 123 through the server, the
 median of a plain `convert IN -resize 123x123> OUT` of the same file in the same run, and their
@@ -18,8 +18,8 @@ import subprocess
 import time
 from urllib.parse import urlencode
 
-from common import CONVERT, OUT, PeakMemory, make, timed, upload  # noqa: E402  (puts the project on sys.path)
-from conftest import RunningServer  # noqa: E402
+from bench.common import CONVERT, OUT, PeakMemory, make, timed, upload
+from harness.servers import RunningServer
 
 KEY = 'benchmark-key'
 RUNS = 3

@@ -109,7 +109,7 @@ class ImageMagick:
         self.disk_limit = within_hard_limit(resource.RLIMIT_FSIZE, config.THUMBNAIL_DISK_LIMIT)
         self.address_space = within_hard_limit(resource.RLIMIT_AS, config.THUMBNAIL_ADDRESS_SPACE_LIMIT)
         self.limits = ['-limit', 'memory', str(config.THUMBNAIL_MEMORY_LIMIT),
-                       '-limit', 'map', str(2 * config.THUMBNAIL_MEMORY_LIMIT),
+                       '-limit', 'map', str(config.THUMBNAIL_MEMORY_LIMIT),   # mapped pixels are resident too
                        '-limit', 'disk', str(config.THUMBNAIL_DISK_LIMIT),
                        '-limit', 'area', str(config.THUMBNAIL_MAX_PIXELS),
                        '-limit', 'width', '64KP', '-limit', 'height', '64KP',

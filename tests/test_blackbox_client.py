@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, holds_listener, started
+from harness.processes import free_port, holds_listener, started
 
 REPO = Path(__file__).resolve().parent.parent
 CONVERT = "/usr/bin/convert"

@@ -13,7 +13,9 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import KEY, RunningServer, launch_chromium
+from harness.browser import launch_chromium
+from harness.client import KEY
+from harness.servers import RunningServer
 from config import VERSION
 
 SPECIFY6_TYPES = ('read', 'write', 'delete', 'fileget', 'getmetadata', 'testkey')

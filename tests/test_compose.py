@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 import settings
-from conftest import PROJECT, WEED
+from harness.processes import PROJECT
+from harness.seaweed import WEED
 from config import ConfigError, ENV_ALIASES, VERSION, load_config, parse_setting
 
 OPTION = re.compile(r'^([ \t]*)# ([ \t]*[A-Za-z_][\w.-]*:(?:[ \t]|$))', re.M)   # `# name: value`

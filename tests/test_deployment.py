@@ -25,8 +25,12 @@ from urllib.parse import quote, urlencode
 import pytest
 import yaml
 
-from conftest import (KEY, PROJECT, Nginx, RunningServer, image_info, launch_chromium, make_image, multipart_body,
-                      wait_for)
+from harness.browser import launch_chromium
+from harness.client import KEY, multipart_body
+from harness.images import image_info, make_image
+from harness.nginx import Nginx
+from harness.processes import PROJECT, wait_for
+from harness.servers import RunningServer
 from config import load_config
 from tokens import make_token
 

@@ -13,7 +13,9 @@ import time
 import pytest
 
 import derivatives
-from conftest import KEY, PROJECT, image_info, make_image, wait_for
+from harness.client import KEY
+from harness.images import image_info, make_image
+from harness.processes import PROJECT, wait_for
 from config import load_config
 from engines.imagemagick import ImageMagick
 from names import TEMP_PREFIX, thumbnail_source

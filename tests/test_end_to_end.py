@@ -11,8 +11,12 @@ from urllib.parse import urlencode
 
 import pytest
 
-import conftest
-from conftest import KEY, PROJECT, RunningServer, holds_listener, image_info, multipart_body, wait_for
+import harness.processes
+import harness.servers
+from harness.client import KEY, multipart_body
+from harness.images import image_info
+from harness.processes import holds_listener, PROJECT, wait_for
+from harness.servers import RunningServer
 from tokens import make_token
 
 
@@ -139,8 +143,8 @@ class AnswersAnything(BaseHTTPRequestHandler):
 def test_a_port_taken_before_the_server_binds_it_is_given_up_for_another(tmp_path, monkeypatch):
     impostor = ThreadingHTTPServer(('127.0.0.1', 0), AnswersAnything)     # takes the port first; answers 200
     threading.Thread(target=impostor.serve_forever, daemon=True).start()
-    taken, free_port = iter([impostor.server_port]), conftest.free_port
-    monkeypatch.setattr(conftest, 'free_port', lambda: next(taken, None) or free_port())
+    taken, free_port = iter([impostor.server_port]), harness.processes.free_port
+    monkeypatch.setattr(harness.servers, 'free_port', lambda: next(taken, None) or free_port())
     try:
         web = RunningServer(tmp_path / 'attachments', tmp_path / 'server.log')
         try:

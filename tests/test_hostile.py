@@ -44,8 +44,10 @@ import front
 from waiting_room import WaitingRoom
 import server
 import test_iiif_grammar
-from conftest import (IMAGEMAGICK, KEY, PROJECT, SERVER_SCRIPT, RunningServer, descendants, image_info, make_image,
-                      multipart_body, parent_pids, png_bytes, wait_for, with_exif)
+from harness.client import KEY, multipart_body
+from harness.images import image_info, IMAGEMAGICK, make_image, png_bytes, with_exif
+from harness.processes import descendants, parent_pids, PROJECT, SERVER_SCRIPT, wait_for
+from harness.servers import RunningServer
 from test_protocol import specify6_body
 from test_reliability import NO_ROOM, fill_up, small_disk, use_every_inode  # noqa: F401 (small_disk: a fixture)
 from test_thumbnails import TWO_PAGES, gif, huge_page_pdf, nested_forms_pdf, pdf, with_fill_bytes

@@ -13,7 +13,8 @@ import time
 import pytest
 
 import iiif
-from conftest import KEY, make_image
+from harness.client import KEY
+from harness.images import make_image
 from tokens import make_token
 
 BASE = 'http://assets.example.org:8080'

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from conftest import make_image, with_exif
+from harness.images import make_image, with_exif
 from test_iiif_service import near
 from test_thumbnails import TWO_PAGES, decoded, pdf, pixel
 from engines.children import ChildPool

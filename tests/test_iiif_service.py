@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import make_image, with_exif
+from harness.images import make_image, with_exif
 from test_thumbnails import decoded, pixel
 
 BASE = 'http://assets.example.org:8080'

@@ -17,7 +17,10 @@ from urllib.parse import quote, urlencode
 
 import pytest
 
-from conftest import IMAGEMAGICK, KEY, RunningServer, launch_chromium, make_image, multipart_body
+from harness.browser import launch_chromium
+from harness.client import KEY, multipart_body
+from harness.images import IMAGEMAGICK, make_image
+from harness.servers import RunningServer
 from tokens import make_token
 
 HERE = pathlib.Path(__file__).parent

@@ -11,8 +11,10 @@ from urllib.parse import urlencode
 
 import pytest
 
-from conftest import PROJECT, image_info, make_image, multipart_body, wait_for, with_exif
-from podman_image import Container, ImageError, build, ensure_base, inspect, missing, snapshot
+from harness.client import multipart_body
+from harness.images import image_info, make_image, with_exif
+from harness.podman import Container, ImageError, build, ensure_base, inspect, missing, snapshot
+from harness.processes import PROJECT, wait_for
 from test_thumbnails import TWO_PAGES, pdf
 from names import pyramid_name
 from tokens import make_token

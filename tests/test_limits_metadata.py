@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from conftest import wait_for, with_exif
+from harness.images import with_exif
+from harness.processes import wait_for
 from test_hostile import TOO_LARGE, amplifying_tiff, looping_heic, readers_of
 
 

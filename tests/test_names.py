@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import with_exif
+from harness.images import with_exif
 from names import thumbnail_name
 
 # '{parent}' stands for the test's folder: an absolute name that lands in it, not in the real /.

@@ -8,7 +8,8 @@ import threading
 import pytest
 
 import server
-from conftest import make_image, wait_for
+from harness.images import make_image
+from harness.processes import wait_for
 from test_thumbnails import decoded
 from cache import CacheSize, DerivativeCache
 from config import ConfigError, load_config

@@ -12,7 +12,8 @@ from urllib.parse import quote
 
 import pytest
 
-from conftest import KEY, image_info, make_image, multipart_body, with_exif
+from harness.client import KEY, multipart_body
+from harness.images import image_info, make_image, with_exif
 from names import TEMP_PREFIX
 from tokens import make_token
 

@@ -23,7 +23,9 @@ from urllib.parse import quote, urlencode
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import KEY, Client, RunningServer, multipart_body, png_bytes
+from harness.client import Client, KEY, multipart_body
+from harness.images import png_bytes
+from harness.servers import RunningServer
 from config import load_config
 from names import TEMP_PREFIX
 import tokens

@@ -19,7 +19,11 @@ from botocore.response import StreamingBody
 
 import migrate
 import server
-from conftest import KEY, PROJECT, Client, RunningServer, SeaweedFS, _ifd, image_info, wait_for
+from harness.client import Client, KEY
+from harness.images import _ifd, image_info
+from harness.processes import PROJECT, wait_for
+from harness.seaweed import SeaweedFS
+from harness.servers import RunningServer
 from config import load_config
 from tokens import make_token
 

@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 
 import migrate
 import server
-from conftest import KEY
+from harness.client import KEY
 from kinds import may_run_scripts
 from names import is_derivative_of, name_problem, parse_derivative, thumbnail_name, thumbnail_source
 from tokens import make_token, token_problem

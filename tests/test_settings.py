@@ -7,7 +7,7 @@ import stat
 import pytest
 
 import server
-from conftest import KEY
+from harness.client import KEY
 from config import ConfigError, load_config
 from engines.imagemagick import find_imagemagick, version_text
 import tokens

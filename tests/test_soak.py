@@ -8,13 +8,10 @@ up; the 300 s soak levels off at +2 MB), so growth is allowed up to 32 MB: a lea
 """
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench'))
-
-import soak  # noqa: E402
+from bench import soak
 
 pytestmark = pytest.mark.disk_only
 

@@ -23,8 +23,10 @@ import time
 import pytest
 import yaml
 
-from conftest import (IMAGEMAGICK, PROJECT, RunningServer, exchange, free_port, holds_listener, start_nginx, started,
-                      stop_process)
+from harness.images import IMAGEMAGICK
+from harness.nginx import start_nginx
+from harness.processes import free_port, holds_listener, PROJECT, started, stop_process
+from harness.servers import exchange, RunningServer
 from test_compose import compose_schema, schema_errors  # noqa: F401 (a fixture)
 from tokens import make_token
 

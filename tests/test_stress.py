@@ -6,7 +6,9 @@ import os
 import time
 from urllib.parse import urlencode
 
-from conftest import KEY, RunningServer, make_image, multipart_body
+from harness.client import KEY, multipart_body
+from harness.images import make_image
+from harness.servers import RunningServer
 from names import TEMP_PREFIX, thumbnail_source
 from tokens import make_token
 

@@ -21,7 +21,8 @@ import zlib
 import exifread
 import pytest
 
-from conftest import IMAGEMAGICK, make_image, parent_pids, wait_for, with_exif
+from harness.images import IMAGEMAGICK, make_image, with_exif
+from harness.processes import parent_pids, PROJECT, wait_for
 from engines.scheduling import BACKGROUND, ConversionSlots, INTERACTIVE
 from errors import ThumbnailsBusy
 from kinds import TIFF_PAGES_READ, image_size, sniff_kind, tiff_pages
@@ -739,6 +740,30 @@ def test_postscript_that_mentions_pdf_is_not_given_to_ghostscript(client):
     started = time.time()
     thumbnail(client, 'p.pdf', b'%!PS\n% %PDF-1.4\n{ } loop\n', status=404)
     assert time.time() - started < 2
+
+
+PEAK_OF_ONE_CONVERSION = """
+import resource, sys
+from config import load_config
+from engines.imagemagick import ImageMagick
+from engines.scheduling import Scheduler
+config = load_config({'BASE_DIR': sys.argv[2], 'THUMBNAIL_MEMORY_LIMIT': int(sys.argv[3])}, environ={})
+with ImageMagick(config, Scheduler(config, 1)).converted(sys.argv[1], 123, sys.argv[2]):
+    pass
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)
+"""
+
+
+def test_one_conversion_stays_within_thumbnail_memory_limit_and_imagemagicks_own(tmp_path):
+    """A 4000x4000 16-bit PNG's pixels (128 MiB in ImageMagick's cache) against a limit of 64 MiB: they go to
+    the disk cache, so the largest tool's resident memory stays under the limit plus 48 MiB of its own."""
+    source = tmp_path / 'scan.png'
+    subprocess.run([IMAGEMAGICK, '-size', '4000x4000', 'xc:tan', '-depth', '16', f'PNG48:{source}'], check=True,
+                   timeout=120)
+    limit = 64 * 1024 ** 2
+    done = subprocess.run([sys.executable, '-c', PEAK_OF_ONE_CONVERSION, str(source), str(tmp_path), str(limit)],
+                          cwd=PROJECT, capture_output=True, text=True, timeout=300, check=True)
+    assert int(done.stdout) <= limit + 48 * 1024 ** 2
 
 
 def test_thumbnails_work_under_a_low_hard_file_size_limit(make_client, jpeg, monkeypatch):

@@ -12,7 +12,8 @@ import subprocess
 import sys
 import time
 
-from conftest import PROJECT, descendants, exchange, wait_for
+from harness.processes import PROJECT, descendants, wait_for
+from harness.servers import exchange
 
 TAG = 'localhost/web-asset-server:test'
 MIRROR = 'http://deb.debian.org/debian'

@@ -28,8 +28,8 @@ from errors import ThumbnailError, ThumbnailsBusy
 from files import KeyedLocks
 from kinds import tiff_pages
 from iiif import Plan
-from names import parse_derivative, pyramid_name, thumbnail_name, tile_name
-from storages.base import Coll, Identity, Storage
+from names import Identity, parse_derivative, pyramid_name, thumbnail_name, tile_name
+from storages.base import Coll, Storage
 
 log = logging.getLogger('web_asset_server')
 

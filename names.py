@@ -34,6 +34,14 @@ def name_problem(name):
     return None
 
 
+class Identity(typing.NamedTuple):
+    """What names an original's current bytes: its path parts, and what changes when they are replaced (on disk
+    inode, modification time and size; on S3 the ETag and LastModified). Failures and view sizes are
+    remembered under it; a derivative is stored only if its original is still the one it was made from."""
+    parts: tuple
+    version: tuple
+
+
 # --- Derivative names -------------------------------------------------------------------------------------------
 
 WEBP_MARK = '_webp'

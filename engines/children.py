@@ -11,16 +11,19 @@ import signal
 import subprocess
 import threading
 import time
+import typing
 
 from config import HERE
 from engines.framing import LONGEST_LINE, encoded
+
+Serve = typing.Callable[[dict, bytes], tuple[dict, bytes]]     # a child's request answered: (message, data)
 
 
 class ChildFailed(Exception):
     """A child could not start, ended, or broke the framing. `at_start`: it never became ready (the machine, not the
     job, is at fault); `killed`: it was killed (by the kernel's out-of-memory killer, say)."""
 
-    def __init__(self, reason, at_start=False, killed=False):
+    def __init__(self, reason: str, at_start: bool = False, killed: bool = False) -> None:
         super().__init__(reason)
         self.at_start, self.killed = at_start, killed
 
@@ -32,12 +35,14 @@ class ChildPool:
     jobs_per_child = 200
     start_timeout = 30           # seconds a new child may take to say it is ready (a busy machine: not the job's fault)
 
-    def __init__(self, command, workers, environment=None, limit_child=None, longest_data=0):
+    def __init__(self, command: list[str], workers: int, environment: dict | None = None,
+                 limit_child: typing.Callable | None = None, longest_data: int = 0) -> None:
         self.command, self.workers, self.environment, self.limit_child = command, workers, environment, limit_child
         self.longest_data = longest_data
         self.idle, self.lock = [], threading.Lock()
 
-    def run(self, job, args, folder, deadline, serve=None):
+    def run(self, job: str, args: list, folder: str | None, deadline: float,
+            serve: Serve | None = None) -> tuple[dict, bytes]:
         """(the child's last message for the job, its data). `serve(message, data)` answers each request the child
         makes meanwhile with (message, data); the time it takes does not count against the deadline (a slow store
         is not the job's fault). TimeoutError when the deadline passes (the child is killed), ChildFailed when the
@@ -73,7 +78,7 @@ class ChildPool:
             self._end(child)
         return message, data
 
-    def _child(self):
+    def _child(self) -> subprocess.Popen:
         """An idle child still alive, or a new one once it has said it is ready."""
         with self.lock:
             while self.idle:
@@ -97,7 +102,7 @@ class ChildPool:
         self._end(child)
         raise ChildFailed(f'{self.command[-1]} did not start within {self.start_timeout} s', at_start=True)
 
-    def _send(self, child, message, data, deadline):
+    def _send(self, child: subprocess.Popen, message: dict, data: bytes, deadline: float) -> None:
         view = memoryview(encoded(message, data))
         while view:
             wait_for(child.stdin.fileno(), deadline, reading=False)
@@ -106,7 +111,7 @@ class ChildPool:
             except BlockingIOError:
                 continue
 
-    def _receive(self, child, deadline):
+    def _receive(self, child: subprocess.Popen, deadline: float) -> tuple[dict, bytes]:
         """The child's next message and its data, read before the deadline (bounded in length)."""
         line = self._read_until(child, deadline, lambda: child.received.find(b'\n') + 1, LONGEST_LINE + 1)
         message = json.loads(line)
@@ -119,7 +124,7 @@ class ChildPool:
         return message, data
 
     @staticmethod
-    def _read_until(child, deadline, complete, most):
+    def _read_until(child: subprocess.Popen, deadline: float, complete: typing.Callable, most: int) -> bytes:
         """The first `complete()` bytes of what the child sent (0: not yet), reading more until then."""
         while True:
             length = complete()
@@ -139,7 +144,7 @@ class ChildPool:
             child.received += chunk
 
     @staticmethod
-    def _end(child):
+    def _end(child: subprocess.Popen) -> None:
         child.kill()
         child.wait()
         child.stdin.close()
@@ -149,12 +154,12 @@ class ChildPool:
 class ServingFailed(Exception):
     """What serving a child's request raised (other than ChildFailed), carried past the pool's own handling."""
 
-    def __init__(self, error):
+    def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
         self.error = error
 
 
-def served(serve, message, data):
+def served(serve: Serve | None, message: dict, data: bytes) -> tuple[dict, bytes]:
     """serve(message, data), its failures other than the child's own (ChildFailed) carried as ServingFailed."""
     try:
         return serve(message, data)
@@ -164,7 +169,7 @@ def served(serve, message, data):
         raise ServingFailed(error) from error
 
 
-def wait_for(descriptor, deadline, reading):
+def wait_for(descriptor: int, deadline: float, reading: bool) -> None:
     """Until a pipe can be read (or written); TimeoutError once the deadline has passed."""
     left = deadline - time.monotonic()
     if left <= 0 or not any(select.select([descriptor] if reading else [], [] if reading else [descriptor], [], left)):

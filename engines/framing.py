@@ -12,7 +12,7 @@ import sys
 LONGEST_LINE = 64 * 1024         # a message's JSON line, at most (its bytes follow it apart)
 
 
-def encoded(message, data=b''):
+def encoded(message: dict, data: bytes = b'') -> bytes:
     """A message as it goes over the pipe (with `data`, its bytes announced and appended)."""
     if data:
         message = dict(message, bytes=len(data))
@@ -23,19 +23,19 @@ class ChildChannel:
     """The child's end: standard input and a copy of standard output, standard output itself then pointed at
     standard error, so that nothing a library prints can reach the server as a message."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.reader = sys.stdin.buffer
         self.writer = os.fdopen(os.dup(1), 'wb')
         os.dup2(2, 1)
 
-    def send(self, message, data=b''):
+    def send(self, message: dict, data: bytes = b'') -> None:
         try:
             self.writer.write(encoded(message, data))
             self.writer.flush()
         except BrokenPipeError:
             os._exit(0)                 # the server is gone or gave up on this job
 
-    def receive(self):
+    def receive(self) -> tuple[dict | None, bytes]:
         """(message, data) from the server; (None, b'') when it closed the pipe."""
         line = self.reader.readline(LONGEST_LINE + 1)
         if not line.endswith(b'\n'):

@@ -17,14 +17,16 @@ import shutil
 import subprocess
 import threading
 import time
+import types
+import typing
 
 import sh
 
 from config import ConfigError
-from engines.scheduling import EVERY_SCALE, INTERACTIVE
+from engines.scheduling import EVERY_SCALE, INTERACTIVE, Scheduler
 from errors import PassingFailure, ThumbnailError
-from kinds import image_size, sniff_kind, tiff_pages
-from names import TEMP_PREFIX
+from kinds import ImageSize, image_size, sniff_kind, tiff_pages
+from names import TEMP_PREFIX, Identity
 
 log = logging.getLogger('web_asset_server')
 logging.getLogger('sh').setLevel(logging.WARNING)
@@ -40,7 +42,7 @@ PAGE_QUERY = ('(in) (r) file runpdfbegin 1 pdfgetpage dup /CropBox pget not { du
               'dup /Rotate pget { == } { 0 == } ifelse /UserUnit pget { == } { 1 == } ifelse quit')
 
 
-def executables_named(name):
+def executables_named(name: str) -> list[str]:
     """Every executable file `name` stands for: the path itself, or each match on PATH."""
     if os.sep in name:
         candidates = [name]
@@ -50,7 +52,7 @@ def executables_named(name):
     return [path for path in candidates if os.path.isfile(path) and os.access(path, os.X_OK)]
 
 
-def version_text(path, flag):
+def version_text(path: str, flag: str) -> str:
     """What a program prints for its version flag ('' when it fails). Run plainly: sh's `_timeout` polls and
     added 0.1 s to each of the four calls of every start."""
     try:
@@ -60,14 +62,14 @@ def version_text(path, flag):
     return done.stdout.decode('utf-8', 'replace') if done.returncode == 0 else ''
 
 
-def is_script(path):
+def is_script(path: str) -> bool:
     """True for an interpreted wrapper (#!), which adds an interpreter start to every call."""
     with open(path, 'rb') as f:
         return f.read(2) == b'#!'
 
 
 @functools.lru_cache(maxsize=None)
-def find_imagemagick(setting):
+def find_imagemagick(setting: str | None) -> str:
     """The ImageMagick program to run: checked by its -version, a native binary preferred."""
     names = [setting] if setting else ['magick', 'convert']
     found = []
@@ -85,7 +87,7 @@ def find_imagemagick(setting):
 
 
 @functools.lru_cache(maxsize=None)
-def find_ghostscript(setting):
+def find_ghostscript(setting: str | None) -> str | None:
     """Ghostscript for PDF thumbnails, or None (then PDFs get no thumbnail)."""
     for path in executables_named(setting):
         if re.match(r'\d+\.\d+', version_text(path, '--version')):
@@ -97,7 +99,7 @@ def find_ghostscript(setting):
 class ImageMagick:
     """Turns a local file into a thumbnail with ImageMagick (Ghostscript for PDFs), in the scheduler's slots."""
 
-    def __init__(self, config, scheduler):
+    def __init__(self, config: types.SimpleNamespace, scheduler: Scheduler) -> None:
         self.scheduler = scheduler
         self.kinds = config.CAN_THUMBNAIL
         self.convert = sh.Command(find_imagemagick(config.IMAGEMAGICK)) if self.kinds else None
@@ -117,7 +119,8 @@ class ImageMagick:
                        '-limit', 'time', str(config.THUMBNAIL_TIMEOUT + 1)]   # only backs up our timer
 
     @contextlib.contextmanager
-    def converted(self, source, scale, folder, identity=None, webp=False, work=INTERACTIVE):
+    def converted(self, source: str, scale: int, folder: str, identity: Identity | None = None, webp: bool = False,
+                  work: str = INTERACTIVE) -> typing.Iterator[str]:
         """Yield the path of `source`'s thumbnail (WebP if `webp`, unless it is a GIF), made in a scratch folder
         inside `folder` and removed after.
 
@@ -137,7 +140,7 @@ class ImageMagick:
 
     @staticmethod
     @contextlib.contextmanager
-    def scratch_for(source, folder):
+    def scratch_for(source: str, folder: str | None) -> typing.Iterator[str]:
         """A scratch folder of our own inside `folder`, `source` linked in it as `in`; removed after."""
         os.makedirs(folder, exist_ok=True)
         scratch = os.path.join(folder, TEMP_PREFIX + secrets.token_hex(8))
@@ -148,7 +151,7 @@ class ImageMagick:
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def check_header(self, source, kind):
+    def check_header(self, source: str, kind: str | None) -> ImageSize | None:
         """The image's size from its header, once its kind, pixels and decoder's memory are within bounds."""
         if kind not in self.kinds or (kind == 'application/pdf' and not self.gs):
             raise ThumbnailError('No thumbnail can be made from this kind of file.')
@@ -159,7 +162,8 @@ class ImageMagick:
             raise ThumbnailError('The image would need too much memory to thumbnail.')
         return size
 
-    def _convert(self, kind, scale, size, scratch, identity, webp=False):
+    def _convert(self, kind: str, scale: int, size: ImageSize | None, scratch: str, identity: Identity | None,
+                 webp: bool = False) -> None:
         """Run the tools with file names of our own (scratch/in -> scratch/out), never a client's."""
         deadline = time.monotonic() + self.timeout
         source = 'in'
@@ -184,7 +188,7 @@ class ImageMagick:
             self.convert, *self.limits, *hint, f'{INPUT_CODERS[kind]}:{source}[{page}]', *exact,
             '-auto-orient', *resize, '+repage', *flatten, '-strip', *output, scratch=scratch, deadline=deadline))
 
-    def render_page(self, scratch, scale, deadline):
+    def render_page(self, scratch: str, scale: int, deadline: float) -> None:
         """Ghostscript renders the first page so that its long side is `scale` pixels: a page of its shape
         `scale` points long, at 72 dpi (vector text is drawn at that size, never enlarged from 72 dpi)."""
         width, height = self._page_size(scratch, deadline)
@@ -196,7 +200,7 @@ class ImageMagick:
                   '-dPDFFitPage', '-dTextAlphaBits=4', '-dGraphicsAlphaBits=4', '-sOutputFile=page.png',
                   'in', scratch=scratch, deadline=deadline)
 
-    def _page_size(self, scratch, deadline):
+    def _page_size(self, scratch: str, deadline: float) -> tuple[float, float]:
         """The first page's size in points as shown (crop box, rotation, user unit), read without rendering."""
         shown = self.run(self.gs, '-q', '-dSAFER', '-dBATCH', '-dNOPAUSE', '-dNODISPLAY', '--permit-file-read=in',
                           '-c', PAGE_QUERY, scratch=scratch, deadline=deadline)
@@ -209,7 +213,7 @@ class ImageMagick:
             raise ThumbnailError('The page has no size that can be thumbnailed.')
         return (height, width) if rotate % 180 == 90 else (width, height)
 
-    def run(self, program, *args, scratch, deadline):
+    def run(self, program: sh.Command, *args: str, scratch: str, deadline: float) -> str:
         """Run one tool until `deadline` (monotonic) under a file-size and an address-space limit,
         its temporary files in `scratch`; return what it printed.
 
@@ -223,7 +227,7 @@ class ImageMagick:
             raise PassingFailure('This file could not be thumbnailed.') from None
         expired = threading.Event()
 
-        def expire():
+        def expire() -> None:
             expired.set()
             try:
                 process.kill()
@@ -246,22 +250,22 @@ class ImageMagick:
         finally:
             watchdog.cancel()
 
-    def limit_child(self):
+    def limit_child(self) -> None:
         """In a tool's process before it starts: the file-size and address-space limits."""
         resource.setrlimit(resource.RLIMIT_FSIZE, (self.disk_limit, self.disk_limit))
         resource.setrlimit(resource.RLIMIT_AS, (self.address_space, self.address_space))
 
     @staticmethod
-    def environment(scratch):
+    def environment(scratch: str) -> dict:
         """A tool's whole environment: its temporary files in `scratch`, one libvips thread."""
         return {'PATH': os.environ.get('PATH', '/usr/bin:/bin'), 'LC_ALL': 'C', 'VIPS_CONCURRENCY': '1',
                 'MAGICK_TEMPORARY_PATH': scratch, 'TMPDIR': scratch, 'HOME': scratch}
 
-    def usable_kinds(self):
+    def usable_kinds(self) -> set[str]:
         """The kinds that get thumbnails, previews and IIIF: CAN_THUMBNAIL, without PDF when Ghostscript is missing."""
         return {kind for kind in self.kinds if kind != 'application/pdf' or self.gs}
 
-    def health(self):
+    def health(self) -> str:
         """'ok' while the programs found at start are still there, 'off' without thumbnails."""
         if not self.kinds:
             return 'off'
@@ -269,7 +273,7 @@ class ImageMagick:
         return 'ok' if all(os.access(str(program), os.X_OK) for program in programs) else 'missing programs'
 
 
-def fitted(width, height, scale):
+def fitted(width: int, height: int, scale: int) -> tuple[int, int]:
     """The size of a `scale` thumbnail of a width x height image: its long side `scale`, never enlarged."""
     if max(width, height) <= scale:
         return width, height
@@ -278,7 +282,7 @@ def fitted(width, height, scale):
     return max(1, round(width * scale / height)), scale
 
 
-def reduced_page(pages, scale):
+def reduced_page(pages: list, scale: int) -> int:
     """The index of the smallest page of a pyramid TIFF that still makes the `scale` thumbnail of its first page
     (0: the first itself): only a reduced-resolution version counts (NewSubfileType bit 1, the first page's
     shape to a pixel), never another page of a multi-page scan, and never one smaller than the thumbnail."""
@@ -294,7 +298,7 @@ def reduced_page(pages, scale):
     return chosen
 
 
-def jpeg_shrink(width, height, scale):
+def jpeg_shrink(width: int, height: int, scale: int) -> int | None:
     """The largest factor (8, 4 or 2; None: none) libjpeg may decode a JPEG smaller by for a `scale` thumbnail:
     the decoded image is still twice the thumbnail's size, as vipsthumbnail leaves it (libjpeg's reduced decode
     is a block filter that aliases fine detail when the resize is left little to do), and its sides are exact
@@ -307,14 +311,14 @@ def jpeg_shrink(width, height, scale):
     return None
 
 
-def out_of_room(folder):
+def out_of_room(folder: str | None) -> bool:
     """True when the file system holding `folder` has (nearly) no space or inodes left: a tool that failed
     then is not remembered as the file's failure, and the client is told 507."""
     room = os.statvfs(folder)
     return room.f_bavail * room.f_frsize < ROOM_NEEDED or (room.f_files and room.f_favail < 16)
 
 
-def within_hard_limit(which, wanted):
+def within_hard_limit(which: int, wanted: int) -> int:
     """`wanted` as a resource limit, lowered to the hard limit this process runs under."""
     hard = resource.getrlimit(which)[1]
     return wanted if hard == resource.RLIM_INFINITY else min(hard, wanted)

@@ -9,6 +9,8 @@ import logging
 import sys
 import threading
 import time
+import types
+import typing
 
 import cachetools
 
@@ -37,7 +39,7 @@ class MetadataReader:
     """
     remember_for, remembered = 600, 1024     # seconds and number of files found beyond the limits
 
-    def __init__(self, config):
+    def __init__(self, config: types.SimpleNamespace) -> None:
         self.timeout, self.wait, self.max_read = config.METADATA_TIMEOUT, config.METADATA_WAIT, config.METADATA_MAX_READ
         self.limits = [str(config.METADATA_MEMORY_LIMIT), str(config.METADATA_TIMEOUT),
                        str(config.METADATA_MAX_VALUE), str(config.METADATA_MAX_ANSWER)]
@@ -49,7 +51,7 @@ class MetadataReader:
                                   longest_data=config.METADATA_MAX_ANSWER)
         self.beyond = cachetools.TTLCache(self.remembered, self.remember_for)    # keys of files beyond the limits
 
-    def groups(self, readable):
+    def groups(self, readable: typing.BinaryIO) -> list:
         """Specify 6's groups of an open file's EXIF; 503 with Retry-After when every slot stays busy."""
         size = readable.seek(0, io.SEEK_END)
         readable.seek(0)
@@ -75,7 +77,7 @@ class MetadataReader:
         finally:
             self.admitted.release()
 
-    def _in_slot(self, readable, size, head, key):
+    def _in_slot(self, readable: typing.BinaryIO, size: int, head: bytes, key: typing.Hashable) -> list:
         if not self.slots.acquire(timeout=self.wait):
             self._busy()
         try:
@@ -87,19 +89,19 @@ class MetadataReader:
         finally:
             self.slots.release()
 
-    def _refuse_if_known(self, key):
+    def _refuse_if_known(self, key: typing.Hashable) -> None:
         with self.guard:
             if key in self.beyond:
                 raise MetadataLimitExceeded('these bytes were beyond the limits a short while ago')
 
-    def _busy(self):
+    def _busy(self) -> typing.NoReturn:
         raise MetadataBusy(self.timeout)
 
-    def _extract(self, readable, size, head):
+    def _extract(self, readable: typing.BinaryIO, size: int, head: bytes) -> list:
         """Run one file through a child: its groups; MetadataLimitExceeded for a file beyond the limits."""
         served = [0, False]                 # bytes served, whether the child wanted more than METADATA_MAX_READ
 
-        def serve(message, _data):
+        def serve(message: dict, _data: bytes) -> tuple[dict, bytes]:
             """The bytes a child asks for, from the first ones read already or from the storage."""
             asked = message.get('read')
             if not (isinstance(asked, list) and len(asked) == 2 and all(type(n) is int and n >= 0 for n in asked)):

@@ -9,10 +9,13 @@ import contextlib
 import logging
 import queue
 import threading
+import types
+import typing
 
 import cachetools
 
 from errors import PassingFailure, StorageUnavailable, ThumbnailError, ThumbnailsBusy
+from names import Identity
 
 log = logging.getLogger('web_asset_server')
 
@@ -30,11 +33,11 @@ class Admission:
     conversion of the same thumbnail), so the rest of THREADS keep serving every other request.
     """
 
-    def __init__(self, most):
+    def __init__(self, most: int) -> None:
         self.most, self.now, self.lock = most, 0, threading.Lock()
 
     @contextlib.contextmanager
-    def __call__(self, work):
+    def __call__(self, work: str) -> typing.Iterator[None]:
         if work == BACKGROUND:          # bounded by its own backlog
             yield
             return
@@ -57,7 +60,7 @@ class ConversionSlots:
     only one).
     """
 
-    def __init__(self, workers, wait):
+    def __init__(self, workers: int, wait: float) -> None:
         self.workers, self.wait = workers, wait
         self.background_share = max(1, workers - 1)
         self.condition = threading.Condition()
@@ -65,7 +68,7 @@ class ConversionSlots:
         self.waiting = {INTERACTIVE: 0, BACKGROUND: 0}
 
     @contextlib.contextmanager
-    def __call__(self, work):
+    def __call__(self, work: str) -> typing.Iterator[None]:
         """Hold a conversion slot; ThumbnailsBusy when interactive work waited THUMBNAIL_QUEUE_WAIT in vain."""
         with self.condition:
             self.waiting[work] += 1
@@ -83,7 +86,7 @@ class ConversionSlots:
                 self.running[work] -= 1
                 self.condition.notify_all()
 
-    def _may_start(self, work):
+    def _may_start(self, work: str) -> bool:
         free = self.workers - sum(self.running.values())
         if work == INTERACTIVE:
             return free > 0
@@ -98,18 +101,18 @@ class FailureMemory:
     bucket changes the identity.
     """
 
-    def __init__(self, entries):
+    def __init__(self, entries: int) -> None:
         self.reasons, self.lock = cachetools.LRUCache(entries), threading.Lock()
 
-    def reason(self, identity, scale):
+    def reason(self, identity: Identity, scale: int | str | None) -> str | None:
         with self.lock:
             return self.reasons.get((identity, EVERY_SCALE)) or self.reasons.get((identity, scale))
 
-    def remember(self, identity, scale, reason):
+    def remember(self, identity: Identity, scale: int | str | None, reason: str) -> None:
         with self.lock:
             self.reasons[(identity, scale)] = reason
 
-    def forget(self, parts):
+    def forget(self, parts: tuple) -> None:
         """Forget the failures of the original at these path parts (it was replaced or deleted)."""
         with self.lock:
             for key in [key for key in self.reasons if key[0].parts == parts]:
@@ -119,7 +122,7 @@ class FailureMemory:
 class Scheduler:
     """The admission, slots, remembered failures and background backlog that every conversion goes through."""
 
-    def __init__(self, config, admitted_at_once):
+    def __init__(self, config: types.SimpleNamespace, admitted_at_once: int) -> None:
         self.admission = Admission(admitted_at_once)
         self.queue_wait = config.THUMBNAIL_QUEUE_WAIT
         self.slots = ConversionSlots(config.THUMBNAIL_WORKERS, self.queue_wait)
@@ -128,23 +131,23 @@ class Scheduler:
         self.queued_keys, self.queued_lock = set(), threading.Lock()
         self.background = None
 
-    def admitted(self, work):
+    def admitted(self, work: str) -> typing.ContextManager[None]:
         """Held by a request from before it waits for another's conversion of the same derivative to its end."""
         return self.admission(work)
 
-    def turn_wait(self, work):
+    def turn_wait(self, work: str) -> float | None:
         """Seconds `work` may wait for another's conversion of the same derivative (which may itself be background
         work waiting for a slot); None: as long as it takes."""
         return None if work == BACKGROUND else self.queue_wait
 
-    def raise_remembered_failure(self, identity, what):
+    def raise_remembered_failure(self, identity: Identity | None, what: int | str | None) -> None:
         """ThumbnailError with the reason of an earlier failure of these bytes for `what` (a scale, or a
         derivative kind), if any."""
         reason = identity is not None and self.failures.reason(identity, what)
         if reason:
             raise ThumbnailError(reason)
 
-    def remembering(self, identity, what, step):
+    def remembering(self, identity: Identity | None, what: int | str | None, step: typing.Callable) -> typing.Any:
         """Run one step of a conversion; remember its failure (unless it may pass next time)."""
         try:
             return step()
@@ -155,7 +158,7 @@ class Scheduler:
                 self.failures.remember(identity, what, str(error))
             raise
 
-    def in_background(self, job, key=None):
+    def in_background(self, job: typing.Callable[[], object], key: typing.Hashable | None = None) -> None:
         """Queue job() as background work; never waits, drops it when BACKLOG wait. A job with a `key` (a
         browser's WebP) is queued once until it has run, and such jobs take at most KEYED_JOBS_QUEUED, so that
         views never crowd out the pregeneration of uploads."""
@@ -173,7 +176,7 @@ class Scheduler:
             if key is not None:
                 self.queued_keys.add(key)
 
-    def _work_backlog(self):
+    def _work_backlog(self) -> None:
         """Work the backlog for the server's lifetime: a job's failure is that job's, never the worker's end."""
         while True:
             key, job = self.backlog.get()

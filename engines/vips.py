@@ -9,13 +9,16 @@ import logging
 import os
 import sys
 import time
+import types
+import typing
 
 from engines.children import ChildFailed, ChildPool
-from engines.imagemagick import INPUT_CODERS
-from engines.scheduling import INTERACTIVE, PYRAMID
+from engines.imagemagick import INPUT_CODERS, ImageMagick
+from engines.scheduling import INTERACTIVE, PYRAMID, Scheduler
 from errors import PassingFailure, ThumbnailError
+from iiif import Plan
 from kinds import sniff_kind
-from names import printable
+from names import Identity, printable
 
 log = logging.getLogger('web_asset_server')
 
@@ -28,12 +31,12 @@ PDF_VIEW_SIZE = 4096            # long side in pixels of a PDF's first page as I
 class Vips:
     """Pyramids and IIIF answers by libvips in children, bounded like thumbnails (ImageMagick's limits)."""
 
-    def __init__(self, config, scheduler, imagemagick):
+    def __init__(self, config: types.SimpleNamespace, scheduler: Scheduler, imagemagick: ImageMagick) -> None:
         self.scheduler, self.imagemagick, self.timeout = scheduler, imagemagick, config.THUMBNAIL_TIMEOUT
         self.children = ChildPool([sys.executable, '-m', 'engines.pyramids', 'serve'], config.THUMBNAIL_WORKERS,
                                   imagemagick.environment(config.BASE_DIR), imagemagick.limit_child)
 
-    def run_job(self, job, args, scratch, deadline):
+    def run_job(self, job: str, args: list, scratch: str, deadline: float) -> str:
         """What a libvips job printed; ThumbnailError when it fails, ends or overruns the deadline (PassingFailure
         when its child could not start or was killed by another: worth trying again)."""
         try:
@@ -52,7 +55,8 @@ class Vips:
         return str(answer.get('printed', ''))
 
     @contextlib.contextmanager
-    def pyramid_built(self, source, folder, identity, work=INTERACTIVE):
+    def pyramid_built(self, source: str, folder: str, identity: Identity | None,
+                      work: str = INTERACTIVE) -> typing.Iterator[tuple[str, tuple[int, int]]]:
         """Yield (path, (width, height) as shown) of the IIIF pyramid of `source` made by libvips in a child
         (HEIC through ImageMagick, a PDF's first page through Ghostscript, as PNG first); a failure is remembered
         under `identity`, so a corrupt original costs one attempt, not one per tile."""
@@ -73,7 +77,7 @@ class Vips:
                 os.fsync(out.fileno())
             yield made, (int(shown[0]), int(shown[1]))
 
-    def _build(self, kind, scratch, deadline):
+    def _build(self, kind: str, scratch: str, deadline: float) -> str:
         """Run the tools that make scratch/pyramid from scratch/in; return what the builder printed."""
         source = 'in'
         if kind == 'application/pdf':
@@ -88,7 +92,7 @@ class Vips:
         return self.run_job('build', [source, 'pyramid', compression], scratch, deadline)
 
     @contextlib.contextmanager
-    def iiif_cut(self, pyramid, plan, folder, work=INTERACTIVE):
+    def iiif_cut(self, pyramid: str, plan: Plan, folder: str, work: str = INTERACTIVE) -> typing.Iterator[str]:
         """Yield the path of the answer an IIIF plan asks, cut from a pyramid by libvips in a child, in a
         conversion slot like a thumbnail, removed after; the caller holds the scheduler's admission."""
         job = json.dumps({'region': plan.region, 'size': plan.size, 'mirror': plan.mirror,
@@ -99,5 +103,5 @@ class Vips:
             yield os.path.join(scratch, 'out')
 
 
-def raise_unviewable():
+def raise_unviewable() -> typing.NoReturn:
     raise ThumbnailError('This file is not an image that can be viewed.')

@@ -12,19 +12,11 @@ import typing
 
 from errors import UnknownCollection
 from files import sweep_folder
-from names import is_derivative_of, name_problem
+from names import Identity, is_derivative_of, name_problem
 
 
 Coll = str | None                # a COLLECTION_DIRS key, or None without COLLECTION_DIRS
 Parts = typing.Sequence[str]     # a stored file's path below BASE_DIR (or S3_PREFIX), one name per folder
-
-
-class Identity(typing.NamedTuple):
-    """What names an original's current bytes: its path parts, and what changes when they are replaced (on disk
-    inode, modification time and size; on S3 the ETag and LastModified). Failures and view sizes are
-    remembered under it; a derivative is stored only if its original is still the one it was made from."""
-    parts: tuple
-    version: tuple
 
 
 class Found(typing.NamedTuple):

@@ -17,8 +17,8 @@ import cachetools
 from files import (CHUNK, KeyedLocks, file_identity, fsync_folder, make_temp_file, remove_quietly, stream_file,
                    sweep_folder)
 from kinds import kind_of
-from names import derivative_source, name_problem
-from storages.base import Found, Identity, Storage
+from names import Identity, derivative_source, name_problem
+from storages.base import Found, Storage
 
 FILE_LOCKS = KeyedLocks()        # Held while an original is replaced or deleted, or a derivative of it put in place.
 

@@ -27,8 +27,8 @@ from botocore.exceptions import BotoCoreError, ClientError
 from errors import ObjectChanged, StorageUnavailable
 from files import CHUNK, SeekableReader, make_temp_file, remove_quietly
 from kinds import content_type, sniff_kind
-from names import derivative_source, name_problem, parse_derivative
-from storages.base import Found, Identity, Storage
+from names import Identity, derivative_source, name_problem, parse_derivative
+from storages.base import Found, Storage
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2

@@ -49,11 +49,12 @@ class DerivativeCache:
     @contextlib.contextmanager
     def one_at_a_time(self, coll: Coll, cache_name: str, work: str) -> typing.Iterator[None]:
         """Hold the lock of one derivative; ThumbnailsBusy when a client would wait for it longer than its turn."""
-        try:
-            with self.locks((coll, cache_name), self.scheduler.turn_wait(work)):
-                yield
-        except TimeoutError:
-            raise ThumbnailsBusy() from None
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(self.locks((coll, cache_name), self.scheduler.turn_wait(work)))
+            except TimeoutError:
+                raise ThumbnailsBusy() from None
+            yield
 
     def original_changed(self, coll: Coll, name: str) -> None:
         """After an upload or delete of the original: its remembered failures no longer hold."""
@@ -118,7 +119,8 @@ class DerivativeCache:
 
     def _convert_and_store(self, source: str, coll: Coll, name: str, cache_name: str, scale: int, webp: bool,
                            remembered: Identity | None, identity: Identity, work: str) -> bool:
-        with self.imagemagick.converted(source, scale, self.storage.staging_folder(), remembered, webp, work) as made:
+        folder = self.storage.scratch_folder(coll, cache_name)
+        with self.imagemagick.converted(source, scale, folder, remembered, webp, work) as made:
             return self.storage.store_derivative(coll, name, cache_name, made, identity)
 
     def larger_fresh_thumbnail(self, coll: Coll, name: str, scale: int, identity: Identity) -> str | None:
@@ -153,18 +155,19 @@ class DerivativeCache:
                 size = self.view_sizes.get(identity) or self.pyramid_size(coll, name, identity)
         return identity, size
 
-    def ensure_pyramid(self, coll: Coll, name: str, identity: Identity, work: str = INTERACTIVE) -> None:
+    def ensure_pyramid(self, coll: Coll, name: str, identity: Identity) -> None:
         """Build and store the original's pyramid unless a fresh one is stored; one build at a time per original."""
         cache_name = pyramid_name(name)
         if len(cache_name.encode('utf-8', 'surrogatepass')) > 255:      # a valid name's can only be too long
             raise ThumbnailError('The file name is too long to name its pyramid.')
         if self.storage.derivative_is_fresh(coll, name, cache_name):
             return
-        with self.one_at_a_time(coll, cache_name, work):
+        with self.one_at_a_time(coll, cache_name, INTERACTIVE):
             if self.storage.derivative_is_fresh(coll, name, cache_name):
                 return
             with self.storage.local_original(coll, name) as source:
-                with self.vips.pyramid_built(source, self.storage.staging_folder(), identity, work) as (made, size):
+                folder = self.storage.scratch_folder(coll, cache_name)
+                with self.vips.pyramid_built(source, folder, identity) as (made, size):
                     if not self.storage.store_derivative(coll, name, cache_name, made, identity):
                         raise ThumbnailError('The file changed while its pyramid was made: try again.')
             self.view_sizes.remember(identity, size)
@@ -195,7 +198,8 @@ class DerivativeCache:
         with self.scheduler.admitted(INTERACTIVE):
             self.ensure_pyramid(coll, name, identity)
             with self.storage.local_derivative(coll, pyramid_name(name)) as pyramid:
-                with self.vips.iiif_cut(pyramid, plan, self.storage.staging_folder()) as made:
+                folder = self.storage.scratch_folder(coll, cache_name or pyramid_name(name))
+                with self.vips.iiif_cut(pyramid, plan, folder) as made:
                     if cache_name and self.storage.store_derivative(coll, name, cache_name, made, identity):
                         self.count_stored(coll, cache_name)
                         yield True, None

@@ -9,8 +9,8 @@ the client is the address the proxy names, so one nginx in front of a whole inst
 Requests that wait for conversions hold at most a bounded number of threads; the rest wait here, without a
 thread, in turn client by client (WaitingRoom). See docs/security.md.
 
-Imports run one way: this module imports only the shared pieces (files, names) and waiting_room.py; server.py
-builds on it.
+Imports run one way: this module imports only the shared pieces (files, names); server.py builds on it and
+hands it the waiting room (waiting_room.py).
 """
 
 import collections

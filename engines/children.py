@@ -28,6 +28,10 @@ class ChildFailed(Exception):
         self.at_start, self.killed = at_start, killed
 
 
+class ChildTimedOut(Exception):
+    """A job overran its deadline; its child was killed."""
+
+
 class ChildPool:
     """Children running `command` (a `python -m` module), at most `workers` kept idle, each under `limit_child` in
     `environment` (None: the server's), none answering more than `longest_data` bytes. One that overruns its
@@ -45,9 +49,12 @@ class ChildPool:
             serve: Serve | None = None) -> tuple[dict, bytes]:
         """(the child's last message for the job, its data). `serve(message, data)` answers each request the child
         makes meanwhile with (message, data); the time it takes does not count against the deadline (a slow store
-        is not the job's fault). TimeoutError when the deadline passes (the child is killed), ChildFailed when the
-        child cannot start, ends or breaks the framing. A child is kept for the next job only after an answer `ok`."""
+        is not the job's fault), nor does starting a child. ChildTimedOut when the deadline passes (the child is
+        killed), ChildFailed when the child cannot start, ends or breaks the framing. A child is kept for the next
+        job only after an answer `ok` with nothing sent beyond it."""
+        started = time.monotonic()
         child = self._child()
+        deadline += time.monotonic() - started
         try:
             self._send(child, {'job': job, 'args': args, 'folder': folder}, b'', deadline)
             while True:
@@ -65,13 +72,15 @@ class ChildPool:
             raise failed.error from None
         except TimeoutError:
             self._end(child)
-            raise
+            raise ChildTimedOut() from None
         except (OSError, ValueError, KeyError, TypeError, ChildFailed) as error:
+            killed = child.poll() == -signal.SIGKILL          # by another before we end it: the OOM killer, say
             self._end(child)
-            raise ChildFailed(str(error), killed=child.returncode == -signal.SIGKILL) from None
+            raise ChildFailed(str(error), killed=killed) from None
         child.jobs += 1
         with self.lock:
-            if message.get('ok') and child.jobs < self.jobs_per_child and len(self.idle) < self.workers:
+            if (message.get('ok') and not child.received and child.jobs < self.jobs_per_child
+                    and len(self.idle) < self.workers):
                 self.idle.append(child)
                 child = None
         if child is not None:
@@ -114,7 +123,10 @@ class ChildPool:
     def _receive(self, child: subprocess.Popen, deadline: float) -> tuple[dict, bytes]:
         """The child's next message and its data, read before the deadline (bounded in length)."""
         line = self._read_until(child, deadline, lambda: child.received.find(b'\n') + 1, LONGEST_LINE + 1)
-        message = json.loads(line)
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            raise ChildFailed('the child sent something else than JSON') from None
         if not isinstance(message, dict):
             raise ChildFailed('the child sent something else than a message')
         count = message.get('bytes', 0)

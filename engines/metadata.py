@@ -14,12 +14,11 @@ import typing
 
 import cachetools
 
-from engines.children import ChildFailed, ChildPool
+from engines.children import ChildFailed, ChildPool, ChildTimedOut
 from errors import MetadataBusy
 from files import CHUNK
 
 log = logging.getLogger('web_asset_server')
-logging.getLogger('exifread').setLevel(logging.CRITICAL)
 
 
 HEAD = 64 * 1024                 # the first bytes of a file, read before a child is asked (its first read)
@@ -120,7 +119,7 @@ class MetadataReader:
             return {}, data
         try:
             answer, text = self.children.run('exif', [size], None, time.monotonic() + self.timeout, serve)
-        except TimeoutError:
+        except ChildTimedOut:
             raise MetadataLimitExceeded('it took longer than METADATA_TIMEOUT') from None
         except ChildFailed as failure:
             if failure.at_start:

@@ -14,7 +14,7 @@ import typing
 
 import cachetools
 
-from errors import PassingFailure, StorageUnavailable, ThumbnailError, ThumbnailsBusy
+from errors import PassingFailure, StorageUnavailable, ThumbnailError, ThumbnailsBusy, UnknownCollection
 from names import Identity
 
 log = logging.getLogger('web_asset_server')
@@ -182,7 +182,7 @@ class Scheduler:
             key, job = self.backlog.get()
             try:
                 job()
-            except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, LookupError, OSError):
+            except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, UnknownCollection, OSError):
                 pass
             except Exception:
                 log.exception('pregeneration failed')

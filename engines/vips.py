@@ -12,7 +12,7 @@ import time
 import types
 import typing
 
-from engines.children import ChildFailed, ChildPool
+from engines.children import ChildFailed, ChildPool, ChildTimedOut
 from engines.imagemagick import INPUT_CODERS, ImageMagick
 from engines.scheduling import INTERACTIVE, PYRAMID, Scheduler
 from errors import PassingFailure, ThumbnailError
@@ -41,7 +41,7 @@ class Vips:
         when its child could not start or was killed by another: worth trying again)."""
         try:
             answer, _data = self.children.run(job, args, scratch, deadline)
-        except TimeoutError:
+        except ChildTimedOut:
             log.warning('IIIF %s killed after %s s (THUMBNAIL_TIMEOUT)', job, self.timeout)
             raise ThumbnailError('Making the image took too long.') from None
         except ChildFailed as failure:
@@ -55,8 +55,8 @@ class Vips:
         return str(answer.get('printed', ''))
 
     @contextlib.contextmanager
-    def pyramid_built(self, source: str, folder: str, identity: Identity | None,
-                      work: str = INTERACTIVE) -> typing.Iterator[tuple[str, tuple[int, int]]]:
+    def pyramid_built(self, source: str, folder: str,
+                      identity: Identity | None) -> typing.Iterator[tuple[str, tuple[int, int]]]:
         """Yield (path, (width, height) as shown) of the IIIF pyramid of `source` made by libvips in a child
         (HEIC through ImageMagick, a PDF's first page through Ghostscript, as PNG first); a failure is remembered
         under `identity`, so a corrupt original costs one attempt, not one per tile."""
@@ -66,7 +66,7 @@ class Vips:
             self.scheduler.remembering(identity, PYRAMID, raise_unviewable)
         self.scheduler.remembering(identity, PYRAMID, lambda: self.imagemagick.check_header(source, kind))
         with self.imagemagick.scratch_for(source, folder) as scratch:
-            with self.scheduler.slots(work):
+            with self.scheduler.slots(INTERACTIVE):     # a viewer waits
                 deadline = time.monotonic() + self.timeout
                 built = self.scheduler.remembering(identity, PYRAMID, lambda: self._build(kind, scratch, deadline))
                 shown = built.split()
@@ -92,13 +92,13 @@ class Vips:
         return self.run_job('build', [source, 'pyramid', compression], scratch, deadline)
 
     @contextlib.contextmanager
-    def iiif_cut(self, pyramid: str, plan: Plan, folder: str, work: str = INTERACTIVE) -> typing.Iterator[str]:
+    def iiif_cut(self, pyramid: str, plan: Plan, folder: str) -> typing.Iterator[str]:
         """Yield the path of the answer an IIIF plan asks, cut from a pyramid by libvips in a child, in a
         conversion slot like a thumbnail, removed after; the caller holds the scheduler's admission."""
         job = json.dumps({'region': plan.region, 'size': plan.size, 'mirror': plan.mirror,
                           'rotation': plan.rotation, 'quality': plan.quality, 'format': plan.format})
         with self.imagemagick.scratch_for(pyramid, folder) as scratch:
-            with self.scheduler.slots(work):
+            with self.scheduler.slots(INTERACTIVE):     # a viewer waits
                 self.run_job('cut', ['in', 'out', job], scratch, time.monotonic() + self.timeout)
             yield os.path.join(scratch, 'out')
 

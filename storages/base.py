@@ -80,8 +80,12 @@ class Storage:
         return list({folder: coll for coll, folder in (self.collections or {None: None}).items()}.values())
 
     def staging_folder(self) -> str:
-        """A local folder for uploads in progress and conversions' scratch folders."""
+        """A local folder for uploads in progress and local copies of stored files."""
         return self.staging
+
+    def scratch_folder(self, coll: Coll, cache_name: str) -> str:
+        """Where a derivative is made before store_derivative puts it in place: on a store, the staging folder."""
+        return self.staging_folder()
 
     def sweep_temporaries(self, older_than: float = 3600) -> None:
         """Remove temporaries left by a crash (not touched for an hour) in the staging folder."""

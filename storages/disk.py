@@ -128,6 +128,11 @@ class DiskStorage(Storage):
         return Found(info.st_size, etag_of(info), info.st_mtime, kind_of(data[:1024]),
                      lambda start, end: data[start:end], lambda: None)
 
+    def scratch_folder(self, coll, cache_name):
+        """The derivative's own folder: putting it in place is then a rename on one file system, and a full disk
+        there is the disk the conversion reports (507)."""
+        return os.path.dirname(self.path(self.derivative_parts(coll, cache_name)))
+
     def local_path(self, parts):
         return self.path(parts)
 

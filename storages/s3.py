@@ -284,7 +284,8 @@ class S3Storage(Storage):
         few kept of the latest versions used, so the tiles cut from one pyramid fetch it once; any other's is
         removed after."""
         key = self.key(self.derivative_parts(coll, cache_name))
-        if parse_derivative(cache_name).kind != 'pyramid':
+        parsed = parse_derivative(cache_name)
+        if parsed is None or parsed.kind != 'pyramid':
             with self.local_copy(key) as path:
                 yield path
             return

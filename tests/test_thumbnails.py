@@ -13,6 +13,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zipfile
@@ -21,6 +22,7 @@ import zlib
 import exifread
 import pytest
 
+import iiif
 from harness.images import IMAGEMAGICK, make_image, with_exif
 from harness.processes import parent_pids, PROJECT, wait_for
 from engines.scheduling import BACKGROUND, ConversionSlots, INTERACTIVE
@@ -764,6 +766,23 @@ def test_one_conversion_stays_within_thumbnail_memory_limit_and_imagemagicks_own
     done = subprocess.run([sys.executable, '-c', PEAK_OF_ONE_CONVERSION, str(source), str(tmp_path), str(limit)],
                           cwd=PROJECT, capture_output=True, text=True, timeout=300, check=True)
     assert int(done.stdout) <= limit + 48 * 1024 ** 2
+
+
+@pytest.mark.disk_only
+def test_thumbnails_and_tiles_are_made_when_the_thumbnails_folder_is_on_another_file_system(make_client, tmp_path, jpeg):
+    other = tempfile.mkdtemp(dir='/dev/shm')          # tmpfs, where the attachments folder is not
+    try:
+        if os.stat(other).st_dev == os.stat(tmp_path).st_dev:
+            pytest.skip('/dev/shm is on the file system of the attachments folder here')
+        (tmp_path / 'attachments' / 'fish').mkdir(parents=True)
+        os.symlink(other, tmp_path / 'attachments' / 'fish' / 'thumbnails')
+        client = make_client(COLLECTION_DIRS={'Fish': 'fish'})
+        client.upload('a.jpg', jpeg)
+        assert decoded(client.fileget('a.jpg', 'T', scale='64').body, tmp_path)[:3] == ('JPEG', 64, 43)
+        tile = client.get(f"/iiif/3/{iiif.spelling('Fish', 'a.jpg')}/full/max/0/default.jpg", {})
+        assert decoded(tile.body, tmp_path)[:3] == ('JPEG', 300, 200)
+    finally:
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def test_thumbnails_work_under_a_low_hard_file_size_limit(make_client, jpeg, monkeypatch):

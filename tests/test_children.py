@@ -79,6 +79,7 @@ def test_what_serving_a_child_raises_is_raised_as_it_is_and_ends_the_child():
     assert pool.idle == []
 
 
+@pytest.mark.disk_only
 def test_a_metadata_reader_slow_to_start_still_reads_a_file_within_metadata_timeout(make_client, tmp_path):
     client = make_client(METADATA_TIMEOUT=2)
     client.upload('a.jpg', with_exif(make_image(tmp_path, 'plasma:', '300x200', 'jpg'), date='2020:01:02 03:04:05'))

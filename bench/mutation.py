@@ -1,8 +1,9 @@
-"""Mutation testing of the security rules with mutmut (slow, so not part of CI): `make mutation`.
+"""Mutation testing with mutmut (slow, so not part of CI): `make mutation`.
 
-Mutates only the functions in SCOPE (names, tokens, static access, storage paths, offload, the
-migration's checks), runs for each mutant the tests of setup.cfg's [mutmut] section that reach
-the mutated function, and writes the score and every surviving mutant's diff to
+Mutates only the functions in SCOPE, area by area (AREAS: the security rules, the token plugin for
+every method, the IIIF grammar, viewer grants, the derivative policy, the front's counters and
+deadlines), runs for each mutant the tests of setup.cfg's [mutmut] section that reach the mutated
+function, and writes the score table (per area and in all) and every surviving mutant's diff to
 bench/out/mutation.txt (mutmut's own log to bench/out/mutation.log). Run it with a Python that
 has mutmut and the project's requirements installed; it starts from a fresh mutants/ folder.
 
@@ -22,38 +23,136 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, 'bench', 'out')
 
-# mutmut's name of each function in scope; (first, last) keeps only the mutants of the lines
-# from the one containing `first` to the one containing `last` (the rest of the function is out of scope).
-SCOPE = {
-    'core.x_name_problem': None,
-    'core.x_valid_name': None,
-    'core.x_valid_scale': None,
-    'core.x_thumbnail_name': None,
-    'core.x_is_thumbnail_of': None,
-    'core.xǁLayoutǁfolder_parts': None,
-    'core.xǁLayoutǁowns_thumbnail': None,
-    'core.xǁLayoutǁis_static_parts': None,
-    'core.x_may_run_scripts': None,
-    'server.x_make_token': None,
-    'server.x_token_problem': None,
-    'server.x_require_token': None,
-    'server.xǁTokenCheckǁapply': None,
-    'server.x_static': None,
-    'server.x_getfileref': None,
-    'server.xǁDiskStorageǁpath': None,
-    'server.xǁDiskStorageǁoriginal_path': None,
-    'server.xǁDiskStorageǁsend_static': None,
-    'server.xǁDiskStorageǁ_delete_thumbnails': None,
-    'server.x_send_file': ('if config.FILE_OFFLOAD:', "return bottle.HTTPResponse('', 200"),
-    'migrate.x_expected_etag': None,
-    'migrate.x_is_checkable': None,
-    'migrate.x_same_object': None,
-    'migrate.x_folder_files': None,
-    'migrate.x_bucket_objects': None,
-    'migrate.x_local_matches': None,
-    'migrate.x_from_s3': ('elif local_matches(target, size, etag):', "counts['already there'] += 1"),
-    'migrate.x_download_one': ('verified = os.path.getsize(temp) == size', 'verified = os.path.getsize(temp) == size'),
+# mutmut's name of each function in scope, by area; (first, last) keeps only the mutants of the lines from the
+# one containing `first` to the one containing `last` (the rest of the function is out of scope).
+AREAS = {
+    'security rules': {                # names, tokens, static access, storage paths, offload, the migration's checks
+        'core.x_name_problem': None,
+        'core.x_valid_name': None,
+        'core.x_valid_scale': None,
+        'core.x_thumbnail_name': None,
+        'core.x_is_thumbnail_of': None,
+        'core.xǁLayoutǁfolder_parts': None,
+        'core.xǁLayoutǁowns_thumbnail': None,
+        'core.xǁLayoutǁis_static_parts': None,
+        'core.x_may_run_scripts': None,
+        'server.x_make_token': None,
+        'server.x_token_problem': None,
+        'server.x_require_token': None,
+        'server.xǁTokenCheckǁapply': None,
+        'server.x_static': None,
+        'server.x_getfileref': None,
+        'server.xǁDiskStorageǁpath': None,
+        'server.xǁDiskStorageǁoriginal_path': None,
+        'server.xǁDiskStorageǁsend_static': None,
+        'server.x_send_file': ('if config.FILE_OFFLOAD:', "return bottle.HTTPResponse('', 200"),
+        'migrate.x_expected_etag': None,
+        'migrate.x_is_checkable': None,
+        'migrate.x_same_object': None,
+        'migrate.x_folder_files': None,
+        'migrate.x_bucket_objects': None,
+        'migrate.x_local_matches': None,
+        'migrate.x_from_s3': ('elif local_matches(target, size, etag):', "counts['already there'] += 1"),
+        'migrate.x_download_one': ('verified = os.path.getsize(temp) == size', 'verified = os.path.getsize(temp) == size'),
+    },
+    'token plugin': {
+        # The rest of the token plugin (its apply and require_token are counted with the security rules, as
+        # before): tokens sent though none is needed, tokens read with, answers kept private.
+        'server.x_note_read_token': None,
+        'server.x_keep_private': None,
+        'server.xǁReadTokensǁnote': None,
+        'server.xǁReadTokensǁexpired': None,
+        'server.xǁReadTokensǁread_with': None,
+    },
+    'IIIF grammar': {                  # region, size, rotation, quality and format; the limits; identifiers
+        'iiif.x_parse_request': None,
+        'iiif.x_plan_for': None,
+        'iiif.x_check_version': None,
+        'iiif.x_text_of': None,
+        'iiif.x_bad': None,
+        'iiif.x_pixels': None,
+        'iiif.x_decimal': None,
+        'iiif.x_half_up': None,
+        'iiif.x_four': None,
+        'iiif.x_parse_region': None,
+        'iiif.x_edges': None,
+        'iiif.x_parse_size': None,
+        'iiif.x_pair': None,
+        'iiif.x_requested': None,
+        'iiif.x_explicit': None,
+        'iiif.x_refuse_upscaling': None,
+        'iiif.x_fit': None,
+        'iiif.x_bound': None,
+        'iiif.x_within_area': None,
+        'iiif.x_parse_rotation': None,
+        'iiif.x_parse_quality_format': None,
+        'iiif.xǁLimitsǁ__post_init__': None,
+        'iiif.xǁLimitsǁallow': None,
+        'iiif.x_identifier_for': None,
+        'iiif.x_spelling': None,
+        'iiif.x_spelled_name': None,
+        'iiif.x_name_for': None,
+        'iiif.x_unknown': None,
+    },
+    'viewer grants': {                 # and which of a token and a grant an IIIF request needs
+        'server.x_make_grant': None,
+        'server.x_new_grant': None,
+        'server.x_grant_problem': None,
+        'server.x_viewer_grant': None,
+        'server.x_iiif_original': None,
+    },
+    'derivative policy': {
+        # Freshness against the original, the scale ladder, invalidation on replace and delete, which IIIF
+        # answers are kept: disk and the storage-independent Layout (S3's needs SeaweedFS, which the run has not).
+        'core.x_pregenerated_scales': None,
+        'core.xǁLayoutǁlarger_scales': None,
+        'core.xǁLayoutǁensure_thumbnail': None,
+        'server.x_pregenerate_thumbnails': None,
+        'server.xǁDiskStorageǁthumbnail_is_fresh': None,
+        'server.xǁDiskStorageǁderivative_is_fresh': None,
+        'server.xǁDiskStorageǁstore_derivative': None,
+        'server.xǁDiskStorageǁmake_thumbnail': None,
+        'server.xǁDiskStorageǁlarger_fresh_thumbnail': None,
+        'server.xǁDiskStorageǁ_convert_into_place': None,
+        'server.xǁDiskStorageǁdelete': None,
+        'server.xǁDiskStorageǁ_delete_thumbnails': None,
+        'server.xǁFailureMemoryǁforget': None,
+        'server.x_ensure_pyramid': None,
+        'iiif.x_is_offered': None,
+    },
+    "front's counters and deadlines": {
+        # Connections and requests per client and in total, the waiting room, the head, body, lingering and
+        # answer deadlines, counting a connection out.
+        'front.xǁFrontǁadmit': None,
+        'front.xǁFrontǁtake': None,
+        'front.xǁFrontǁcount_in': None,
+        'front.xǁFrontǁdispatch': None,
+        'front.xǁFrontǁcount_against': None,
+        'front.xǁFrontǁthread_done': None,
+        'front.xǁFrontǁrequest_done': None,
+        'front.xǁFrontǁabandon': None,
+        'front.xǁFrontǁrelease': None,
+        'front.xǁFrontǁseconds_to_next_deadline': None,
+        'front.xǁFrontǁnext_deadline': None,
+        'front.xǁFrontǁstart_lingering': None,
+        'front.xǁFrontǁexpire': None,
+        'front.xǁFrontǁunhurry': None,
+        'front.xǁFrontǁrefuse_waiting': None,
+        'front.xǁFrontǁclose': None,
+        'front.xǁFrontǁforget': None,
+        'front.xǁWaitingRoomǁenter': None,
+        'front.xǁWaitingRoomǁmost': None,
+        'front.xǁWaitingRoomǁfits': None,
+        'front.xǁWaitingRoomǁleave': None,
+        'front.xǁWaitingRoomǁnext_waiting': None,
+        'front.xǁWaitingRoomǁexpired': None,
+        'front.xǁWaitingRoomǁnext_deadline': None,
+        'front.x_kind_of': None,
+        'front.xǁRequestReaderǁfill': None,
+        'front.xǁSenderǁdeadline': None,
+    },
 }
+SCOPE = {function: limits for functions in AREAS.values() for function, limits in functions.items()}
 SCOPE_LINES = {}   # {function: [text of single lines also in scope]}
 
 
@@ -106,13 +205,36 @@ def results():
     return found
 
 
+COLUMNS = ('killed', 'timeout', 'survived', 'no tests')
+
+
+def area_of(name):
+    function = name.rpartition('__mutmut_')[0]
+    return next(area for area, functions in AREAS.items() if function in functions)
+
+
+def table(found):
+    """The score table, per area and in all: killed, timeout, survived, no test reaches it, score (killed of all)."""
+    rows = [('| area | killed | timeout | survived | no test reaches it | other | score |'),
+            ('|---|---:|---:|---:|---:|---:|---:|')]
+    for area in [*AREAS, 'all']:
+        counts = collections.Counter(status for name, (status, _) in found.items()
+                                     if area == 'all' or area_of(name) == area)
+        total = sum(counts.values())
+        other = total - sum(counts[column] for column in COLUMNS)
+        cells = [str(counts[column]) for column in COLUMNS] + [str(other), f'{100 * counts["killed"] / max(total, 1):.1f}%']
+        rows.append(f'| {area} | ' + ' | '.join(cells) + ' |')
+    return rows
+
+
 def report(found, label, seconds):
-    """The score and the survivors, as text."""
+    """The score, the table and the survivors, as text."""
     counts = collections.Counter(status for status, _ in found.values())
     total = len(found)
     lines = [f'mutation testing ({label}): {counts["killed"]} killed of {total} '
              f'({100 * counts["killed"] / max(total, 1):.1f}%) in {seconds:.0f} s',
-             'by status: ' + ', '.join(f'{status} {n}' for status, n in sorted(counts.items())), '']
+             'by status: ' + ', '.join(f'{status} {n}' for status, n in sorted(counts.items())), '',
+             *table(found), '']
     for name in sorted(found, key=lambda n: (n.rpartition('__mutmut_')[0], int(n.rpartition('_')[2]))):
         status, changed = found[name]
         if status != 'killed':
@@ -136,7 +258,7 @@ def main():
     text = report(results(), args.label, time.time() - started)
     with open(os.path.join(OUT, 'mutation.txt'), 'w', encoding='utf-8') as f:
         f.write(text)
-    print(text.split('\n\n')[0])
+    print('\n\n'.join(text.split('\n\n')[:2]))
     print('survivors and their diffs: bench/out/mutation.txt')
 
 

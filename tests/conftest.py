@@ -18,6 +18,8 @@ import webtest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import front  # noqa: E402
+import iiif  # noqa: E402
 import server  # noqa: E402
 
 KEY = 'test-attachment-key'
@@ -147,6 +149,16 @@ def make_image(tmp_path, spec, size, fmt, *extra):
     """Image bytes made by ImageMagick: e.g. make_image(tmp, 'plasma:', '300x200', 'jpg')."""
     out = tmp_path / f'made-{secrets.token_hex(4)}.{fmt}'
     return magick('-size', size, spec, *extra, f'{fmt}:{out}', output=out)
+
+
+@pytest.fixture(autouse=True)
+def nothing_remembered_from_another_test():
+    """Every test computes what it checks: the memo caches (IIIF plans and tile grids, trusted addresses) start
+    empty, so no answer is one remembered from another test run in the same process (as mutation testing runs
+    each mutant's tests in a process forked from one that ran them all unmutated)."""
+    iiif.remembered_plan.cache_clear()
+    iiif.tile_grid.cache_clear()
+    front.is_trusted.cache_clear()
 
 
 def pytest_generate_tests(metafunc):

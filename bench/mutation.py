@@ -11,6 +11,7 @@ has mutmut and the project's requirements installed; it starts from a fresh muta
 """
 
 import argparse
+import ast
 import collections
 import difflib
 import json
@@ -45,7 +46,7 @@ AREAS = {
         'server.xǁDiskStorageǁpath': None,
         'server.xǁDiskStorageǁoriginal_path': None,
         'server.xǁDiskStorageǁsend_static': None,
-        'server.x_send_file': ('if config.FILE_OFFLOAD:', "return bottle.HTTPResponse('', 200"),
+        'server.x_send_file': ('if config.FILE_OFFLOAD and not', "return bottle.HTTPResponse('', 200"),
         'migrate.x_expected_etag': None,
         'migrate.x_is_checkable': None,
         'migrate.x_same_object': None,
@@ -156,6 +157,34 @@ SCOPE = {function: limits for functions in AREAS.values() for function, limits i
 SCOPE_LINES = {}   # {function: [text of single lines also in scope]}
 
 
+def source_of(function):
+    """The source text of a function in SCOPE ('module.x_name' or 'module.xǁClassǁname'), from the module itself."""
+    module, _, mangled = function.partition('.')
+    path = os.path.join(ROOT, module + '.py')
+    with open(path, encoding='utf-8') as f:
+        text = f.read()
+    *owner, name = mangled[2:].split('ǁ') if mangled.startswith('xǁ') else [mangled[2:]]
+    body = ast.parse(text).body
+    if owner:
+        body = next((node.body for node in body if isinstance(node, ast.ClassDef) and node.name == owner[0]), [])
+    found = next((node for node in body if isinstance(node, ast.FunctionDef) and node.name == name), None)
+    return found and ast.get_source_segment(text, found)
+
+
+def check_scope():
+    """Every function in SCOPE exists, and its line limits are in it: else say so before a long run."""
+    problems = []
+    for function, limits in SCOPE.items():
+        source = source_of(function)
+        if source is None:
+            problems.append(f'{function}: no such function')
+        for text in (limits or ()) + tuple(SCOPE_LINES.get(function, ())):
+            if source is not None and text not in source:
+                problems.append(f'{function}: no line containing {text!r}')
+    if problems:
+        sys.exit('bench/mutation.py: SCOPE does not match the code:\n  ' + '\n  '.join(problems))
+
+
 def mutant_diff(module_text, spans, function, number):
     """(index of the first changed line in the original function, the -/+ lines) of one mutant."""
     lines = module_text.split('\n')
@@ -248,6 +277,7 @@ def main():
     parser.add_argument('--max-children', type=int, default=2)
     parser.add_argument('--label', default='current tests')
     args = parser.parse_args()
+    check_scope()
     os.makedirs(OUT, exist_ok=True)
     shutil.rmtree(os.path.join(ROOT, 'mutants'), ignore_errors=True)     # no stale results or test stats
     mutmut = os.path.join(os.path.dirname(sys.executable), 'mutmut')

@@ -2,10 +2,11 @@
 
 Mutates only the functions in SCOPE, area by area (AREAS: the security rules, the token plugin for
 every method, the IIIF grammar, viewer grants, the derivative policy, the front's counters and
-deadlines), runs for each mutant the tests of setup.cfg's [mutmut] section that reach the mutated
-function, and writes the score table (per area and in all) and every surviving mutant's diff to
-bench/out/mutation.txt (mutmut's own log to bench/out/mutation.log). Run it with a Python that
-has mutmut and the project's requirements installed; it starts from a fresh mutants/ folder.
+deadlines), runs for each mutant in scope (of the lines in scope) the tests of setup.cfg's [mutmut]
+section that reach the mutated function, and writes the score table (per area and in all) and every
+surviving mutant's diff to bench/out/mutation.txt (mutmut's own log to bench/out/mutation.log). Run it
+with a Python that has mutmut and the project's requirements installed; it starts from a fresh
+mutants/ folder.
 
     python bench/mutation.py [--max-children N] [--label TEXT]
 """
@@ -16,6 +17,7 @@ import collections
 import difflib
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -213,17 +215,23 @@ def in_scope(function, original, first):
     return start <= first <= end or first in single
 
 
+def mutmut_files(module):
+    """(the mutated module's text, mutmut's line spans of its functions, its exit codes by mutant name)."""
+    with open(os.path.join(ROOT, 'mutants', module + '.py'), encoding='utf-8') as f:
+        text = f.read()
+    with open(os.path.join(ROOT, 'mutants', module + '.py.spans'), encoding='utf-8') as f:
+        spans = json.load(f)['spans']
+    with open(os.path.join(ROOT, 'mutants', module + '.py.meta'), encoding='utf-8') as f:
+        codes = json.load(f)['exit_code_by_key']
+    return text, spans, codes
+
+
 def results():
     """{mutant name: (status, diff lines)} of every mutant in scope, from mutmut's files in mutants/."""
     from mutmut.stats import status_by_exit_code
     found = {}
     for module in sorted({name.split('.')[0] for name in SCOPE}):
-        with open(os.path.join(ROOT, 'mutants', module + '.py'), encoding='utf-8') as f:
-            text = f.read()
-        with open(os.path.join(ROOT, 'mutants', module + '.py.spans'), encoding='utf-8') as f:
-            spans = json.load(f)['spans']
-        with open(os.path.join(ROOT, 'mutants', module + '.py.meta'), encoding='utf-8') as f:
-            codes = json.load(f)['exit_code_by_key']
+        text, spans, codes = mutmut_files(module)
         for name, code in codes.items():
             function, _, number = name.rpartition('__mutmut_')
             if function not in SCOPE:
@@ -256,12 +264,12 @@ def table(found):
     return rows
 
 
-def report(found, label, seconds):
+def report(found, label, seconds, cpu_seconds):
     """The score, the table and the survivors, as text."""
     counts = collections.Counter(status for status, _ in found.values())
     total = len(found)
     lines = [f'mutation testing ({label}): {counts["killed"]} killed of {total} '
-             f'({100 * counts["killed"] / max(total, 1):.1f}%) in {seconds:.0f} s',
+             f'({100 * counts["killed"] / max(total, 1):.1f}%) in {seconds:.0f} s ({cpu_seconds:.0f} s of CPU)',
              'by status: ' + ', '.join(f'{status} {n}' for status, n in sorted(counts.items())), '',
              *table(found), '']
     for name in sorted(found, key=lambda n: (n.rpartition('__mutmut_')[0], int(n.rpartition('_')[2]))):
@@ -270,6 +278,35 @@ def report(found, label, seconds):
             lines.append(f'{status}: {name}')
             lines.extend('    ' + line.strip() for line in changed)
     return '\n'.join(lines) + '\n'
+
+
+GENERATE = """
+import os
+from mutmut.__main__ import (copy_also_copy_files, copy_src_dir, create_mutants, set_mutant_under_test,
+                             setup_source_paths)
+set_mutant_under_test('mutant_generation')
+os.makedirs('mutants', exist_ok=True)
+copy_src_dir()
+copy_also_copy_files()
+setup_source_paths()
+create_mutants({children})
+"""
+
+
+def in_scope_mutants(children, log):
+    """The names of the mutants in scope: made first as `mutmut run` makes them (its own steps, mutmut 3.8.1), so
+    that the mutants of lines out of scope are never run."""
+    subprocess.run([sys.executable, '-c', GENERATE.format(children=children)], cwd=ROOT, stdout=log,
+                   stderr=subprocess.STDOUT, check=True)
+    names = []
+    for module in sorted({name.split('.')[0] for name in SCOPE}):
+        text, spans, codes = mutmut_files(module)
+        for name in codes:
+            function, _, number = name.rpartition('__mutmut_')
+            if function in SCOPE and in_scope(function, *mutant_diff(text, spans, function.split('.', 1)[1],
+                                                                      number)[:2]):
+                names.append(name)
+    return names
 
 
 def main():
@@ -283,9 +320,11 @@ def main():
     mutmut = os.path.join(os.path.dirname(sys.executable), 'mutmut')
     started = time.time()
     with open(os.path.join(OUT, 'mutation.log'), 'w') as log:
-        subprocess.run([mutmut, 'run', '--max-children', str(args.max_children),
-                        *[f'{name}__mutmut_*' for name in SCOPE]], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    text = report(results(), args.label, time.time() - started)
+        names = in_scope_mutants(args.max_children, log)
+        subprocess.run([mutmut, 'run', '--max-children', str(args.max_children), *names], cwd=ROOT, stdout=log,
+                       stderr=subprocess.STDOUT)
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    text = report(results(), args.label, time.time() - started, used.ru_utime + used.ru_stime)
     with open(os.path.join(OUT, 'mutation.txt'), 'w', encoding='utf-8') as f:
         f.write(text)
     print('\n\n'.join(text.split('\n\n')[:2]))

@@ -10,12 +10,13 @@ a thumbnail's colour names its source."""
 
 import json
 import os
+import threading
 
 import pytest
 
 from conftest import make_image, wait_for
 from test_iiif_pyramids import runs  # noqa: F401 (a fixture)
-from test_thumbnails import decoded, pixel
+from test_thumbnails import decoded, pixel, run_counter
 
 pytestmark = pytest.mark.disk_only
 COLOURS = {'red': (255, 0, 0), 'green': (0, 128, 0), 'blue': (0, 0, 255)}
@@ -248,3 +249,101 @@ def test_pregenerated_scales_out_of_range_are_refused_at_start(make_client, sett
 
 def test_the_largest_scale_allowed_may_be_pregenerated(make_client):
     assert make_client(PREGENERATE_SCALE=[1, 2000]).config.PREGENERATE_SCALES == [2000, 1]
+
+
+# --- Made once, one at a time per thumbnail, never blocking another ---------------------------------------
+
+def hold_first_conversion(thumbnailer):
+    """The first conversion waits at a gate until the test opens it: (an event set once it waits, the gate)."""
+    waiting, gate, real = threading.Event(), threading.Event(), thumbnailer._convert
+
+    def convert(*args):
+        if not waiting.is_set():
+            waiting.set()
+            gate.wait(60)
+        return real(*args)
+    thumbnailer._convert = convert
+    return waiting, gate
+
+
+def test_a_cached_thumbnail_is_answered_while_every_conversion_admitted_is_taken(make_client, images):
+    client = make_client(THUMBNAIL_WORKERS=1, THUMBNAIL_QUEUE=0)
+    client.upload('a.png', images[('blue', '400x300')])
+    client.upload('b.png', images[('blue', '400x300')])
+    plant(client, 'a_100.png', b'cached bytes')
+    waiting, gate = hold_first_conversion(client.app.thumbnailer)
+    held = threading.Thread(target=lambda: client.fileget('b.png', 'T', scale='100'))
+    held.start()
+    try:
+        assert waiting.wait(30)
+        assert client.fileget('a.png', 'T', scale='100').body == b'cached bytes'
+    finally:
+        gate.set()
+        held.join(60)
+
+
+THUMBNAILS = {                      # (collection, name, scale, Accept) of two thumbnails made at once
+    'of another collection': (('Fish', 'a.png', '100', ''), ('Birds', 'a.png', '100', '')),
+    'of another original': (('Fish', 'a.png', '100', ''), ('Fish', 'b.png', '100', '')),
+    'of another scale': (('Fish', 'a.png', '100', ''), ('Fish', 'a.png', '50', '')),
+    'in WebP': (('Fish', 'a.png', '100', ''), ('Fish', 'a.png', '100', 'image/webp')),
+}
+
+
+@pytest.mark.parametrize('case', THUMBNAILS)
+def test_a_thumbnail_is_made_while_another_is_being_made(make_client, images, case):
+    client = make_client(COLLECTION_DIRS={'Fish': 'fish', 'Birds': 'birds'}, THUMBNAIL_QUEUE_WAIT=2)
+    for coll in ('Fish', 'Birds'):
+        for name in ('a.png', 'b.png'):
+            client.upload(name, images[('blue', '400x300')], coll=coll)
+    first, second = THUMBNAILS[case]
+    waiting, gate = hold_first_conversion(client.app.thumbnailer)
+
+    def ask(coll, name, scale, accept):
+        return client.fileget(name, 'T', scale=scale, coll=coll, headers={'Accept': accept} if accept else None)
+    held = threading.Thread(target=ask, args=first)
+    held.start()
+    try:
+        assert waiting.wait(30)
+        assert ask(*second).status_int == 200              # not behind the first's turn
+    finally:
+        gate.set()
+        held.join(60)
+
+
+def test_an_original_replaced_during_every_conversion_is_refused_after_three_attempts(client, images):
+    client.upload('a.png', images[('blue', '400x300')])
+    real, made = client.app.thumbnailer._convert, []
+
+    def convert_then_replace(*args):
+        real(*args)
+        made.append(client.upload('a.png', images[('red' if len(made) % 2 else 'green', '400x300')]).text)
+    client.app.thumbnailer._convert = convert_then_replace
+    answer = client.fileget('a.png', 'T', scale='100', status=404)
+    assert (answer.text, made) == ('The file kept changing while its thumbnail was made.', ['Ok.'] * 3)
+
+
+def test_the_failure_of_an_original_tried_after_a_cached_larger_scale_is_remembered(make_client, images):
+    client = ladder(make_client, [200])
+    truncated = images[('blue', '400x300')]
+    client.upload('a.png', truncated[:len(truncated) // 2])
+    plant(client, 'a_200.png', b'not an image')
+    client.fileget('a.png', 'T', scale='100', status=404)
+    runs_ = run_counter(client.app.thumbnailer)
+    client.fileget('a.png', 'T', scale='100', status=404)
+    assert runs_ == []
+
+
+# --- Names -------------------------------------------------------------------------------------------------
+
+def test_a_thumbnail_whose_cache_name_is_255_bytes_is_made(client, images):
+    name = 'x' * 247 + '.png'                       # its thumbnail's name has '_100' more
+    client.upload(name, images[('blue', '400x300')])
+    assert client.fileget(name, 'T', scale='100').status_int == 200
+
+
+def test_a_thumbnail_whose_cache_name_would_be_256_bytes_is_refused_with_the_reason(client, images):
+    name = 'x' * 248 + '.png'
+    client.upload(name, images[('blue', '400x300')])
+    assert client.fileget(name, 'T', scale='100', status=404).text == \
+        'The file name is too long to name its thumbnail.'

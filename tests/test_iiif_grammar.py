@@ -62,6 +62,12 @@ def test_a_region_resolves_to_pixels_of_the_full_image(version, region, expected
 
 
 @BOTH
+def test_a_square_region_is_whole_pixels_centred_rounded_down(version):
+    region = parse(version, region='square', image=(301, 200)).region
+    assert region == (50, 0, 200, 200) and [type(n) for n in region] == [int] * 4
+
+
+@BOTH
 def test_a_square_region_of_a_tall_image_is_centred_vertically(version):
     assert parse(version, region='square', image=(200, 301)).region == (0, 50, 200, 200)
 
@@ -120,7 +126,9 @@ def test_a_region_outside_the_grammar_is_a_400(version, region):
     ('region', '0,0,10', 'Bad region.'), ('region', 'pct:a,0,10,10', 'Bad region.'),
     ('region', '0,0,x,10', 'Bad region.'),
     ('size', '1,2,3', 'Bad size.'), ('size', 'x,', 'Bad size.'), ('size', ',x', 'Bad size.'), ('size', '10,x', 'Bad size.'),
-    ('size', '^pct:x', 'Bad size.'), ('size', '!x,10', 'Bad size.'), ('rotation', '-90', 'Bad rotation.'),
+    ('size', '^pct:x', 'Bad size.'), ('size', 'pct:x', 'Bad size.'), ('size', '!x,10', 'Bad size.'),
+    ('rotation', '-90', 'Bad rotation.'), ('region', None, 'Bad region.'), ('size', None, 'Bad size.'),
+    ('rotation', None, 'Bad rotation.'), ('quality_format', None, 'Bad quality or format.'),
     ('quality_format', 'best.jpg', 'Bad quality.'), ('quality_format', 'default', 'Bad quality.')])
 def test_a_parameter_outside_the_grammar_is_a_400_naming_the_parameter(parameter, text, reason):
     with pytest.raises(IIIFError) as refused:
@@ -186,6 +194,9 @@ SIZES_3 = [
     ('^max', Limits(max_width=1000, max_height=300), (450, 300)),
     ('^!1000,1000', Limits(max_area=60000), (300, 200)),
     ('200,', Limits(max_width=200), (200, 133)),
+    ('^!1000,100', BOUND, (150, 100)),                 # the box's height binds
+    ('^!300,1000', NONE, (300, 200)),                  # ^ that fits the region exactly needs no upscaling
+    ('^!1000,200', NONE, (300, 200)),
 ]
 
 
@@ -224,6 +235,11 @@ def test_a_3_0_size_that_may_not_be_served_gets_the_specifications_status(size, 
     assert status(3, size=size, limits=limits) == expected
 
 
+def test_a_best_fit_wider_than_the_region_though_as_high_needs_upscaling():
+    """^!11,100 of a 10 x 3 image is 11 x 3: wider than the region, so a 501 without sizeUpscaling."""
+    assert status(3, size='^!11,100', image=(10, 3)) == 501
+
+
 def test_a_3_0_size_larger_than_a_cropped_region_is_judged_against_the_region_not_the_image():
     """/125,15,120,140/121,/0/default.jpg: the region is 120 wide, so 121 would upscale."""
     assert status(3, region='125,15,120,140', size='121,', limits=BOUND) == 400
@@ -246,6 +262,7 @@ SIZES_2 = [
     ('!360,360', BOUND, (360, 240)),
     ('!360,360', NONE, (300, 200)),                    # without sizeAboveFull the best fit stops at full
     ('max', Limits(max_area=6000), (94, 63)),
+    ('!1000,100', BOUND, (150, 100)),                  # the box's height binds
 ]
 
 

@@ -8,6 +8,7 @@ Cached files are planted in the upstream layout (thumbnails/<root>_<scale><ext>,
 pyramid, <root>_iiif,x,y,w,h,W,H<ext> for an IIIF answer), marked so that an answer shows where it came from:
 a thumbnail's colour names its source."""
 
+import contextlib
 import json
 import os
 import threading
@@ -347,3 +348,29 @@ def test_a_thumbnail_whose_cache_name_would_be_256_bytes_is_refused_with_the_rea
     client.upload(name, images[('blue', '400x300')])
     assert client.fileget(name, 'T', scale='100', status=404).text == \
         'The file name is too long to name its thumbnail.'
+
+
+def test_a_pyramid_whose_cache_name_would_be_256_bytes_is_refused_with_the_reason(client, images):
+    name = 'x' * 247 + '.png'                       # its pyramid's name has '_iiif' more
+    client.upload(name, images[('blue', '400x300')])
+    assert client.get(f'/iiif/3/{name}/info.json', {}, status=404).text == \
+        'The file name is too long to name its pyramid.'
+
+
+@pytest.mark.parametrize('change', ['replaced', 'deleted'])
+def test_a_pyramid_made_from_bytes_replaced_or_deleted_meanwhile_is_not_kept(client, images, change):
+    client.upload('a.png', images[('blue', '400x300')])
+    real = client.app.thumbnailer.pyramid_built
+
+    @contextlib.contextmanager
+    def built_then_changed(*args):
+        with real(*args) as made:
+            if change == 'replaced':
+                client.upload('a.png', images[('red', '400x300')])
+            else:
+                client.delete('a.png')
+            yield made
+    client.app.thumbnailer.pyramid_built = built_then_changed
+    answer = client.get('/iiif/3/a.png/info.json', {}, status=404)
+    assert answer.text == 'The file changed while its pyramid was made: try again.'
+    assert 'thumbnails/a_iiif.png' not in client.all_files()

@@ -320,6 +320,12 @@ def test_max_width_alone_bounds_the_height_too(version):
     assert parse(version, image=(200, 300), limits=Limits(max_width=200)).size == (133, 200)
 
 
+@pytest.mark.parametrize('image', [(0, 200), (300, 0), (0, 0), (300.0, 200), (300, '200'), (True, 200)])
+def test_an_image_size_that_is_not_two_positive_whole_numbers_is_a_programming_error(image):
+    with pytest.raises(ValueError, match='^the image size must be positive whole numbers$'):
+        iiif.parse_request(3, 'full', 'max', '0', 'default.jpg', *image)
+
+
 def test_a_limits_object_with_max_height_and_no_max_width_is_refused():
     """3.0 section 5.2: "maxWidth MUST be specified if maxHeight is specified"."""
     with pytest.raises(ValueError):

@@ -30,7 +30,7 @@ def kind_of(head):
         return 'image/png'
     if head[:6] in (b'GIF87a', b'GIF89a'):
         return 'image/gif'
-    if head[:4] in (b'II*\0', b'MM\0*'):
+    if head[:4] in (b'II*\0', b'MM\0*', b'II+\0', b'MM\0+'):     # TIFF, BigTIFF
         return 'image/tiff'
     if head.startswith(b'%PDF-'):          # not merely inside: Ghostscript would run PostScript
         return 'application/pdf'
@@ -158,23 +158,38 @@ def jpeg_size(f):
 TIFF_TAGS = {254: 'subfile_type', 256: 'width', 257: 'height', 258: 'bits', 277: 'samples', 278: 'rows_per_strip',
              322: 'tile_width', 323: 'tile_height'}
 
+TIFF_INTEGERS = {3: 'H', 4: 'I', 16: 'Q'}   # SHORT, LONG and BigTIFF's LONG8, as struct formats
+
 TIFF_PAGES_READ = 16           # directories read for reduced-resolution pages: a pyramid of 64K px has 16
 
 TIFF_ENTRIES_READ = 64         # entries read of each: the tags looked for are among the lowest numbered
 
 
-def tiff_directory(f, order, entries=None):
+def tiff_start(f):
+    """(byte order, whether BigTIFF, offset of the first directory) of the TIFF whose start f is at."""
+    order = '<' if f.read(2) == b'II' else '>'
+    if struct.unpack(order + 'H', f.read(2))[0] == 43:     # BigTIFF (as libvips writes pyramids): 8-byte offsets
+        f.seek(8)
+        return order, True, struct.unpack(order + 'Q', f.read(8))[0]
+    return order, False, struct.unpack(order + 'I', f.read(4))[0]
+
+
+def tiff_directory(f, order, big, entries=None):
     """The looked-for tags of the directory at f's position (of its first `entries` entries; all: None) and the
     offset of the next directory (0: none)."""
+    count_format, entry_format, offset_format = ('Q', 'HHQ8s', 'Q') if big else ('H', 'HHI4s', 'I')
     start, found = f.tell(), {}
-    count = struct.unpack(order + 'H', f.read(2))[0]
+    count = struct.unpack(order + count_format, f.read(struct.calcsize(count_format)))[0]
+    entry_size = struct.calcsize(order + entry_format)
     for _ in range(count if entries is None else min(count, entries)):
-        tag, kind, _count, value = struct.unpack(order + 'HHI4s', f.read(12))
-        if tag in TIFF_TAGS and kind in (3, 4):      # a list (BitsPerSample) gives its first value or offset
-            found[TIFF_TAGS[tag]] = struct.unpack(order + ('H' if kind == 3 else 'I'), value[:2 if kind == 3 else 4])[0]
-    f.seek(start + 2 + 12 * count)
-    following = f.read(4)
-    return found, struct.unpack(order + 'I', following)[0] if len(following) == 4 else 0
+        tag, kind, _count, value = struct.unpack(order + entry_format, f.read(entry_size))
+        if tag in TIFF_TAGS and kind in TIFF_INTEGERS:  # a list (BitsPerSample) gives its first value or offset
+            integer = order + TIFF_INTEGERS[kind]
+            found[TIFF_TAGS[tag]] = struct.unpack(integer, value[:struct.calcsize(integer)])[0]
+    f.seek(start + struct.calcsize(count_format) + entry_size * count)
+    size = struct.calcsize(offset_format)
+    following = f.read(size)
+    return found, struct.unpack(order + offset_format, following)[0] if len(following) == size else 0
 
 
 def tiff_pages(path):
@@ -183,12 +198,10 @@ def tiff_pages(path):
     pages = []
     try:
         with open(path, 'rb') as f:
-            order = '<' if f.read(2) == b'II' else '>'
-            f.seek(4)
-            offset = struct.unpack(order + 'I', f.read(4))[0]
+            order, big, offset = tiff_start(f)
             while offset and len(pages) < TIFF_PAGES_READ:
                 f.seek(offset)
-                found, offset = tiff_directory(f, order, TIFF_ENTRIES_READ)
+                found, offset = tiff_directory(f, order, big, TIFF_ENTRIES_READ)
                 pages.append((found.get('width', 0), found.get('height', 0), found.get('subfile_type', 0)))
     except (OSError, struct.error):
         return []
@@ -197,10 +210,9 @@ def tiff_pages(path):
 
 def tiff_size(f):
     """The first directory's size, and its largest strip or tile decoded (bits and samples per pixel)."""
-    order = '<' if f.read(2) == b'II' else '>'
-    f.seek(4)
-    f.seek(struct.unpack(order + 'I', f.read(4))[0])
-    found = tiff_directory(f, order)[0]
+    order, big, offset = tiff_start(f)
+    f.seek(offset)
+    found = tiff_directory(f, order, big)[0]
     if 'width' not in found or 'height' not in found:
         return None
     width, height = found['width'], found['height']

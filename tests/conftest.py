@@ -2,6 +2,7 @@
 images most tests use. The harness they build on (clients, servers, nginx, images, processes) is the package
 harness/, shared with bench/."""
 
+import json
 import os
 import secrets
 import sys
@@ -10,10 +11,34 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import front  # noqa: E402
+import iiif  # noqa: E402
 from config import load_config  # noqa: E402
 from harness.client import KEY, Client  # noqa: E402
 from harness.images import make_image  # noqa: E402
 from harness.seaweed import SeaweedFS  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def nothing_remembered_from_another_test():
+    """Every test computes what it checks: the memo caches (IIIF plans and tile grids, trusted addresses) start
+    empty, so no answer is one remembered from another test run in the same process (as mutation testing runs
+    each mutant's tests in a process forked from one that ran them all unmutated)."""
+    iiif.remembered_plan.cache_clear()
+    iiif.tile_grid.cache_clear()
+    front.is_trusted.cache_clear()
+
+
+def pytest_collection_modifyitems(items):
+    """Under mutation testing (mutmut names the mutant in MUTANT_UNDER_TEST), the quickest tests first, by the
+    durations mutmut recorded: a mutant is known killed at its first failing test (it runs them with -x), and
+    mutmut hands them over in no particular order."""
+    if os.environ.get('MUTANT_UNDER_TEST', 'stats') in ('', 'stats', 'fail', 'mutant_generation') \
+            or not os.path.exists('mutmut-stats.json'):
+        return
+    with open('mutmut-stats.json', encoding='utf-8') as stats:
+        durations = json.load(stats)['duration_by_test']
+    items.sort(key=lambda item: durations.get(item.nodeid, 0))
 
 
 def pytest_generate_tests(metafunc):

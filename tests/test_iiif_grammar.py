@@ -62,6 +62,12 @@ def test_a_region_resolves_to_pixels_of_the_full_image(version, region, expected
 
 
 @BOTH
+def test_a_square_region_is_whole_pixels_centred_rounded_down(version):
+    region = parse(version, region='square', image=(301, 200)).region
+    assert region == (50, 0, 200, 200) and [type(n) for n in region] == [int] * 4
+
+
+@BOTH
 def test_a_square_region_of_a_tall_image_is_centred_vertically(version):
     assert parse(version, region='square', image=(200, 301)).region == (0, 50, 200, 200)
 
@@ -116,6 +122,41 @@ def test_a_region_outside_the_grammar_is_a_400(version, region):
     assert status(version, region=region) == 400
 
 
+@pytest.mark.parametrize('parameter, text, reason', [
+    ('region', '0,0,10', 'Bad region.'), ('region', 'pct:a,0,10,10', 'Bad region.'),
+    ('region', '0,0,x,10', 'Bad region.'),
+    ('size', '1,2,3', 'Bad size.'), ('size', 'x,', 'Bad size.'), ('size', ',x', 'Bad size.'), ('size', '10,x', 'Bad size.'),
+    ('size', '^pct:x', 'Bad size.'), ('size', 'pct:x', 'Bad size.'), ('size', '!x,10', 'Bad size.'),
+    ('rotation', '-90', 'Bad rotation.'), ('region', None, 'Bad region.'), ('size', None, 'Bad size.'),
+    ('rotation', None, 'Bad rotation.'), ('quality_format', None, 'Bad quality or format.'),
+    ('quality_format', 'best.jpg', 'Bad quality.'), ('quality_format', 'default', 'Bad quality.')])
+def test_a_parameter_outside_the_grammar_is_a_400_naming_the_parameter(parameter, text, reason):
+    with pytest.raises(IIIFError) as refused:
+        parse(3, **{parameter: text})
+    assert (refused.value.status, refused.value.reason) == (400, reason)
+
+
+REASONS = [                        # (version, request, limits, status, the reason a client is told)
+    (3, {'region': '0,0,0,10'}, NONE, 400, 'Bad region: its width or height is zero.'),
+    (3, {'region': '300,0,10,10'}, NONE, 400, 'Bad region: it lies entirely outside the image.'),
+    (3, {'size': '!0,10'}, NONE, 400, 'Bad size: it is zero pixels wide or high.'),
+    (3, {'size': 'pct:101'}, NONE, 400, 'Bad size: pct:n may not exceed 100; prefix it with ^ to upscale.'),
+    (3, {'size': 'pct:0.1'}, NONE, 400, 'Bad size: it is less than one pixel wide or high.'),
+    (3, {'size': '301,'}, BOUND, 400, 'Bad size: it is larger than the region; prefix it with ^ to upscale.'),
+    (3, {'size': '^401,'}, BOUND, 400, 'Bad size: it is larger than maxWidth, maxHeight or maxArea.'),
+    (2, {'size': '401,'}, BOUND, 404, 'Bad size: it is larger than maxWidth, maxHeight or maxArea.'),
+    (3, {'rotation': '361'}, NONE, 400, 'Bad rotation: it must be from 0 to 360 degrees.'),
+    (3, {'quality_format': 'default.tif'}, NONE, 400, 'Bad format: this server answers jpg, png and webp.'),
+]
+
+
+@pytest.mark.parametrize('version, request_, limits, expected, reason', REASONS)
+def test_a_refused_request_tells_the_client_the_rule_it_breaks(version, request_, limits, expected, reason):
+    with pytest.raises(IIIFError) as refused:
+        parse(version, limits=limits, **request_)
+    assert (refused.value.status, refused.value.reason) == (expected, reason)
+
+
 @BOTH
 @pytest.mark.parametrize('region', [None, b'full', 5, ['full']])
 def test_a_parameter_that_is_not_text_is_a_400(version, region):
@@ -153,6 +194,9 @@ SIZES_3 = [
     ('^max', Limits(max_width=1000, max_height=300), (450, 300)),
     ('^!1000,1000', Limits(max_area=60000), (300, 200)),
     ('200,', Limits(max_width=200), (200, 133)),
+    ('^!1000,100', BOUND, (150, 100)),                 # the box's height binds
+    ('^!300,1000', NONE, (300, 200)),                  # ^ that fits the region exactly needs no upscaling
+    ('^!1000,200', NONE, (300, 200)),
 ]
 
 
@@ -191,6 +235,11 @@ def test_a_3_0_size_that_may_not_be_served_gets_the_specifications_status(size, 
     assert status(3, size=size, limits=limits) == expected
 
 
+def test_a_best_fit_wider_than_the_region_though_as_high_needs_upscaling():
+    """^!11,100 of a 10 x 3 image is 11 x 3: wider than the region, so a 501 without sizeUpscaling."""
+    assert status(3, size='^!11,100', image=(10, 3)) == 501
+
+
 def test_a_3_0_size_larger_than_a_cropped_region_is_judged_against_the_region_not_the_image():
     """/125,15,120,140/121,/0/default.jpg: the region is 120 wide, so 121 would upscale."""
     assert status(3, region='125,15,120,140', size='121,', limits=BOUND) == 400
@@ -213,6 +262,7 @@ SIZES_2 = [
     ('!360,360', BOUND, (360, 240)),
     ('!360,360', NONE, (300, 200)),                    # without sizeAboveFull the best fit stops at full
     ('max', Limits(max_area=6000), (94, 63)),
+    ('!1000,100', BOUND, (150, 100)),                  # the box's height binds
 ]
 
 
@@ -270,10 +320,51 @@ def test_max_width_alone_bounds_the_height_too(version):
     assert parse(version, image=(200, 300), limits=Limits(max_width=200)).size == (133, 200)
 
 
+@pytest.mark.parametrize('image', [(0, 200), (300, 0), (0, 0), (300.0, 200), (300, '200'), (True, 200)])
+def test_an_image_size_that_is_not_two_positive_whole_numbers_is_a_programming_error(image):
+    with pytest.raises(ValueError, match='^the image size must be positive whole numbers$'):
+        iiif.parse_request(3, 'full', 'max', '0', 'default.jpg', *image)
+
+
 def test_a_limits_object_with_max_height_and_no_max_width_is_refused():
     """3.0 section 5.2: "maxWidth MUST be specified if maxHeight is specified"."""
     with pytest.raises(ValueError):
         Limits(max_height=100)
+
+
+AREA_SIZES = [                     # (region, maxArea, ^max)
+    ((1, 1), 2, (1, 1)),           # a square stays square, though 2 x 1 is within the area
+    ((4, 5), 2, (1, 1)),           # 1 x 1 is nearer 4:5 than 1 x 2
+    ((2, 4), 8, (2, 4)),           # a tall region as large as the area
+    ((4, 5), 10, (2, 2)),          # the height 2 the area allows at 4:5; the width 2 x 4 / 5, rounded down
+    ((10, 1), 3, (3, 1)),          # one pixel high: as wide as the area allows
+    ((1, 10), 3, (1, 3)),          # one pixel wide: as high as the area allows
+]
+
+
+@pytest.mark.parametrize('image, area, expected', AREA_SIZES)
+def test_max_within_max_area_is_whole_pixels_at_the_aspect_ratio_rounded_down(image, area, expected):
+    size = parse(3, size='^max', image=image, limits=Limits(max_area=area)).size
+    assert size == expected and [type(side) for side in size] == [int, int]
+
+
+def test_a_best_fit_exactly_at_max_area_is_served_as_fitted_not_shrunk():
+    """!150,150 of a 301 x 200 image is 150 x 100, 15000 pixels: within a maxArea of 15000."""
+    assert parse(3, size='!150,150', image=(301, 200), limits=Limits(max_area=15000)).size == (150, 100)
+
+
+@BOTH
+def test_an_extreme_tall_aspect_ratio_still_gets_one_pixel_wide_at_max(version):
+    """/full/max/0/default.jpg of a 1 x 100000 image with maxWidth (so maxHeight) 1000: 1 x 1000, not 0 or 2 wide."""
+    assert parse(version, image=(1, 100000), limits=Limits(max_width=1000)).size == (1, 1000)
+
+
+@pytest.mark.parametrize('version, feature', [(3, 'sizeUpscaling'), (2, 'sizeAboveFull')])
+def test_a_size_needing_upscaling_not_offered_is_a_501_naming_the_feature(version, feature):
+    with pytest.raises(IIIFError) as refused:
+        parse(version, size='^360,' if version == 3 else '360,')
+    assert (refused.value.status, refused.value.reason) == (501, f'Upscaling ({feature}) is not supported by this '
+                                                                 'server.')
 
 
 # Rotation (3.0 and 2.1 section 4.3) ##################################################################
@@ -629,6 +720,38 @@ def test_every_format_of_the_specification_not_declared_is_a_400(version):
         assert status(version, quality_format=f'default.{fmt}') == 400, fmt
 
 
+# Which answers are the tiles and sizes info.json offers (and so are kept once cut) ##################
+
+ODD = (1201, 901)                   # tiles of 512 at scale factors 1, 2 and 4; sizes 1201x901, 601x451, 301x226
+
+
+def offered(request, image=ODD):
+    region, size, rotation, quality_format = request.split('/')
+    plan = iiif.parse_request(3, region, size, rotation, quality_format, *image)
+    return iiif.is_offered(plan, *image, *iiif.tile_grid(*image, 512))
+
+
+@pytest.mark.parametrize('request_, answer', [
+    ('full/1201,901/0/default.jpg', True),           # the full image at a size listed
+    ('full/301,226/0/default.jpg', True),
+    ('full/300,225/0/default.jpg', False),           # a size not listed
+    ('0,0,601,451/601,451/0/default.jpg', False),    # a listed size, but not of the full image
+    ('0,0,512,512/512,512/0/default.jpg', True),     # a tile at scale factor 1
+    ('1024,512,177,389/177,389/0/default.jpg', True),   # the corner tile, cut at the image's edges
+    ('1024,0,177,901/89,451/0/default.jpg', True),   # an edge tile at scale factor 2, its odd sides halved up
+    ('0,0,1024,901/512,451/0/default.jpg', True),
+    ('0,0,512,512/256,256/0/default.jpg', False),    # a tile at another size
+    ('1,0,512,512/512,512/0/default.jpg', False),    # off the grid
+    ('0,1,512,512/512,512/0/default.jpg', False),
+    ('0,0,512,511/512,511/0/default.jpg', False),    # not the whole tile
+    ('full/1201,901/90/default.jpg', False), ('full/1201,901/!0/default.jpg', False),
+    ('full/1201,901/0/gray.jpg', False), ('full/1201,901/0/default.png', False),
+    ('full/1201,901/0/color.jpg', True),             # default is color
+])
+def test_only_the_tiles_and_sizes_info_json_offers_unturned_in_colour_as_jpeg_are_offered_answers(request_, answer):
+    assert offered(request_) is answer
+
+
 # Identifiers ########################################################################################
 
 COLLECTIONS = {'KU Fish': 'fish', 'a/b~c': 'odd', 'Herbier de l\'Université': 'herb', 'x\x00y': 'nul'}
@@ -650,7 +773,12 @@ def test_without_collection_dirs_the_decoded_identifier_names_the_attachment(nam
 def test_without_collection_dirs_a_segment_no_attachment_can_be_named_is_a_404(segment):
     with pytest.raises(IIIFError) as refused:
         iiif.name_for(segment, None)
-    assert refused.value.status == 404
+    assert (refused.value.status, refused.value.reason) == (404, 'No such image.')
+
+
+def test_an_identifier_for_a_collection_not_configured_is_refused_as_a_programming_error():
+    with pytest.raises(ValueError, match='^an identifier names a collection of COLLECTION_DIRS$'):
+        iiif.identifier_for('Elsewhere', 'a.jpg', COLLECTIONS)
 
 
 @pytest.mark.parametrize('coll', sorted(COLLECTIONS))
@@ -681,7 +809,7 @@ NOT_IDENTIFIERS = [
 def test_with_collection_dirs_an_identifier_that_is_not_the_one_spelling_of_an_attachment_is_a_404(identifier):
     with pytest.raises(IIIFError) as refused:
         iiif.name_for(identifier, COLLECTIONS)
-    assert refused.value.status == 404
+    assert (refused.value.status, refused.value.reason) == (404, 'No such image.')
 
 
 NAMES = st.text(min_size=1, max_size=80).filter(lambda name: name_problem(name) is None)

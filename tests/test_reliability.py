@@ -388,24 +388,41 @@ def test_no_room_reported_by_fsync_of_the_copy_is_507_and_keeps_the_old_original
     assert_refused_for_room_keeping(client, answer, 'scan.tif', old)
 
 
-def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_path):
-    base = tmp_path / 'attachments'
-    web = RunningServer(base, tmp_path / 'first.log', ACCESS_LOG='false', PREGENERATE_SCALE='none', THREADS='16')
-    payloads = {f'upload-{i}.bin': os.urandom(int.from_bytes(os.urandom(3), 'big') % (3 * 2**20) + 1)
-                for i in range(60)}
-    answered, lock = set(), threading.Lock()
+UPLOADS_IN_FLIGHT = 60
 
-    def send(name):
+
+def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_path):
+    """60 uploads in flight at once, each from a client address of its own and with a thread of its own in the
+    server (THREADS - 5 may take request bodies), each half sent before any goes on; killed once 20 are answered."""
+    base = tmp_path / 'attachments'
+    web = RunningServer(base, tmp_path / 'first.log', ACCESS_LOG='false', PREGENERATE_SCALE='none',
+                        THREADS=str(UPLOADS_IN_FLIGHT + 10))
+    payloads = {f'upload-{i}.bin': os.urandom(int.from_bytes(os.urandom(3), 'big') % (3 * 2**20) + 1)
+                for i in range(UPLOADS_IN_FLIGHT)}
+    answered, lock = set(), threading.Lock()
+    all_sending = threading.Barrier(UPLOADS_IN_FLIGHT)
+
+    def send(numbered):
+        number, name = numbered
+        content_type, body = multipart_body([('file', name, payloads[name]), ('store', name), ('type', 'O'),
+                                             ('token', make_token(KEY, name))])
+
+        def halves():
+            yield body[:len(body) // 2]
+            all_sending.wait(60)               # every upload is in flight, half sent, before any goes on
+            yield body[len(body) // 2:]
         try:
-            if upload_over_http(web, name, payloads[name])[2] == b'Ok.':
+            if web.request('POST', '/fileupload', halves(), {'Content-Type': content_type,
+                                                             'Content-Length': str(len(body))},
+                           source=f'127.0.0.{2 + number}')[2] == b'Ok.':
                 with lock:
                     answered.add(name)
                     if len(answered) == 20:              # kill it mid-run, with uploads in flight
                         os.kill(web.process.pid, signal.SIGKILL)
         except (OSError, http.client.HTTPException):         # cut off by the kill: not answered Ok.
             pass
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        list(pool.map(send, payloads))
+    with concurrent.futures.ThreadPoolExecutor(UPLOADS_IN_FLIGHT) as pool:
+        list(pool.map(send, enumerate(payloads)))
     web.process.wait(10)
     web.stop()
     print(f'\n{len(answered)} of {len(payloads)} uploads answered Ok. before SIGKILL')

@@ -315,6 +315,18 @@ def test_a_name_no_original_has_as_a_thumbnail_leads_to_none(candidate):
     assert thumbnail_source(candidate) is None
 
 
+def test_static_of_a_path_of_one_part_is_404(client):
+    client.upload('a.jpg', b'bytes')
+    assert client.web.get('/static/a.jpg', status=404).text == 'No such file.'
+
+
+def test_static_with_require_key_for_get_of_a_name_no_thumbnail_has_in_thumbnails_is_404_before_any_token(
+        make_client):
+    client = make_client(REQUIRE_KEY_FOR_GET=True)
+    client.upload('a.jpg', b'bytes')
+    assert client.web.get('/static/thumbnails/a.jpg', status=404).text == 'No such file.'
+
+
 def test_static_serves_a_cached_thumbnail(client, jpeg):
     client.upload('a.jpg', jpeg)
     client.fileget('a.jpg', 'T', scale='64')

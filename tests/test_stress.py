@@ -1,18 +1,31 @@
-"""Many conversions at once inside the threaded Paste server: no hang, no error, nothing half-made, the cache bound kept."""
+"""Many conversions at once inside the threaded Paste server: no hang, no error, nothing half-made, every thumbnail
+of its exact size, the originals intact, the cache bound kept."""
 
 import collections
 import concurrent.futures
 import os
+import subprocess
 import time
 from urllib.parse import urlencode
 
 from harness.client import KEY, multipart_body
-from harness.images import make_image
+from harness.images import IMAGEMAGICK, make_image
 from harness.servers import RunningServer
 from names import TEMP_PREFIX, thumbnail_source
 from tokens import make_token
 
 FILES, SCALES, CONCURRENCY = 20, 25, 16          # 500 distinct conversions
+
+
+def decoded(bodies, folder):
+    """(format, width, height) of each image, decoded by one ImageMagick run over them all."""
+    paths = []
+    for i, body in enumerate(bodies):
+        paths.append(folder / f'answer-{i}')
+        paths[-1].write_bytes(body)
+    listed = subprocess.run([IMAGEMAGICK, *map(str, paths), '-format', '%m %w %h\n', 'info:'], check=True,
+                            capture_output=True, text=True, timeout=300).stdout.split('\n')
+    return [(kind, int(width), int(height)) for kind, width, height in (line.split() for line in listed if line)]
 
 
 def test_500_conversions_at_concurrency_16_all_finish(tmp_path):
@@ -32,7 +45,7 @@ def test_500_conversions_at_concurrency_16_all_finish(tmp_path):
             name, scale = job
             status, headers, body = web.request('GET', '/fileget?' + urlencode(
                 {'filename': name, 'type': 'T', 'scale': scale}), timeout=120)
-            return status, len(body)
+            return status, body
 
         started = time.time()
         with concurrent.futures.ThreadPoolExecutor(CONCURRENCY) as pool:
@@ -40,10 +53,15 @@ def test_500_conversions_at_concurrency_16_all_finish(tmp_path):
         elapsed = time.time() - started
         print(f'\n{len(jobs)} conversions at concurrency {CONCURRENCY}: {elapsed:.1f} s')
         assert [status for status, _ in results] == [200] * len(jobs)
-        assert all(size > 0 for _, size in results)
-        thumbnails = os.listdir(tmp_path / 'attachments' / 'thumbnails')
-        assert not [n for n in thumbnails if n.startswith(TEMP_PREFIX)]
-        per_original = collections.Counter(thumbnail_source(n) for n in thumbnails)
+        (tmp_path / 'answers').mkdir()
+        thumbnails = decoded([body for _, body in results], tmp_path / 'answers')
+        kinds = {'jpg': 'JPEG', 'png': 'PNG'}          # 160x120: the long side is the scale, the other 3/4 of it, halves up
+        assert thumbnails == [(kinds[name[-3:]], scale, (3 * scale + 2) // 4) for name, scale in jobs]
+        for i, name in enumerate(names):
+            assert web.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[2] == images[i % 2]
+        cached = os.listdir(tmp_path / 'attachments' / 'thumbnails')
+        assert not [n for n in cached if n.startswith(TEMP_PREFIX)]
+        per_original = collections.Counter(thumbnail_source(n) for n in cached)
         assert per_original == {name: 3 for name in names}       # THUMBNAIL_OTHER_SCALES: these scales are not configured
     finally:
         web.stop()

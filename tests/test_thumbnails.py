@@ -534,6 +534,20 @@ def test_an_image_over_the_pixel_setting_is_refused(make_client, tmp_path):
     thumbnail(client, 'big.jpg', make_image(tmp_path, 'plasma:', '200x100', 'jpg'), status=404)
 
 
+
+def test_a_bigtiff_is_held_to_the_pixel_setting(make_client, tmp_path):
+    client = make_client(THUMBNAIL_MAX_PIXELS=10_000)
+    bigtiff = make_image(tmp_path, 'plasma:', '200x100', 'tiff64')
+    assert bigtiff[:4] == b'II+\0'
+    answer = thumbnail(client, 'big.tif', bigtiff, status=404)
+    assert answer.text == 'The image has too many pixels to thumbnail.'
+
+
+def test_the_pages_of_a_bigtiff_are_read(tmp_path):
+    path = tmp_path / 'big.tif'
+    path.write_bytes(make_image(tmp_path, 'plasma:', '200x100', 'tiff64'))
+    assert tiff_pages(path) == [(200, 100, 0)]
+
 # --- Bounds: time, concurrency, crashes ----------------------------------------------------
 
 def slow_tiff(side=7000):

@@ -30,25 +30,25 @@ OUT = os.path.join(ROOT, 'bench', 'out')
 # one containing `first` to the one containing `last` (the rest of the function is out of scope).
 AREAS = {
     'security rules': {                # names, tokens, static access, storage paths, offload, the migration's checks
-        'core.x_name_problem': None,
-        'core.x_valid_name': None,
-        'core.x_valid_scale': None,
-        'core.x_thumbnail_name': None,
-        'core.x_is_thumbnail_of': None,
-        'core.xǁLayoutǁfolder_parts': None,
-        'core.xǁLayoutǁowns_thumbnail': None,
-        'core.xǁLayoutǁis_static_parts': None,
-        'core.x_may_run_scripts': None,
-        'server.x_make_token': None,
-        'server.x_token_problem': None,
+        'names.x_name_problem': None,
+        'server.x_valid_name': None,
+        'server.x_valid_scale': None,
+        'names.x_thumbnail_name': None,
+        'names.x_is_derivative_of': None,
+        'storages.base.xǁStorageǁfolder_parts': None,
+        'storages.base.xǁStorageǁowns_derivative': None,
+        'storages.base.xǁStorageǁis_static_parts': None,
+        'kinds.x_may_run_scripts': None,
+        'tokens.x_make_token': None,
+        'tokens.x_token_problem': None,
         'server.x_require_token': None,
         'server.xǁTokenCheckǁapply': None,
         'server.x_static': None,
         'server.x_getfileref': None,
-        'server.xǁDiskStorageǁpath': None,
-        'server.xǁDiskStorageǁoriginal_path': None,
-        'server.xǁDiskStorageǁsend_static': None,
-        'server.x_send_file': ('if config.FILE_OFFLOAD and not', "return bottle.HTTPResponse('', 200"),
+        'storages.disk.xǁDiskStorageǁpath': None,
+        'storages.disk.xǁDiskStorageǁoriginal_path': None,
+        'answers.x_answer_once': ('if config.FILE_OFFLOAD and path and not', 'return handed_over('),
+        'answers.x_handed_over': None,
         'migrate.x_expected_etag': None,
         'migrate.x_is_checkable': None,
         'migrate.x_same_object': None,
@@ -63,9 +63,9 @@ AREAS = {
         # before): tokens sent though none is needed, tokens read with, answers kept private.
         'server.x_note_read_token': None,
         'server.x_keep_private': None,
-        'server.xǁReadTokensǁnote': None,
-        'server.xǁReadTokensǁexpired': None,
-        'server.xǁReadTokensǁread_with': None,
+        'tokens.xǁReadTokensǁnote': None,
+        'tokens.xǁReadTokensǁexpired': None,
+        'tokens.xǁReadTokensǁread_with': None,
     },
     'IIIF grammar': {                  # region, size, rotation, quality and format; the limits; identifiers
         'iiif.x_parse_request': None,
@@ -98,29 +98,30 @@ AREAS = {
         'iiif.x_unknown': None,
     },
     'viewer grants': {                 # and which of a token and a grant an IIIF request needs
-        'server.x_make_grant': None,
-        'server.x_new_grant': None,
-        'server.x_grant_problem': None,
+        'tokens.x_make_grant': None,
+        'tokens.x_new_grant': None,
+        'tokens.x_grant_problem': None,
         'server.x_viewer_grant': None,
         'server.x_iiif_original': None,
     },
     'derivative policy': {
         # Freshness against the original, the scale ladder, invalidation on replace and delete, which IIIF
-        # answers are kept: disk and the storage-independent Layout (S3's needs SeaweedFS, which the run has not).
-        'core.x_pregenerated_scales': None,
-        'core.xǁLayoutǁlarger_scales': None,
-        'core.xǁLayoutǁensure_thumbnail': None,
-        'server.x_pregenerate_thumbnails': None,
-        'server.xǁDiskStorageǁthumbnail_is_fresh': None,
-        'server.xǁDiskStorageǁderivative_is_fresh': None,
-        'server.xǁDiskStorageǁstore_derivative': None,
-        'server.xǁDiskStorageǁmake_thumbnail': None,
-        'server.xǁDiskStorageǁlarger_fresh_thumbnail': None,
-        'server.xǁDiskStorageǁ_convert_into_place': None,
-        'server.xǁDiskStorageǁdelete': None,
-        'server.xǁDiskStorageǁ_delete_thumbnails': None,
-        'server.xǁFailureMemoryǁforget': None,
-        'server.x_ensure_pyramid': None,
+        # answers are kept: the derivative service (cache.py) and disk storage (S3's needs SeaweedFS, which the
+        # run has not).
+        'config.x_pregenerated_scales': None,
+        'cache.xǁOtherScalesǁscales_of': None,
+        'cache.xǁDerivativeCacheǁensure_thumbnail': None,
+        'cache.xǁDerivativeCacheǁpregenerate': None,
+        'storages.disk.xǁDiskStorageǁderivative_is_fresh': None,
+        'storages.disk.xǁDiskStorageǁstore_derivative': None,
+        'cache.xǁDerivativeCacheǁmake_thumbnail': None,
+        'cache.xǁDerivativeCacheǁlarger_fresh_thumbnail': None,
+        'cache.xǁDerivativeCacheǁ_convert_and_store': None,
+        'storages.disk.xǁDiskStorageǁdelete': None,
+        'storages.disk.xǁDiskStorageǁ_delete_derivatives': None,
+        'engines.scheduling.xǁFailureMemoryǁforget': None,
+        'cache.xǁDerivativeCacheǁoriginal_changed': None,
+        'cache.xǁDerivativeCacheǁensure_pyramid': None,
         'iiif.x_is_offered': None,
     },
     "front's counters and deadlines": {
@@ -143,14 +144,14 @@ AREAS = {
         'front.xǁFrontǁrefuse_waiting': None,
         'front.xǁFrontǁclose': None,
         'front.xǁFrontǁforget': None,
-        'front.xǁWaitingRoomǁenter': None,
-        'front.xǁWaitingRoomǁmost': None,
-        'front.xǁWaitingRoomǁfits': None,
-        'front.xǁWaitingRoomǁleave': None,
-        'front.xǁWaitingRoomǁnext_waiting': None,
-        'front.xǁWaitingRoomǁexpired': None,
-        'front.xǁWaitingRoomǁnext_deadline': None,
-        'front.x_kind_of': None,
+        'waiting_room.xǁWaitingRoomǁenter': None,
+        'waiting_room.xǁWaitingRoomǁmost': None,
+        'waiting_room.xǁWaitingRoomǁfits': None,
+        'waiting_room.xǁWaitingRoomǁleave': None,
+        'waiting_room.xǁWaitingRoomǁnext_waiting': None,
+        'waiting_room.xǁWaitingRoomǁexpired': None,
+        'waiting_room.xǁWaitingRoomǁnext_deadline': None,
+        'waiting_room.x_kind_of': None,
         'front.xǁRequestReaderǁfill': None,
         'front.xǁSenderǁdeadline': None,
     },
@@ -159,10 +160,22 @@ SCOPE = {function: limits for functions in AREAS.values() for function, limits i
 SCOPE_LINES = {}   # {function: [text of single lines also in scope]}
 
 
+def split_name(function):
+    """(module, mangled name) of mutmut's name of a function: 'storages.disk.xǁDiskStorageǁpath' gives
+    ('storages.disk', 'xǁDiskStorageǁpath'); 'iiif.x_fit' gives ('iiif', 'x_fit')."""
+    at = min(i for i in (function.find('.x_'), function.find('.xǁ')) if i >= 0)
+    return function[:at], function[at + 1:]
+
+
+def module_path(module, root=ROOT):
+    """The file of a module named with dots."""
+    return os.path.join(root, *module.split('.')) + '.py'
+
+
 def source_of(function):
     """The source text of a function in SCOPE ('module.x_name' or 'module.xǁClassǁname'), from the module itself."""
-    module, _, mangled = function.partition('.')
-    path = os.path.join(ROOT, module + '.py')
+    module, mangled = split_name(function)
+    path = module_path(module)
     with open(path, encoding='utf-8') as f:
         text = f.read()
     *owner, name = mangled[2:].split('ǁ') if mangled.startswith('xǁ') else [mangled[2:]]
@@ -217,11 +230,12 @@ def in_scope(function, original, first):
 
 def mutmut_files(module):
     """(the mutated module's text, mutmut's line spans of its functions, its exit codes by mutant name)."""
-    with open(os.path.join(ROOT, 'mutants', module + '.py'), encoding='utf-8') as f:
+    path = module_path(module, os.path.join(ROOT, 'mutants'))
+    with open(path, encoding='utf-8') as f:
         text = f.read()
-    with open(os.path.join(ROOT, 'mutants', module + '.py.spans'), encoding='utf-8') as f:
+    with open(path + '.spans', encoding='utf-8') as f:
         spans = json.load(f)['spans']
-    with open(os.path.join(ROOT, 'mutants', module + '.py.meta'), encoding='utf-8') as f:
+    with open(path + '.meta', encoding='utf-8') as f:
         codes = json.load(f)['exit_code_by_key']
     return text, spans, codes
 
@@ -230,13 +244,13 @@ def results():
     """{mutant name: (status, diff lines)} of every mutant in scope, from mutmut's files in mutants/."""
     from mutmut.stats import status_by_exit_code
     found = {}
-    for module in sorted({name.split('.')[0] for name in SCOPE}):
+    for module in sorted({split_name(name)[0] for name in SCOPE}):
         text, spans, codes = mutmut_files(module)
         for name, code in codes.items():
             function, _, number = name.rpartition('__mutmut_')
             if function not in SCOPE:
                 continue
-            original, first, changed = mutant_diff(text, spans, function.split('.', 1)[1], number)
+            original, first, changed = mutant_diff(text, spans, split_name(function)[1], number)
             if in_scope(function, original, first):
                 found[name] = (status_by_exit_code[code], changed)
     return found
@@ -299,11 +313,11 @@ def in_scope_mutants(children, log):
     subprocess.run([sys.executable, '-c', GENERATE.format(children=children)], cwd=ROOT, stdout=log,
                    stderr=subprocess.STDOUT, check=True)
     names = []
-    for module in sorted({name.split('.')[0] for name in SCOPE}):
+    for module in sorted({split_name(name)[0] for name in SCOPE}):
         text, spans, codes = mutmut_files(module)
         for name in codes:
             function, _, number = name.rpartition('__mutmut_')
-            if function in SCOPE and in_scope(function, *mutant_diff(text, spans, function.split('.', 1)[1],
+            if function in SCOPE and in_scope(function, *mutant_diff(text, spans, split_name(function)[1],
                                                                       number)[:2]):
                 names.append(name)
     return names

@@ -4,11 +4,11 @@ Mutates only the functions in SCOPE, area by area (AREAS: the security rules, th
 every method, the IIIF grammar, viewer grants, the derivative policy, the front's counters and
 deadlines), runs for each mutant in scope (of the lines in scope) the tests of setup.cfg's [mutmut]
 section that reach the mutated function, and writes the score table (per area and in all) and every
-surviving mutant's diff to bench/out/mutation.txt (mutmut's own log to bench/out/mutation.log). Run it
-with a Python that has mutmut and the project's requirements installed; it starts from a fresh
-mutants/ folder.
+surviving mutant's diff to bench/out/mutation.txt, the names of the killed to bench/out/killed.txt (for
+--carry), mutmut's own log to bench/out/mutation.log. Run it with a Python that has mutmut and the
+project's requirements installed; it starts from a fresh mutants/ folder.
 
-    python bench/mutation.py [--max-children N] [--label TEXT]
+    python bench/mutation.py [--max-children N] [--label TEXT] [--carry bench/out/killed.txt]
 """
 
 import argparse
@@ -327,6 +327,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--max-children', type=int, default=2)
     parser.add_argument('--label', default='current tests')
+    parser.add_argument('--carry', metavar='FILE', help='mutants an earlier run of the same code killed with '
+                        'fewer tests (a killed.txt): counted killed without running them again, as the tests only grew')
     args = parser.parse_args()
     check_scope()
     os.makedirs(OUT, exist_ok=True)
@@ -335,10 +337,19 @@ def main():
     started = time.time()
     with open(os.path.join(OUT, 'mutation.log'), 'w') as log:
         names = in_scope_mutants(args.max_children, log)
-        subprocess.run([mutmut, 'run', '--max-children', str(args.max_children), *names], cwd=ROOT, stdout=log,
-                       stderr=subprocess.STDOUT)
+        carried = set()
+        if args.carry:
+            with open(args.carry, encoding='utf-8') as f:
+                carried = set(f.read().split()) & set(names)
+        subprocess.run([mutmut, 'run', '--max-children', str(args.max_children),
+                        *(name for name in names if name not in carried)], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     used = resource.getrusage(resource.RUSAGE_CHILDREN)
-    text = report(results(), args.label, time.time() - started, used.ru_utime + used.ru_stime)
+    found = results()
+    for name in carried:
+        found[name] = ('killed', found[name][1])
+    with open(os.path.join(OUT, 'killed.txt'), 'w', encoding='utf-8') as f:
+        f.write(''.join(f'{name}\n' for name, (status, _) in sorted(found.items()) if status == 'killed'))
+    text = report(found, args.label, time.time() - started, used.ru_utime + used.ru_stime)
     with open(os.path.join(OUT, 'mutation.txt'), 'w', encoding='utf-8') as f:
         f.write(text)
     print('\n\n'.join(text.split('\n\n')[:2]))

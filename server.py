@@ -23,6 +23,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import bottle
 
 import iiif
+from checksums import SHA256
 from files import NO_SPACE, stream_file
 from answers import stored_answer
 from cache import DerivativeCache
@@ -364,6 +365,8 @@ def capabilities():
         'tokenRequiredForGet': bool(config.REQUIRE_KEY_FOR_GET),
         'thumbnails': {'types': thumbnailed, 'maxScale': config.MAX_THUMBNAIL_SCALE,
                        'pregeneratedScales': config.PREGENERATE_SCALES, 'webp': bool(config.WEBP_THUMBNAILS)},
+        'checksums': {'algorithms': ['sha-256', 'md5'], 'reprDigest': 'sha-256',
+                      'lookup': base + '/filesbychecksum'},
         'iiif': {'versions': ['2.1', '3.0'], 'services': {'2.1': base + '/iiif/2', '3.0': base + '/iiif/3'},
                  'types': [kind for kind in thumbnailed if kind in IIIF_KINDS], 'maxSize': config.IIIF_MAX_SIZE},
     }, indent=1)
@@ -392,7 +395,7 @@ def fileupload():
     scales = app.settings.PREGENERATE_SCALES
     pregenerate = bool(scales) and sniff_kind(upload.staged) in app.imagemagick.kinds
     try:
-        app.storage.save(coll, name, upload.staged)
+        app.storage.save(coll, name, upload.staged, upload.checksum)
     except OSError as error:
         if error.errno in NO_SPACE:
             refuse(507, 'The server has no room to store this file.')
@@ -439,6 +442,18 @@ def filedelete():
         refuse(404, 'No such file.')
     app.cache.original_changed(param('coll'), name)
     return 'Ok.'
+
+
+def filesbychecksum():
+    """The names of the collection's originals whose SHA-256 is the one asked (an importer skips what is stored):
+    JSON, private. The token signs the SHA-256 as it is sent."""
+    sha256 = param('sha256') or ''
+    if not SHA256.fullmatch(sha256):
+        refuse(400, 'Bad sha256: it must be 64 lowercase hexadecimal digits.')
+    names = bottle.request.app.storage.names_with_sha256(param('coll'), sha256)
+    bottle.response.content_type = 'application/json'
+    bottle.response.set_header('Cache-Control', 'private, no-store')
+    return json.dumps({'sha256': sha256, 'names': names})
 
 
 def getmetadata():
@@ -676,6 +691,7 @@ def create_app(config):
     app.route('/fileget', 'GET', fileget, signed='filename', read=True)
     app.route('/filedelete', 'POST', filedelete, signed='filename')
     app.route('/getmetadata', 'GET', getmetadata, signed='filename', read=True)
+    app.route('/filesbychecksum', 'GET', filesbychecksum, signed='sha256')
     app.route('/testkey', 'GET', testkey, signed='random')
     app.route('/health', 'GET', health)
     if config.ALLOW_STATIC_FILE_ACCESS:

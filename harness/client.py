@@ -8,10 +8,14 @@ import webtest
 
 import server
 from names import TEMP_PREFIX
+from storages.base import CATALOGUE_DIR, INDEX_DIR
 from tokens import make_token
 
 
 KEY = 'test-attachment-key'
+
+
+RECORDS = (CATALOGUE_DIR, INDEX_DIR)     # folders of the server's records of originals
 
 
 class Client:
@@ -65,7 +69,19 @@ class Client:
         return os.path.join(self.base, *parts)
 
     def all_files(self):
-        """Every stored file (and any left in BASE_DIR), relative to the storage's root; not the key file."""
+        """Every stored file (and any left in BASE_DIR), relative to the storage's root; not the key file, and not
+        the server's records of originals (checksums, their index), each of which must name a stored original."""
+        files = self.stored_files()
+        records = {path for path in files if set(path.split('/')) & set(RECORDS)}
+        for record in records:
+            parts = record.split('/')
+            at = next(i for i, part in enumerate(parts) if part in RECORDS)
+            original = '/'.join([*parts[:at], self.config.ORIG_DIR, parts[-1]])
+            assert original in files, f'{record} is a record of {original}, which is not stored'
+        return files - records
+
+    def stored_files(self):
+        """Every stored file (and any left in BASE_DIR), records included; not the key file."""
         found = set()
         for folder, _dirs, files in os.walk(self.base):
             for name in files:

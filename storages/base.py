@@ -2,7 +2,9 @@
 
 Paths and keys are [<collection folder>/]<originals|thumbnails>/<name>, the collection folder only when
 COLLECTION_DIRS maps collections to folders; the thumbnails folder holds every derivative (thumbnails,
-pyramids, IIIF answers). A storage knows nothing of HTTP: the app answers from what `found` describes.
+pyramids, IIIF answers). Each original's checksum is kept with it: on disk in a catalogue beside the originals
+(.checksums/<name>), on S3 in the object's own metadata; .sha256/<hex>/<name> lists the originals of a SHA-256.
+A storage knows nothing of HTTP: the app answers from what `found` describes.
 """
 
 import os
@@ -10,6 +12,7 @@ import time
 import types
 import typing
 
+from checksums import Checksum
 from errors import UnknownCollection
 from files import sweep_folder
 from names import Identity, is_derivative_of, name_problem
@@ -28,6 +31,11 @@ class Found(typing.NamedTuple):
     content_type: str | None     # as stored, or as its first bytes show; None: unknown
     body: typing.Callable
     close: typing.Callable
+    checksum: Checksum | None = None     # an original's, as recorded for this version; None: none recorded
+
+
+CATALOGUE_DIR = '.checksums'     # beside originals/: each original's checksum (on disk), under the original's name
+INDEX_DIR = '.sha256'            # beside originals/: <sha256 hex>/<name>, an empty entry per original of that SHA-256
 
 
 class Storage:
@@ -51,6 +59,16 @@ class Storage:
 
     def original_parts(self, coll: Coll, name: str) -> list[str]:
         return [*self.folder_parts(coll), self.orig_dir, name]
+
+    def catalogue_parts(self, parts: Parts) -> list[str] | None:
+        """Where the checksum of the original at `parts` is catalogued; None when `parts` is not an original's."""
+        if len(parts) < 2 or parts[-2] != self.orig_dir:
+            return None
+        return [*parts[:-2], CATALOGUE_DIR, parts[-1]]
+
+    def index_parts(self, coll: Coll, sha256: str, name: str = '') -> list[str]:
+        """The index entry saying that `name` has this SHA-256 (name '': the folder of all that have it)."""
+        return [*self.folder_parts(coll), INDEX_DIR, sha256, *([name] if name else [])]
 
     def derivative_parts(self, coll: Coll, cache_name: str) -> list[str]:
         """Where a cached derivative (a thumbnail, a pyramid, an IIIF answer) of the collection is kept."""
@@ -96,9 +114,9 @@ class Storage:
     def exists(self, coll: Coll, name: str) -> bool:
         raise NotImplementedError
 
-    def save(self, coll: Coll, name: str, staged: str) -> None:
-        """Put a complete staged file in place as the original, atomically and durably; then remove the old
-        bytes' derivatives."""
+    def save(self, coll: Coll, name: str, staged: str, checksum: Checksum) -> None:
+        """Put a complete staged file in place as the original with its checksum, both atomically and durably;
+        then remove the old bytes' derivatives."""
         raise NotImplementedError
 
     def delete(self, coll: Coll, name: str) -> bool:
@@ -114,6 +132,34 @@ class Storage:
         raise NotImplementedError
 
     def original_identity(self, coll: Coll, name: str) -> Identity:
+        raise NotImplementedError
+
+    # --- Checksums ------------------------------------------------------------------------------------------------
+
+    def checksum(self, coll: Coll, name: str) -> Checksum | None:
+        """The checksum recorded for the original's current version (None: none recorded; FileNotFoundError when
+        there is no original)."""
+        raise NotImplementedError
+
+    def recorded_checksum(self, parts: Parts) -> Checksum | None:
+        """The checksum recorded for the current version of the original at `parts`; None when none is, or `parts`
+        is not an original's."""
+        return None
+
+    def names_with_sha256(self, coll: Coll, sha256: str) -> list[str]:
+        """The names of the collection's originals whose recorded SHA-256 is `sha256` (lowercase hex), sorted."""
+        found = []
+        for name in self.indexed(coll, sha256):
+            try:
+                checksum = self.checksum(coll, name)
+            except FileNotFoundError:
+                checksum = None
+            if checksum and checksum.sha256 == sha256:
+                found.append(name)
+        return sorted(found)
+
+    def indexed(self, coll: Coll, sha256: str) -> typing.Iterator[str]:
+        """The names the SHA-256 index lists for `sha256`: some may be stale (replaced or deleted since)."""
         raise NotImplementedError
 
     # --- Any stored file, by its path parts -----------------------------------------------------------------------

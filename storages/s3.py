@@ -24,6 +24,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from checksums import checksum_from_fields
 from errors import ObjectChanged, StorageUnavailable
 from files import CHUNK, SeekableReader, make_temp_file, remove_quietly
 from kinds import content_type, sniff_kind
@@ -134,6 +135,22 @@ class LocalCopies:
                 remove_quietly(path)
 
 
+def checksum_metadata(checksum):
+    """An original's checksum as object metadata (x-amz-meta-*): stored with the object, in the same PUT."""
+    return {'sha256': checksum.sha256, 'md5': checksum.md5, 'checksum-recorded': checksum.recorded,
+            'checksum-at': repr(checksum.at)}
+
+
+def object_checksum(described):
+    """The checksum in a HEAD's or GET's metadata, for the object's size; None when there is none."""
+    if not described:
+        return None
+    metadata = described.get('Metadata') or {}
+    return checksum_from_fields({'sha256': metadata.get('sha256'), 'md5': metadata.get('md5'),
+                                 'size': described.get('ContentLength'), 'recorded': metadata.get('checksum-recorded'),
+                                 'at': metadata.get('checksum-at')})
+
+
 class S3Storage(Storage):
     """Attachments as objects in one bucket, in the upstream layout below S3_PREFIX."""
     local_pyramids = 8          # local copies of pyramids kept for cutting IIIF answers
@@ -167,23 +184,56 @@ class S3Storage(Storage):
     def exists(self, coll, name):
         return self.head(self.key(self.original_parts(coll, name))) is not None
 
-    def save(self, coll, name, staged):
-        """Upload a complete staged file (a PUT is all or nothing), then drop the old bytes' derivatives."""
+    def save(self, coll, name, staged, checksum):
+        """Upload a complete staged file with its checksum in its metadata (a PUT is all or nothing), its index
+        entry first; then drop the old bytes' derivatives and index entry."""
+        key = self.key(self.original_parts(coll, name))
+        old = object_checksum(self.head(key))
+        self._index(coll, checksum.sha256, name)
         with store_errors():
-            self.client.upload_file(staged, self.bucket, self.key(self.original_parts(coll, name)),
-                                    ExtraArgs={'ContentType': content_type(staged, name)}, Config=TRANSFER)
+            self.client.upload_file(staged, self.bucket, key, Config=TRANSFER, ExtraArgs={
+                'ContentType': content_type(staged, name), 'Metadata': checksum_metadata(checksum)})
         remove_quietly(staged)
+        if old and old.sha256 != checksum.sha256:
+            self._unindex(coll, old.sha256, name)
         self._delete_derivatives(coll, name)
 
     def delete(self, coll, name):
-        """Remove an original and exactly its own derivatives; False when it is not there."""
+        """Remove an original, its index entry and exactly its own derivatives; False when it is not there."""
         key = self.key(self.original_parts(coll, name))
-        if self.head(key) is None:
+        head = self.head(key)
+        if head is None:
             return False
         with store_errors():
             self.client.delete_object(Bucket=self.bucket, Key=key)
+        old = object_checksum(head)
+        if old:
+            self._unindex(coll, old.sha256, name)
         self._delete_derivatives(coll, name)
         return True
+
+    # --- Checksums: in each original's metadata, and the index ---------------------------------------------
+
+    def checksum(self, coll, name):
+        head = self.head(self.key(self.original_parts(coll, name)))
+        if head is None:
+            raise FileNotFoundError(name)
+        return object_checksum(head)
+
+    def _index(self, coll, sha256, name):
+        with store_errors():
+            self.client.put_object(Bucket=self.bucket, Key=self.key(self.index_parts(coll, sha256, name)), Body=b'')
+
+    def _unindex(self, coll, sha256, name):
+        with store_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(self.index_parts(coll, sha256, name)))
+
+    def indexed(self, coll, sha256):
+        folder = self.key(self.index_parts(coll, sha256)) + '/'
+        with store_errors():
+            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder):
+                for item in page.get('Contents', []):
+                    yield item['Key'][len(folder):]
 
     def _delete_derivatives(self, coll, name):
         folder = self.key([*self.folder_parts(coll), self.thumb_dir]) + '/'
@@ -245,8 +295,9 @@ class S3Storage(Storage):
             if got and (start, end) == (0, size):
                 return stream(got['Body'])
             return stream(self.get_version(key, described['ETag'], start, end, size))
+        checksum = object_checksum(described) if self.catalogue_parts(parts) else None
         return Found(size, described['ETag'], described['LastModified'].timestamp(),
-                     described.get('ContentType') or None, body, got['Body'].close if got else lambda: None)
+                     described.get('ContentType') or None, body, got['Body'].close if got else lambda: None, checksum)
 
     def derivative_is_fresh(self, coll, name, cache_name, identity=None):
         """A stored derivative counts when it was made from the original's current bytes (`identity`, when known)."""

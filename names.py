@@ -34,6 +34,11 @@ def name_problem(name):
     return None
 
 
+CATALOGUE_DIR = '.checksums'     # beside originals/: each original's checksum (on disk), under the original's name
+INDEX_DIR = '.sha256'            # beside originals/: <sha256 hex>/<name>, an empty entry per original of that SHA-256
+RECORD_FOLDERS = (CATALOGUE_DIR, INDEX_DIR)     # the server's records of originals, never a client's name for a folder
+
+
 class Identity(typing.NamedTuple):
     """What names an original's current bytes: its path parts, and what changes when they are replaced (on disk
     inode, modification time and size; on S3 the ETag and LastModified). Failures and view sizes are

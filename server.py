@@ -10,6 +10,7 @@ config, tokens) -> storages/ and engines/ -> cache (the derivative cache) -> fro
 server (this) -> derivatives.py and migrate.py (administration commands).
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,6 +24,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import bottle
 
 import iiif
+from audit import AuditLog
 from checksums import SHA256
 from files import NO_SPACE, stream_file
 from answers import stored_answer
@@ -394,12 +396,14 @@ def fileupload():
     coll = param('coll')
     scales = app.settings.PREGENERATE_SCALES
     pregenerate = bool(scales) and sniff_kind(upload.staged) in app.imagemagick.kinds
-    try:
-        app.storage.save(coll, name, upload.staged, upload.checksum)
-    except OSError as error:
-        if error.errno in NO_SPACE:
-            refuse(507, 'The server has no room to store this file.')
-        raise
+    checksum = upload.checksum
+    with audited('upload', coll, name, size=checksum.size, sha256=checksum.sha256) as change:
+        try:
+            change['action'] = 'replace' if app.storage.save(coll, name, upload.staged, checksum) else 'upload'
+        except OSError as error:
+            if error.errno in NO_SPACE:
+                refuse(507, 'The server has no room to store this file.')
+            raise
     upload.staged = None
     app.cache.original_changed(coll, name)
     if pregenerate:
@@ -437,11 +441,37 @@ def accepts_webp(accept):
 
 def filedelete():
     app = bottle.request.app
-    name = valid_name(param('filename'), 'filename')
-    if not app.storage.delete(param('coll'), name):
+    name, coll = valid_name(param('filename'), 'filename'), param('coll')
+    try:
+        checksum = app.storage.checksum(coll, name)
+    except FileNotFoundError:
         refuse(404, 'No such file.')
-    app.cache.original_changed(param('coll'), name)
+    with audited('delete', coll, name, size=checksum and checksum.size, sha256=checksum and checksum.sha256):
+        if not app.storage.delete(coll, name):
+            refuse(404, 'No such file.')
+    app.cache.original_changed(coll, name)
     return 'Ok.'
+
+
+@contextlib.contextmanager
+def audited(action, coll, name, **facts):
+    """Record a change in the audit log once it is done or refused (its outcome: ok, or the status and reason);
+    the `change` yielded may correct the action."""
+    change = {'action': action}
+    environ = bottle.request.environ
+    client = environ.get('wast.client') or environ.get('REMOTE_ADDR')
+    outcome = '500 internal error'
+    try:
+        yield change
+        outcome = 'ok'
+    except bottle.HTTPError as error:
+        outcome = f'{error.status_code} {error.body}'
+        raise
+    except StorageUnavailable:
+        outcome = '503 storage unavailable'
+        raise
+    finally:
+        bottle.request.app.audit.record(change['action'], coll, name, outcome, client=client, **facts)
 
 
 def filesbychecksum():
@@ -677,6 +707,7 @@ def create_app(config):
     if app.cache.cache_size:
         app.cache.start_cache_sweep()           # counts the cache, in the background
     app.metadata = MetadataReader(config)
+    app.audit = AuditLog(config.AUDIT_LOG)
     app.read_tokens = ReadTokens(READ_TOKENS_REMEMBERED)
     app.iiif_limits = iiif.Limits(max_width=config.IIIF_MAX_SIZE, max_height=config.IIIF_MAX_SIZE)
     app.install(answer_faults)

@@ -7,15 +7,11 @@ import secrets
 import webtest
 
 import server
-from names import TEMP_PREFIX
-from storages.base import CATALOGUE_DIR, INDEX_DIR
+from names import RECORD_FOLDERS, TEMP_PREFIX
 from tokens import make_token
 
 
 KEY = 'test-attachment-key'
-
-
-RECORDS = (CATALOGUE_DIR, INDEX_DIR)     # folders of the server's records of originals
 
 
 class Client:
@@ -69,24 +65,26 @@ class Client:
         return os.path.join(self.base, *parts)
 
     def all_files(self):
-        """Every stored file (and any left in BASE_DIR), relative to the storage's root; not the key file, and not
-        the server's records of originals (checksums, their index), each of which must name a stored original."""
+        """Every stored file (and any left in BASE_DIR), relative to the storage's root; not the key file or the audit
+        log, and not the server's records of originals (checksums, their index), each of which must name a stored
+        original."""
         files = self.stored_files()
-        records = {path for path in files if set(path.split('/')) & set(RECORDS)}
+        records = {path for path in files if set(path.split('/')) & set(RECORD_FOLDERS)}
         for record in records:
             parts = record.split('/')
-            at = next(i for i, part in enumerate(parts) if part in RECORDS)
+            at = next(i for i, part in enumerate(parts) if part in RECORD_FOLDERS)
             original = '/'.join([*parts[:at], self.config.ORIG_DIR, parts[-1]])
             assert original in files, f'{record} is a record of {original}, which is not stored'
         return files - records
 
     def stored_files(self):
-        """Every stored file (and any left in BASE_DIR), records included; not the key file."""
+        """Every stored file (and any left in BASE_DIR), records included; not the key file or the audit log."""
         found = set()
         for folder, _dirs, files in os.walk(self.base):
             for name in files:
                 found.add(os.path.relpath(os.path.join(folder, name), self.base))
         found.discard('.web-asset-server.key')
+        found.discard(os.path.relpath(self.config.AUDIT_LOG, self.base))
         if self.config.STORAGE == 's3':
             storage = self.app.storage
             listing = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=storage.prefix + '/')

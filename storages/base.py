@@ -15,7 +15,7 @@ import typing
 from checksums import Checksum
 from errors import UnknownCollection
 from files import sweep_folder
-from names import Identity, is_derivative_of, name_problem
+from names import CATALOGUE_DIR, INDEX_DIR, Identity, is_derivative_of, name_problem
 
 
 Coll = str | None                # a COLLECTION_DIRS key, or None without COLLECTION_DIRS
@@ -33,9 +33,6 @@ class Found(typing.NamedTuple):
     close: typing.Callable
     checksum: Checksum | None = None     # an original's, as recorded for this version; None: none recorded
 
-
-CATALOGUE_DIR = '.checksums'     # beside originals/: each original's checksum (on disk), under the original's name
-INDEX_DIR = '.sha256'            # beside originals/: <sha256 hex>/<name>, an empty entry per original of that SHA-256
 
 
 class Storage:
@@ -114,9 +111,9 @@ class Storage:
     def exists(self, coll: Coll, name: str) -> bool:
         raise NotImplementedError
 
-    def save(self, coll: Coll, name: str, staged: str, checksum: Checksum) -> None:
+    def save(self, coll: Coll, name: str, staged: str, checksum: Checksum) -> bool:
         """Put a complete staged file in place as the original with its checksum, both atomically and durably;
-        then remove the old bytes' derivatives."""
+        then remove the old bytes' derivatives. True when it replaced an original."""
         raise NotImplementedError
 
     def delete(self, coll: Coll, name: str) -> bool:

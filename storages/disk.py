@@ -20,8 +20,8 @@ from checksums import checksum_from_text
 from files import (CHUNK, KeyedLocks, file_identity, fsync_folder, make_temp_file, remove_quietly, stream_file,
                    sweep_folder)
 from kinds import kind_of
-from names import Identity, derivative_source, name_problem
-from storages.base import CATALOGUE_DIR, Found, Storage
+from names import CATALOGUE_DIR, Identity, derivative_source, name_problem
+from storages.base import Found, Storage
 
 CATALOGUE_ENTRY = 4096           # bytes read of a catalogue entry: one is about 250
 
@@ -52,6 +52,7 @@ class DiskStorage(Storage):
         os.makedirs(folder, exist_ok=True)
         with FILE_LOCKS(target):
             old = self.recorded_checksum(self.original_parts(coll, name))
+            replacing = os.path.isfile(target)
             self._index(coll, checksum.sha256, name)
             self._catalogue(coll, name, checksum, old)
             try:
@@ -64,6 +65,7 @@ class DiskStorage(Storage):
             if old and old.sha256 != checksum.sha256:
                 self._unindex(coll, old.sha256, name)
             self._delete_derivatives(coll, name)
+        return replacing
 
     def _copy_into(self, source, target):
         """Copy across file systems: to a temporary beside the target, then rename; a failed copy leaves none."""

@@ -188,7 +188,8 @@ class S3Storage(Storage):
         """Upload a complete staged file with its checksum in its metadata (a PUT is all or nothing), its index
         entry first; then drop the old bytes' derivatives and index entry."""
         key = self.key(self.original_parts(coll, name))
-        old = object_checksum(self.head(key))
+        head = self.head(key)
+        old = object_checksum(head)
         self._index(coll, checksum.sha256, name)
         with store_errors():
             self.client.upload_file(staged, self.bucket, key, Config=TRANSFER, ExtraArgs={
@@ -197,6 +198,7 @@ class S3Storage(Storage):
         if old and old.sha256 != checksum.sha256:
             self._unindex(coll, old.sha256, name)
         self._delete_derivatives(coll, name)
+        return head is not None
 
     def delete(self, coll, name):
         """Remove an original, its index entry and exactly its own derivatives; False when it is not there."""

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ['storages', 'engines']
 LAYERS = [                              # each may import only those before it
     'settings',
-    'names', 'files', 'checksums', 'kinds', 'errors', 'config', 'tokens', 'iiif', 'progress',   # shared pieces
+    'names', 'files', 'checksums', 'audit', 'kinds', 'errors', 'config', 'tokens', 'iiif', 'progress',   # shared pieces
     'storages.base', 'storages.disk', 'storages.s3', 'storages',                   # storages
     'engines.framing', 'engines.scheduling', 'engines.imagemagick', 'engines.children', 'engines.pyramids', 'engines.vips',
     'engines.exif_child', 'engines.metadata', 'engines',                            # engines

@@ -467,6 +467,12 @@ def audited(action, coll, name, **facts):
     except bottle.HTTPError as error:
         outcome = f'{error.status_code} {error.body}'
         raise
+    except Refused as refusal:
+        outcome = f'{refusal.status} {refusal.reason}'
+        raise
+    except UnknownCollection:
+        outcome = '404 unknown collection'
+        raise
     except StorageUnavailable:
         outcome = '503 storage unavailable'
         raise

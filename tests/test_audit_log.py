@@ -55,6 +55,13 @@ def test_an_upload_the_storage_has_no_room_for_is_recorded_with_its_refusal(clie
     assert (entry['action'], entry['outcome']) == ('upload', '507 The server has no room to store this file.')
 
 
+def test_an_upload_to_an_unknown_collection_is_recorded_as_refused(make_client):
+    client = make_client(COLLECTION_DIRS={'Fish': 'fish'})
+    client.upload('a.jpg', b'data', coll='Birds', status=404)
+    assert [(e['action'], e['collection'], e['outcome']) for e in lines(client)] == [
+        ('upload', 'Birds', '404 unknown collection')]
+
+
 def test_a_request_without_a_valid_token_leaves_no_entry(client):
     client.upload('a.jpg', b'data', token='bad', status=403)
     client.delete('a.jpg', token='bad', status=403)

@@ -101,8 +101,9 @@ def check_config(config):
             raise ConfigError(f'setting {name} must be a whole number above 0')
     config.PREGENERATE_SCALES = pregenerated_scales(config)
     config.THUMBNAIL_CACHE_BOUND = cache_bound(config.THUMBNAIL_CACHE_MAX_BYTES)
-    if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:
-        raise ConfigError('setting THUMBNAIL_QUEUE must be a whole number, 0 or more')
+    for name in ('THUMBNAIL_QUEUE', 'TRASH_DAYS'):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
+            raise ConfigError(f'setting {name} must be a whole number, 0 or more')
     if config.THREADS < 5:
         raise ConfigError('setting THREADS must be at least 5 (Paste keeps 5 spare threads)')
     if config.PUBLIC_SCHEME not in ('http', 'https'):

@@ -31,6 +31,22 @@ def make_temp_file(folder):
     return path, open(path, 'xb')
 
 
+def write_durably(path, data):
+    """Put a small file in place complete (a temporary beside it, synced, renamed; the folder synced), making the
+    folder as needed."""
+    temp, out = make_temp_file(os.path.dirname(path))
+    try:
+        with out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    fsync_folder(os.path.dirname(path))
+
+
 def remove_quietly(path):
     """Remove a file that may already be gone."""
     try:

@@ -36,7 +36,8 @@ def name_problem(name):
 
 CATALOGUE_DIR = '.checksums'     # beside originals/: each original's checksum (on disk), under the original's name
 INDEX_DIR = '.sha256'            # beside originals/: <sha256 hex>/<name>, an empty entry per original of that SHA-256
-RECORD_FOLDERS = (CATALOGUE_DIR, INDEX_DIR)     # the server's records of originals, never a client's name for a folder
+TRASH_DIR = '.trash'             # beside originals/: <id> (a deleted original's bytes) and <id>.json (what it was)
+RECORD_FOLDERS = (CATALOGUE_DIR, INDEX_DIR, TRASH_DIR)     # the server's records, never a client's name for a folder
 
 
 class Identity(typing.NamedTuple):

@@ -40,6 +40,7 @@ from waiting_room import WaitingRoom
 from kinds import sniff_kind, type_by_name
 from names import name_problem, printable, thumbnail_name, thumbnail_source
 from storages import make_storage
+from trash import Trash
 from tokens import ReadTokens, grant_problem, new_grant, resolve_key, token_problem
 from uploads import receive_upload
 
@@ -446,9 +447,12 @@ def filedelete():
         checksum = app.storage.checksum(coll, name)
     except FileNotFoundError:
         refuse(404, 'No such file.')
-    with audited('delete', coll, name, size=checksum and checksum.size, sha256=checksum and checksum.sha256):
-        if not app.storage.delete(coll, name):
+    with audited('delete', coll, name, size=checksum and checksum.size, sha256=checksum and checksum.sha256) as change:
+        deleted = app.trash.delete(coll, name)
+        if not deleted:
             refuse(404, 'No such file.')
+        if deleted is not True:
+            change['trash'] = deleted.id
     app.cache.original_changed(coll, name)
     return 'Ok.'
 
@@ -477,7 +481,7 @@ def audited(action, coll, name, **facts):
         outcome = '503 storage unavailable'
         raise
     finally:
-        bottle.request.app.audit.record(change['action'], coll, name, outcome, client=client, **facts)
+        bottle.request.app.audit.record(outcome=outcome, coll=coll, name=name, client=client, **facts, **change)
 
 
 def filesbychecksum():
@@ -490,6 +494,13 @@ def filesbychecksum():
     bottle.response.content_type = 'application/json'
     bottle.response.set_header('Cache-Control', 'private, no-store')
     return json.dumps({'sha256': sha256, 'names': names})
+
+
+def purge_trash_when_due():
+    """Before a request: once an hour, purge the trash of what is past TRASH_DAYS, in the background."""
+    app = bottle.request.app
+    if app.trash.purge_due():
+        app.scheduler.in_background(app.trash.purge_expired, key='purge the trash')
 
 
 def getmetadata():
@@ -714,6 +725,7 @@ def create_app(config):
         app.cache.start_cache_sweep()           # counts the cache, in the background
     app.metadata = MetadataReader(config)
     app.audit = AuditLog(config.AUDIT_LOG)
+    app.trash = Trash(config, storage, app.audit)
     app.read_tokens = ReadTokens(READ_TOKENS_REMEMBERED)
     app.iiif_limits = iiif.Limits(max_width=config.IIIF_MAX_SIZE, max_height=config.IIIF_MAX_SIZE)
     app.install(answer_faults)
@@ -721,6 +733,7 @@ def create_app(config):
     app.add_hook('before_request', lambda: bottle.response.set_header(
         'Content-Type', 'text/plain; charset=UTF-8'))
     app.add_hook('after_request', discard_upload)
+    app.add_hook('before_request', purge_trash_when_due)
     app.route('/', 'GET', index)
     app.route('/web_asset_store.xml', 'GET', discovery)
     app.route('/capabilities.json', 'GET', capabilities)

@@ -51,6 +51,7 @@ MAX_UPLOAD_SIZE = 2 * 1024 ** 3  # Largest upload accepted, in bytes (2 GiB).
 
 # --- Preservation ---------------------------------------------------------------
 
+TRASH_DAYS = 30                  # Days a deleted original stays in the trash, restorable (docs/preservation.md), before it is purged in the background; 0 deletes at once.
 AUDIT_LOG = 'audit.jsonl'        # The audit log: one JSON line per change to an original (upload, replace, delete, …), appended and synced before the change is answered (docs/preservation.md); a relative path is taken from BASE_DIR.
 
 # --- Object storage (S3) ---------------------------------------------------------

@@ -7,15 +7,18 @@ pyramids, IIIF answers). Each original's checksum is kept with it: on disk in a 
 A storage knows nothing of HTTP: the app answers from what `found` describes.
 """
 
+import json
 import os
+import re
+import secrets
 import time
 import types
 import typing
 
-from checksums import Checksum
+from checksums import Checksum, checksum_from_fields
 from errors import UnknownCollection
 from files import sweep_folder
-from names import CATALOGUE_DIR, INDEX_DIR, Identity, is_derivative_of, name_problem
+from names import CATALOGUE_DIR, INDEX_DIR, TRASH_DIR, Identity, is_derivative_of, name_problem
 
 
 Coll = str | None                # a COLLECTION_DIRS key, or None without COLLECTION_DIRS
@@ -33,6 +36,39 @@ class Found(typing.NamedTuple):
     close: typing.Callable
     checksum: Checksum | None = None     # an original's, as recorded for this version; None: none recorded
 
+
+
+class Trashed(typing.NamedTuple):
+    """A deleted original kept in the trash: its entry's id (sorting by time of deletion), its name, when it was
+    deleted (epoch seconds), its size, and the checksum recorded for it."""
+    id: str
+    name: str
+    deleted: float
+    size: int
+    checksum: Checksum | None
+
+    def as_text(self) -> str:
+        return json.dumps({'name': self.name, 'deleted': self.deleted, 'size': self.size,
+                           'checksum': self.checksum._asdict() if self.checksum else None})
+
+
+TRASH_ID = re.compile(r'[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}')
+
+
+def new_trash_id(now: float) -> str:
+    """A trash entry's id: the time of deletion, then random digits (two deletes in one second differ)."""
+    return time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now)) + '-' + secrets.token_hex(6)
+
+
+def trashed_from_text(entry_id: str, text: str | bytes) -> Trashed | None:
+    """The trash entry a record holds, or None when it is not one."""
+    try:
+        fields = json.loads(text)
+        name, deleted, size = str(fields['name']), float(fields['deleted']), int(fields['size'])
+        checksum = fields['checksum'] and checksum_from_fields(fields['checksum'])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return None if name_problem(name) else Trashed(entry_id, name, deleted, size, checksum or None)
 
 
 class Storage:
@@ -62,6 +98,10 @@ class Storage:
         if len(parts) < 2 or parts[-2] != self.orig_dir:
             return None
         return [*parts[:-2], CATALOGUE_DIR, parts[-1]]
+
+    def trash_parts(self, coll: Coll, name: str = '') -> list[str]:
+        """A file of the collection's trash (name '': the trash folder)."""
+        return [*self.folder_parts(coll), TRASH_DIR, *([name] if name else [])]
 
     def index_parts(self, coll: Coll, sha256: str, name: str = '') -> list[str]:
         """The index entry saying that `name` has this SHA-256 (name '': the folder of all that have it)."""
@@ -131,11 +171,35 @@ class Storage:
     def original_identity(self, coll: Coll, name: str) -> Identity:
         raise NotImplementedError
 
+    # --- The trash: deleted originals kept for TRASH_DAYS --------------------------------------------------------
+
+    def trash(self, coll: Coll, name: str) -> Trashed | None:
+        """Move an original, with what is recorded of it, into the trash; drop its derivatives and its checksum's
+        records. None when it is not there."""
+        raise NotImplementedError
+
+    def trashed(self, coll: Coll) -> typing.Iterator[Trashed]:
+        """The entries of the collection's trash, oldest first."""
+        raise NotImplementedError
+
+    def restore(self, coll: Coll, entry_id: str) -> Trashed:
+        """Put a trashed original back under its name, with its checksum; FileExistsError when that name is stored
+        again, FileNotFoundError when there is no such entry."""
+        raise NotImplementedError
+
+    def purge(self, coll: Coll, entry_id: str) -> None:
+        """Remove a trash entry for good."""
+        raise NotImplementedError
+
     # --- Checksums ------------------------------------------------------------------------------------------------
 
     def checksum(self, coll: Coll, name: str) -> Checksum | None:
         """The checksum recorded for the original's current version (None: none recorded; FileNotFoundError when
         there is no original)."""
+        raise NotImplementedError
+
+    def record_checksum(self, coll: Coll, name: str, checksum: Checksum, identity: Identity) -> bool:
+        """Record a checksum taken of the stored original, unless it is no longer the version `identity` (False)."""
         raise NotImplementedError
 
     def recorded_checksum(self, parts: Parts) -> Checksum | None:

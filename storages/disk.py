@@ -18,10 +18,10 @@ import cachetools
 
 from checksums import checksum_from_text
 from files import (CHUNK, KeyedLocks, file_identity, fsync_folder, make_temp_file, remove_quietly, stream_file,
-                   sweep_folder)
+                   sweep_folder, write_durably)
 from kinds import kind_of
-from names import CATALOGUE_DIR, Identity, derivative_source, name_problem
-from storages.base import Found, Storage
+from names import RECORD_FOLDERS, Identity, derivative_source, name_problem
+from storages.base import TRASH_ID, Found, Storage, Trashed, new_trash_id, trashed_from_text
 
 CATALOGUE_ENTRY = 4096           # bytes read of a catalogue entry: one is about 250
 
@@ -90,11 +90,82 @@ class DiskStorage(Storage):
                 os.remove(target)
             except FileNotFoundError:
                 return False
-            remove_quietly(self.path(self.catalogue_parts(self.original_parts(coll, name))))
-            if old:
-                self._unindex(coll, old.sha256, name)
+            self._forget_checksum(coll, name, old)
             self._delete_derivatives(coll, name)
         return True
+
+    def _forget_checksum(self, coll, name, checksum):
+        """Remove the catalogue and index entries of an original no longer stored."""
+        remove_quietly(self.path(self.catalogue_parts(self.original_parts(coll, name))))
+        if checksum:
+            self._unindex(coll, checksum.sha256, name)
+
+    # --- The trash ------------------------------------------------------------------------------------------------
+
+    def trash(self, coll, name):
+        """The record is put in place first, then the bytes renamed beside it (one file system: nothing copied);
+        a crash between leaves a record without bytes, which is no entry."""
+        target = self.original_path(coll, name)
+        with FILE_LOCKS(target):
+            try:
+                size = os.path.getsize(target)
+            except FileNotFoundError:
+                return None
+            checksum = self.recorded_checksum(self.original_parts(coll, name))
+            now = time.time()
+            entry = Trashed(new_trash_id(now), name, now, size, checksum)
+            folder = self.path(self.trash_parts(coll))
+            write_durably(os.path.join(folder, entry.id + '.json'), entry.as_text().encode('utf-8'))
+            os.rename(target, os.path.join(folder, entry.id))
+            fsync_folder(folder)
+            fsync_folder(os.path.dirname(target))
+            self._forget_checksum(coll, name, checksum)
+            self._delete_derivatives(coll, name)
+        return entry
+
+    def trashed(self, coll):
+        folder = self.path(self.trash_parts(coll))
+        try:
+            names = set(os.listdir(folder))
+        except FileNotFoundError:
+            return
+        ids = [n for n in names if TRASH_ID.fullmatch(n) and n + '.json' in names]
+        entries = (self._trashed(coll, entry_id) for entry_id in ids)
+        yield from sorted((entry for entry in entries if entry), key=lambda entry: (entry.deleted, entry.id))
+
+    def _trashed(self, coll, entry_id):
+        try:
+            with open(self.path(self.trash_parts(coll, entry_id + '.json')), 'rb') as record:
+                return trashed_from_text(entry_id, record.read(CATALOGUE_ENTRY))
+        except FileNotFoundError:
+            return None
+
+    def restore(self, coll, entry_id):
+        """The checksum's entry first, then the bytes renamed back, then the record removed."""
+        entry = TRASH_ID.fullmatch(entry_id) and self._trashed(coll, entry_id)
+        bytes_path = self.path(self.trash_parts(coll, entry_id))
+        if not entry or not os.path.isfile(bytes_path):
+            raise FileNotFoundError(entry_id)
+        target = self.original_path(coll, entry.name)
+        with FILE_LOCKS(target):
+            if os.path.exists(target):
+                raise FileExistsError(entry.name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if entry.checksum:
+                self._index(coll, entry.checksum.sha256, entry.name)
+                self._catalogue(coll, entry.name, entry.checksum, None)
+            os.rename(bytes_path, target)
+            fsync_folder(os.path.dirname(target))
+            os.remove(bytes_path + '.json')
+            fsync_folder(os.path.dirname(bytes_path))
+        return entry
+
+    def purge(self, coll, entry_id):
+        if not TRASH_ID.fullmatch(entry_id):
+            raise FileNotFoundError(entry_id)
+        path = self.path(self.trash_parts(coll, entry_id))
+        remove_quietly(path)
+        remove_quietly(path + '.json')
 
     # --- Checksums: the catalogue and the index ---------------------------------------------------------------
 
@@ -102,6 +173,21 @@ class DiskStorage(Storage):
         if not os.path.isfile(self.original_path(coll, name)):
             raise FileNotFoundError(name)
         return self.recorded_checksum(self.original_parts(coll, name))
+
+    def record_checksum(self, coll, name, checksum, identity):
+        target = self.original_path(coll, name)
+        with FILE_LOCKS(target):
+            try:
+                if self.original_identity(coll, name) != identity:
+                    return False
+            except FileNotFoundError:
+                return False
+            old = self.recorded_checksum(self.original_parts(coll, name))
+            self._index(coll, checksum.sha256, name)
+            self._catalogue(coll, name, checksum, None)
+            if old and old.sha256 != checksum.sha256:
+                self._unindex(coll, old.sha256, name)
+        return True
 
     def recorded_checksum(self, parts):
         catalogue = self.catalogue_parts(parts)
@@ -129,18 +215,8 @@ class DiskStorage(Storage):
 
     def _catalogue(self, coll, name, checksum, previous):
         """Put the original's catalogue entry in place durably, keeping the checksum of the version it replaces."""
-        target = self.path(self.catalogue_parts(self.original_parts(coll, name)))
-        temp, out = make_temp_file(os.path.dirname(target))
-        try:
-            with out:
-                out.write(checksum.as_text(previous).encode('utf-8'))
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            remove_quietly(temp)
-            raise
-        fsync_folder(os.path.dirname(target))
+        write_durably(self.path(self.catalogue_parts(self.original_parts(coll, name))),
+                      checksum.as_text(previous).encode('utf-8'))
 
     def _index(self, coll, sha256, name):
         entry = self.path(self.index_parts(coll, sha256, name))
@@ -268,7 +344,7 @@ class DiskStorage(Storage):
         folders = [self.base] + [os.path.join(self.base, f) for f in (self.collections or {}).values()]
         cutoff = time.time() - older_than
         for folder in folders:
-            for sub in (folder, *(os.path.join(folder, f) for f in (self.orig_dir, self.thumb_dir, CATALOGUE_DIR))):
+            for sub in (folder, *(os.path.join(folder, f) for f in (self.orig_dir, self.thumb_dir, *RECORD_FOLDERS))):
                 sweep_folder(sub, cutoff)
 
     # --- Listing ------------------------------------------------------------------------------------------------

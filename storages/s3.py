@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import threading
+import time
 
 import boto3
 from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
@@ -29,7 +30,7 @@ from errors import ObjectChanged, StorageUnavailable
 from files import CHUNK, SeekableReader, make_temp_file, remove_quietly
 from kinds import content_type, sniff_kind
 from names import Identity, derivative_source, name_problem, parse_derivative
-from storages.base import Found, Storage
+from storages.base import TRASH_ID, Found, Storage, Trashed, new_trash_id, trashed_from_text
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
@@ -214,6 +215,74 @@ class S3Storage(Storage):
         self._delete_derivatives(coll, name)
         return True
 
+    # --- The trash: a prefix beside the originals (docs/preservation.md says why not bucket versioning) ------
+
+    def trash(self, coll, name):
+        """The record first, then the object copied into the trash (its metadata with it) and removed."""
+        key = self.key(self.original_parts(coll, name))
+        head = self.head(key)
+        if head is None:
+            return None
+        checksum = object_checksum(head)
+        now = time.time()
+        entry = Trashed(new_trash_id(now), name, now, head['ContentLength'], checksum)
+        trashed = self.key(self.trash_parts(coll, entry.id))
+        with store_errors():
+            self.client.put_object(Bucket=self.bucket, Key=trashed + '.json', Body=entry.as_text().encode('utf-8'))
+            self.client.copy({'Bucket': self.bucket, 'Key': key}, self.bucket, trashed, Config=TRANSFER,
+                             ExtraArgs={'Metadata': head.get('Metadata') or {}, 'MetadataDirective': 'REPLACE',
+                                        'ContentType': head.get('ContentType') or 'application/octet-stream'})
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        if checksum:
+            self._unindex(coll, checksum.sha256, name)
+        self._delete_derivatives(coll, name)
+        return entry
+
+    def trashed(self, coll):
+        folder = self.key(self.trash_parts(coll)) + '/'
+        with store_errors():
+            keys = {item['Key'][len(folder):]
+                    for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder)
+                    for item in page.get('Contents', [])}
+        ids = [k for k in keys if TRASH_ID.fullmatch(k) and k + '.json' in keys]
+        entries = (self._trashed(coll, entry_id) for entry_id in ids)
+        yield from sorted((entry for entry in entries if entry), key=lambda entry: (entry.deleted, entry.id))
+
+    def _trashed(self, coll, entry_id):
+        try:
+            with store_errors():
+                key = self.key(self.trash_parts(coll, entry_id + '.json'))
+                return trashed_from_text(entry_id, self.client.get_object(Bucket=self.bucket, Key=key)['Body'].read())
+        except FileNotFoundError:
+            return None
+
+    def restore(self, coll, entry_id):
+        """The object copied back with its checksum as recorded, then the trash entry removed."""
+        entry = TRASH_ID.fullmatch(entry_id) and self._trashed(coll, entry_id)
+        trashed = self.key(self.trash_parts(coll, entry_id))
+        head = entry and self.head(trashed)
+        if not head:
+            raise FileNotFoundError(entry_id)
+        key = self.key(self.original_parts(coll, entry.name))
+        if self.head(key) is not None:
+            raise FileExistsError(entry.name)
+        if entry.checksum:
+            self._index(coll, entry.checksum.sha256, entry.name)
+        with store_errors():
+            self.client.copy({'Bucket': self.bucket, 'Key': trashed}, self.bucket, key, Config=TRANSFER, ExtraArgs={
+                'Metadata': checksum_metadata(entry.checksum) if entry.checksum else {},
+                'MetadataDirective': 'REPLACE', 'ContentType': head.get('ContentType') or 'application/octet-stream'})
+        self.purge(coll, entry_id)
+        return entry
+
+    def purge(self, coll, entry_id):
+        if not TRASH_ID.fullmatch(entry_id):
+            raise FileNotFoundError(entry_id)
+        trashed = self.key(self.trash_parts(coll, entry_id))
+        with store_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=trashed)
+            self.client.delete_object(Bucket=self.bucket, Key=trashed + '.json')
+
     # --- Checksums: in each original's metadata, and the index ---------------------------------------------
 
     def checksum(self, coll, name):
@@ -221,6 +290,27 @@ class S3Storage(Storage):
         if head is None:
             raise FileNotFoundError(name)
         return object_checksum(head)
+
+    def record_checksum(self, coll, name, checksum, identity):
+        """The object copied onto itself with the checksum in its metadata, only while it is the version
+        `identity` (If-Match on its ETag)."""
+        key = self.key(self.original_parts(coll, name))
+        head = self.head(key)
+        if head is None or head['ETag'] != identity.version[0]:
+            return False
+        self._index(coll, checksum.sha256, name)
+        try:
+            with store_errors():
+                self.client.copy({'Bucket': self.bucket, 'Key': key}, self.bucket, key, Config=TRANSFER, ExtraArgs={
+                    'Metadata': {**(head.get('Metadata') or {}), **checksum_metadata(checksum)},
+                    'MetadataDirective': 'REPLACE', 'CopySourceIfMatch': head['ETag'],
+                    'ContentType': head.get('ContentType') or 'application/octet-stream'})
+        except (ObjectChanged, FileNotFoundError):
+            return False
+        old = object_checksum(head)
+        if old and old.sha256 != checksum.sha256:
+            self._unindex(coll, old.sha256, name)
+        return True
 
     def _index(self, coll, sha256, name):
         with store_errors():

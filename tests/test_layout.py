@@ -16,7 +16,7 @@ LAYERS = [                              # each may import only those before it
     'storages.base', 'storages.disk', 'storages.s3', 'storages',                   # storages
     'engines.framing', 'engines.scheduling', 'engines.imagemagick', 'engines.children', 'engines.pyramids', 'engines.vips',
     'engines.exif_child', 'engines.metadata', 'engines',                            # engines
-    'cache',                                                                        # the derivative cache
+    'cache', 'trash',                                                               # the derivative cache, the trash
     'waiting_room', 'front', 'answers', 'uploads',                                  # the app's own pieces
     'server',                                                                       # the app
     'migrate', 'derivatives',                                                       # admin commands

@@ -219,6 +219,11 @@ class Storage:
                 found.append(name)
         return sorted(found)
 
+    def catalogued(self, coll: Coll) -> dict[str, str]:
+        """{name: SHA-256} of every name the collection's records hold a checksum for, whatever version it
+        describes (disk: the catalogue; S3: the index, which outlives an object replaced without the server)."""
+        raise NotImplementedError
+
     def indexed(self, coll: Coll, sha256: str) -> typing.Iterator[str]:
         """The names the SHA-256 index lists for `sha256`: some may be stale (replaced or deleted since)."""
         raise NotImplementedError

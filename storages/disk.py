@@ -20,7 +20,7 @@ from checksums import checksum_from_text
 from files import (CHUNK, KeyedLocks, file_identity, fsync_folder, make_temp_file, remove_quietly, stream_file,
                    sweep_folder, write_durably)
 from kinds import kind_of
-from names import RECORD_FOLDERS, Identity, derivative_source, name_problem
+from names import CATALOGUE_DIR, RECORD_FOLDERS, Identity, derivative_source, name_problem
 from storages.base import TRASH_ID, Found, Storage, Trashed, new_trash_id, trashed_from_text
 
 CATALOGUE_ENTRY = 4096           # bytes read of a catalogue entry: one is about 250
@@ -202,16 +202,20 @@ class DiskStorage(Storage):
     def _entry_for_size(self, catalogue, size):
         """The catalogue's checksum for an original of this size: the entry's own, or the one it replaced (when a
         crash came between putting the entry and the original in place); None when neither is of that size."""
-        try:
-            with open(self.path(catalogue), 'rb') as entry:
-                text = entry.read(CATALOGUE_ENTRY)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            return None
+        text = self._entry_text(catalogue)
         for previous in (False, True):
             checksum = checksum_from_text(text, previous)
             if checksum and checksum.size == size:
                 return checksum
         return None
+
+    def _entry_text(self, catalogue):
+        """A catalogue entry's text ('' when there is none)."""
+        try:
+            with open(self.path(catalogue), 'rb') as entry:
+                return entry.read(CATALOGUE_ENTRY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return ''
 
     def _catalogue(self, coll, name, checksum, previous):
         """Put the original's catalogue entry in place durably, keeping the checksum of the version it replaces."""
@@ -230,6 +234,14 @@ class DiskStorage(Storage):
         remove_quietly(os.path.join(folder, name))
         with contextlib.suppress(OSError):       # another original of that SHA-256 still there: not empty
             os.rmdir(folder)
+
+    def catalogued(self, coll):
+        found = {}
+        for entry, _info in self._listed(coll, CATALOGUE_DIR, follow=False):
+            checksum = checksum_from_text(self._entry_text(self.catalogue_parts(self.original_parts(coll, entry.name))))
+            if checksum:
+                found[entry.name] = checksum.sha256
+        return found
 
     def indexed(self, coll, sha256):
         try:

@@ -25,11 +25,11 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from checksums import checksum_from_fields
+from checksums import SHA256, checksum_from_fields
 from errors import ObjectChanged, StorageUnavailable
 from files import CHUNK, SeekableReader, make_temp_file, remove_quietly
 from kinds import content_type, sniff_kind
-from names import Identity, derivative_source, name_problem, parse_derivative
+from names import INDEX_DIR, Identity, derivative_source, name_problem, parse_derivative
 from storages.base import TRASH_ID, Found, Storage, Trashed, new_trash_id, trashed_from_text
 
 log = logging.getLogger('web_asset_server')
@@ -319,6 +319,17 @@ class S3Storage(Storage):
     def _unindex(self, coll, sha256, name):
         with store_errors():
             self.client.delete_object(Bucket=self.bucket, Key=self.key(self.index_parts(coll, sha256, name)))
+
+    def catalogued(self, coll):
+        folder = self.key([*self.folder_parts(coll), INDEX_DIR]) + '/'
+        found = {}
+        with store_errors():
+            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder):
+                for item in page.get('Contents', []):
+                    sha256, _, name = item['Key'][len(folder):].partition('/')
+                    if SHA256.fullmatch(sha256) and not name_problem(name):
+                        found[name] = sha256
+        return found
 
     def indexed(self, coll, sha256):
         folder = self.key(self.index_parts(coll, sha256)) + '/'

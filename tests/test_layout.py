@@ -19,7 +19,7 @@ LAYERS = [                              # each may import only those before it
     'cache', 'trash',                                                               # the derivative cache, the trash
     'waiting_room', 'front', 'answers', 'uploads',                                  # the app's own pieces
     'server',                                                                       # the app
-    'migrate', 'derivatives',                                                       # admin commands
+    'migrate', 'derivatives', 'preservation',                                       # admin commands
 ]
 
 

@@ -1,0 +1,378 @@
+"""Prove the originals intact, and keep them so: verify checksums, record missing ones, find duplicates, and
+handle the trash.
+
+    python preservation.py [--collection NAME] [--json] verify [--restart] [--max-rate MB] [--nice N]
+    python preservation.py [--collection NAME] [--json] record [--dry-run] [--max-rate MB] [--nice N]
+    python preservation.py [--collection NAME] [--json] duplicates
+    python preservation.py [--collection NAME] [--json] trash list
+    python preservation.py [--collection NAME] [--json] trash restore NAME [--id ID] [--dry-run]
+    python preservation.py [--collection NAME] [--json] trash purge [--dry-run]
+
+Settings are the server's own (settings.py, then the environment), so the command works on the storage the
+live server uses, a folder or a bucket. Every file reported is named; --json prints one JSON document on
+standard output instead of lines. A long run shows a progress bar on a terminal and a line every few seconds
+in a log, runs at a lower priority (--nice) and reads at most --max-rate megabytes a second, so a live server
+stays responsive.
+
+verify re-reads every original and compares its SHA-256 with the one recorded: it reports each original
+changed (the bytes differ from the checksum, or an S3 object was replaced without the server), missing (a
+checksum is recorded, the original is gone), unreadable, or stored without a checksum. It can be stopped and
+started again: it goes on after the last original it finished (--restart starts over). record gives the
+originals stored without a checksum one taken now (marked `later`), never to one with evidence of another
+(those verify reports changed). duplicates lists the groups of originals with the same SHA-256. trash lists
+the deleted originals kept, restores one (the latest of that name, or --id) with its checksum from ingest,
+or purges those past TRASH_DAYS; restores and purges go to the audit log.
+
+Exit status: 0 when nothing is wrong, 1 when problems were found (or a restore could not be done), 2 for bad
+usage or settings, or the storage unreachable.
+"""
+
+import argparse
+import datetime
+import hashlib
+import json
+import os
+import sys
+import time
+
+from audit import AuditLog
+from checksums import Hashing, LATER
+from config import ConfigError, load_config
+from errors import StorageUnavailable, UnknownCollection
+from files import write_durably, remove_quietly
+from names import printable
+from progress import Progress
+from storages import make_storage
+from trash import Trash
+
+READ = 1024 * 1024               # bytes read at a time when checksumming
+STATE_EVERY = 5                  # seconds between two saves of a verify run's state (for resuming)
+
+
+class Usage(Exception):
+    """Bad usage or settings, or a storage that cannot be reached: exit status 2."""
+
+
+# --- Reading, throttled -------------------------------------------------------------------------------------
+
+class Throttle:
+    """At most `rate` bytes a second over the run (None: no bound)."""
+
+    def __init__(self, megabytes: float | None) -> None:
+        self.rate = megabytes * 1e6 if megabytes else None
+        self.started, self.read = time.monotonic(), 0
+
+    def took(self, size: int) -> None:
+        self.read += size
+        if self.rate:
+            ahead = self.read / self.rate - (time.monotonic() - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def sha256_of(storage, coll, name, throttle):
+    """(SHA-256 hex, bytes) of the stored original, read once."""
+    digest, size = hashlib.sha256(), 0
+    with storage.open(coll, name) as original:
+        for chunk in iter(lambda: original.read(READ), b''):
+            digest.update(chunk)
+            size += len(chunk)
+            throttle.took(len(chunk))
+    return digest.hexdigest(), size
+
+
+def checksum_of(storage, coll, name, throttle):
+    """A checksum taken now of the stored original (SHA-256 and MD5), to be recorded as taken later."""
+    hashing = Hashing()
+    with storage.open(coll, name) as original:
+        for chunk in iter(lambda: original.read(READ), b''):
+            hashing.update(chunk)
+            throttle.took(len(chunk))
+    return hashing.checksum(LATER)
+
+
+# --- verify ---------------------------------------------------------------------------------------------------
+
+def expected_sha256(storage, coll, name, catalogued):
+    """The SHA-256 the original should have: recorded for its current version, else any recorded of that name (a
+    catalogue entry of another size, an index entry of an S3 object replaced without the server); None: none."""
+    recorded = storage.checksum(coll, name)
+    return recorded.sha256 if recorded else catalogued.get(name)
+
+
+def verify_collection(storage, coll, state, progress, throttle, save_state):
+    """Check one collection's originals from where `state` says the last run stopped; problems go into it."""
+    catalogued = storage.catalogued(coll)
+    names = sorted(storage.originals(coll))
+    done = state['done'].get(str(coll))
+    for name in names:
+        if done is not None and name <= done:
+            progress.advance()
+            continue
+        problem = verify_one(storage, coll, name, catalogued, throttle)
+        if problem:
+            state['problems'].append(problem)
+            progress.say(f"{problem['problem']}: {shown(coll, name)}")
+        else:
+            state['ok'] += 1
+        state['done'][str(coll)] = name
+        progress.advance()
+        save_state()
+    stored = set(names)
+    for name in sorted(set(catalogued) - stored):
+        if not any(p['name'] == name and p['collection'] == coll for p in state['problems']):
+            state['problems'].append({'collection': coll, 'name': name, 'problem': 'missing',
+                                      'expected': catalogued[name]})
+            progress.say(f'missing: {shown(coll, name)}')
+
+
+def verify_one(storage, coll, name, catalogued, throttle):
+    """The problem with one original, or None when it matches its checksum."""
+    try:
+        expected = expected_sha256(storage, coll, name, catalogued)
+        if expected is None:
+            return {'collection': coll, 'name': name, 'problem': 'no checksum'}
+        found, _size = sha256_of(storage, coll, name, throttle)
+    except FileNotFoundError:
+        return {'collection': coll, 'name': name, 'problem': 'missing', 'expected': catalogued.get(name)}
+    except OSError as error:
+        return {'collection': coll, 'name': name, 'problem': 'unreadable', 'error': error.strerror or str(error)}
+    if found != expected:
+        return {'collection': coll, 'name': name, 'problem': 'changed', 'expected': expected, 'found': found}
+    return None
+
+
+def verify(config, storage, colls, args):
+    """The verify report, resuming a stopped run unless --restart."""
+    path = os.path.join(config.BASE_DIR, '.preservation-verify.json')
+    state = None if args.restart else read_state(path, colls)
+    state = state or {'collections': [str(c) for c in colls], 'done': {}, 'ok': 0, 'problems': []}
+    throttle = Throttle(args.max_rate)
+    saved = [time.monotonic()]
+
+    def save_state(force=False):
+        if force or time.monotonic() - saved[0] >= STATE_EVERY:
+            write_durably(path, json.dumps(state).encode('utf-8'))
+            saved[0] = time.monotonic()
+    total = sum(1 for coll in colls for _ in storage.originals(coll))
+    progress = Progress(total, sys.stderr, 'originals')
+    try:
+        for coll in colls:
+            verify_collection(storage, coll, state, progress, throttle, save_state)
+    except BaseException:
+        save_state(force=True)
+        raise
+    finally:
+        progress.close()
+    remove_quietly(path)
+    counts = {'ok': state['ok']}
+    for problem in state['problems']:
+        counts[problem['problem']] = counts.get(problem['problem'], 0) + 1
+    return {'command': 'verify', 'counts': counts, 'problems': state['problems']}
+
+
+def read_state(path, colls):
+    """The state a stopped verify run left for these collections, or None."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            state = json.load(f)
+    except (FileNotFoundError, ValueError):
+        return None
+    return state if state.get('collections') == [str(c) for c in colls] else None
+
+
+# --- record ---------------------------------------------------------------------------------------------------
+
+def record(storage, colls, args):
+    """Record a checksum taken now for every original stored without one and without evidence of another."""
+    throttle, recorded, skipped = Throttle(args.max_rate), [], []
+    todo = []
+    for coll in colls:
+        catalogued = storage.catalogued(coll)
+        todo += [(coll, name) for name in sorted(storage.originals(coll))
+                 if name not in catalogued and storage.checksum(coll, name) is None]
+    progress = Progress(len(todo), sys.stderr, 'originals')
+    try:
+        for coll, name in todo:
+            try:
+                identity = storage.original_identity(coll, name)
+                checksum = checksum_of(storage, coll, name, throttle)
+                if args.dry_run or storage.record_checksum(coll, name, checksum, identity):
+                    recorded.append({'collection': coll, 'name': name, 'sha256': checksum.sha256})
+                else:
+                    skipped.append({'collection': coll, 'name': name, 'problem': 'changed while it was read'})
+            except FileNotFoundError:
+                skipped.append({'collection': coll, 'name': name, 'problem': 'gone while it was read'})
+            except OSError as error:
+                skipped.append({'collection': coll, 'name': name, 'problem': 'unreadable',
+                                'error': error.strerror or str(error)})
+            progress.advance()
+    finally:
+        progress.close()
+    return {'command': 'record', 'dryRun': args.dry_run, 'recorded': recorded, 'problems': skipped}
+
+
+# --- duplicates -----------------------------------------------------------------------------------------------
+
+def duplicates(storage, colls):
+    """Groups of originals (within each collection) whose recorded SHA-256 is the same."""
+    groups = []
+    for coll in colls:
+        by_sha256 = {}
+        for name in sorted(storage.originals(coll)):
+            checksum = storage.checksum(coll, name)
+            if checksum:
+                by_sha256.setdefault(checksum.sha256, []).append(name)
+        groups += [{'collection': coll, 'sha256': sha256, 'names': names}
+                   for sha256, names in sorted(by_sha256.items()) if len(names) > 1]
+    return {'command': 'duplicates', 'groups': groups, 'problems': groups}
+
+
+# --- trash ----------------------------------------------------------------------------------------------------
+
+def trash_entry(coll, entry):
+    return {'collection': coll, 'id': entry.id, 'name': entry.name, 'size': entry.size,
+            'deleted': datetime.datetime.fromtimestamp(entry.deleted, datetime.timezone.utc).isoformat(),
+            'sha256': entry.checksum and entry.checksum.sha256}
+
+
+def trash_command(storage, audit, trash, colls, args):
+    if args.trash_action == 'list':
+        entries = [trash_entry(coll, entry) for coll in colls for entry in storage.trashed(coll)]
+        return {'command': 'trash list', 'entries': entries, 'problems': []}
+    if args.trash_action == 'purge':
+        now = time.time()
+        due = [(coll, entry) for coll in colls for entry in trash.expired(coll, now)]
+        if not args.dry_run:
+            for coll, entry in due:
+                storage.purge(coll, entry.id)
+                audit.record('purge', coll, entry.name, size=entry.size,
+                             sha256=entry.checksum and entry.checksum.sha256, trash=entry.id, client='preservation.py')
+        return {'command': 'trash purge', 'dryRun': args.dry_run,
+                'purged': [trash_entry(coll, entry) for coll, entry in due], 'problems': []}
+    return restore(storage, audit, colls, args)
+
+
+def restore(storage, audit, colls, args):
+    """Restore the latest trash entry of NAME (or the one --id names) in the collection."""
+    if len(colls) != 1:
+        raise Usage('trash restore needs --collection (COLLECTION_DIRS names several)')
+    coll = colls[0]
+    entries = [e for e in storage.trashed(coll) if e.name == args.name and (args.id is None or e.id == args.id)]
+    report = {'command': 'trash restore', 'dryRun': args.dry_run, 'restored': [], 'problems': []}
+    if not entries:
+        report['problems'].append({'collection': coll, 'name': args.name, 'problem': 'not in the trash'})
+        return report
+    entry = entries[-1]
+    if storage.exists(coll, entry.name):
+        report['problems'].append({'collection': coll, 'name': entry.name, 'problem': 'stored again since',
+                                   'id': entry.id})
+        return report
+    if not args.dry_run:
+        try:
+            storage.restore(coll, entry.id)
+        except FileExistsError:
+            report['problems'].append({'collection': coll, 'name': entry.name, 'problem': 'stored again since',
+                                       'id': entry.id})
+            return report
+        audit.record('restore', coll, entry.name, size=entry.size, sha256=entry.checksum and entry.checksum.sha256,
+                     trash=entry.id, client='preservation.py')
+    report['restored'].append(trash_entry(coll, entry))
+    return report
+
+
+# --- Running it -----------------------------------------------------------------------------------------------
+
+def shown(coll, name):
+    return printable(name if coll is None else f'{coll}/{name}')
+
+
+def collections(config, chosen):
+    """The collections to work on: the one chosen, or one name per collection folder (None: the one folder)."""
+    if config.COLLECTION_DIRS is None:
+        if chosen is not None:
+            raise Usage('--collection needs COLLECTION_DIRS (without it there is one folder for all)')
+        return [None]
+    if chosen is None:
+        return list({folder: coll for coll, folder in config.COLLECTION_DIRS.items()}.values())
+    if chosen not in config.COLLECTION_DIRS:
+        raise Usage(f'--collection {chosen!r} is not in COLLECTION_DIRS')
+    return [chosen]
+
+
+def arguments(argv):
+    parser = argparse.ArgumentParser(prog='preservation.py', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--collection', help='only this collection (a COLLECTION_DIRS name)')
+    parser.add_argument('--json', action='store_true', help='one JSON document on standard output')
+    commands = parser.add_subparsers(dest='command', required=True)
+    for name in ('verify', 'record'):
+        command = commands.add_parser(name)
+        command.add_argument('--max-rate', type=float, default=None, metavar='MB',
+                             help='read at most this many megabytes a second')
+        command.add_argument('--nice', type=int, default=10, help='lower priority (default 10)')
+    commands.choices['verify'].add_argument('--restart', action='store_true', help='start over, not where it stopped')
+    commands.choices['record'].add_argument('--dry-run', action='store_true', help='record nothing, say what')
+    commands.add_parser('duplicates')
+    trash = commands.add_parser('trash').add_subparsers(dest='trash_action', required=True)
+    trash.add_parser('list')
+    restoring = trash.add_parser('restore')
+    restoring.add_argument('name')
+    restoring.add_argument('--id', help='the trash entry to restore (default: the latest of NAME)')
+    restoring.add_argument('--dry-run', action='store_true', help='restore nothing, say what')
+    trash.add_parser('purge').add_argument('--dry-run', action='store_true', help='purge nothing, say what')
+    return parser.parse_args(argv)
+
+
+def run(args, config):
+    storage = make_storage(config)
+    if storage.health() != 'ok':
+        raise Usage(f'the storage is {storage.health()}')
+    colls = collections(config, args.collection)
+    if args.command == 'verify':
+        return verify(config, storage, colls, args)
+    if args.command == 'record':
+        return record(storage, colls, args)
+    if args.command == 'duplicates':
+        return duplicates(storage, colls)
+    audit = AuditLog(config.AUDIT_LOG)
+    return trash_command(storage, audit, Trash(config, storage, audit), colls, args)
+
+
+def as_lines(report):
+    """The report as lines for a person: one per file reported, then the counts."""
+    lines = []
+    for key in ('problems', 'recorded', 'restored', 'purged', 'entries'):
+        for item in report.get(key, []) if key != 'problems' or report['command'] != 'duplicates' else []:
+            what = item.get('problem') or {'recorded': 'recorded', 'restored': 'restored', 'purged': 'purged',
+                                            'entries': 'in the trash'}[key]
+            extra = f" ({item['id']}, deleted {item['deleted']})" if 'deleted' in item else ''
+            lines.append(f"{what}: {shown(item['collection'], item['name'])}{extra}")
+    for group in report.get('groups', []):
+        lines.append(f"same SHA-256 {group['sha256']}: " + ', '.join(shown(group['collection'], n)
+                                                                      for n in group['names']))
+    if 'counts' in report:
+        lines.append(', '.join(f'{count} {what}' for what, count in report['counts'].items()))
+    return lines or ['nothing to report']
+
+
+def main(argv=None, environ=None):
+    args = arguments(argv)
+    if getattr(args, 'nice', 0):
+        os.nice(args.nice)
+    try:
+        report = run(args, load_config(environ=environ))
+    except (ConfigError, Usage, UnknownCollection) as error:
+        print(f'preservation: {error}', file=sys.stderr)
+        return 2
+    except StorageUnavailable as error:
+        print(f'preservation: {error}; run it again when that is mended', file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print('preservation: interrupted; run it again to go on where it stopped', file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=1) if args.json else '\n'.join(as_lines(report)))
+    return 1 if report['problems'] else 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -4,6 +4,8 @@ handle the trash.
     python preservation.py [--collection NAME] [--json] verify [--restart] [--max-rate MB] [--nice N]
     python preservation.py [--collection NAME] [--json] record [--dry-run] [--max-rate MB] [--nice N]
     python preservation.py [--collection NAME] [--json] duplicates
+    python preservation.py [--collection NAME] [--json] reconcile (--database URL | --names FILE)
+                           [--older-than HOURS] [--quarantine] [--dry-run]
     python preservation.py [--collection NAME] [--json] trash list
     python preservation.py [--collection NAME] [--json] trash restore NAME [--id ID] [--dry-run]
     python preservation.py [--collection NAME] [--json] trash purge [--dry-run]
@@ -19,7 +21,12 @@ changed (the bytes differ from the checksum, or an S3 object was replaced withou
 checksum is recorded, the original is gone), unreadable, or stored without a checksum. It can be stopped and
 started again: it goes on after the last original it finished (--restart starts over). record gives the
 originals stored without a checksum one taken now (marked `later`), never to one with evidence of another
-(those verify reports changed). duplicates lists the groups of originals with the same SHA-256. trash lists
+(those verify reports changed). duplicates lists the groups of originals with the same SHA-256. reconcile
+compares the stored originals with the attachment locations of a Specify database, read-only
+(--database mysql://USER:PASSWORD@HOST:PORT/DATABASE: its `attachment` table's AttachmentLocation), or of a
+file of them, one a line (--names): it reports orphans (stored, referenced by no attachment, and older than
+--older-than hours, at least 24: the last day's uploads may not be in the database yet), missing (referenced,
+not stored) and those of them restorable from the trash; --quarantine moves the orphans into the trash. trash lists
 the deleted originals kept, restores one (the latest of that name, or --id) with its checksum from ingest,
 or purges those past TRASH_DAYS; restores and purges go to the audit log.
 
@@ -34,6 +41,10 @@ import json
 import os
 import sys
 import time
+import urllib.parse
+
+import pymysql
+import pymysql.cursors
 
 from audit import AuditLog
 from checksums import Hashing, LATER
@@ -228,6 +239,87 @@ def duplicates(storage, colls):
     return {'command': 'duplicates', 'groups': groups, 'problems': groups}
 
 
+# --- reconcile ------------------------------------------------------------------------------------------------
+
+MIN_AGE_HOURS = 24               # an original younger than this is never an orphan (the database may lag behind)
+
+now = time.time                  # the clock orphans are aged by
+
+
+def database_names(url):
+    """The AttachmentLocation of every attachment in a Specify database (MariaDB/MySQL), read in a read-only
+    transaction, streamed."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ('mysql', 'mariadb') or not parts.hostname or not parts.path.strip('/'):
+        raise Usage('--database must be mysql://USER:PASSWORD@HOST:PORT/DATABASE')
+    try:
+        connection = pymysql.connect(host=parts.hostname, port=parts.port or 3306,
+                                     user=urllib.parse.unquote(parts.username or ''),
+                                     password=urllib.parse.unquote(parts.password or ''),
+                                     database=urllib.parse.unquote(parts.path.strip('/')), charset='utf8mb4',
+                                     connect_timeout=10, read_timeout=600, cursorclass=pymysql.cursors.SSCursor)
+    except pymysql.MySQLError as error:
+        raise Usage(f'cannot read the database: {error.args[-1]}') from None
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute('START TRANSACTION READ ONLY')
+            cursor.execute('SELECT AttachmentLocation FROM attachment WHERE AttachmentLocation IS NOT NULL')
+            return {location for (location,) in cursor if location}
+    except pymysql.MySQLError as error:
+        raise Usage(f'cannot read the attachment table: {error.args[-1]}') from None
+    finally:
+        connection.close()
+
+
+def listed_names(path):
+    """The attachment locations of a file, one a line (blank lines and surrounding spaces ignored)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            return {line.strip() for line in f if line.strip()}
+    except (OSError, UnicodeDecodeError) as error:
+        raise Usage(f'cannot read --names {path}: {error}') from None
+
+
+def reconcile(storage, audit, colls, args):
+    """Orphans, missing and restorable: the stored originals against the names referenced."""
+    if args.older_than < MIN_AGE_HOURS:
+        raise Usage(f'--older-than must be at least {MIN_AGE_HOURS} hours (the database may lag behind uploads)')
+    referenced = database_names(args.database) if args.database else listed_names(args.names)
+    cutoff = now() - args.older_than * 3600
+    report = {'command': 'reconcile', 'dryRun': args.dry_run, 'referenced': len(referenced), 'stored': 0,
+              'recent': [], 'problems': [], 'quarantined': []}
+    stored = set()
+    for coll in colls:
+        for name, modified in sorted(storage.originals_modified(coll)):
+            stored.add(name)
+            report['stored'] += 1
+            if name in referenced:
+                continue
+            if modified > cutoff:
+                report['recent'].append({'collection': coll, 'name': name})
+                continue
+            report['problems'].append({'collection': coll, 'name': name, 'problem': 'orphan'})
+    trashed = {entry.name: (coll, entry) for coll in colls for entry in storage.trashed(coll)}
+    for name in sorted(referenced - stored):
+        if name in trashed:
+            coll, entry = trashed[name]
+            report['problems'].append({'collection': coll, 'name': name, 'problem': 'missing, restorable',
+                                       'id': entry.id})
+        else:
+            report['problems'].append({'collection': None if len(colls) > 1 else colls[0], 'name': name,
+                                       'problem': 'missing'})
+    if args.quarantine:
+        for orphan in [p for p in report['problems'] if p['problem'] == 'orphan']:
+            entry = None if args.dry_run else storage.trash(orphan['collection'], orphan['name'])
+            if entry:
+                audit.record('quarantine', orphan['collection'], orphan['name'], size=entry.size,
+                             sha256=entry.checksum and entry.checksum.sha256, trash=entry.id,
+                             client='preservation.py')
+            if entry or args.dry_run:
+                report['quarantined'].append({**orphan, 'id': entry and entry.id})
+    return report
+
+
 # --- trash ----------------------------------------------------------------------------------------------------
 
 def trash_entry(coll, entry):
@@ -313,6 +405,14 @@ def arguments(argv):
     commands.choices['verify'].add_argument('--restart', action='store_true', help='start over, not where it stopped')
     commands.choices['record'].add_argument('--dry-run', action='store_true', help='record nothing, say what')
     commands.add_parser('duplicates')
+    reconciling = commands.add_parser('reconcile')
+    source = reconciling.add_mutually_exclusive_group(required=True)
+    source.add_argument('--database', metavar='URL', help='mysql://USER:PASSWORD@HOST:PORT/DATABASE (read only)')
+    source.add_argument('--names', metavar='FILE', help='attachment locations, one a line')
+    reconciling.add_argument('--older-than', type=float, default=MIN_AGE_HOURS, metavar='HOURS',
+                             help=f'orphans only older than this (default and least: {MIN_AGE_HOURS})')
+    reconciling.add_argument('--quarantine', action='store_true', help='move the orphans into the trash')
+    reconciling.add_argument('--dry-run', action='store_true', help='with --quarantine: move nothing, say what')
     trash = commands.add_parser('trash').add_subparsers(dest='trash_action', required=True)
     trash.add_parser('list')
     restoring = trash.add_parser('restore')
@@ -335,16 +435,18 @@ def run(args, config):
     if args.command == 'duplicates':
         return duplicates(storage, colls)
     audit = AuditLog(config.AUDIT_LOG)
+    if args.command == 'reconcile':
+        return reconcile(storage, audit, colls, args)
     return trash_command(storage, audit, Trash(config, storage, audit), colls, args)
 
 
 def as_lines(report):
     """The report as lines for a person: one per file reported, then the counts."""
     lines = []
-    for key in ('problems', 'recorded', 'restored', 'purged', 'entries'):
+    for key in ('problems', 'recorded', 'restored', 'purged', 'entries', 'quarantined'):
         for item in report.get(key, []) if key != 'problems' or report['command'] != 'duplicates' else []:
-            what = item.get('problem') or {'recorded': 'recorded', 'restored': 'restored', 'purged': 'purged',
-                                            'entries': 'in the trash'}[key]
+            what = {'quarantined': 'quarantined'}.get(key) or item.get('problem') or {
+                'recorded': 'recorded', 'restored': 'restored', 'purged': 'purged', 'entries': 'in the trash'}[key]
             extra = f" ({item['id']}, deleted {item['deleted']})" if 'deleted' in item else ''
             lines.append(f"{what}: {shown(item['collection'], item['name'])}{extra}")
     for group in report.get('groups', []):

@@ -13,6 +13,7 @@ import pytest
 
 import preservation
 from harness.client import KEY
+from harness.mariadb import MariaDB
 from harness.processes import PROJECT
 
 
@@ -277,3 +278,86 @@ def test_without_json_each_problem_is_a_line_naming_the_file(client, make_client
     done = subprocess.run([sys.executable, 'preservation.py', 'verify'], cwd=PROJECT, capture_output=True, text=True,
                           timeout=120, env=environ)
     assert (done.returncode, done.stdout.splitlines()) == (1, ['missing: 1.jpg', '1 ok, 1 missing'])
+
+
+# --- reconcile --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope='module')
+def specify_database(tmp_path_factory):
+    """A real MariaDB with Specify's attachment table, read by a user that may only SELECT."""
+    database = MariaDB(str(tmp_path_factory.mktemp('mariadb')))
+    yield database
+    database.stop()
+
+
+@pytest.fixture
+def two_days_on(monkeypatch):
+    """The clock reconcile ages originals by, two days after the uploads."""
+    later = time.time() + 2 * 86400
+    monkeypatch.setattr(preservation, 'now', lambda: later)
+
+
+def listed(tmp_path, *names):
+    path = tmp_path / 'locations.txt'
+    path.write_text(''.join(f'{name}\n' for name in names))
+    return str(path)
+
+
+def test_reconcile_reports_orphans_missing_and_restorable_exactly(client, run, tmp_path, two_days_on):
+    for name in ('kept.jpg', 'orphan.jpg', 'deleted.jpg'):
+        client.upload(name, name.encode())
+    client.delete('deleted.jpg')
+    status, report = run('reconcile', '--names', listed(tmp_path, 'kept.jpg', 'deleted.jpg', 'never-stored.jpg'))
+    assert (status, problems(report)) == (1, [('deleted.jpg', 'missing, restorable'), ('never-stored.jpg', 'missing'),
+                                              ('orphan.jpg', 'orphan')])
+    assert [p['id'] for p in report['problems'] if p['problem'] == 'missing, restorable'] == [
+        next(client.app.storage.trashed(None)).id]
+
+
+def test_reconcile_never_calls_the_last_days_uploads_orphans(client, run, tmp_path):
+    client.upload('just-uploaded.jpg', b'new')
+    status, report = run('reconcile', '--names', listed(tmp_path))
+    assert (status, report['problems'], [r['name'] for r in report['recent']]) == (0, [], ['just-uploaded.jpg'])
+
+
+def test_reconcile_against_a_specify_database(client, run, specify_database, two_days_on):
+    for name in ('a.jpg', 'b.jpg'):
+        client.upload(name, b'data')
+    specify_database.attachments('a.jpg', 'gone.pdf', None)
+    status, report = run('reconcile', '--database', specify_database.url)
+    assert (status, problems(report), report['referenced']) == (1, [('b.jpg', 'orphan'), ('gone.pdf', 'missing')], 2)
+
+
+def test_reconcile_with_every_file_referenced_exits_0(client, run, specify_database, two_days_on):
+    client.upload('a.jpg', b'data')
+    specify_database.attachments('a.jpg')
+    assert run('reconcile', '--database', specify_database.url)[0] == 0
+
+
+@pytest.mark.parametrize('url', ['mysql://reader:wrong@127.0.0.1:{port}/specify', 'postgres://x@127.0.0.1/specify',
+                                 'mysql://reader@127.0.0.1:{port}/'])
+def test_a_database_that_cannot_be_read_is_bad_usage_exit_2(client, run, specify_database, url):
+    assert run('reconcile', '--database', url.format(port=specify_database.port)) == (2, None)
+
+
+def test_quarantine_moves_the_orphans_into_the_trash_and_audits_it(client, run, tmp_path, two_days_on):
+    client.upload('orphan.jpg', b'orphan')
+    client.upload('kept.jpg', b'kept')
+    status, report = run('reconcile', '--names', listed(tmp_path, 'kept.jpg'), '--quarantine')
+    assert [q['name'] for q in report['quarantined']] == ['orphan.jpg']
+    client.fileget('orphan.jpg', status=404)
+    assert client.trash_entries() == ['orphan.jpg'] and client.fileget('kept.jpg').body == b'kept'
+    with open(client.config.AUDIT_LOG, encoding='ascii') as log:
+        last = json.loads(log.readlines()[-1])
+    assert (last['action'], last['name']) == ('quarantine', 'orphan.jpg')
+
+
+def test_quarantine_dry_run_moves_nothing(client, run, tmp_path, two_days_on):
+    client.upload('orphan.jpg', b'orphan')
+    report = run('reconcile', '--names', listed(tmp_path), '--quarantine', '--dry-run')[1]
+    assert [q['name'] for q in report['quarantined']] == ['orphan.jpg']
+    assert client.fileget('orphan.jpg').body == b'orphan' and client.trash_entries() == []
+
+
+def test_an_age_under_a_day_is_bad_usage_exit_2(client, run, tmp_path):
+    assert run('reconcile', '--names', listed(tmp_path), '--older-than', '1') == (2, None)

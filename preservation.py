@@ -6,6 +6,7 @@ handle the trash.
     python preservation.py [--collection NAME] [--json] duplicates
     python preservation.py [--collection NAME] [--json] reconcile (--database URL | --names FILE)
                            [--older-than HOURS] [--quarantine] [--dry-run]
+    python preservation.py [--collection NAME] [--json] export-bag DIR [--max-rate MB] [--nice N]
     python preservation.py [--collection NAME] [--json] trash list
     python preservation.py [--collection NAME] [--json] trash restore NAME [--id ID] [--dry-run]
     python preservation.py [--collection NAME] [--json] trash purge [--dry-run]
@@ -26,7 +27,12 @@ compares the stored originals with the attachment locations of a Specify databas
 (--database mysql://USER:PASSWORD@HOST:PORT/DATABASE: its `attachment` table's AttachmentLocation), or of a
 file of them, one a line (--names): it reports orphans (stored, referenced by no attachment, and older than
 --older-than hours, at least 24: the last day's uploads may not be in the database yet), missing (referenced,
-not stored) and those of them restorable from the trash; --quarantine moves the orphans into the trash. trash lists
+not stored) and those of them restorable from the trash; --quarantine moves the orphans into the trash.
+export-bag writes a BagIt bag (RFC 8493) of a collection's originals into DIR, whose SHA-256 and MD5 manifests
+carry the checksums recorded for them (not taken again, so a file changed since its checksum was recorded makes
+the bag fail validation, or, when its checksum went with it, an S3 object replaced without the server, is left
+out and reported); an original without a recorded checksum is left out and reported (record it first);
+a stopped export goes on with the files not yet copied. trash lists
 the deleted originals kept, restores one (the latest of that name, or --id) with its checksum from ingest,
 or purges those past TRASH_DAYS; restores and purges go to the audit log.
 
@@ -50,7 +56,7 @@ from audit import AuditLog
 from checksums import Hashing, LATER
 from config import ConfigError, load_config
 from errors import StorageUnavailable, UnknownCollection
-from files import write_durably, remove_quietly
+from files import make_temp_file, remove_quietly, write_durably
 from names import printable
 from progress import Progress
 from storages import make_storage
@@ -320,6 +326,89 @@ def reconcile(storage, audit, colls, args):
     return report
 
 
+# --- export-bag -----------------------------------------------------------------------------------------------
+
+BAGIT = 'BagIt-Version: 1.0\nTag-File-Character-Encoding: UTF-8\n'
+
+
+def manifest_path(name):
+    """A payload file's path as a manifest line names it: CR and LF percent-encoded, as bagit-python writes and
+    reads them (RFC 8493 2.1.3 encodes % too, which bagit-python 1.9 does not decode: docs/limits.md)."""
+    return 'data/' + name.replace('\r', '%0D').replace('\n', '%0A')
+
+
+def export_bag(config, storage, colls, args):
+    """A bag of one collection's originals in args.directory, with the checksums recorded for them."""
+    if len(colls) != 1:
+        raise Usage('export-bag needs --collection (COLLECTION_DIRS names several; a bag holds one collection)')
+    coll, folder = colls[0], os.path.abspath(args.directory)
+    if os.path.exists(os.path.join(folder, 'bagit.txt')):
+        raise Usage(f'{folder} already holds a bag')
+    if os.path.isdir(folder) and set(os.listdir(folder)) - {'data'}:
+        raise Usage(f'{folder} is not empty')
+    payload = os.path.join(folder, 'data')
+    os.makedirs(payload, exist_ok=True)
+    throttle, lines, left_out, total = Throttle(args.max_rate), [], [], 0
+    names, catalogued = sorted(storage.originals(coll)), storage.catalogued(coll)
+    progress = Progress(len(names), sys.stderr, 'originals')
+    try:
+        for name in names:
+            checksum = storage.checksum(coll, name)
+            if checksum is None:
+                problem = 'changed since its checksum was recorded' if name in catalogued else 'no checksum'
+                left_out.append({'collection': coll, 'name': name, 'problem': problem + ': left out'})
+                progress.say(f'{problem}, left out: {shown(coll, name)}')
+            else:
+                copy_into_bag(storage, coll, name, os.path.join(payload, name), checksum.size, throttle)
+                lines.append((name, checksum))
+                total += checksum.size
+            progress.advance()
+    finally:
+        progress.close()
+    for stray in set(os.listdir(payload)) - {name for name, _ in lines}:     # a file left out, copied before
+        os.remove(os.path.join(payload, stray))
+    write_tag_files(folder, coll, lines, total)
+    return {'command': 'export-bag', 'bag': folder, 'files': len(lines), 'bytes': total, 'problems': left_out}
+
+
+def copy_into_bag(storage, coll, name, target, size, throttle):
+    """Copy an original into the bag's payload, complete or not at all; one already there at its size is kept
+    (a stopped export goes on)."""
+    if os.path.isfile(target) and os.path.getsize(target) == size:
+        return
+    temp, out = make_temp_file(os.path.dirname(target))
+    try:
+        with storage.open(coll, name) as original, out:
+            for chunk in iter(lambda: original.read(READ), b''):
+                out.write(chunk)
+                throttle.took(len(chunk))
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, target)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+
+
+def write_tag_files(folder, coll, lines, total):
+    """bagit.txt, the payload manifests, bag-info.txt and the tag manifest, each written complete."""
+    tags = {
+        'bagit.txt': BAGIT,
+        'manifest-sha256.txt': ''.join(f'{c.sha256}  {manifest_path(n)}\n' for n, c in lines),
+        'manifest-md5.txt': ''.join(f'{c.md5}  {manifest_path(n)}\n' for n, c in lines),
+        'bag-info.txt': (f'Bagging-Date: {datetime.date.today().isoformat()}\n'
+                         f'Payload-Oxum: {total}.{len(lines)}\n'
+                         f'External-Description: Originals of {"all collections" if coll is None else coll}, '
+                         f'with the checksums recorded when they were stored\n'
+                         f'Bag-Software-Agent: Web Asset Server for Specify (preservation.py export-bag)\n'),
+    }
+    for name, text in tags.items():
+        write_durably(os.path.join(folder, name), text.encode('utf-8'))
+    tag_manifest = ''.join(f'{hashlib.sha256(text.encode("utf-8")).hexdigest()}  {name}\n'
+                           for name, text in sorted(tags.items()))
+    write_durably(os.path.join(folder, 'tagmanifest-sha256.txt'), tag_manifest.encode('utf-8'))
+
+
 # --- trash ----------------------------------------------------------------------------------------------------
 
 def trash_entry(coll, entry):
@@ -397,13 +486,14 @@ def arguments(argv):
     parser.add_argument('--collection', help='only this collection (a COLLECTION_DIRS name)')
     parser.add_argument('--json', action='store_true', help='one JSON document on standard output')
     commands = parser.add_subparsers(dest='command', required=True)
-    for name in ('verify', 'record'):
+    for name in ('verify', 'record', 'export-bag'):
         command = commands.add_parser(name)
         command.add_argument('--max-rate', type=float, default=None, metavar='MB',
                              help='read at most this many megabytes a second')
         command.add_argument('--nice', type=int, default=10, help='lower priority (default 10)')
     commands.choices['verify'].add_argument('--restart', action='store_true', help='start over, not where it stopped')
     commands.choices['record'].add_argument('--dry-run', action='store_true', help='record nothing, say what')
+    commands.choices['export-bag'].add_argument('directory', metavar='DIR', help='the bag to make (empty, or new)')
     commands.add_parser('duplicates')
     reconciling = commands.add_parser('reconcile')
     source = reconciling.add_mutually_exclusive_group(required=True)
@@ -434,6 +524,8 @@ def run(args, config):
         return record(storage, colls, args)
     if args.command == 'duplicates':
         return duplicates(storage, colls)
+    if args.command == 'export-bag':
+        return export_bag(config, storage, colls, args)
     audit = AuditLog(config.AUDIT_LOG)
     if args.command == 'reconcile':
         return reconcile(storage, audit, colls, args)

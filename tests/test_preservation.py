@@ -361,3 +361,81 @@ def test_quarantine_dry_run_moves_nothing(client, run, tmp_path, two_days_on):
 
 def test_an_age_under_a_day_is_bad_usage_exit_2(client, run, tmp_path):
     assert run('reconcile', '--names', listed(tmp_path), '--older-than', '1') == (2, None)
+
+
+# --- export-bag -------------------------------------------------------------------------------------------------
+
+def validate(folder):
+    """bagit-python's own validation of a bag (the Library of Congress's validator), as `bagit.py --validate`."""
+    return subprocess.run([sys.executable, '-m', 'bagit', '--validate', str(folder)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_an_exported_bag_is_valid_and_its_manifests_carry_the_checksums_from_ingest(client, run, tmp_path):
+    data = uploaded(client, 3)
+    client.upload('odd\nname 100%.jpg', b'odd name')
+    status, report = run('export-bag', str(tmp_path / 'bag'))
+    assert (status, report['files'], report['problems']) == (0, 4, [])
+    done = validate(tmp_path / 'bag')
+    assert done.returncode == 0, done.stderr
+    manifest = (tmp_path / 'bag' / 'manifest-sha256.txt').read_text().splitlines()
+    assert f'{hashlib.sha256(data["0.jpg"]).hexdigest()}  data/0.jpg' in manifest
+    assert f'{hashlib.sha256(b"odd name").hexdigest()}  data/odd%0Aname 100%.jpg' in manifest
+    assert (tmp_path / 'bag' / 'data' / 'odd\nname 100%.jpg').read_bytes() == b'odd name'
+
+
+def test_a_bag_with_one_payload_byte_flipped_fails_validation(client, run, tmp_path):
+    uploaded(client, 3)
+    run('export-bag', str(tmp_path / 'bag'))
+    payload = tmp_path / 'bag' / 'data' / '1.jpg'
+    flipped = bytearray(payload.read_bytes())
+    flipped[0] ^= 0xff
+    payload.write_bytes(bytes(flipped))
+    done = validate(tmp_path / 'bag')
+    assert done.returncode != 0 and '1.jpg' in done.stderr
+
+
+def test_a_bag_of_a_file_changed_since_ingest_fails_validation(client, run, tmp_path):
+    data = uploaded(client, 2)
+    flipped = bytearray(data['0.jpg'])
+    flipped[10] ^= 0x01
+    stored_behind_the_servers_back(client, '0.jpg', bytes(flipped))
+    status, report = run('export-bag', str(tmp_path / 'bag'))
+    if client.config.STORAGE == 's3':                   # the object's metadata went with its bytes: left out
+        assert (status, problems(report)) == (1, [('0.jpg', 'changed since its checksum was recorded: left out')])
+    else:
+        assert validate(tmp_path / 'bag').returncode != 0
+
+
+def test_an_original_without_a_checksum_is_left_out_and_reported(client, run, tmp_path):
+    uploaded(client, 2)
+    stored_behind_the_servers_back(client, 'old.jpg', b'no checksum')
+    status, report = run('export-bag', str(tmp_path / 'bag'))
+    assert (status, problems(report), report['files']) == (1, [('old.jpg', 'no checksum: left out')], 2)
+    assert validate(tmp_path / 'bag').returncode == 0
+    assert sorted(os.listdir(tmp_path / 'bag' / 'data')) == ['0.jpg', '1.jpg']
+
+
+def test_a_stopped_export_goes_on_with_the_files_not_yet_copied(client, run, tmp_path, monkeypatch):
+    uploaded(client, 4)
+    copied, real, stopped = [], preservation.copy_into_bag, []
+
+    def copying(storage, coll, name, target, size, throttle):
+        if len(copied) == 2 and not stopped:
+            stopped.append(name)
+            raise KeyboardInterrupt
+        copied.append(name)
+        return real(storage, coll, name, target, size, throttle)
+    monkeypatch.setattr(preservation, 'copy_into_bag', copying)
+    assert run('export-bag', str(tmp_path / 'bag'))[0] == 2
+    assert not (tmp_path / 'bag' / 'bagit.txt').exists()
+    mtimes = {name: os.stat(tmp_path / 'bag' / 'data' / name).st_mtime_ns for name in ('0.jpg', '1.jpg')}
+    assert run('export-bag', str(tmp_path / 'bag'))[0] == 0
+    assert {name: os.stat(tmp_path / 'bag' / 'data' / name).st_mtime_ns for name in mtimes} == mtimes
+    assert validate(tmp_path / 'bag').returncode == 0
+
+
+def test_exporting_into_a_folder_that_holds_other_files_is_refused(client, run, tmp_path):
+    (tmp_path / 'bag').mkdir()
+    (tmp_path / 'bag' / 'notes.txt').write_text('mine')
+    assert run('export-bag', str(tmp_path / 'bag')) == (2, None)

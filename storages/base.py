@@ -103,6 +103,10 @@ class Storage:
         """A file of the collection's trash (name '': the trash folder)."""
         return [*self.folder_parts(coll), TRASH_DIR, *([name] if name else [])]
 
+    def index_parts_of(self, parts: Parts, sha256: str) -> list[str]:
+        """The index entry of the original at `parts` for this SHA-256."""
+        return [*parts[:-2], INDEX_DIR, sha256, parts[-1]]
+
     def index_parts(self, coll: Coll, sha256: str, name: str = '') -> list[str]:
         """The index entry saying that `name` has this SHA-256 (name '': the folder of all that have it)."""
         return [*self.folder_parts(coll), INDEX_DIR, sha256, *([name] if name else [])]

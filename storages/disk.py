@@ -222,8 +222,16 @@ class DiskStorage(Storage):
         write_durably(self.path(self.catalogue_parts(self.original_parts(coll, name))),
                       checksum.as_text(previous).encode('utf-8'))
 
+    def keep_checksum(self, parts, checksum):
+        """Record the checksum of the original at `parts`, as copied from elsewhere (migrate.py)."""
+        self._index_at(self.index_parts_of(parts, checksum.sha256))
+        write_durably(self.path(self.catalogue_parts(parts)), checksum.as_text().encode('utf-8'))
+
     def _index(self, coll, sha256, name):
-        entry = self.path(self.index_parts(coll, sha256, name))
+        self._index_at(self.index_parts(coll, sha256, name))
+
+    def _index_at(self, parts):
+        entry = self.path(parts)
         os.makedirs(os.path.dirname(entry), exist_ok=True)
         with open(entry, 'ab'):
             pass

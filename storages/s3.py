@@ -312,6 +312,11 @@ class S3Storage(Storage):
             self._unindex(coll, old.sha256, name)
         return True
 
+    def keep_index(self, parts, sha256):
+        """The index entry of the original at `parts`, whose checksum is in its metadata (migrate.py)."""
+        with store_errors():
+            self.client.put_object(Bucket=self.bucket, Key=self.key(self.index_parts_of(parts, sha256)), Body=b'')
+
     def _index(self, coll, sha256, name):
         with store_errors():
             self.client.put_object(Bucket=self.bucket, Key=self.key(self.index_parts(coll, sha256, name)), Body=b'')

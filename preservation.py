@@ -56,7 +56,7 @@ from audit import AuditLog
 from checksums import Hashing, LATER
 from config import ConfigError, load_config
 from errors import StorageUnavailable, UnknownCollection
-from files import make_temp_file, remove_quietly, write_durably
+from files import durable_file, remove_quietly, write_durably
 from names import printable
 from progress import Progress
 from storages import make_storage
@@ -376,18 +376,10 @@ def copy_into_bag(storage, coll, name, target, size, throttle):
     (a stopped export goes on)."""
     if os.path.isfile(target) and os.path.getsize(target) == size:
         return
-    temp, out = make_temp_file(os.path.dirname(target))
-    try:
-        with storage.open(coll, name) as original, out:
-            for chunk in iter(lambda: original.read(READ), b''):
-                out.write(chunk)
-                throttle.took(len(chunk))
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temp, target)
-    except BaseException:
-        remove_quietly(temp)
-        raise
+    with storage.open(coll, name) as original, durable_file(target) as out:
+        for chunk in iter(lambda: original.read(READ), b''):
+            out.write(chunk)
+            throttle.took(len(chunk))
 
 
 def write_tag_files(folder, coll, lines, total):

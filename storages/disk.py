@@ -17,7 +17,7 @@ import time
 import cachetools
 
 from checksums import checksum_from_text
-from files import (CHUNK, KeyedLocks, file_identity, fsync_folder, make_temp_file, remove_quietly, stream_file,
+from files import (CHUNK, KeyedLocks, durable_file, file_identity, fsync_folder, remove_quietly, stream_file,
                    sweep_folder, write_durably)
 from kinds import kind_of
 from names import CATALOGUE_DIR, RECORD_FOLDERS, Identity, derivative_source, name_problem
@@ -69,16 +69,8 @@ class DiskStorage(Storage):
 
     def _copy_into(self, source, target):
         """Copy across file systems: to a temporary beside the target, then rename; a failed copy leaves none."""
-        temp, out = make_temp_file(os.path.dirname(target))
-        try:
-            with out, open(source, 'rb') as src:
-                shutil.copyfileobj(src, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            remove_quietly(temp)
-            raise
+        with durable_file(target) as out, open(source, 'rb') as src:
+            shutil.copyfileobj(src, out, CHUNK)
         os.remove(source)
 
     def delete(self, coll, name):

@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint bench bench-storage bench-serve bench-previews bench-iiif bench-backfill bench-institution soak mutation packages test-packages venv
+.PHONY: run test lint bench bench-storage bench-serve bench-previews bench-iiif bench-backfill bench-institution bench-preservation soak mutation packages test-packages venv
 
 run: packages venv
 	$(PY) server.py
@@ -19,6 +19,9 @@ bench: packages test-packages venv
 
 bench-storage: packages test-packages venv
 	$(PY) -m bench.storage
+
+bench-preservation: packages test-packages venv
+	$(PY) -m bench.preservation
 
 bench-iiif: packages test-packages venv
 	sh deploy/install-packages.sh bench/packages.txt

@@ -30,8 +30,10 @@ def answer_once(storage, parts, mimetype, headers, seen):
     config = bottle.request.app.settings
     path = storage.local_path(parts)
     if config.FILE_OFFLOAD and path and not (config.FILE_OFFLOAD == 'apache' and CONTROL_CHARACTER.search(path)):
-        return handed_over(path, mimetype, headers, config)
+        return handed_over(path, mimetype, headers, config, storage.recorded_checksum(parts))
     found = storage.found(parts, whole=is_plain_get(), seen=seen)
+    if found.checksum:
+        headers = dict(headers or {}, **{'Repr-Digest': found.checksum.repr_digest()})
     answer = file_answer(found.size, found.etag, found.modified,
                          mimetype or found.content_type or 'application/octet-stream', headers, found.body)
     if not inspect.isgenerator(answer.body):
@@ -39,9 +41,9 @@ def answer_once(storage, parts, mimetype, headers, seen):
     return answer
 
 
-def handed_over(path, mimetype, headers, config):
+def handed_over(path, mimetype, headers, config, checksum=None):
     """An empty answer telling the web server in front to send the file at `path` (X-Accel-Redirect for nginx,
-    X-Sendfile, as it is, for Apache's mod_xsendfile 0.12, which reads it raw)."""
+    X-Sendfile, as it is, for Apache's mod_xsendfile 0.12, which reads it raw), with an original's checksum."""
     if not os.path.isfile(path):
         raise FileNotFoundError(path)
     if mimetype is None:
@@ -50,6 +52,8 @@ def handed_over(path, mimetype, headers, config):
     handover = {'Content-Type': mimetype, 'X-Content-Type-Options': 'nosniff'}
     if may_run_scripts(mimetype):
         handover['Content-Security-Policy'] = 'sandbox'
+    if checksum:
+        handover['Repr-Digest'] = checksum.repr_digest()
     if config.FILE_OFFLOAD == 'nginx':
         relative = os.path.relpath(path, config.BASE_DIR).replace(os.sep, '/')
         handover['X-Accel-Redirect'] = config.OFFLOAD_PREFIX + quote(relative)

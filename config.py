@@ -8,7 +8,7 @@ import re
 import types
 
 import settings
-from names import name_problem
+from names import RECORD_FOLDERS, name_problem
 
 VERSION = '1.1.0'                # This release, as the capabilities document says; raise the image tag with it.
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -61,6 +61,7 @@ def load_config(overrides=None, environ=None):
     values.update(overrides or {})
     config = types.SimpleNamespace(**values)
     config.BASE_DIR = os.path.abspath(os.path.join(HERE, os.path.expanduser(config.BASE_DIR)))
+    config.AUDIT_LOG = os.path.join(config.BASE_DIR, os.path.expanduser(str(config.AUDIT_LOG)))
     config.SERVER_PORT = config.SERVER_PORT or config.PORT
     config.CAN_THUMBNAIL = set(config.CAN_THUMBNAIL or ())
     config.THUMBNAIL_WORKERS = config.THUMBNAIL_WORKERS or os.cpu_count() or 1
@@ -76,6 +77,9 @@ def check_config(config):
     if config.TIME_TOLERANCE is None and config.NO_TIME_WINDOW_ACKNOWLEDGED is not True:
         raise ConfigError('setting TIME_TOLERANCE is none, so tokens would never expire: set it to seconds, or set '
                           'NO_TIME_WINDOW_ACKNOWLEDGED to true (see docs/settings.md)')
+    for name in ('ORIG_DIR', 'THUMB_DIR'):
+        if getattr(config, name) in RECORD_FOLDERS:
+            raise ConfigError(f'setting {name} may not be {getattr(config, name)}, where the server keeps its records')
     if config.ORIG_DIR == config.THUMB_DIR:
         raise ConfigError('settings ORIG_DIR and THUMB_DIR must name different folders (a thumbnail would '
                           'overwrite an original named like it)')
@@ -97,8 +101,9 @@ def check_config(config):
             raise ConfigError(f'setting {name} must be a whole number above 0')
     config.PREGENERATE_SCALES = pregenerated_scales(config)
     config.THUMBNAIL_CACHE_BOUND = cache_bound(config.THUMBNAIL_CACHE_MAX_BYTES)
-    if not isinstance(config.THUMBNAIL_QUEUE, int) or config.THUMBNAIL_QUEUE < 0:
-        raise ConfigError('setting THUMBNAIL_QUEUE must be a whole number, 0 or more')
+    for name in ('THUMBNAIL_QUEUE', 'TRASH_DAYS'):
+        if not isinstance(getattr(config, name), int) or getattr(config, name) < 0:
+            raise ConfigError(f'setting {name} must be a whole number, 0 or more')
     if config.THREADS < 5:
         raise ConfigError('setting THREADS must be at least 5 (Paste keeps 5 spare threads)')
     if config.PUBLIC_SCHEME not in ('http', 'https'):

@@ -31,6 +31,29 @@ def make_temp_file(folder):
     return path, open(path, 'xb')
 
 
+@contextlib.contextmanager
+def durable_file(path):
+    """A file written in place complete or not at all: yields a temporary beside `path` (its folder made as
+    needed), then syncs it, renames it to `path` and syncs the folder; an error removes it."""
+    temp, out = make_temp_file(os.path.dirname(path))
+    try:
+        with out:
+            yield out
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+    fsync_folder(os.path.dirname(path))
+
+
+def write_durably(path, data):
+    """Put a small file in place complete (see durable_file)."""
+    with durable_file(path) as out:
+        out.write(data)
+
+
 def remove_quietly(path):
     """Remove a file that may already be gone."""
     try:

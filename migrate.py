@@ -30,6 +30,7 @@ import os
 import re
 import stat
 import sys
+import types
 
 from config import ConfigError, load_config
 from errors import StorageUnavailable
@@ -37,7 +38,9 @@ from files import make_temp_file, remove_quietly
 from kinds import content_type, sniff_kind
 from names import TEMP_PREFIX, name_problem, parse_derivative
 from progress import Progress
-from storages.s3 import SOURCE_ETAG, TRANSFER, made_from, make_client, store_errors
+from storages.disk import DiskStorage
+from storages.s3 import (SOURCE_ETAG, TRANSFER, S3Storage, checksum_metadata, made_from, make_client, object_checksum,
+                         store_errors)
 
 PART = TRANSFER.multipart_chunksize
 COUNTS = ('copied', 'already there', 'failed', 'conflicts', 'skipped', 'thumbnails left out')
@@ -114,17 +117,24 @@ def thumbnail_owner(parts, config):
     return derivative and [*parts[:-2], config.ORIG_DIR, derivative.source]
 
 
+def folder_storage(config, folder):
+    """The folder as disk storage (its checksums' catalogue and index)."""
+    return DiskStorage(types.SimpleNamespace(**{**vars(config), 'BASE_DIR': folder}))
+
+
 def to_s3(config, folder, dry_run, overwrite=False):
     """Upload every attachment of `folder` the bucket does not already hold, verified; originals first,
-    so that each fresh thumbnail can record the ETag its original has in the bucket."""
+    so that each fresh thumbnail can record the ETag its original has in the bucket. An original's checksum
+    goes with it, into its metadata and the bucket's index."""
     client = make_client(config)
+    checksums = folder_storage(config, folder), S3Storage(config)   # an original's checksum: read, kept
     files = [(parts, path, os.lstat(path).st_size) for parts, path in
              sorted(folder_files(folder, config), key=lambda found: found[0][-2] == config.THUMB_DIR)]
     counts, in_bucket = dict.fromkeys(COUNTS, 0), {}
     progress = Progress(len(files), sys.stderr, 'files', sum(size for _, _, size in files))
     for parts, path, size in files:
         try:
-            outcome, message = upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite)
+            outcome, message = upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite, checksums)
         except NotAFile as error:      # replaced by a link or a special file since the walk
             outcome, message = 'skipped', f'skipped {shown("/".join(parts))}: {error}'
         counts[outcome] += 1
@@ -135,14 +145,17 @@ def to_s3(config, folder, dry_run, overwrite=False):
     return counts
 
 
-def upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite):
+def upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite, checksums):
     """Copy one file into the bucket unless it is there; (the count it goes to, what to tell or None).
     `in_bucket` maps each original's relative path to its ETag in the bucket once it is there."""
     relative, path = '/'.join(parts), os.path.join(folder, *parts)
     problem = source_problem(relative, path)
     if problem:
         return 'skipped', f'skipped {shown(relative)}: {problem}'
-    metadata = {}
+    metadata, checksum = {}, None
+    if parts[-2] == config.ORIG_DIR:
+        checksum = checksums[0].recorded_checksum(parts)
+        metadata = checksum_metadata(checksum) if checksum else {}
     if parts[-2] == config.THUMB_DIR:
         owner = thumbnail_owner(parts, config)
         source = owner and in_bucket.get('/'.join(owner))
@@ -154,7 +167,8 @@ def upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite):
     size, etag = os.lstat(path).st_size, expected_etag(path)
     head = object_head(client, config.S3_BUCKET, key)
     same = same_object(head, size, etag)
-    if same and head.get('Metadata', {}).get(SOURCE_ETAG) == metadata.get(SOURCE_ETAG):
+    if same and all(head.get('Metadata', {}).get(field) == value for field, value in metadata.items()
+                    if field in (SOURCE_ETAG, 'sha256')):
         outcome = 'already there'
     elif head and not same and not overwrite:
         return 'conflicts', f'conflict: {shown(key)} in the bucket has other bytes than {shown(relative)}; ' \
@@ -170,6 +184,8 @@ def upload_one(client, config, folder, parts, in_bucket, dry_run, overwrite):
         head = object_head(client, config.S3_BUCKET, key)
         if not same_object(head, size, etag):
             return 'failed', f'verification failed: {shown(key)}'
+        if checksum:
+            checksums[1].keep_index(parts, checksum.sha256)
         outcome = 'copied'
     if parts[-2] == config.ORIG_DIR:
         in_bucket[relative] = head['ETag'] if head else etag
@@ -222,7 +238,7 @@ def local_matches(target, size, etag):
 def from_s3(config, folder, dry_run):
     """Download every attachment object that `folder` does not already hold, verified; originals first,
     each dated by its object's LastModified, then the thumbnails fresh in the bucket, dated no older."""
-    client = make_client(config)
+    client, disk = make_client(config), folder_storage(config, folder)
     objects = sorted(bucket_objects(client, config), key=lambda found: found[0][-2] == config.THUMB_DIR)
     originals = {'/'.join(parts): {'ETag': etag, 'LastModified': modified}
                  for parts, _, _, etag, modified in objects if parts[-2] == config.ORIG_DIR}
@@ -244,9 +260,19 @@ def from_s3(config, folder, dry_run):
             counts['copied' if verified else 'failed'] += 1
             if not verified:
                 progress.say(f'verification failed: {shown(key)}')
+        if parts[-2] == config.ORIG_DIR and not dry_run and local_matches(target, size, etag):
+            keep_checksum(client, config, disk, parts, key)
         progress.advance(size)
     progress.close()
     return counts
+
+
+def keep_checksum(client, config, disk, parts, key):
+    """Record on disk the checksum an original's object carries, unless the folder has it already."""
+    checksum = object_checksum(object_head(client, config.S3_BUCKET, key))
+    recorded = disk.recorded_checksum(parts)
+    if checksum and (recorded is None or recorded.sha256 != checksum.sha256):
+        disk.keep_checksum(parts, checksum)
 
 
 def fresh_thumbnail_time(client, config, folder, parts, key, originals, dry_run):

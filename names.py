@@ -34,6 +34,12 @@ def name_problem(name):
     return None
 
 
+CATALOGUE_DIR = '.checksums'     # beside originals/: each original's checksum (on disk), under the original's name
+INDEX_DIR = '.sha256'            # beside originals/: <sha256 hex>/<name>, an empty entry per original of that SHA-256
+TRASH_DIR = '.trash'             # beside originals/: <id> (a deleted original's bytes) and <id>.json (what it was)
+RECORD_FOLDERS = (CATALOGUE_DIR, INDEX_DIR, TRASH_DIR)     # the server's records, never a client's name for a folder
+
+
 class Identity(typing.NamedTuple):
     """What names an original's current bytes: its path parts, and what changes when they are replaced (on disk
     inode, modification time and size; on S3 the ETag and LastModified). Failures and view sizes are

@@ -10,6 +10,7 @@ config, tokens) -> storages/ and engines/ -> cache (the derivative cache) -> fro
 server (this) -> derivatives.py and migrate.py (administration commands).
 """
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,6 +24,8 @@ from urllib.parse import parse_qsl, quote, unquote, urlsplit
 import bottle
 
 import iiif
+from audit import AuditLog
+from checksums import SHA256
 from files import NO_SPACE, stream_file
 from answers import stored_answer
 from cache import DerivativeCache
@@ -37,6 +40,7 @@ from waiting_room import WaitingRoom
 from kinds import sniff_kind, type_by_name
 from names import name_problem, printable, thumbnail_name, thumbnail_source
 from storages import make_storage
+from trash import Trash
 from tokens import ReadTokens, grant_problem, new_grant, resolve_key, token_problem
 from uploads import receive_upload
 
@@ -364,6 +368,8 @@ def capabilities():
         'tokenRequiredForGet': bool(config.REQUIRE_KEY_FOR_GET),
         'thumbnails': {'types': thumbnailed, 'maxScale': config.MAX_THUMBNAIL_SCALE,
                        'pregeneratedScales': config.PREGENERATE_SCALES, 'webp': bool(config.WEBP_THUMBNAILS)},
+        'checksums': {'algorithms': ['sha-256', 'md5'], 'reprDigest': 'sha-256',
+                      'lookup': base + '/filesbychecksum'},
         'iiif': {'versions': ['2.1', '3.0'], 'services': {'2.1': base + '/iiif/2', '3.0': base + '/iiif/3'},
                  'types': [kind for kind in thumbnailed if kind in IIIF_KINDS], 'maxSize': config.IIIF_MAX_SIZE},
     }, indent=1)
@@ -391,12 +397,14 @@ def fileupload():
     coll = param('coll')
     scales = app.settings.PREGENERATE_SCALES
     pregenerate = bool(scales) and sniff_kind(upload.staged) in app.imagemagick.kinds
-    try:
-        app.storage.save(coll, name, upload.staged)
-    except OSError as error:
-        if error.errno in NO_SPACE:
-            refuse(507, 'The server has no room to store this file.')
-        raise
+    checksum = upload.checksum
+    with audited('upload', coll, name, size=checksum.size, sha256=checksum.sha256) as change:
+        try:
+            change['action'] = 'replace' if app.storage.save(coll, name, upload.staged, checksum) else 'upload'
+        except OSError as error:
+            if error.errno in NO_SPACE:
+                refuse(507, 'The server has no room to store this file.')
+            raise
     upload.staged = None
     app.cache.original_changed(coll, name)
     if pregenerate:
@@ -434,11 +442,65 @@ def accepts_webp(accept):
 
 def filedelete():
     app = bottle.request.app
-    name = valid_name(param('filename'), 'filename')
-    if not app.storage.delete(param('coll'), name):
+    name, coll = valid_name(param('filename'), 'filename'), param('coll')
+    try:
+        checksum = app.storage.checksum(coll, name)
+    except FileNotFoundError:
         refuse(404, 'No such file.')
-    app.cache.original_changed(param('coll'), name)
+    with audited('delete', coll, name, size=checksum and checksum.size, sha256=checksum and checksum.sha256) as change:
+        deleted = app.trash.delete(coll, name)
+        if not deleted:
+            refuse(404, 'No such file.')
+        if deleted is not True:
+            change['trash'] = deleted.id
+    app.cache.original_changed(coll, name)
     return 'Ok.'
+
+
+@contextlib.contextmanager
+def audited(action, coll, name, **facts):
+    """Record a change in the audit log once it is done or refused (its outcome: ok, or the status and reason);
+    the `change` yielded may correct the action."""
+    change = {'action': action}
+    environ = bottle.request.environ
+    client = environ.get('wast.client') or environ.get('REMOTE_ADDR')
+    outcome = '500 internal error'
+    try:
+        yield change
+        outcome = 'ok'
+    except bottle.HTTPError as error:
+        outcome = f'{error.status_code} {error.body}'
+        raise
+    except Refused as refusal:
+        outcome = f'{refusal.status} {refusal.reason}'
+        raise
+    except UnknownCollection:
+        outcome = '404 unknown collection'
+        raise
+    except StorageUnavailable:
+        outcome = '503 storage unavailable'
+        raise
+    finally:
+        bottle.request.app.audit.record(outcome=outcome, coll=coll, name=name, client=client, **facts, **change)
+
+
+def filesbychecksum():
+    """The names of the collection's originals whose SHA-256 is the one asked (an importer skips what is stored):
+    JSON, private. The token signs the SHA-256 as it is sent."""
+    sha256 = param('sha256') or ''
+    if not SHA256.fullmatch(sha256):
+        refuse(400, 'Bad sha256: it must be 64 lowercase hexadecimal digits.')
+    names = bottle.request.app.storage.names_with_sha256(param('coll'), sha256)
+    bottle.response.content_type = 'application/json'
+    bottle.response.set_header('Cache-Control', 'private, no-store')
+    return json.dumps({'sha256': sha256, 'names': names})
+
+
+def purge_trash_when_due():
+    """Before a request: once an hour, purge the trash of what is past TRASH_DAYS, in the background."""
+    app = bottle.request.app
+    if app.trash.purge_due():
+        app.scheduler.in_background(app.trash.purge_expired, key='purge the trash')
 
 
 def getmetadata():
@@ -662,6 +724,8 @@ def create_app(config):
     if app.cache.cache_size:
         app.cache.start_cache_sweep()           # counts the cache, in the background
     app.metadata = MetadataReader(config)
+    app.audit = AuditLog(config.AUDIT_LOG)
+    app.trash = Trash(config, storage, app.audit)
     app.read_tokens = ReadTokens(READ_TOKENS_REMEMBERED)
     app.iiif_limits = iiif.Limits(max_width=config.IIIF_MAX_SIZE, max_height=config.IIIF_MAX_SIZE)
     app.install(answer_faults)
@@ -669,6 +733,7 @@ def create_app(config):
     app.add_hook('before_request', lambda: bottle.response.set_header(
         'Content-Type', 'text/plain; charset=UTF-8'))
     app.add_hook('after_request', discard_upload)
+    app.add_hook('before_request', purge_trash_when_due)
     app.route('/', 'GET', index)
     app.route('/web_asset_store.xml', 'GET', discovery)
     app.route('/capabilities.json', 'GET', capabilities)
@@ -676,6 +741,7 @@ def create_app(config):
     app.route('/fileget', 'GET', fileget, signed='filename', read=True)
     app.route('/filedelete', 'POST', filedelete, signed='filename')
     app.route('/getmetadata', 'GET', getmetadata, signed='filename', read=True)
+    app.route('/filesbychecksum', 'GET', filesbychecksum, signed='sha256')
     app.route('/testkey', 'GET', testkey, signed='random')
     app.route('/health', 'GET', health)
     if config.ALLOW_STATIC_FILE_ACCESS:

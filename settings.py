@@ -49,6 +49,11 @@ COLLECTION_DIRS = None           # None: one folder for all collections. A dict 
 ALLOW_STATIC_FILE_ACCESS = True  # Serve /static/<path> and /getfileref for the web portal.
 MAX_UPLOAD_SIZE = 2 * 1024 ** 3  # Largest upload accepted, in bytes (2 GiB).
 
+# --- Preservation ---------------------------------------------------------------
+
+TRASH_DAYS = 30                  # Days a deleted original stays in the trash, restorable (docs/preservation.md), before it is purged in the background; 0 deletes at once.
+AUDIT_LOG = 'audit.jsonl'        # The audit log: one JSON line per change to an original (upload, replace, delete, …), appended and synced before the change is answered (docs/preservation.md); a relative path is taken from BASE_DIR.
+
 # --- Object storage (S3) ---------------------------------------------------------
 
 STORAGE = 'disk'                 # 'disk': attachments in BASE_DIR. 's3': in an S3-compatible store; BASE_DIR then keeps only uploads in progress and the key file.

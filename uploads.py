@@ -1,12 +1,14 @@
 """Uploads: a multipart/form-data body parsed as it streams in, its one file part staged in a temporary file
-(synced before the app moves it into place), its text fields decoded by the charset each declares. What is
-wrong with an upload is a Refused with the status to answer; nothing is staged after a refusal."""
+(synced before the app moves it into place) and its checksum taken as it arrives, its text fields decoded by
+the charset each declares. What is wrong with an upload is a Refused with the status to answer; nothing is
+staged after a refusal."""
 
 import os
 import re
 
 import multipart
 
+from checksums import Hashing
 from errors import Refused
 from files import CHUNK, NO_SPACE, make_temp_file, remove_quietly
 
@@ -18,11 +20,13 @@ class ClientGone(Exception):
 
 
 class Upload:
-    """A multipart upload as received: its text fields and its one file part, staged on disk."""
+    """A multipart upload as received: its text fields and its one file part, staged on disk, with the
+    part's checksum."""
 
     def __init__(self):
         self.fields = {}
         self.staged = None
+        self.checksum = None
 
     def discard(self):
         """Remove the staged file unless it was moved into place."""
@@ -72,6 +76,7 @@ def receive_upload(environ, staging_folder, max_size):
                             if upload.staged:
                                 raise Refused(400, 'An upload carries one file only.')
                             upload.staged, sink = make_temp_file(staging_folder)
+                            hashing = Hashing()
                         else:
                             field, charset, sink = event.name, event.charset or 'utf-8', bytearray()
                     elif event and isinstance(sink, bytearray):
@@ -80,12 +85,14 @@ def receive_upload(environ, staging_folder, max_size):
                         sink.extend(event)
                     elif event:
                         sink.write(event)
+                        hashing.update(event)
                     elif isinstance(sink, bytearray):
                         upload.fields.setdefault(field, decoded(sink, charset))
                     else:
                         sink.flush()
                         os.fsync(sink.fileno())
                         sink.close()
+                        upload.checksum = hashing.checksum()
         finally:
             if sink is not None and not isinstance(sink, bytearray):
                 sink.close()

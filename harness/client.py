@@ -7,7 +7,7 @@ import secrets
 import webtest
 
 import server
-from names import TEMP_PREFIX
+from names import RECORD_FOLDERS, TEMP_PREFIX, TRASH_DIR
 from tokens import make_token
 
 
@@ -65,12 +65,35 @@ class Client:
         return os.path.join(self.base, *parts)
 
     def all_files(self):
-        """Every stored file (and any left in BASE_DIR), relative to the storage's root; not the key file."""
+        """Every stored file (and any left in BASE_DIR), relative to the storage's root; not the key file or the audit
+        log, and not the server's records (checksums and their index, each of which must name a stored original;
+        the trash, whose entries each have their bytes and their record)."""
+        files = self.stored_files()
+        records = {path for path in files if set(path.split('/')) & set(RECORD_FOLDERS)}
+        for record in records:
+            parts = record.split('/')
+            at = next(i for i, part in enumerate(parts) if part in RECORD_FOLDERS)
+            if parts[at] == TRASH_DIR:
+                pair = record[:-len('.json')] if record.endswith('.json') else record + '.json'
+                assert pair in files, f'{record} is half of a trash entry: {pair} is missing'
+                continue
+            original = '/'.join([*parts[:at], self.config.ORIG_DIR, parts[-1]])
+            assert original in files, f'{record} is a record of {original}, which is not stored'
+        return files - records
+
+    def trash_entries(self):
+        """The names of the originals in the trash, as stored (one per entry)."""
+        return sorted(entry.name for coll in self.app.storage.every_collection()
+                      for entry in self.app.storage.trashed(coll))
+
+    def stored_files(self):
+        """Every stored file (and any left in BASE_DIR), records included; not the key file or the audit log."""
         found = set()
         for folder, _dirs, files in os.walk(self.base):
             for name in files:
                 found.add(os.path.relpath(os.path.join(folder, name), self.base))
         found.discard('.web-asset-server.key')
+        found.discard(os.path.relpath(self.config.AUDIT_LOG, self.base))
         if self.config.STORAGE == 's3':
             storage = self.app.storage
             listing = storage.client.list_objects_v2(Bucket=storage.bucket, Prefix=storage.prefix + '/')

@@ -2,17 +2,23 @@
 
 Paths and keys are [<collection folder>/]<originals|thumbnails>/<name>, the collection folder only when
 COLLECTION_DIRS maps collections to folders; the thumbnails folder holds every derivative (thumbnails,
-pyramids, IIIF answers). A storage knows nothing of HTTP: the app answers from what `found` describes.
+pyramids, IIIF answers). Each original's checksum is kept with it: on disk in a catalogue beside the originals
+(.checksums/<name>), on S3 in the object's own metadata; .sha256/<hex>/<name> lists the originals of a SHA-256.
+A storage knows nothing of HTTP: the app answers from what `found` describes.
 """
 
+import json
 import os
+import re
+import secrets
 import time
 import types
 import typing
 
+from checksums import Checksum, checksum_from_fields
 from errors import UnknownCollection
 from files import sweep_folder
-from names import Identity, is_derivative_of, name_problem
+from names import CATALOGUE_DIR, INDEX_DIR, TRASH_DIR, Identity, is_derivative_of, name_problem
 
 
 Coll = str | None                # a COLLECTION_DIRS key, or None without COLLECTION_DIRS
@@ -28,6 +34,41 @@ class Found(typing.NamedTuple):
     content_type: str | None     # as stored, or as its first bytes show; None: unknown
     body: typing.Callable
     close: typing.Callable
+    checksum: Checksum | None = None     # an original's, as recorded for this version; None: none recorded
+
+
+
+class Trashed(typing.NamedTuple):
+    """A deleted original kept in the trash: its entry's id (sorting by time of deletion), its name, when it was
+    deleted (epoch seconds), its size, and the checksum recorded for it."""
+    id: str
+    name: str
+    deleted: float
+    size: int
+    checksum: Checksum | None
+
+    def as_text(self) -> str:
+        return json.dumps({'name': self.name, 'deleted': self.deleted, 'size': self.size,
+                           'checksum': self.checksum._asdict() if self.checksum else None})
+
+
+TRASH_ID = re.compile(r'[0-9]{8}T[0-9]{6}Z-[0-9a-f]{12}')
+
+
+def new_trash_id(now: float) -> str:
+    """A trash entry's id: the time of deletion, then random digits (two deletes in one second differ)."""
+    return time.strftime('%Y%m%dT%H%M%SZ', time.gmtime(now)) + '-' + secrets.token_hex(6)
+
+
+def trashed_from_text(entry_id: str, text: str | bytes) -> Trashed | None:
+    """The trash entry a record holds, or None when it is not one."""
+    try:
+        fields = json.loads(text)
+        name, deleted, size = str(fields['name']), float(fields['deleted']), int(fields['size'])
+        checksum = fields['checksum'] and checksum_from_fields(fields['checksum'])
+    except (ValueError, TypeError, KeyError):
+        return None
+    return None if name_problem(name) else Trashed(entry_id, name, deleted, size, checksum or None)
 
 
 class Storage:
@@ -51,6 +92,24 @@ class Storage:
 
     def original_parts(self, coll: Coll, name: str) -> list[str]:
         return [*self.folder_parts(coll), self.orig_dir, name]
+
+    def catalogue_parts(self, parts: Parts) -> list[str] | None:
+        """Where the checksum of the original at `parts` is catalogued; None when `parts` is not an original's."""
+        if len(parts) < 2 or parts[-2] != self.orig_dir:
+            return None
+        return [*parts[:-2], CATALOGUE_DIR, parts[-1]]
+
+    def trash_parts(self, coll: Coll, name: str = '') -> list[str]:
+        """A file of the collection's trash (name '': the trash folder)."""
+        return [*self.folder_parts(coll), TRASH_DIR, *([name] if name else [])]
+
+    def index_parts_of(self, parts: Parts, sha256: str) -> list[str]:
+        """The index entry of the original at `parts` for this SHA-256."""
+        return [*parts[:-2], INDEX_DIR, sha256, parts[-1]]
+
+    def index_parts(self, coll: Coll, sha256: str, name: str = '') -> list[str]:
+        """The index entry saying that `name` has this SHA-256 (name '': the folder of all that have it)."""
+        return [*self.folder_parts(coll), INDEX_DIR, sha256, *([name] if name else [])]
 
     def derivative_parts(self, coll: Coll, cache_name: str) -> list[str]:
         """Where a cached derivative (a thumbnail, a pyramid, an IIIF answer) of the collection is kept."""
@@ -96,9 +155,9 @@ class Storage:
     def exists(self, coll: Coll, name: str) -> bool:
         raise NotImplementedError
 
-    def save(self, coll: Coll, name: str, staged: str) -> None:
-        """Put a complete staged file in place as the original, atomically and durably; then remove the old
-        bytes' derivatives."""
+    def save(self, coll: Coll, name: str, staged: str, checksum: Checksum) -> bool:
+        """Put a complete staged file in place as the original with its checksum, both atomically and durably;
+        then remove the old bytes' derivatives. True when it replaced an original."""
         raise NotImplementedError
 
     def delete(self, coll: Coll, name: str) -> bool:
@@ -114,6 +173,63 @@ class Storage:
         raise NotImplementedError
 
     def original_identity(self, coll: Coll, name: str) -> Identity:
+        raise NotImplementedError
+
+    # --- The trash: deleted originals kept for TRASH_DAYS --------------------------------------------------------
+
+    def trash(self, coll: Coll, name: str) -> Trashed | None:
+        """Move an original, with what is recorded of it, into the trash; drop its derivatives and its checksum's
+        records. None when it is not there."""
+        raise NotImplementedError
+
+    def trashed(self, coll: Coll) -> typing.Iterator[Trashed]:
+        """The entries of the collection's trash, oldest first."""
+        raise NotImplementedError
+
+    def restore(self, coll: Coll, entry_id: str) -> Trashed:
+        """Put a trashed original back under its name, with its checksum; FileExistsError when that name is stored
+        again, FileNotFoundError when there is no such entry."""
+        raise NotImplementedError
+
+    def purge(self, coll: Coll, entry_id: str) -> None:
+        """Remove a trash entry for good."""
+        raise NotImplementedError
+
+    # --- Checksums ------------------------------------------------------------------------------------------------
+
+    def checksum(self, coll: Coll, name: str) -> Checksum | None:
+        """The checksum recorded for the original's current version (None: none recorded; FileNotFoundError when
+        there is no original)."""
+        raise NotImplementedError
+
+    def record_checksum(self, coll: Coll, name: str, checksum: Checksum, identity: Identity) -> bool:
+        """Record a checksum taken of the stored original, unless it is no longer the version `identity` (False)."""
+        raise NotImplementedError
+
+    def recorded_checksum(self, parts: Parts) -> Checksum | None:
+        """The checksum recorded for the current version of the original at `parts`; None when none is, or `parts`
+        is not an original's."""
+        return None
+
+    def names_with_sha256(self, coll: Coll, sha256: str) -> list[str]:
+        """The names of the collection's originals whose recorded SHA-256 is `sha256` (lowercase hex), sorted."""
+        found = []
+        for name in self.indexed(coll, sha256):
+            try:
+                checksum = self.checksum(coll, name)
+            except FileNotFoundError:
+                checksum = None
+            if checksum and checksum.sha256 == sha256:
+                found.append(name)
+        return sorted(found)
+
+    def catalogued(self, coll: Coll) -> dict[str, str]:
+        """{name: SHA-256} of every name the collection's records hold a checksum for, whatever version it
+        describes (disk: the catalogue; S3: the index, which outlives an object replaced without the server)."""
+        raise NotImplementedError
+
+    def indexed(self, coll: Coll, sha256: str) -> typing.Iterator[str]:
+        """The names the SHA-256 index lists for `sha256`: some may be stale (replaced or deleted since)."""
         raise NotImplementedError
 
     # --- Any stored file, by its path parts -----------------------------------------------------------------------

@@ -1,8 +1,10 @@
 """Attachments in folders under BASE_DIR, in the upstream layout (STORAGE = 'disk').
 
-An original is in place only when complete (a staged temporary, synced, renamed, the folder synced); a lock per
-original orders replacing, deleting and putting a derivative in place, so no derivative of old bytes lands
-after the new ones. Small files served often are answered from memory while their stat is unchanged.
+An original is in place only when complete (a staged temporary, synced, renamed, the folder synced), and so is
+its checksum's catalogue entry, put in place just before it (an entry keeps the checksum it replaces, so a crash
+between the two renames leaves the old bytes and a record of them); a lock per original orders replacing,
+deleting and putting a derivative in place, so no derivative of old bytes lands after the new ones. Small files
+served often are answered from memory while their stat is unchanged.
 """
 
 import contextlib
@@ -14,11 +16,14 @@ import time
 
 import cachetools
 
-from files import (CHUNK, KeyedLocks, file_identity, fsync_folder, make_temp_file, remove_quietly, stream_file,
-                   sweep_folder)
+from checksums import checksum_from_text
+from files import (CHUNK, KeyedLocks, durable_file, file_identity, fsync_folder, remove_quietly, stream_file,
+                   sweep_folder, write_durably)
 from kinds import kind_of
-from names import Identity, derivative_source, name_problem
-from storages.base import Found, Storage
+from names import CATALOGUE_DIR, RECORD_FOLDERS, Identity, derivative_source, name_problem
+from storages.base import TRASH_ID, Found, Storage, Trashed, new_trash_id, trashed_from_text
+
+CATALOGUE_ENTRY = 4096           # bytes read of a catalogue entry: one is about 250
 
 FILE_LOCKS = KeyedLocks()        # Held while an original is replaced or deleted, or a derivative of it put in place.
 
@@ -39,12 +44,17 @@ class DiskStorage(Storage):
     def exists(self, coll, name):
         return os.path.isfile(self.original_path(coll, name))
 
-    def save(self, coll, name, staged):
-        """Move a complete staged file into place durably, then drop the old bytes' derivatives."""
+    def save(self, coll, name, staged, checksum):
+        """Move a complete staged file into place durably, its checksum's entry just before it; then drop the old
+        bytes' derivatives and index entry."""
         target = self.original_path(coll, name)
         folder = os.path.dirname(target)
         os.makedirs(folder, exist_ok=True)
         with FILE_LOCKS(target):
+            old = self.recorded_checksum(self.original_parts(coll, name))
+            replacing = os.path.isfile(target)
+            self._index(coll, checksum.sha256, name)
+            self._catalogue(coll, name, checksum, old)
             try:
                 os.replace(staged, target)
             except OSError as error:
@@ -52,32 +62,192 @@ class DiskStorage(Storage):
                     raise
                 self._copy_into(staged, target)
             fsync_folder(folder)
+            if old and old.sha256 != checksum.sha256:
+                self._unindex(coll, old.sha256, name)
             self._delete_derivatives(coll, name)
+        return replacing
 
     def _copy_into(self, source, target):
         """Copy across file systems: to a temporary beside the target, then rename; a failed copy leaves none."""
-        temp, out = make_temp_file(os.path.dirname(target))
-        try:
-            with out, open(source, 'rb') as src:
-                shutil.copyfileobj(src, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temp, target)
-        except BaseException:
-            remove_quietly(temp)
-            raise
+        with durable_file(target) as out, open(source, 'rb') as src:
+            shutil.copyfileobj(src, out, CHUNK)
         os.remove(source)
 
     def delete(self, coll, name):
-        """Remove an original and exactly its own derivatives; False when it is not there."""
+        """Remove an original, its checksum and exactly its own derivatives; False when it is not there."""
         target = self.original_path(coll, name)
         with FILE_LOCKS(target):
+            old = self.recorded_checksum(self.original_parts(coll, name))
             try:
                 os.remove(target)
             except FileNotFoundError:
                 return False
+            self._forget_checksum(coll, name, old)
             self._delete_derivatives(coll, name)
         return True
+
+    def _forget_checksum(self, coll, name, checksum):
+        """Remove the catalogue and index entries of an original no longer stored."""
+        remove_quietly(self.path(self.catalogue_parts(self.original_parts(coll, name))))
+        if checksum:
+            self._unindex(coll, checksum.sha256, name)
+
+    # --- The trash ------------------------------------------------------------------------------------------------
+
+    def trash(self, coll, name):
+        """The record is put in place first, then the bytes renamed beside it (one file system: nothing copied);
+        a crash between leaves a record without bytes, which is no entry."""
+        target = self.original_path(coll, name)
+        with FILE_LOCKS(target):
+            try:
+                size = os.path.getsize(target)
+            except FileNotFoundError:
+                return None
+            checksum = self.recorded_checksum(self.original_parts(coll, name))
+            now = time.time()
+            entry = Trashed(new_trash_id(now), name, now, size, checksum)
+            folder = self.path(self.trash_parts(coll))
+            write_durably(os.path.join(folder, entry.id + '.json'), entry.as_text().encode('utf-8'))
+            os.rename(target, os.path.join(folder, entry.id))
+            fsync_folder(folder)
+            fsync_folder(os.path.dirname(target))
+            self._forget_checksum(coll, name, checksum)
+            self._delete_derivatives(coll, name)
+        return entry
+
+    def trashed(self, coll):
+        folder = self.path(self.trash_parts(coll))
+        try:
+            names = set(os.listdir(folder))
+        except FileNotFoundError:
+            return
+        ids = [n for n in names if TRASH_ID.fullmatch(n) and n + '.json' in names]
+        entries = (self._trashed(coll, entry_id) for entry_id in ids)
+        yield from sorted((entry for entry in entries if entry), key=lambda entry: (entry.deleted, entry.id))
+
+    def _trashed(self, coll, entry_id):
+        try:
+            with open(self.path(self.trash_parts(coll, entry_id + '.json')), 'rb') as record:
+                return trashed_from_text(entry_id, record.read(CATALOGUE_ENTRY))
+        except FileNotFoundError:
+            return None
+
+    def restore(self, coll, entry_id):
+        """The checksum's entry first, then the bytes renamed back, then the record removed."""
+        entry = TRASH_ID.fullmatch(entry_id) and self._trashed(coll, entry_id)
+        bytes_path = self.path(self.trash_parts(coll, entry_id))
+        if not entry or not os.path.isfile(bytes_path):
+            raise FileNotFoundError(entry_id)
+        target = self.original_path(coll, entry.name)
+        with FILE_LOCKS(target):
+            if os.path.exists(target):
+                raise FileExistsError(entry.name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if entry.checksum:
+                self._index(coll, entry.checksum.sha256, entry.name)
+                self._catalogue(coll, entry.name, entry.checksum, None)
+            os.rename(bytes_path, target)
+            fsync_folder(os.path.dirname(target))
+            os.remove(bytes_path + '.json')
+            fsync_folder(os.path.dirname(bytes_path))
+        return entry
+
+    def purge(self, coll, entry_id):
+        if not TRASH_ID.fullmatch(entry_id):
+            raise FileNotFoundError(entry_id)
+        path = self.path(self.trash_parts(coll, entry_id))
+        remove_quietly(path)
+        remove_quietly(path + '.json')
+
+    # --- Checksums: the catalogue and the index ---------------------------------------------------------------
+
+    def checksum(self, coll, name):
+        if not os.path.isfile(self.original_path(coll, name)):
+            raise FileNotFoundError(name)
+        return self.recorded_checksum(self.original_parts(coll, name))
+
+    def record_checksum(self, coll, name, checksum, identity):
+        target = self.original_path(coll, name)
+        with FILE_LOCKS(target):
+            try:
+                if self.original_identity(coll, name) != identity:
+                    return False
+            except FileNotFoundError:
+                return False
+            old = self.recorded_checksum(self.original_parts(coll, name))
+            self._index(coll, checksum.sha256, name)
+            self._catalogue(coll, name, checksum, None)
+            if old and old.sha256 != checksum.sha256:
+                self._unindex(coll, old.sha256, name)
+        return True
+
+    def recorded_checksum(self, parts):
+        catalogue = self.catalogue_parts(parts)
+        if catalogue is None:
+            return None
+        try:
+            size = os.path.getsize(self.path(parts))
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        return self._entry_for_size(catalogue, size)
+
+    def _entry_for_size(self, catalogue, size):
+        """The catalogue's checksum for an original of this size: the entry's own, or the one it replaced (when a
+        crash came between putting the entry and the original in place); None when neither is of that size."""
+        text = self._entry_text(catalogue)
+        for previous in (False, True):
+            checksum = checksum_from_text(text, previous)
+            if checksum and checksum.size == size:
+                return checksum
+        return None
+
+    def _entry_text(self, catalogue):
+        """A catalogue entry's text ('' when there is none)."""
+        try:
+            with open(self.path(catalogue), 'rb') as entry:
+                return entry.read(CATALOGUE_ENTRY)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            return ''
+
+    def _catalogue(self, coll, name, checksum, previous):
+        """Put the original's catalogue entry in place durably, keeping the checksum of the version it replaces."""
+        write_durably(self.path(self.catalogue_parts(self.original_parts(coll, name))),
+                      checksum.as_text(previous).encode('utf-8'))
+
+    def keep_checksum(self, parts, checksum):
+        """Record the checksum of the original at `parts`, as copied from elsewhere (migrate.py)."""
+        self._index_at(self.index_parts_of(parts, checksum.sha256))
+        write_durably(self.path(self.catalogue_parts(parts)), checksum.as_text().encode('utf-8'))
+
+    def _index(self, coll, sha256, name):
+        self._index_at(self.index_parts(coll, sha256, name))
+
+    def _index_at(self, parts):
+        entry = self.path(parts)
+        os.makedirs(os.path.dirname(entry), exist_ok=True)
+        with open(entry, 'ab'):
+            pass
+        fsync_folder(os.path.dirname(entry))
+
+    def _unindex(self, coll, sha256, name):
+        folder = self.path(self.index_parts(coll, sha256))
+        remove_quietly(os.path.join(folder, name))
+        with contextlib.suppress(OSError):       # another original of that SHA-256 still there: not empty
+            os.rmdir(folder)
+
+    def catalogued(self, coll):
+        found = {}
+        for entry, _info in self._listed(coll, CATALOGUE_DIR, follow=False):
+            checksum = checksum_from_text(self._entry_text(self.catalogue_parts(self.original_parts(coll, entry.name))))
+            if checksum:
+                found[entry.name] = checksum.sha256
+        return found
+
+    def indexed(self, coll, sha256):
+        try:
+            return os.listdir(self.path(self.index_parts(coll, sha256)))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
 
     def _delete_derivatives(self, coll, name):
         folder = self.path([*self.folder_parts(coll), self.thumb_dir])
@@ -107,6 +277,16 @@ class DiskStorage(Storage):
         return Identity(tuple(self.original_parts(coll, name)), file_identity(self.original_path(coll, name)))
 
     def found(self, parts, whole=False, seen=None):
+        """The file at `parts`, with an original's checksum when one is recorded for its size (both read under the
+        original's lock, so not of two versions)."""
+        catalogue = self.catalogue_parts(parts)
+        if catalogue is None:
+            return self._found(parts, whole, seen)
+        with FILE_LOCKS(self.path(parts)):
+            found = self._found(parts, whole, seen)
+            return found._replace(checksum=self._entry_for_size(catalogue, found.size))
+
+    def _found(self, parts, whole=False, seen=None):
         """The file at `parts`, from SMALL_FILES while its inode, time and size (`seen`: its stat just taken) are
         those it was read with; a larger one opened and streamed from that open file even if replaced meanwhile."""
         path = self.path(parts)
@@ -176,7 +356,7 @@ class DiskStorage(Storage):
         folders = [self.base] + [os.path.join(self.base, f) for f in (self.collections or {}).values()]
         cutoff = time.time() - older_than
         for folder in folders:
-            for sub in (folder, os.path.join(folder, self.orig_dir), os.path.join(folder, self.thumb_dir)):
+            for sub in (folder, *(os.path.join(folder, f) for f in (self.orig_dir, self.thumb_dir, *RECORD_FOLDERS))):
                 sweep_folder(sub, cutoff)
 
     # --- Listing ------------------------------------------------------------------------------------------------

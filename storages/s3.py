@@ -17,6 +17,7 @@ import io
 import logging
 import os
 import threading
+import time
 
 import boto3
 from boto3.exceptions import S3TransferFailedError, S3UploadFailedError
@@ -24,11 +25,12 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from checksums import SHA256, checksum_from_fields
 from errors import ObjectChanged, StorageUnavailable
 from files import CHUNK, SeekableReader, make_temp_file, remove_quietly
 from kinds import content_type, sniff_kind
-from names import Identity, derivative_source, name_problem, parse_derivative
-from storages.base import Found, Storage
+from names import INDEX_DIR, Identity, derivative_source, name_problem, parse_derivative
+from storages.base import TRASH_ID, Found, Storage, Trashed, new_trash_id, trashed_from_text
 
 log = logging.getLogger('web_asset_server')
 MiB = 1024 ** 2
@@ -134,6 +136,22 @@ class LocalCopies:
                 remove_quietly(path)
 
 
+def checksum_metadata(checksum):
+    """An original's checksum as object metadata (x-amz-meta-*): stored with the object, in the same PUT."""
+    return {'sha256': checksum.sha256, 'md5': checksum.md5, 'checksum-recorded': checksum.recorded,
+            'checksum-at': repr(checksum.at)}
+
+
+def object_checksum(described):
+    """The checksum in a HEAD's or GET's metadata, for the object's size; None when there is none."""
+    if not described:
+        return None
+    metadata = described.get('Metadata') or {}
+    return checksum_from_fields({'sha256': metadata.get('sha256'), 'md5': metadata.get('md5'),
+                                 'size': described.get('ContentLength'), 'recorded': metadata.get('checksum-recorded'),
+                                 'at': metadata.get('checksum-at')})
+
+
 class S3Storage(Storage):
     """Attachments as objects in one bucket, in the upstream layout below S3_PREFIX."""
     local_pyramids = 8          # local copies of pyramids kept for cutting IIIF answers
@@ -167,23 +185,163 @@ class S3Storage(Storage):
     def exists(self, coll, name):
         return self.head(self.key(self.original_parts(coll, name))) is not None
 
-    def save(self, coll, name, staged):
-        """Upload a complete staged file (a PUT is all or nothing), then drop the old bytes' derivatives."""
+    def save(self, coll, name, staged, checksum):
+        """Upload a complete staged file with its checksum in its metadata (a PUT is all or nothing), its index
+        entry first; then drop the old bytes' derivatives and index entry."""
+        key = self.key(self.original_parts(coll, name))
+        head = self.head(key)
+        old = object_checksum(head)
+        self._index(coll, checksum.sha256, name)
         with store_errors():
-            self.client.upload_file(staged, self.bucket, self.key(self.original_parts(coll, name)),
-                                    ExtraArgs={'ContentType': content_type(staged, name)}, Config=TRANSFER)
+            self.client.upload_file(staged, self.bucket, key, Config=TRANSFER, ExtraArgs={
+                'ContentType': content_type(staged, name), 'Metadata': checksum_metadata(checksum)})
         remove_quietly(staged)
+        if old and old.sha256 != checksum.sha256:
+            self._unindex(coll, old.sha256, name)
         self._delete_derivatives(coll, name)
+        return head is not None
 
     def delete(self, coll, name):
-        """Remove an original and exactly its own derivatives; False when it is not there."""
+        """Remove an original, its index entry and exactly its own derivatives; False when it is not there."""
         key = self.key(self.original_parts(coll, name))
-        if self.head(key) is None:
+        head = self.head(key)
+        if head is None:
             return False
         with store_errors():
             self.client.delete_object(Bucket=self.bucket, Key=key)
+        old = object_checksum(head)
+        if old:
+            self._unindex(coll, old.sha256, name)
         self._delete_derivatives(coll, name)
         return True
+
+    # --- The trash: a prefix beside the originals (docs/preservation.md says why not bucket versioning) ------
+
+    def trash(self, coll, name):
+        """The record first, then the object copied into the trash (its metadata with it) and removed."""
+        key = self.key(self.original_parts(coll, name))
+        head = self.head(key)
+        if head is None:
+            return None
+        checksum = object_checksum(head)
+        now = time.time()
+        entry = Trashed(new_trash_id(now), name, now, head['ContentLength'], checksum)
+        trashed = self.key(self.trash_parts(coll, entry.id))
+        with store_errors():
+            self.client.put_object(Bucket=self.bucket, Key=trashed + '.json', Body=entry.as_text().encode('utf-8'))
+            self.client.copy({'Bucket': self.bucket, 'Key': key}, self.bucket, trashed, Config=TRANSFER,
+                             ExtraArgs={'Metadata': head.get('Metadata') or {}, 'MetadataDirective': 'REPLACE',
+                                        'ContentType': head.get('ContentType') or 'application/octet-stream'})
+            self.client.delete_object(Bucket=self.bucket, Key=key)
+        if checksum:
+            self._unindex(coll, checksum.sha256, name)
+        self._delete_derivatives(coll, name)
+        return entry
+
+    def trashed(self, coll):
+        folder = self.key(self.trash_parts(coll)) + '/'
+        with store_errors():
+            keys = {item['Key'][len(folder):]
+                    for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder)
+                    for item in page.get('Contents', [])}
+        ids = [k for k in keys if TRASH_ID.fullmatch(k) and k + '.json' in keys]
+        entries = (self._trashed(coll, entry_id) for entry_id in ids)
+        yield from sorted((entry for entry in entries if entry), key=lambda entry: (entry.deleted, entry.id))
+
+    def _trashed(self, coll, entry_id):
+        try:
+            with store_errors():
+                key = self.key(self.trash_parts(coll, entry_id + '.json'))
+                return trashed_from_text(entry_id, self.client.get_object(Bucket=self.bucket, Key=key)['Body'].read())
+        except FileNotFoundError:
+            return None
+
+    def restore(self, coll, entry_id):
+        """The object copied back with its checksum as recorded, then the trash entry removed."""
+        entry = TRASH_ID.fullmatch(entry_id) and self._trashed(coll, entry_id)
+        trashed = self.key(self.trash_parts(coll, entry_id))
+        head = entry and self.head(trashed)
+        if not head:
+            raise FileNotFoundError(entry_id)
+        key = self.key(self.original_parts(coll, entry.name))
+        if self.head(key) is not None:
+            raise FileExistsError(entry.name)
+        if entry.checksum:
+            self._index(coll, entry.checksum.sha256, entry.name)
+        with store_errors():
+            self.client.copy({'Bucket': self.bucket, 'Key': trashed}, self.bucket, key, Config=TRANSFER, ExtraArgs={
+                'Metadata': checksum_metadata(entry.checksum) if entry.checksum else {},
+                'MetadataDirective': 'REPLACE', 'ContentType': head.get('ContentType') or 'application/octet-stream'})
+        self.purge(coll, entry_id)
+        return entry
+
+    def purge(self, coll, entry_id):
+        if not TRASH_ID.fullmatch(entry_id):
+            raise FileNotFoundError(entry_id)
+        trashed = self.key(self.trash_parts(coll, entry_id))
+        with store_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=trashed)
+            self.client.delete_object(Bucket=self.bucket, Key=trashed + '.json')
+
+    # --- Checksums: in each original's metadata, and the index ---------------------------------------------
+
+    def checksum(self, coll, name):
+        head = self.head(self.key(self.original_parts(coll, name)))
+        if head is None:
+            raise FileNotFoundError(name)
+        return object_checksum(head)
+
+    def record_checksum(self, coll, name, checksum, identity):
+        """The object copied onto itself with the checksum in its metadata, only while it is the version
+        `identity` (If-Match on its ETag)."""
+        key = self.key(self.original_parts(coll, name))
+        head = self.head(key)
+        if head is None or head['ETag'] != identity.version[0]:
+            return False
+        self._index(coll, checksum.sha256, name)
+        try:
+            with store_errors():
+                self.client.copy({'Bucket': self.bucket, 'Key': key}, self.bucket, key, Config=TRANSFER, ExtraArgs={
+                    'Metadata': {**(head.get('Metadata') or {}), **checksum_metadata(checksum)},
+                    'MetadataDirective': 'REPLACE', 'CopySourceIfMatch': head['ETag'],
+                    'ContentType': head.get('ContentType') or 'application/octet-stream'})
+        except (ObjectChanged, FileNotFoundError):
+            return False
+        old = object_checksum(head)
+        if old and old.sha256 != checksum.sha256:
+            self._unindex(coll, old.sha256, name)
+        return True
+
+    def keep_index(self, parts, sha256):
+        """The index entry of the original at `parts`, whose checksum is in its metadata (migrate.py)."""
+        with store_errors():
+            self.client.put_object(Bucket=self.bucket, Key=self.key(self.index_parts_of(parts, sha256)), Body=b'')
+
+    def _index(self, coll, sha256, name):
+        with store_errors():
+            self.client.put_object(Bucket=self.bucket, Key=self.key(self.index_parts(coll, sha256, name)), Body=b'')
+
+    def _unindex(self, coll, sha256, name):
+        with store_errors():
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(self.index_parts(coll, sha256, name)))
+
+    def catalogued(self, coll):
+        folder = self.key([*self.folder_parts(coll), INDEX_DIR]) + '/'
+        found = {}
+        with store_errors():
+            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder):
+                for item in page.get('Contents', []):
+                    sha256, _, name = item['Key'][len(folder):].partition('/')
+                    if SHA256.fullmatch(sha256) and not name_problem(name):
+                        found[name] = sha256
+        return found
+
+    def indexed(self, coll, sha256):
+        folder = self.key(self.index_parts(coll, sha256)) + '/'
+        with store_errors():
+            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder):
+                for item in page.get('Contents', []):
+                    yield item['Key'][len(folder):]
 
     def _delete_derivatives(self, coll, name):
         folder = self.key([*self.folder_parts(coll), self.thumb_dir]) + '/'
@@ -245,8 +403,9 @@ class S3Storage(Storage):
             if got and (start, end) == (0, size):
                 return stream(got['Body'])
             return stream(self.get_version(key, described['ETag'], start, end, size))
+        checksum = object_checksum(described) if self.catalogue_parts(parts) else None
         return Found(size, described['ETag'], described['LastModified'].timestamp(),
-                     described.get('ContentType') or None, body, got['Body'].close if got else lambda: None)
+                     described.get('ContentType') or None, body, got['Body'].close if got else lambda: None, checksum)
 
     def derivative_is_fresh(self, coll, name, cache_name, identity=None):
         """A stored derivative counts when it was made from the original's current bytes (`identity`, when known)."""

@@ -13,6 +13,7 @@ import time
 import pytest
 
 import derivatives
+from checksums import Hashing
 from harness.client import KEY
 from harness.images import image_info, make_image
 from harness.processes import PROJECT, wait_for
@@ -39,7 +40,9 @@ class Store:
         staged = self.tmp_path / f'staged-{name}'
         staged.write_bytes(data)
         os.makedirs(self.environ['BASE_DIR'], exist_ok=True)
-        self.storage.save(coll, name, str(staged))
+        hashing = Hashing()
+        hashing.update(data)
+        self.storage.save(coll, name, str(staged), hashing.checksum())
 
     def put_thumbnail(self, cache_name, data, coll=None):
         """Put a file in the thumbnails folder directly, as an older server or another tool left it."""

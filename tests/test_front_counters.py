@@ -66,10 +66,13 @@ def serving(tmp_path, waiting_room=None, **settings):
 
 def read_answer(sock):
     """(status line, headers as a dict of lower-case names, body) of one answer (by Content-Length, else to the
-    end); b'' as the status line when the connection ends first."""
+    end); b'' as the status line when the connection ends first (closed, or reset under load)."""
     data = b''
     while b'\r\n\r\n' not in data:
-        more = sock.recv(65536)
+        try:
+            more = sock.recv(65536)
+        except ConnectionResetError:
+            more = b''
         if not more:
             return b'', {}, data
         data += more

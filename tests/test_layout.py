@@ -12,14 +12,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ['storages', 'engines']
 LAYERS = [                              # each may import only those before it
     'settings',
-    'names', 'files', 'kinds', 'errors', 'config', 'tokens', 'iiif', 'progress',   # shared pieces
+    'names', 'files', 'checksums', 'audit', 'kinds', 'errors', 'config', 'tokens', 'iiif', 'progress',   # shared pieces
     'storages.base', 'storages.disk', 'storages.s3', 'storages',                   # storages
     'engines.framing', 'engines.scheduling', 'engines.imagemagick', 'engines.children', 'engines.pyramids', 'engines.vips',
     'engines.exif_child', 'engines.metadata', 'engines',                            # engines
-    'cache',                                                                        # the derivative cache
+    'cache', 'trash',                                                               # the derivative cache, the trash
     'waiting_room', 'front', 'answers', 'uploads',                                  # the app's own pieces
     'server',                                                                       # the app
-    'migrate', 'derivatives',                                                       # admin commands
+    'migrate', 'derivatives', 'preservation',                                       # admin commands
 ]
 
 

@@ -1,6 +1,7 @@
 """Names are checked before any file system call: nothing outside BASE_DIR, clear 400s."""
 
 import hashlib
+import json
 import os
 
 import pytest
@@ -145,5 +146,8 @@ def test_hostile_collection_is_unknown_when_collections_map_to_folders(make_clie
     client = make_client(COLLECTION_DIRS={'Fish': 'fish'})
     before = tree(tmp_path)
     answer = client.upload('a.jpg', jpeg, coll=coll, status='*')
-    assert tree(tmp_path) == before and client.all_files() == set()
+    after = tree(tmp_path)
+    with open(after.pop(client.config.AUDIT_LOG) and client.config.AUDIT_LOG, encoding='ascii') as log:
+        assert [json.loads(line)['outcome'] for line in log] == ['404 unknown collection']     # the refusal, audited
+    assert after == before and client.all_files() == set()
     assert answer.status_int == 404

@@ -5,12 +5,14 @@ Hypothesis runs `HYPOTHESIS_PROFILE=ci` (the default, a few hundred inputs per p
 `long` (`make soak`); each property prints how many inputs it tried.
 """
 
+import base64
 import collections
 import errno
 import concurrent.futures
 import hashlib
 import hmac
 import http.client
+import json
 import os
 import resource
 import signal
@@ -435,6 +437,16 @@ def test_uploads_answered_ok_survive_sigkill_complete_and_byte_identical(tmp_pat
     try:
         for name in answered:
             assert again.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[2] == payloads[name]
+        for name, data in payloads.items():         # a checksum with every file stored, none without one
+            status, headers, _ = again.request('HEAD', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))
+            digest = hashlib.sha256(data).hexdigest()
+            listed = json.loads(again.request('GET', '/filesbychecksum?' + urlencode(
+                {'sha256': digest, 'token': make_token(KEY, digest)}))[2])['names']
+            if name in stored:
+                assert (status, headers['Repr-Digest'], listed) == (
+                    200, 'sha-256=:' + base64.b64encode(hashlib.sha256(data).digest()).decode() + ':', [name])
+            else:
+                assert (status, listed) == (404, [])
         leftovers = [p.name for p in base.rglob(TEMP_PREFIX + '*')]
         for name in leftovers:
             assert again.request('GET', '/fileget?' + urlencode({'filename': name, 'type': 'O'}))[0] == 400

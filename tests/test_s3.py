@@ -248,6 +248,26 @@ def test_migration_back_from_the_bucket_rebuilds_the_folder(seaweed, upstream_fo
     assert {str(p.relative_to(back)): p.read_bytes() for p in back.rglob('*') if p.is_file()} == files
 
 
+def test_migration_carries_the_checksums_into_the_bucket_and_back(seaweed, tmp_path):
+    folder = tmp_path / 'with-checksums'
+    on_disk = Client(load_config({'BASE_DIR': str(folder), 'KEY': KEY, 'ACCESS_LOG': False, 'PREGENERATE_SCALE': None},
+                                 environ={}))
+    on_disk.upload('a.jpg', b'photo bytes')
+    digest = hashlib.sha256(b'photo bytes').hexdigest()
+    prefix = 'checksums-' + secrets.token_hex(4)
+    assert run_migrate(seaweed, prefix, 'to-s3', '--folder', str(folder)).returncode == 0
+    in_bucket = s3_client(tmp_path, seaweed, prefix)
+    assert in_bucket.app.storage.checksum(None, 'a.jpg') == on_disk.app.storage.checksum(None, 'a.jpg')
+    assert in_bucket.app.storage.names_with_sha256(None, digest) == ['a.jpg']
+    back = tmp_path / 'back'
+    assert run_migrate(seaweed, prefix, 'from-s3', '--folder', str(back)).returncode == 0
+    again = Client(load_config({'BASE_DIR': str(back), 'KEY': KEY, 'ACCESS_LOG': False, 'PREGENERATE_SCALE': None},
+                               environ={}))
+    assert again.app.storage.checksum(None, 'a.jpg') == on_disk.app.storage.checksum(None, 'a.jpg')
+    assert again.app.storage.names_with_sha256(None, digest) == ['a.jpg']
+    assert again.all_files() == {'originals/a.jpg'}
+
+
 def altered(data):
     """The same number of bytes with one of them changed, as a corrupted copy would be."""
     middle = len(data) // 2

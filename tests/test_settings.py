@@ -231,6 +231,13 @@ def test_the_server_refuses_to_start_with_originals_and_thumbnails_in_one_folder
         load_config({'BASE_DIR': str(tmp_path), 'ORIG_DIR': folder, 'THUMB_DIR': folder}, environ={})
 
 
+@pytest.mark.parametrize('setting', ['ORIG_DIR', 'THUMB_DIR'])
+@pytest.mark.parametrize('folder', ['.checksums', '.sha256'])
+def test_the_server_refuses_to_start_with_originals_or_thumbnails_where_it_keeps_its_records(tmp_path, setting, folder):
+    with pytest.raises(ConfigError, match=f'setting {setting} may not be {folder}, where the server keeps its records'):
+        load_config({'BASE_DIR': str(tmp_path), setting: folder}, environ={})
+
+
 def test_the_server_refuses_to_start_without_a_token_window_unless_that_is_acknowledged(tmp_path):
     with pytest.raises(ConfigError, match='tokens would never expire'):
         load_config({'BASE_DIR': str(tmp_path), 'TIME_TOLERANCE': None}, environ={})

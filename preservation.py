@@ -412,7 +412,7 @@ def trash_entry(coll, entry):
 def trash_command(storage, audit, trash, colls, args):
     if args.trash_action == 'list':
         entries = [trash_entry(coll, entry) for coll in colls for entry in storage.trashed(coll)]
-        return {'command': 'trash list', 'entries': entries, 'problems': []}
+        return {'command': 'trash list', 'entries': entries, 'bytes': sum(e['size'] for e in entries), 'problems': []}
     if args.trash_action == 'purge':
         now = time.time()
         due = [(coll, entry) for coll in colls for entry in trash.expired(coll, now)]
@@ -538,6 +538,8 @@ def as_lines(report):
                                                                       for n in group['names']))
     if 'counts' in report:
         lines.append(', '.join(f'{count} {what}' for what, count in report['counts'].items()))
+    if report['command'] == 'trash list':
+        lines.append(f"{len(report['entries'])} in the trash, {report['bytes']} bytes")
     return lines or ['nothing to report']
 
 

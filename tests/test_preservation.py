@@ -218,8 +218,10 @@ def test_no_duplicates_exits_0(client, run):
 def test_trash_list_names_each_entry(client, run):
     client.upload('a.jpg', b'photo')
     client.delete('a.jpg')
-    [entry] = run('trash', 'list')[1]['entries']
+    report = run('trash', 'list')[1]
+    [entry] = report['entries']
     assert (entry['name'], entry['size'], entry['sha256']) == ('a.jpg', 5, hashlib.sha256(b'photo').hexdigest())
+    assert report['bytes'] == 5
 
 
 def test_trash_restore_puts_the_latest_back_and_audits_it(client, run):

@@ -42,7 +42,7 @@ soak: packages test-packages venv
 	HYPOTHESIS_PROFILE=long $(PY) -m pytest -q -s tests/test_reliability.py
 	$(PY) -m bench.soak --seconds 300
 
-# Mutation testing of the security rules (slow, not in CI): mutmut in a venv of its own, scope in
+# Mutation testing (slow, not in CI) of the areas bench/mutation.py lists: mutmut in a venv of its own, scope in
 # bench/mutation.py, tests in setup.cfg [mutmut]; score and survivors in bench/out/mutation.txt.
 MUTVENV ?= .mutvenv
 mutation: packages test-packages

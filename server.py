@@ -500,7 +500,7 @@ def purge_trash_when_due():
     """Before a request: once an hour, purge the trash of what is past TRASH_DAYS, in the background."""
     app = bottle.request.app
     if app.trash.purge_due():
-        app.scheduler.in_background(app.trash.purge_expired, key='purge the trash')
+        app.trash.purge_in_background()
 
 
 def getmetadata():
@@ -763,6 +763,7 @@ def main():
         app = create_app(config)
     except ConfigError as error:
         sys.exit(f'web asset server cannot start: {error}')
+    app.trash.purge_in_background()             # what passed TRASH_DAYS while the server was down
     if config.SERVER == 'paste':
         serve_with_paste(app, config)
     else:

@@ -1,13 +1,16 @@
 """The trash's policy: a deleted original is kept TRASH_DAYS days (0: deleted at once, as the old server did),
-then purged in the background, at most once every PURGE_EVERY seconds, each purge written to the audit log.
+then purged in a thread of its own when the server starts and at most once every PURGE_EVERY seconds after,
+each purge written to the audit log.
 The storage keeps the entries (storages/base.py: trash, trashed, restore, purge)."""
 
+import contextlib
 import threading
 import time
 import types
 import typing
 
 from audit import AuditLog
+from errors import StorageUnavailable, UnknownCollection
 from storages.base import Coll, Storage, Trashed
 
 PURGE_EVERY = 3600               # seconds between two background purges of the entries past retention
@@ -18,7 +21,7 @@ class Trash:
 
     def __init__(self, config: types.SimpleNamespace, storage: Storage, audit: AuditLog) -> None:
         self.days, self.storage, self.audit = config.TRASH_DAYS, storage, audit
-        self._purged_at = None
+        self._purged_at = time.time()      # the server purges as it starts (purge_in_background), then hourly
         self._lock = threading.Lock()
 
     def delete(self, coll: Coll, name: str) -> Trashed | bool:
@@ -44,8 +47,17 @@ class Trash:
                 purged.append((coll, entry))
         return purged
 
+    def purge_in_background(self) -> None:
+        """Purge what is past retention in a thread that ends when done (a storage error is logged by none: the
+        next purge tries again)."""
+        threading.Thread(target=self._purge_quietly, daemon=True, name='trash purge').start()
+
+    def _purge_quietly(self) -> None:
+        with contextlib.suppress(StorageUnavailable, UnknownCollection, OSError):
+            self.purge_expired()
+
     def purge_due(self, now: float | None = None) -> bool:
-        """True (once) when a background purge is due: none yet, or the last PURGE_EVERY seconds ago."""
+        """True (once) when a purge is due: the last was PURGE_EVERY seconds ago (None: never)."""
         now = time.time() if now is None else now
         with self._lock:
             if self._purged_at is not None and now - self._purged_at < PURGE_EVERY:

@@ -182,6 +182,7 @@ class Scheduler:
             key, job = self.backlog.get()
             try:
                 job()
+                job = None               # not kept while the worker waits: it may hold a storage's connections
             except (ThumbnailError, ThumbnailsBusy, StorageUnavailable, UnknownCollection, OSError):
                 pass
             except Exception:

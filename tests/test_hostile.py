@@ -52,7 +52,7 @@ from test_protocol import specify6_body
 from test_reliability import NO_ROOM, fill_up, small_disk, use_every_inode  # noqa: F401 (small_disk: a fixture)
 from test_thumbnails import TWO_PAGES, gif, huge_page_pdf, nested_forms_pdf, pdf, with_fill_bytes
 from config import load_config
-from names import TEMP_PREFIX, pyramid_name, thumbnail_name
+from names import RECORD_FOLDERS, TEMP_PREFIX, pyramid_name, thumbnail_name
 from tokens import make_token
 
 MiB = 1024 ** 2
@@ -303,15 +303,16 @@ class Target:
             assert secret not in answer.body, answer.body[:300]
 
     def strays(self):
-        """Files in the attachments folder that are neither originals, thumbnails, the key file nor planted by
-        the test itself (named planted-*); temporaries left behind count as strays. On S3 only the key file."""
+        """Files in the attachments folder that are neither originals, thumbnails, the server's records of them,
+        the key file, the audit log nor planted by the test itself (named planted-*); temporaries left behind
+        count as strays. On S3 only the key file and the audit log."""
         found = []
         for folder, _dirs, files in os.walk(self.attachments):
             for name in files:
                 parts = os.path.relpath(os.path.join(folder, name), self.attachments).split(os.sep)
-                stored = (not self.s3 and len(parts) in (2, 3) and parts[-2] in ('originals', 'thumbnails')
-                          and not name.startswith(TEMP_PREFIX))
-                if not (stored or parts == [KEY_FILE] or parts[0].startswith('planted-')):
+                stored = (not self.s3 and (len(parts) in (2, 3) and parts[-2] in ('originals', 'thumbnails')
+                                           or parts[0] in RECORD_FOLDERS) and not name.startswith(TEMP_PREFIX))
+                if not (stored or parts in ([KEY_FILE], ['audit.jsonl']) or parts[0].startswith('planted-')):
                     found.append('/'.join(parts))
         return found
 

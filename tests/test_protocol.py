@@ -188,6 +188,7 @@ def test_a_server_fault_is_a_plain_500_with_x_timestamp_and_no_traceback(client,
     def broken(*args):
         raise RuntimeError('disk controller exploded at /srv/secret/path')
     monkeypatch.setattr(client.app.storage, 'delete', broken)
+    monkeypatch.setattr(client.app.storage, 'trash', broken)          # a delete goes into the trash
     answer = client.delete('a.jpg', status=500)
     assert 'X-Timestamp' in answer.headers
     assert answer.text == 'Internal server error.'

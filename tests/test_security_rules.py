@@ -577,7 +577,8 @@ def store(monkeypatch):
 
 
 def migration_config(prefix='pre'):
-    return types.SimpleNamespace(S3_BUCKET='attachments', S3_PREFIX=prefix, ORIG_DIR='originals', THUMB_DIR='thumbnails')
+    return types.SimpleNamespace(S3_BUCKET='attachments', S3_PREFIX=prefix, ORIG_DIR='originals', THUMB_DIR='thumbnails',
+                                 COLLECTION_DIRS=None, BASE_DIR='unused')     # the last two: the folder's checksums
 
 
 def test_an_object_counts_as_copied_only_with_the_same_size_and_md5(store):

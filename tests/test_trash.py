@@ -11,8 +11,9 @@ import time
 import pytest
 
 from config import ConfigError, load_config
-from harness.client import KEY
+from harness.client import KEY, Client
 from harness.processes import wait_for
+from harness.servers import RunningServer
 from tokens import make_token
 
 
@@ -216,11 +217,28 @@ def test_a_request_starts_a_background_purge_of_what_is_past_retention(make_clie
     assert wait_for(lambda: client.trash_entries() == [], 10)
 
 
-def test_a_background_purge_runs_at_most_once_an_hour(make_client):
+def test_after_the_start_a_purge_is_due_an_hour_later_and_then_at_most_once_an_hour(make_client):
     client = make_client(TRASH_DAYS=1)
     now = time.time()
-    assert client.app.trash.purge_due(now) and not client.app.trash.purge_due(now + 3599)
-    assert client.app.trash.purge_due(now + 3600)
+    assert not client.app.trash.purge_due(now + 3590)
+    assert client.app.trash.purge_due(now + 3601) and not client.app.trash.purge_due(now + 3601 + 3599)
+    assert client.app.trash.purge_due(now + 3601 + 3600)
+
+
+def test_the_server_purges_the_trash_as_it_starts(tmp_path):
+    folder = tmp_path / 'attachments'
+    first = Client(load_config({'BASE_DIR': str(folder), 'KEY': KEY, 'ACCESS_LOG': False}, environ={}))
+    first.upload('a.jpg', b'photo')
+    first.delete('a.jpg')
+    entry = next(first.app.storage.trashed(None))
+    record = folder / '.trash' / (entry.id + '.json')
+    record.write_text(record.read_text().replace(str(entry.deleted), str(entry.deleted - 2 * 86400)))
+    web = RunningServer(folder, tmp_path / 'server.log', TRASH_DAYS='1', KEY=KEY)
+    try:
+        assert wait_for(lambda: not record.exists(), 10)
+    finally:
+        web.stop()
+    assert json.loads((folder / 'audit.jsonl').read_text().splitlines()[-1])['action'] == 'purge'
 
 
 def test_trash_days_must_be_a_whole_number_0_or_more(tmp_path):

@@ -9,7 +9,8 @@ run: packages venv
 	$(PY) server.py
 
 test: packages test-packages venv lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m 'not serial' tests
+	$(PY) -m pytest -q -m serial tests
 
 lint: venv
 	$(PY) -m ruff check .

@@ -22,6 +22,8 @@ from harness.processes import wait_for
 from names import TEMP_PREFIX
 from tokens import make_token
 
+pytestmark = pytest.mark.serial          # timed against the machine: run alone, not beside another worker
+
 ROOT_ANSWER = b'Web Asset Server for Specify: running.'
 
 

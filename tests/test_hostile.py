@@ -311,7 +311,8 @@ class Target:
             for name in files:
                 parts = os.path.relpath(os.path.join(folder, name), self.attachments).split(os.sep)
                 stored = (not self.s3 and (len(parts) in (2, 3) and parts[-2] in ('originals', 'thumbnails')
-                                           or parts[0] in RECORD_FOLDERS) and not name.startswith(TEMP_PREFIX))
+                                           or bool(set(parts[:-1]) & set(RECORD_FOLDERS)))
+                          and not name.startswith(TEMP_PREFIX))
                 if not (stored or parts in ([KEY_FILE], ['audit.jsonl']) or parts[0].startswith('planted-')):
                     found.append('/'.join(parts))
         return found
@@ -1302,7 +1303,7 @@ def test_upload_temporaries_a_crash_left_over_an_hour_ago_are_swept_at_start_on_
     two_hours_ago = time.time() - 7200
     os.utime(attachments / (TEMP_PREFIX + 'old.part'), (two_hours_ago, two_hours_ago))
     fresh('s3', folder=tmp_path / 'swept')
-    assert sorted(os.listdir(attachments)) == sorted([TEMP_PREFIX + 'fresh.part', KEY_FILE])
+    assert sorted(os.listdir(attachments)) == sorted([TEMP_PREFIX + 'fresh.part', KEY_FILE, 'audit.jsonl'])
 
 
 # === Slow and greedy clients: request heads, bodies, connection caps, keep-alive, lingering close ===============

@@ -19,6 +19,8 @@ from test_thumbnails import TWO_PAGES, pdf
 from names import pyramid_name
 from tokens import make_token
 
+pytestmark = pytest.mark.serial          # timed against the machine: run alone, not beside another worker
+
 
 @pytest.fixture(scope='session')
 def image(tmp_path_factory):

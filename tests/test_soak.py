@@ -13,7 +13,7 @@ import pytest
 
 from bench import soak
 
-pytestmark = pytest.mark.disk_only
+pytestmark = [pytest.mark.disk_only, pytest.mark.serial]
 
 
 @pytest.fixture(scope='module')

@@ -30,6 +30,8 @@ from harness.servers import exchange, RunningServer
 from test_compose import compose_schema, schema_errors  # noqa: F401 (a fixture)
 from tokens import make_token
 
+pytestmark = pytest.mark.serial          # timed against the machine: run alone, not beside another worker
+
 STOCK_KEY = 'stock composition key'
 BROWSER_ACCEPT = 'image/avif,image/webp,image/apng,image/svg+xml,image/*,*/*;q=0.8'
 USERS, CONNECTIONS_PER_USER, GALLERY = 40, 6, 40

@@ -8,11 +8,15 @@ import subprocess
 import time
 from urllib.parse import urlencode
 
+import pytest
+
 from harness.client import KEY, multipart_body
 from harness.images import IMAGEMAGICK, make_image
 from harness.servers import RunningServer
 from names import TEMP_PREFIX, thumbnail_source
 from tokens import make_token
+
+pytestmark = pytest.mark.serial          # timed against the machine: run alone, not beside another worker
 
 FILES, SCALES, CONCURRENCY = 20, 25, 16          # 500 distinct conversions
 

@@ -5,9 +5,9 @@ token over a shared key (docs/internals.md). This is the one Bottle application 
 `python server.py` (Paste serves it, behind front.py). Sections: request plumbing, the token check, the
 application, routes, IIIF routes, start-up.
 
-Imports run one way (docs/internals.md has the map): settings -> shared pieces (names, files, kinds, errors,
-config, tokens) -> storages/ and engines/ -> cache (the derivative cache) -> front, iiif, answers, uploads ->
-server (this) -> derivatives.py and migrate.py (administration commands).
+Imports run one way (docs/internals.md has the map): settings -> shared pieces (names, files, checksums, audit,
+kinds, errors, config, tokens) -> storages/ and engines/ -> cache (the derivative cache) and trash -> front, iiif,
+answers, uploads -> server (this) -> derivatives.py, migrate.py and preservation.py (administration commands).
 """
 
 import contextlib

@@ -166,13 +166,17 @@ class DiskStorage(Storage):
             raise FileNotFoundError(name)
         return self.recorded_checksum(self.original_parts(coll, name))
 
+    def is_version(self, coll, name, identity):
+        """Whether the original is still the version `identity` (called under its lock)."""
+        try:
+            return self.original_identity(coll, name) == identity
+        except FileNotFoundError:
+            return False
+
     def record_checksum(self, coll, name, checksum, identity):
         target = self.original_path(coll, name)
         with FILE_LOCKS(target):
-            try:
-                if self.original_identity(coll, name) != identity:
-                    return False
-            except FileNotFoundError:
+            if not self.is_version(coll, name, identity):
                 return False
             old = self.recorded_checksum(self.original_parts(coll, name))
             self._index(coll, checksum.sha256, name)
@@ -330,10 +334,7 @@ class DiskStorage(Storage):
         """Rename a made derivative into place, unless the original is no longer `identity` (then False)."""
         original = self.original_path(coll, name)
         with FILE_LOCKS(original):
-            try:
-                if self.original_identity(coll, name) != identity:
-                    return False
-            except FileNotFoundError:
+            if not self.is_version(coll, name, identity):
                 return False
             target = self.path(self.derivative_parts(coll, cache_name))
             os.makedirs(os.path.dirname(target), exist_ok=True)

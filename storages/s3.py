@@ -238,12 +238,16 @@ class S3Storage(Storage):
         self._delete_derivatives(coll, name)
         return entry
 
-    def trashed(self, coll):
-        folder = self.key(self.trash_parts(coll)) + '/'
+    def keys_under(self, parts):
+        """The keys below a folder of the layout, relative to it, a page of the listing at a time."""
+        folder = self.key(parts) + '/'
         with store_errors():
-            keys = {item['Key'][len(folder):]
-                    for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder)
-                    for item in page.get('Contents', [])}
+            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder):
+                for item in page.get('Contents', []):
+                    yield item['Key'][len(folder):]
+
+    def trashed(self, coll):
+        keys = set(self.keys_under(self.trash_parts(coll)))
         ids = [k for k in keys if TRASH_ID.fullmatch(k) and k + '.json' in keys]
         entries = (self._trashed(coll, entry_id) for entry_id in ids)
         yield from sorted((entry for entry in entries if entry), key=lambda entry: (entry.deleted, entry.id))
@@ -326,22 +330,15 @@ class S3Storage(Storage):
             self.client.delete_object(Bucket=self.bucket, Key=self.key(self.index_parts(coll, sha256, name)))
 
     def catalogued(self, coll):
-        folder = self.key([*self.folder_parts(coll), INDEX_DIR]) + '/'
         found = {}
-        with store_errors():
-            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder):
-                for item in page.get('Contents', []):
-                    sha256, _, name = item['Key'][len(folder):].partition('/')
-                    if SHA256.fullmatch(sha256) and not name_problem(name):
-                        found[name] = sha256
+        for key in self.keys_under([*self.folder_parts(coll), INDEX_DIR]):
+            sha256, _, name = key.partition('/')
+            if SHA256.fullmatch(sha256) and not name_problem(name):
+                found[name] = sha256
         return found
 
     def indexed(self, coll, sha256):
-        folder = self.key(self.index_parts(coll, sha256)) + '/'
-        with store_errors():
-            for page in self.client.get_paginator('list_objects_v2').paginate(Bucket=self.bucket, Prefix=folder):
-                for item in page.get('Contents', []):
-                    yield item['Key'][len(folder):]
+        return self.keys_under(self.index_parts(coll, sha256))
 
     def _delete_derivatives(self, coll, name):
         folder = self.key([*self.folder_parts(coll), self.thumb_dir]) + '/'
